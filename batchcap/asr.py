@@ -1,0 +1,171 @@
+"""``batchcap audio``: recordings -> transcripts, scored against references when there are any."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from .audio import decode_audio
+from .fetch import FetchConfig
+from .inputs import Inputs, audio_spec
+from .items import OK, Item, ItemError
+from .metrics import cer_counts, get_normalizer, load_english_spelling, wer_counts
+from .output import output_format
+from .runner import RunConfig, RunResult, run_job
+
+log = logging.getLogger(__name__)
+
+AUDIO_COLUMNS = ("id", "source", "text", "language", "duration_s", "status", "error", "model",
+                 "reference", "wer", "cer")
+DEFAULT_AUDIO_MODEL = "openai/whisper-small"
+
+
+@dataclass
+class AudioOptions:
+    model: str = DEFAULT_AUDIO_MODEL
+    device: str = "auto"
+    dtype: str = "auto"
+    language: str | None = None
+    task: str = "transcribe"
+    batch_size: int = 16
+    num_beams: int = 1
+    max_new_tokens: int | None = None
+    context_pad_s: float | None = 2.0  # None: the full 30 s window for every clip
+    normalize: str = "auto"  # auto | whisper | basic | none
+    min_duration: float = 0.1
+    silence_dbfs: float = -60.0
+    workers: int = 4
+    fetch: FetchConfig = field(default_factory=lambda: FetchConfig(max_bytes=2 * 2**30))
+    path_column: str | None = None
+    reference_columns: Sequence[str] = ()
+    id_column: str | None = None
+    overwrite: bool = False
+    retry_failed: bool = False
+    flush_rows: int = 256
+    quiet: bool = False
+    progress: bool | None = None
+
+
+class AudioTask:
+    kind = "audio"
+    reserved_columns = AUDIO_COLUMNS
+
+    def __init__(self, transcriber: Any, options: AudioOptions):
+        self.transcriber = transcriber
+        self.options = options
+        self.audio_seconds = 0.0  # transcribed by this run
+        self.started = time.time()
+        self._spelling = load_english_spelling(getattr(transcriber, "english_spelling_dir", None))
+
+    def load(self, item: Item, data: bytes) -> Any:
+        samples = decode_audio(data, min_duration=self.options.min_duration,
+                               silence_dbfs=self.options.silence_dbfs)
+        return self.transcriber.prepare(samples)
+
+    def size(self, loaded: Any) -> float:
+        return loaded.duration_s
+
+    def predict(self, batch: list[Any]) -> list[dict[str, Any]]:
+        results = self.transcriber.transcribe(batch)
+        self.audio_seconds += sum(p.duration_s for p in batch)
+        return results
+
+    def row(self, item: Item, loaded: Any | None, result: dict[str, Any] | None,
+            error: ItemError | None) -> dict[str, Any]:
+        row: dict[str, Any] = {
+            "id": item.id,
+            "source": item.source,
+            "text": result["text"] if result else None,
+            "language": result["language"] if result else None,
+            "duration_s": round(loaded.duration_s, 3) if loaded is not None else error.fields.get("duration_s")
+            if error else None,
+            "status": OK if error is None else error.status,
+            "error": None if error is None else error.message,
+            "model": self.transcriber.name,
+        }
+        if item.references:
+            reference = " ".join(item.references)
+            row["reference"] = reference
+            row["wer"] = row["cer"] = None
+            if result is not None:
+                scores = self._score(reference, result["text"], result["language"])
+                row["wer"], row["cer"] = scores["wer"], scores["cer"]
+        return row
+
+    def _score(self, reference: str, text: str, language: str | None) -> dict[str, Any]:
+        norm = get_normalizer(self.options.normalize, language, self._spelling)
+        ref, hyp = norm(reference), norm(text)
+        w_err, w_tot = wer_counts(ref, hyp)
+        c_err, c_tot = cer_counts(ref, hyp)
+        return {"wer": w_err / w_tot if w_tot else None, "cer": c_err / c_tot if c_tot else None,
+                "w": (w_err, w_tot), "c": (c_err, c_tot)}
+
+    def summarize(self, table: Any) -> dict[str, Any]:
+        rows = table.to_pylist() if table.num_rows else []
+        audio_s = sum(r.get("duration_s") or 0.0 for r in rows if r.get("status") == OK)
+        wall = time.time() - self.started
+        summary: dict[str, Any] = {
+            "model": self.transcriber.name,
+            "audio_hours": round(audio_s / 3600, 4),
+            "audio_s_this_run": round(self.audio_seconds, 2),
+            "rtfx_this_run": round(self.audio_seconds / wall, 2) if wall > 0 and self.audio_seconds else None,
+        }
+        w = [0, 0]
+        c = [0, 0]
+        scored = 0
+        for r in rows:
+            if r.get("status") != OK or not r.get("reference") or r.get("text") is None:
+                continue
+            s = self._score(r["reference"], r["text"], r.get("language"))
+            w[0] += s["w"][0]
+            w[1] += s["w"][1]
+            c[0] += s["c"][0]
+            c[1] += s["c"][1]
+            scored += 1
+        if scored:
+            summary.update({
+                "wer": round(w[0] / w[1], 5) if w[1] else None,
+                "cer": round(c[0] / c[1], 5) if c[1] else None,
+                "scored_rows": scored,
+                "word_errors": w[0], "reference_words": w[1],
+                "normalize": self.options.normalize,
+            })
+        return summary
+
+
+def load_transcriber(options: AudioOptions) -> Any:
+    from .models.whisper import WhisperTranscriber
+
+    return WhisperTranscriber(options.model, device=options.device, dtype=options.dtype,
+                              language=options.language, task=options.task, num_beams=options.num_beams,
+                              max_new_tokens=options.max_new_tokens, context_pad_s=options.context_pad_s)
+
+
+def transcribe(inputs: str | Sequence[str], output: str = "transcripts.parquet", *,
+               options: AudioOptions | None = None, transcriber: Any = None, **overrides: Any) -> RunResult:
+    """Transcribe every recording of ``inputs`` (directories, files, manifests) into ``output``.
+
+    The same pipeline as ``batchcap audio``: resumes from what ``output`` already holds, writes
+    the final file atomically and a summary JSON beside it. Keyword overrides set AudioOptions
+    fields, e.g. ``transcribe("calls/", "out.parquet", model="/models/whisper-small", batch_size=8)``.
+    """
+    options = options or AudioOptions()
+    for key, value in overrides.items():
+        if not hasattr(options, key):
+            raise TypeError(f"transcribe() got an unexpected option {key!r}")
+        setattr(options, key, value)
+    output_format(output)  # a bad output name fails before the model loads
+    sources = [inputs] if isinstance(inputs, str) else list(inputs)
+    spec = audio_spec(options.path_column, options.reference_columns, options.id_column)
+    spec.reserved = AUDIO_COLUMNS
+    items = Inputs(sources, spec)
+    items.check()
+    transcriber = transcriber or load_transcriber(options)
+    task = AudioTask(transcriber, options)
+    config = RunConfig(batch_size=options.batch_size, workers=options.workers, group=4, quiet=options.quiet,
+                       progress=options.progress, flush_rows=options.flush_rows)
+    return run_job(items, task, output, fetch=options.fetch, config=config, overwrite=options.overwrite,
+                   retry_failed=options.retry_failed)

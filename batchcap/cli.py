@@ -1,0 +1,181 @@
+"""The ``batchcap`` command: a thin Click layer over the library.
+
+Exit codes: 0 every item ok; 3 the run finished but some items failed (their rows are written);
+1 the run could not be done (bad input, model that won't load, ...); 2 usage error; 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from . import __version__
+from .items import FatalError
+
+EXIT_OK, EXIT_FATAL, EXIT_USAGE, EXIT_ITEMS_FAILED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+
+log = logging.getLogger("batchcap")
+
+
+def _setup_logging(verbose: int, quiet: bool) -> None:
+    level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
+    handler = logging.StreamHandler(sys.stderr)
+    fmt = "%(message)s" if sys.stderr.isatty() else "%(asctime)s batchcap %(levelname)s %(message)s"
+    handler.setFormatter(logging.Formatter(fmt, datefmt="%Y-%m-%dT%H:%M:%S"))
+    root = logging.getLogger("batchcap")
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    root.propagate = False
+    if verbose < 1:  # transformers' deprecation chatter is not for our users
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+        logging.getLogger("transformers").setLevel(logging.ERROR)
+
+
+def _fail(message: str, code: int = EXIT_FATAL) -> None:
+    click.echo(f"Error: {message}", err=True)
+    sys.exit(code)
+
+
+def job_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Options every inference job shares: inputs, output, model runtime, fetching, resume."""
+    decorators = [
+        click.argument("inputs", nargs=-1, required=True, metavar="INPUT..."),
+        click.option("-o", "--output", default=None, metavar="FILE",
+                     help="Result file, .parquet or .csv (format from the extension)."),
+        click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps."),
+        click.option("--dtype", default="auto", show_default=True,
+                     help="auto (float16 on CUDA, float32 elsewhere), float32, float16 or bfloat16."),
+        click.option("--batch-size", type=click.IntRange(1), default=16, show_default=True),
+        click.option("--beam-size", type=click.IntRange(1), default=1, show_default=True,
+                     help="Beams for generation (1 = greedy)."),
+        click.option("--max-new-tokens", type=click.IntRange(1), default=None,
+                     help="Cap on generated tokens per item."),
+        click.option("--workers", type=click.IntRange(1), default=8, show_default=True,
+                     help="Threads fetching and decoding while the model runs."),
+        click.option("--path-column", default=None, help="Manifest column with the path or URL."),
+        click.option("--reference-column", "reference_columns", multiple=True,
+                     help="Manifest column(s) with reference text (repeat for several)."),
+        click.option("--id-column", default=None, help="Manifest column with a stable item id."),
+        click.option("--timeout", type=click.FloatRange(0.1), default=30.0, show_default=True,
+                     help="HTTP read timeout, seconds."),
+        click.option("--retries", type=click.IntRange(0), default=3, show_default=True,
+                     help="HTTP retries on connection errors, timeouts, 5xx and 429."),
+        click.option("--max-bytes", type=click.IntRange(1), default=None,
+                     help="Largest file or download accepted, in bytes."),
+        click.option("--overwrite", is_flag=True, help="Start over instead of resuming from OUTPUT."),
+        click.option("--retry-failed", is_flag=True, help="Redo items whose earlier row is not ok."),
+        click.option("--flush-every", type=click.IntRange(1), default=256, show_default=True,
+                     help="Rows per part file: the most a crash can cost."),
+        click.option("-q", "--quiet", is_flag=True, help="No progress, no summary; errors only."),
+        click.option("-v", "--verbose", count=True, help="More logging (-vv for debug)."),
+    ]
+    for decorator in reversed(decorators):
+        fn = decorator(fn)
+    return fn
+
+
+def _fetch_config(default_max_bytes: int, timeout: float, retries: int, max_bytes: int | None) -> Any:
+    from .fetch import FetchConfig
+
+    return FetchConfig(read_timeout=timeout, retries=retries, max_bytes=max_bytes or default_max_bytes)
+
+
+def _run(job: Callable[[], Any], quiet: bool) -> None:
+    """Run a job, report its summary, exit with the code a scheduler can act on."""
+    try:
+        result = job()
+    except FatalError as exc:
+        _fail(str(exc))
+    except KeyboardInterrupt:
+        click.echo("Interrupted: rows done so far are kept; run the same command again to resume.", err=True)
+        sys.exit(EXIT_INTERRUPTED)
+    if not quiet:
+        for line in summary_lines(result.summary):
+            click.echo(line)
+        click.echo(f"summary: {result.summary_path}")
+    sys.exit(EXIT_ITEMS_FAILED if result.failed else EXIT_OK)
+
+
+def summary_lines(summary: dict[str, Any]) -> list[str]:
+    counts = summary["status_counts"]
+    parts = ", ".join(f"{n} {status}" for status, n in counts.items()) or "nothing to do"
+    lines = [f"wrote {summary['rows']} rows to {summary['output']} ({parts})"]
+    lines.append(f"this run: {summary['processed_this_run']} processed, {summary['skipped_already_done']} "
+                 f"already done, {summary['wall_time_s']:.1f} s")
+    if summary.get("audio_hours") is not None:
+        rtfx = summary.get("rtfx_this_run")
+        lines.append(f"audio: {summary['audio_hours']:.3f} h" + (f", RTFx {rtfx:.1f} this run" if rtfx else ""))
+    if summary.get("wer") is not None:
+        cer = summary.get("cer")
+        lines.append(f"WER {summary['wer']:.2%}" + (f", CER {cer:.2%}" if cer is not None else "")
+                     + f" over {summary['scored_rows']} rows with references")
+    for name in ("bleu_4", "rouge_l", "cider_d"):
+        if summary.get(name) is not None:
+            lines.append(f"{name.upper().replace('_', '-')} {summary[name]:.4f}")
+    return lines
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="batchcap")
+def main() -> None:
+    """Caption images and transcribe recordings in batches, into parquet or CSV tables.
+
+    Exit codes: 0 all items ok, 3 some items failed (rows written), 1 fatal error,
+    2 usage error, 130 interrupted (rerun to resume).
+    """
+
+
+@main.command()
+@job_options
+@click.option("--model", default="openai/whisper-small", show_default=True,
+              help="Whisper checkpoint: a Hugging Face hub id or a local directory.")
+@click.option("--language", default=None,
+              help="Spoken language (e.g. en, de). Multilingual models detect it per file when absent.")
+@click.option("--task", type=click.Choice(["transcribe", "translate"]), default="transcribe", show_default=True)
+@click.option("--normalize", type=click.Choice(["auto", "whisper", "basic", "none"]), default="auto",
+              show_default=True,
+              help="Text normalization before WER: Whisper's English normalizer (auto for English), "
+                   "a basic one for other languages, or none.")
+@click.option("--context-pad", type=click.FloatRange(0), default=2.0, show_default=True,
+              help="Seconds of padding after a clip in the encoder window (clips up to 30 s).")
+@click.option("--full-window", is_flag=True,
+              help="Pad every clip to Whisper's full 30 s window (slower, as openai-whisper does).")
+@click.option("--min-duration", type=click.FloatRange(0), default=0.1, show_default=True,
+              help="Clips shorter than this (seconds) get status 'empty'.")
+@click.option("--silence-threshold", type=float, default=-60.0, show_default=True,
+              help="Clips whose peak is below this (dBFS) get status 'empty'.")
+def audio(inputs: tuple[str, ...], output: str | None, model: str, language: str | None, task: str,
+          normalize: str, context_pad: float, full_window: bool, min_duration: float,
+          silence_threshold: float, device: str, dtype: str, batch_size: int, beam_size: int,
+          max_new_tokens: int | None, workers: int, path_column: str | None,
+          reference_columns: tuple[str, ...], id_column: str | None, timeout: float, retries: int,
+          max_bytes: int | None, overwrite: bool, retry_failed: bool, flush_every: int, quiet: bool,
+          verbose: int) -> None:
+    """Transcribe every recording of INPUT... with Whisper.
+
+    INPUT: directories (searched recursively for audio files), audio files, http(s) URLs, or
+    CSV / TSV / parquet / JSONL manifests with a path or URL column and optional reference
+    transcripts (WER and CER are then reported). Rerunning the same command resumes.
+    """
+    _setup_logging(verbose, quiet)
+    from .asr import AudioOptions, transcribe
+
+    options = AudioOptions(
+        model=model, device=device, dtype=dtype, language=language, task=task, batch_size=batch_size,
+        num_beams=beam_size, max_new_tokens=max_new_tokens, context_pad_s=None if full_window else context_pad,
+        normalize=normalize, min_duration=min_duration, silence_dbfs=silence_threshold, workers=workers,
+        fetch=_fetch_config(2 * 2**30, timeout, retries, max_bytes), path_column=path_column,
+        reference_columns=reference_columns, id_column=id_column, overwrite=overwrite,
+        retry_failed=retry_failed, flush_rows=flush_every, quiet=quiet)
+    _run(functools.partial(transcribe, list(inputs), output or "transcripts.parquet", options=options), quiet)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,276 @@
+"""Turn command-line inputs (directories, files, manifests) into a stream of items.
+
+Manifests are read lazily (CSV/TSV row by row, parquet batch by batch, JSONL line by line), so
+a manifest of millions of rows never sits in memory as items.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import sys
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from .items import FatalError, Item
+
+log = logging.getLogger(__name__)
+
+MANIFEST_EXTENSIONS = (".csv", ".tsv", ".parquet", ".jsonl", ".ndjson")
+AUDIO_EXTENSIONS = (".wav", ".flac", ".mp3", ".ogg", ".oga", ".opus", ".m4a", ".aac", ".wma", ".webm",
+                    ".mp4", ".aiff", ".aif", ".au")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
+
+ID_COLUMNS = ("id", "key", "uid", "image_id", "audio_id")
+
+csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
+
+
+@dataclass
+class InputSpec:
+    """What to look for in the inputs of one kind of job."""
+
+    extensions: tuple[str, ...]
+    path_candidates: tuple[str, ...]
+    reference_candidates: tuple[str, ...]
+    path_column: str | None = None
+    reference_columns: tuple[str, ...] = ()
+    id_column: str | None = None
+    reserved: tuple[str, ...] = ()  # output column names; carried columns that clash get an ``input_`` prefix
+
+
+def audio_spec(path_column: str | None = None, reference_columns: Sequence[str] = (),
+               id_column: str | None = None) -> InputSpec:
+    return InputSpec(
+        extensions=AUDIO_EXTENSIONS,
+        path_candidates=("path", "audio", "file", "filename", "file_name", "audio_path", "audio_filepath",
+                         "url", "audio_url"),
+        reference_candidates=("reference", "text", "transcript", "transcription", "sentence",
+                              "normalized_text"),
+        path_column=path_column, reference_columns=tuple(reference_columns), id_column=id_column)
+
+
+def image_spec(path_column: str | None = None, reference_columns: Sequence[str] = (),
+               id_column: str | None = None) -> InputSpec:
+    return InputSpec(
+        extensions=IMAGE_EXTENSIONS,
+        path_candidates=("url", "image_url", "img_url", "path", "file", "filename", "file_name", "image",
+                         "image_path", "img"),
+        reference_candidates=("caption", "reference", "captions", "references", "text", "short_caption"),
+        path_column=path_column, reference_columns=tuple(reference_columns), id_column=id_column)
+
+
+def is_url(source: str) -> bool:
+    head = source[:16].lower()
+    return "://" in head or head.startswith("data:")
+
+
+def is_manifest(path: str) -> bool:
+    return path.lower().endswith(MANIFEST_EXTENSIONS) and os.path.isfile(path)
+
+
+@dataclass
+class InputStats:
+    skipped_files: int = 0  # files in directories with other extensions
+    manifests: int = 0
+    files: int = 0
+
+
+@dataclass
+class Inputs:
+    """An iterable of items over several inputs; iterate once per run."""
+
+    sources: Sequence[str]
+    spec: InputSpec
+    stats: InputStats = field(default_factory=InputStats)
+
+    def check(self) -> None:
+        """Fail the whole run early on inputs that cannot be read at all."""
+        if not self.sources:
+            raise FatalError("no input given")
+        for src in self.sources:
+            if is_url(src):
+                continue
+            if not os.path.exists(src):
+                raise FatalError(f"input not found: {src}")
+            if is_manifest(src):
+                _peek_columns(src, self.spec)  # raises on unknown columns
+
+    def __iter__(self) -> Iterator[Item]:
+        seen: set[str] = set()
+        index = 0
+        for src in self.sources:
+            for item in self._items(src):
+                item.id = _unique(item.id, seen)
+                item.index = index
+                index += 1
+                yield item
+
+    def _items(self, src: str) -> Iterator[Item]:
+        if is_url(src):
+            yield Item(0, src, src)
+        elif os.path.isdir(src):
+            yield from self._walk(src)
+        elif is_manifest(src):
+            self.stats.manifests += 1
+            yield from _manifest_items(src, self.spec)
+        else:
+            self.stats.files += 1
+            yield Item(0, src, src)
+
+    def _walk(self, root: str) -> Iterator[Item]:
+        for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            for name in sorted(filenames):
+                if name.startswith("."):
+                    continue
+                if not name.lower().endswith(self.spec.extensions):
+                    self.stats.skipped_files += 1
+                    continue
+                self.stats.files += 1
+                path = os.path.join(dirpath, name)
+                yield Item(0, path, path)
+
+
+def _unique(item_id: str, seen: set[str]) -> str:
+    if item_id not in seen:
+        seen.add(item_id)
+        return item_id
+    n = 2
+    while f"{item_id}#{n}" in seen:
+        n += 1
+    seen.add(f"{item_id}#{n}")
+    return f"{item_id}#{n}"
+
+
+# --- manifests -------------------------------------------------------------------------------
+
+def _find(columns: Sequence[str], wanted: str) -> str | None:
+    by_lower = {c.lower(): c for c in columns}
+    return wanted if wanted in columns else by_lower.get(wanted.lower())
+
+
+@dataclass
+class _Layout:
+    path: str
+    references: tuple[str, ...]
+    id: str | None
+    carried: tuple[str, ...]
+    renamed: dict[str, str]
+
+
+def _layout(columns: Sequence[str], spec: InputSpec, manifest: str) -> _Layout:
+    def pick(explicit: str | None, candidates: Sequence[str], what: str, option: str) -> str | None:
+        if explicit:
+            found = _find(columns, explicit)
+            if found is None:
+                raise FatalError(f"{manifest}: no column {explicit!r} ({option}); columns are: "
+                                 f"{', '.join(columns)}")
+            return found
+        return next((c for c in (_find(columns, w) for w in candidates) if c), None)
+
+    path = pick(spec.path_column, spec.path_candidates, "path", "--path-column")
+    if path is None:
+        raise FatalError(f"{manifest}: cannot tell which column holds the media (looked for "
+                         f"{', '.join(spec.path_candidates)}); name it with --path-column. Columns are: "
+                         f"{', '.join(columns)}")
+    if spec.reference_columns:
+        refs = tuple(pick(r, (), "reference", "--reference-column") or "" for r in spec.reference_columns)
+    else:
+        ref = pick(None, [c for c in spec.reference_candidates if c.lower() != path.lower()], "", "")
+        refs = (ref,) if ref else ()
+    id_col = pick(spec.id_column, ID_COLUMNS, "id", "--id-column")
+    used = {path, *refs} | ({id_col} if id_col else set())
+    carried = tuple(c for c in columns if c not in used)
+    renamed = {c: f"input_{c}" for c in carried if c.lower() in spec.reserved}
+    return _Layout(path, refs, id_col, carried, renamed)
+
+
+def _peek_columns(manifest: str, spec: InputSpec) -> _Layout:
+    return _layout(_read_columns(manifest), spec, manifest)
+
+
+def _read_columns(manifest: str) -> list[str]:
+    low = manifest.lower()
+    try:
+        if low.endswith(".parquet"):
+            import pyarrow.parquet as pq
+            return list(pq.ParquetFile(manifest).schema_arrow.names)
+        if low.endswith((".jsonl", ".ndjson")):
+            with open(manifest, encoding="utf-8") as f:
+                for line in f:
+                    if line.strip():
+                        return list(json.loads(line).keys())
+            return []
+        with open(manifest, newline="", encoding="utf-8-sig") as f:
+            return next(csv.reader(f, delimiter="\t" if low.endswith(".tsv") else ","), [])
+    except (OSError, ValueError) as exc:
+        raise FatalError(f"cannot read manifest {manifest}: {exc}") from exc
+
+
+def _rows(manifest: str) -> Iterator[dict[str, Any]]:
+    low = manifest.lower()
+    if low.endswith(".parquet"):
+        import pyarrow.parquet as pq
+        for batch in pq.ParquetFile(manifest).iter_batches(batch_size=1024):
+            yield from batch.to_pylist()
+    elif low.endswith((".jsonl", ".ndjson")):
+        with open(manifest, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        yield json.loads(line)
+                    except ValueError as exc:
+                        raise FatalError(f"{manifest}:{n}: not valid JSON: {exc}") from exc
+    else:
+        with open(manifest, newline="", encoding="utf-8-sig") as f:
+            yield from csv.DictReader(f, delimiter="\t" if low.endswith(".tsv") else ",")
+
+
+def _references(row: dict[str, Any], columns: Sequence[str]) -> list[str]:
+    refs: list[str] = []
+    for col in columns:
+        value = row.get(col)
+        if value is None:
+            continue
+        if isinstance(value, (list, tuple)):
+            refs.extend(str(v) for v in value if v is not None and str(v).strip())
+        elif isinstance(value, float) and value != value:  # NaN from pandas-written files
+            continue
+        elif str(value).strip():
+            refs.append(str(value))
+    return refs
+
+
+def _manifest_items(manifest: str, spec: InputSpec) -> Iterator[Item]:
+    layout = _peek_columns(manifest, spec)
+    base = os.path.dirname(os.path.abspath(manifest))
+    name = os.path.basename(manifest)
+    for n, row in enumerate(_rows(manifest)):
+        value = row.get(layout.path)
+        data = None
+        if isinstance(value, dict):  # Hugging Face datasets layout: {"bytes": ..., "path": ...}
+            data = value.get("bytes")
+            source = value.get("path") or f"{name}:{n}"
+            if data is None and value.get("path"):
+                source = _resolve(str(value["path"]), base)
+        elif value is None or (isinstance(value, float) and value != value) or str(value).strip() == "":
+            source = ""
+        else:
+            source = _resolve(str(value).strip(), base)
+        if layout.id and row.get(layout.id) not in (None, ""):
+            item_id = str(row[layout.id])
+        else:
+            item_id = source if data is None else f"{name}:{n}"
+        extra = {layout.renamed.get(c, c): row.get(c) for c in layout.carried}
+        yield Item(0, item_id or f"{name}:{n}", source, data=data,
+                   references=_references(row, layout.references), extra=extra)
+
+
+def _resolve(source: str, base: str) -> str:
+    if is_url(source) or os.path.isabs(source):
+        return source
+    return os.path.join(base, os.path.expanduser(source))

@@ -1,0 +1,52 @@
+"""The data that flows through a run: items in, rows out."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+# Row statuses. ``ok`` or the stage that failed.
+OK = "ok"
+FETCH_ERROR = "fetch_error"  # missing file, HTTP error, timeout, too large
+DECODE_ERROR = "decode_error"  # not a readable image / audio file, corrupt, bomb, NaN samples
+EMPTY = "empty"  # decodable but nothing to transcribe: silence, a clip too short
+MODEL_ERROR = "model_error"  # the model failed on this item (e.g. out of memory even alone)
+STATUSES = (OK, FETCH_ERROR, DECODE_ERROR, EMPTY, MODEL_ERROR)
+
+
+class ItemError(Exception):
+    """A failure that belongs to one item: it becomes that item's row, the run goes on."""
+
+    def __init__(self, status: str, message: str, http_status: int | None = None,
+                 fields: dict[str, Any] | None = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.http_status = http_status
+        self.fields = fields or {}  # what is known of the item anyway (e.g. duration_s of a silent clip)
+
+
+class FatalError(Exception):
+    """A failure of the whole run (bad option, missing manifest, model that won't load)."""
+
+
+@dataclass
+class Item:
+    """One input: a file, a URL, or bytes embedded in a manifest."""
+
+    index: int  # position in input order (over all inputs)
+    id: str  # stable id: the manifest's id column, else the path / URL (made unique)
+    source: str  # path or URL as given (for embedded bytes: the embedded path or "<bytes>")
+    data: bytes | None = None  # embedded bytes (Hugging Face datasets layout)
+    references: list[str] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)  # carried manifest columns
+
+
+@dataclass
+class Fetched:
+    """Bytes of one item, or why there are none."""
+
+    data: bytes | None
+    http_status: int | None = None
+    error: str | None = None
+    status: str = OK

@@ -1,0 +1,1 @@
+"""Model wrappers: image captioning and speech transcription through transformers."""

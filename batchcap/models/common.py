@@ -1,0 +1,61 @@
+"""What every model loader shares: device and dtype choice, and one-line load errors."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from ..items import FatalError
+
+_DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16", "half": "float16",
+           "bfloat16": "bfloat16", "bf16": "bfloat16"}
+
+
+def resolve_device(spec: str = "auto") -> Any:
+    """``auto`` -> cuda if available, else mps, else cpu; ``cuda:N``, ``cpu``, ``mps`` as given."""
+    import torch
+
+    spec = (spec or "auto").lower()
+    if spec == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        mps = getattr(torch.backends, "mps", None)
+        return torch.device("mps" if mps is not None and mps.is_available() else "cpu")
+    try:
+        device = torch.device(spec)
+    except RuntimeError as exc:
+        raise FatalError(f"unknown device {spec!r} (use auto, cpu, cuda, cuda:N or mps)") from exc
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise FatalError(f"device {spec} asked for, but CUDA is not available here (try --device cpu)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise FatalError(f"device {spec} asked for, but only {torch.cuda.device_count()} CUDA device(s) exist")
+    if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise FatalError("device mps asked for, but MPS is not available here (try --device cpu)")
+    return device
+
+
+def resolve_dtype(spec: str, device: Any) -> Any:
+    """``auto`` -> float16 on CUDA, float32 elsewhere; otherwise the named dtype."""
+    import torch
+
+    spec = (spec or "auto").lower()
+    if spec == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    if spec not in _DTYPES:
+        raise FatalError(f"unknown dtype {spec!r} (use auto, float32, float16 or bfloat16)")
+    return getattr(torch, _DTYPES[spec])
+
+
+def load_error_message(model: str, exc: BaseException) -> str:
+    """One actionable line for a model that would not load."""
+    first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    if os.path.isdir(model):
+        return f"cannot load model from {model}: {type(exc).__name__}: {first_line}"
+    looks_local = model.startswith((".", "/", "~")) or model.count("/") > 1
+    if looks_local and not os.path.exists(model):
+        return f"model directory not found: {model}"
+    home = os.environ.get("HF_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "huggingface")
+    return (f"cannot load model {model!r}: it is not in the local cache ({home}) and the Hugging Face hub could "
+            f"not be reached or does not have it ({type(exc).__name__}). Download it where there is network "
+            "(huggingface-cli download), or pass --model /path/to/a/local/model/dir")

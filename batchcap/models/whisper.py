@@ -1,0 +1,182 @@
+"""Whisper through transformers: batched, with a trimmed encoder window for short clips.
+
+Whisper's encoder always looks at 30 s (3,000 mel frames): a 3 s clip is 90 % padding, and the
+encoder's cost is spent on it. For clips up to 30 s this transcriber can run the encoder on the
+clip plus ``context_pad_s`` seconds of padding only (the positional embeddings sliced to that
+length, the decoder's cross-attention then sees a shorter memory), the trick whisper.cpp calls
+``audio_ctx``. ``context_pad_s=None`` keeps the full 30 s window, as openai-whisper does.
+Recordings over 30 s go through transformers' sequential long-form decoding (timestamps,
+30 s windows, full window each) and are never cut.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ..audio import SAMPLE_RATE
+from ..items import FatalError
+from .common import load_error_message, resolve_device, resolve_dtype
+
+log = logging.getLogger(__name__)
+
+HOP = 160  # samples per mel frame
+WINDOW_FRAMES = 3000  # 30 s
+FRAME_STEP = 100  # trimmed windows are rounded up to whole seconds (fewer distinct shapes)
+
+
+@dataclass
+class Prepared:
+    """One clip ready for the model: its log-mel features (computed in a worker thread)."""
+
+    features: np.ndarray  # [n_mels, frames]
+    duration_s: float
+    long_form: bool
+
+
+class WhisperTranscriber:
+    def __init__(self, model: str, *, device: str = "auto", dtype: str = "auto", language: str | None = None,
+                 task: str = "transcribe", num_beams: int = 1, max_new_tokens: int | None = None,
+                 context_pad_s: float | None = 2.0, attn_implementation: str | None = "sdpa"):
+        import torch
+        from transformers import WhisperFeatureExtractor, WhisperForConditionalGeneration, WhisperTokenizerFast
+
+        self.name = model
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
+        try:
+            self.feature_extractor = WhisperFeatureExtractor.from_pretrained(model)
+            self.tokenizer = WhisperTokenizerFast.from_pretrained(model)
+            kwargs: dict[str, Any] = {"dtype": self.dtype}
+            if attn_implementation:
+                kwargs["attn_implementation"] = attn_implementation
+            try:
+                self.model = WhisperForConditionalGeneration.from_pretrained(model, **kwargs)
+            except (ValueError, ImportError):  # an attention implementation this build lacks
+                kwargs.pop("attn_implementation", None)
+                self.model = WhisperForConditionalGeneration.from_pretrained(model, **kwargs)
+        except FatalError:
+            raise
+        except Exception as exc:
+            raise FatalError(load_error_message(model, exc)) from exc
+        self.model.to(self.device).eval()
+        self._torch = torch
+        gen = self.model.generation_config
+        self.multilingual = bool(getattr(gen, "is_multilingual", False)) and bool(getattr(gen, "lang_to_id", None))
+        if language and not self.multilingual:
+            if language.lower() not in ("en", "english"):
+                raise FatalError(f"{model} is an English-only model; it cannot take --language {language}")
+            language = None
+        if task == "translate" and not self.multilingual:
+            raise FatalError(f"{model} is an English-only model; it cannot --task translate")
+        self.language = language
+        self.task = task
+        self.num_beams = num_beams
+        self.max_new_tokens = max_new_tokens
+        self.context_pad_s = context_pad_s
+        self._id_to_lang = {v: k.strip("<|>") for k, v in (getattr(gen, "lang_to_id", None) or {}).items()}
+        # An explicit language/task replaces the checkpoint's forced_decoder_ids (a v4-era field
+        # that conflicts with them in v5 generate).
+        if getattr(gen, "forced_decoder_ids", None) is not None and self.multilingual:
+            gen.forced_decoder_ids = None
+
+    @property
+    def english_spelling_dir(self) -> str | None:
+        return self.name if os.path.isdir(self.name) else getattr(self.tokenizer, "name_or_path", None)
+
+    # --- worker threads ---------------------------------------------------------------------
+    def prepare(self, samples: np.ndarray) -> Prepared:
+        duration = len(samples) / SAMPLE_RATE
+        if len(samples) > WINDOW_FRAMES * HOP:
+            feats = self.feature_extractor(samples, sampling_rate=SAMPLE_RATE, truncation=False, padding="longest",
+                                           return_tensors="np").input_features[0]
+            return Prepared(feats, duration, True)
+        frames = WINDOW_FRAMES
+        if self.context_pad_s is not None:
+            needed = math.ceil((duration + self.context_pad_s) * 100 / FRAME_STEP) * FRAME_STEP
+            frames = min(WINDOW_FRAMES, needed)
+        feats = self.feature_extractor(samples, sampling_rate=SAMPLE_RATE, padding="max_length",
+                                       max_length=frames * HOP, return_tensors="np").input_features[0]
+        return Prepared(feats, duration, False)
+
+    # --- main thread ------------------------------------------------------------------------
+    def transcribe(self, batch: list[Prepared]) -> list[dict[str, Any]]:
+        out: list[dict[str, Any] | None] = [None] * len(batch)
+        short = [i for i, p in enumerate(batch) if not p.long_form]
+        long = [i for i, p in enumerate(batch) if p.long_form]
+        with self._torch.inference_mode():
+            if short:
+                for i, res in zip(short, self._short([batch[i] for i in short])):
+                    out[i] = res
+            if long:
+                for i, res in zip(long, self._long([batch[i] for i in long])):
+                    out[i] = res
+        return [r for r in out if r is not None]
+
+    def _pad_stack(self, feats: list[np.ndarray]) -> Any:
+        """Stack features of different lengths; padding frames take each clip's own floor value,
+        which is exactly what Whisper's feature extractor gives zero samples."""
+        width = max(f.shape[-1] for f in feats)
+        rows = [np.pad(f, ((0, 0), (0, width - f.shape[-1])), constant_values=float(f.min())) for f in feats]
+        return self._torch.from_numpy(np.stack(rows)).to(self.device, self.dtype)
+
+    def _encode(self, features: Any) -> Any:
+        from transformers.modeling_outputs import BaseModelOutput
+
+        encoder = self.model.get_encoder()
+        if features.shape[-1] == WINDOW_FRAMES:
+            return encoder(features)
+        functional = self._torch.nn.functional
+        hidden = functional.gelu(encoder.conv1(features))
+        hidden = functional.gelu(encoder.conv2(hidden)).permute(0, 2, 1)
+        hidden = hidden + encoder.embed_positions.weight[: hidden.shape[1]]
+        for layer in encoder.layers:
+            hidden = layer(hidden, None)
+        return BaseModelOutput(last_hidden_state=encoder.layer_norm(hidden))
+
+    def _languages(self, n: int, **inputs: Any) -> list[str] | None:
+        if not self.multilingual:
+            return None
+        if self.language:
+            return [self.language] * n
+        ids = self.model.detect_language(**inputs).tolist()
+        return [self._id_to_lang.get(i, "en") for i in ids]
+
+    def _generate_kwargs(self, languages: list[str] | None) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {"num_beams": self.num_beams, "do_sample": False}
+        if self.max_new_tokens:
+            kwargs["max_new_tokens"] = self.max_new_tokens
+        if self.multilingual:
+            kwargs["language"] = languages
+            kwargs["task"] = self.task
+        return kwargs
+
+    def _short(self, batch: list[Prepared]) -> list[dict[str, Any]]:
+        encoded = self._encode(self._pad_stack([p.features for p in batch]))
+        languages = self._languages(len(batch), encoder_outputs=encoded)
+        tokens = self.model.generate(encoder_outputs=encoded, **self._generate_kwargs(languages))
+        return self._results(tokens, languages)
+
+    def _long(self, batch: list[Prepared]) -> list[dict[str, Any]]:
+        lengths = [p.features.shape[-1] for p in batch]
+        width = max(lengths)
+        features = self._pad_stack([p.features for p in batch])
+        mask = self._torch.zeros((len(batch), width), dtype=self._torch.long, device=self.device)
+        for i, n in enumerate(lengths):
+            mask[i, :n] = 1
+        languages = self._languages(len(batch), input_features=features[:, :, :WINDOW_FRAMES])
+        tokens = self.model.generate(input_features=features, attention_mask=mask, return_timestamps=True,
+                                     condition_on_prev_tokens=False, **self._generate_kwargs(languages))
+        if isinstance(tokens, dict):
+            tokens = tokens["sequences"]
+        return self._results(tokens, languages)
+
+    def _results(self, tokens: Any, languages: list[str] | None) -> list[dict[str, Any]]:
+        texts = self.tokenizer.batch_decode(tokens, skip_special_tokens=True)
+        langs = languages or ["en"] * len(texts)
+        return [{"text": t.strip(), "language": lang} for t, lang in zip(texts, langs)]

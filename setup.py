@@ -1,0 +1,46 @@
+import re
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+here = Path(__file__).parent
+version = re.search(r'__version__ = "([^"]+)"', (here / "batchcap" / "__init__.py").read_text()).group(1)
+
+setup(
+    name="batchcap",
+    version=version,
+    description="Caption images and transcribe recordings in batches into parquet/CSV tables, "
+                "with WER and caption metrics, resumable and cron-safe.",
+    long_description=(here / "README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    license="MIT",
+    python_requires=">=3.10",
+    packages=find_packages(include=["batchcap", "batchcap.*"]),
+    install_requires=[
+        "torch>=2.2",
+        "transformers>=5.0,<6",
+        "numpy>=1.24",
+        "pyarrow>=14",
+        "click>=8.1",
+        "tqdm>=4.60",
+        "requests>=2.28",
+        "pillow>=10",
+        "soundfile>=0.12",
+        "soxr>=0.3",
+        "av>=11",
+        "jiwer>=3.0",
+    ],
+    extras_require={
+        "train": ["peft>=0.13", "accelerate>=1.0", "matplotlib>=3.7"],
+        "ray": ["ray[data]>=2.40", "pandas>=2"],
+        "bench": ["faster-whisper>=1.0", "psutil>=5"],
+        "dev": ["pytest>=8", "pytest-timeout>=2", "ruff>=0.6", "pycocoevalcap>=1.2",
+                "peft>=0.13", "accelerate>=1.0", "matplotlib>=3.7", "scikit-image>=0.22"],
+    },
+    entry_points={"console_scripts": ["batchcap=batchcap.cli:main"]},
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "License :: OSI Approved :: MIT License",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+    ],
+)

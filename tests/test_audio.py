@@ -1,0 +1,314 @@
+"""batchcap audio end to end: real files, a tiny real Whisper, the CLI as users run it."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import soundfile as sf
+from click.testing import CliRunner
+
+from batchcap import transcribe
+from batchcap.audio import decode_audio
+from batchcap.cli import main
+from batchcap.items import DECODE_ERROR, EMPTY, ItemError
+from batchcap.metrics import get_normalizer, load_english_spelling, wer_counts
+from batchcap.output import read_table
+from tests.conftest import tone, write_audio
+
+
+def run_cli(*args: str) -> tuple[int, str]:
+    result = CliRunner().invoke(main, list(args))
+    return result.exit_code, result.output
+
+
+def rows_of(path: str) -> list[dict]:
+    return read_table(str(path)).to_pylist()
+
+
+# --- decoding -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("rate", [8000, 22050, 44100, 48000])
+def test_decode_resamples_any_rate_to_16k_mono(tmp_path, rate):
+    path = write_audio(tmp_path / "a.wav", 2.0, rate=rate, channels=2)
+    samples = decode_audio(open(path, "rb").read())
+    assert samples.dtype == np.float32 and samples.ndim == 1
+    assert abs(len(samples) - 32000) <= 2
+    # the 440 Hz tone survives resampling: its spectrum peaks at 440 Hz
+    spectrum = np.abs(np.fft.rfft(samples))
+    assert abs(np.argmax(spectrum) * 16000 / len(samples) - 440) < 2
+
+
+@pytest.mark.parametrize("fmt,subtype", [("flac", None), ("ogg", "VORBIS"), ("wav", "PCM_16"), ("mp3", None)])
+def test_decode_formats(tmp_path, fmt, subtype):
+    path = tmp_path / f"a.{fmt}"
+    try:
+        sf.write(str(path), tone(1.0, 44100), 44100, subtype=subtype, format=fmt.upper())
+    except (sf.LibsndfileError, ValueError, TypeError) as exc:
+        pytest.skip(f"this libsndfile cannot write {fmt}: {exc}")
+    samples = decode_audio(path.read_bytes())
+    assert abs(len(samples) / 16000 - 1.0) < 0.1
+
+
+def test_decode_m4a_through_pyav(tmp_path):
+    av = pytest.importorskip("av")
+    path = tmp_path / "a.m4a"
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("aac", rate=44100)
+        samples = (tone(1.5, 44100) * 32767).astype(np.int16).reshape(1, -1)
+        frame = av.AudioFrame.from_ndarray(samples, format="s16", layout="mono")
+        frame.sample_rate = 44100
+        for packet in stream.encode(frame):
+            container.mux(packet)
+        for packet in stream.encode(None):
+            container.mux(packet)
+    decoded = decode_audio(path.read_bytes())
+    assert 1.3 < len(decoded) / 16000 < 1.7
+
+
+@pytest.mark.parametrize("data,status,words", [
+    (b"", DECODE_ERROR, "empty file"),
+    (b"RIFF\x00\x00garbage-that-is-not-audio" * 10, DECODE_ERROR, "not a readable audio file"),
+    (b"<html><body>Not found</body></html>", DECODE_ERROR, "not a readable audio file"),
+])
+def test_decode_rejects_non_audio(data, status, words):
+    with pytest.raises(ItemError) as err:
+        decode_audio(data)
+    assert err.value.status == status and words in err.value.message
+
+
+def test_decode_rejects_silence_short_clips_and_nan(tmp_path):
+    silent = tmp_path / "silence.wav"
+    sf.write(str(silent), np.zeros(20 * 16000, np.float32), 16000)
+    with pytest.raises(ItemError) as err:
+        decode_audio(silent.read_bytes())
+    assert err.value.status == EMPTY and "silent" in err.value.message and err.value.fields["duration_s"] == 20.0
+
+    short = write_audio(tmp_path / "short.wav", 0.01)
+    with pytest.raises(ItemError) as err:
+        decode_audio(open(short, "rb").read())
+    assert err.value.status == EMPTY and "10 ms" in err.value.message
+
+    nan = tone(1.0)
+    nan[100:110] = np.nan
+    path = tmp_path / "nan.wav"
+    sf.write(str(path), nan, 16000, subtype="FLOAT")
+    with pytest.raises(ItemError) as err:
+        decode_audio(path.read_bytes())
+    assert err.value.status == DECODE_ERROR and "10 NaN" in err.value.message
+
+
+# --- the command ----------------------------------------------------------------------------------
+
+@pytest.fixture()
+def clips(tmp_path):
+    """A folder of real recordings at several rates and formats, plus a file that is not audio."""
+    folder = tmp_path / "clips"
+    (folder / "sub").mkdir(parents=True)
+    write_audio(folder / "a.wav", 1.0, rate=8000)
+    write_audio(folder / "b.flac", 2.5, rate=48000, channels=2, freq=300)
+    write_audio(folder / "sub" / "c.wav", 4.0, rate=22050, freq=800)
+    (folder / "notes.txt").write_text("not audio")
+    return folder
+
+
+def test_directory_to_parquet_cli(tiny_whisper, clips, tmp_path):
+    out = tmp_path / "out.parquet"
+    code, output = run_cli("audio", str(clips), "-o", str(out), "--model", tiny_whisper, "--batch-size", "2")
+    assert code == 0, output
+    rows = rows_of(out)
+    assert [os.path.relpath(r["source"], clips) for r in rows] == ["a.wav", "b.flac", "sub/c.wav"]
+    assert all(r["status"] == "ok" and r["error"] is None and isinstance(r["text"], str) for r in rows)
+    assert [r["duration_s"] for r in rows] == [1.0, 2.5, 4.0]
+    assert all(r["model"] == tiny_whisper and r["language"] in ("en", "de", "fr", "es") for r in rows)
+    assert f"wrote 3 rows to {out} (3 ok)" in output
+    summary = json.loads((tmp_path / "out.summary.json").read_text())
+    assert summary["status_counts"] == {"ok": 3} and summary["skipped_files"] == 1
+    assert summary["audio_hours"] == pytest.approx(7.5 / 3600, abs=1e-4)
+
+
+def test_english_only_model_and_csv_output(tiny_whisper_en, clips, tmp_path):
+    out = tmp_path / "out.csv"
+    code, output = run_cli("audio", str(clips / "a.wav"), str(clips / "sub"), "-o", str(out),
+                           "--model", tiny_whisper_en)
+    assert code == 0, output
+    with open(out, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["status"] for r in rows] == ["ok", "ok"] and {r["language"] for r in rows} == {"en"}
+    code, output = run_cli("audio", str(clips), "-o", str(tmp_path / "x.csv"), "--model", tiny_whisper_en,
+                           "--language", "de")
+    assert code == 1 and "English-only" in output
+
+
+def _manifest_rows(clips):
+    return [
+        {"file": "clips/a.wav", "transcript": "hello world", "speaker": "s1", "id": "u1"},
+        {"file": "clips/b.flac", "transcript": "the colour red", "speaker": "s2", "id": "u2"},
+        {"file": "clips/missing.wav", "transcript": "gone", "speaker": "s3", "id": "u3"},
+    ]
+
+
+@pytest.mark.parametrize("kind", ["csv", "tsv", "parquet", "jsonl"])
+def test_manifests_carry_columns_and_score(tiny_whisper, clips, tmp_path, kind):
+    rows = _manifest_rows(clips)
+    manifest = tmp_path / f"m.{kind}"
+    if kind in ("csv", "tsv"):
+        with open(manifest, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]), delimiter="," if kind == "csv" else "\t")
+            w.writeheader()
+            w.writerows(rows)
+    elif kind == "parquet":
+        pq.write_table(pa.Table.from_pylist(rows), manifest)
+    else:
+        manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "out.parquet"
+    code, output = run_cli("audio", str(manifest), "-o", str(out), "--model", tiny_whisper)
+    assert code == 3, output  # one missing file: rows written, exit says some failed
+    got = rows_of(out)
+    assert [r["id"] for r in got] == ["u1", "u2", "u3"]
+    assert [r["speaker"] for r in got] == ["s1", "s2", "s3"]  # carried unchanged
+    assert [r["status"] for r in got] == ["ok", "ok", "fetch_error"]
+    assert "file not found" in got[2]["error"] and got[2]["source"].endswith("clips/missing.wav")
+    assert [r["reference"] for r in got] == ["hello world", "the colour red", "gone"]
+    # row WER is the normalized edit distance; the corpus WER sums edits, it is not a mean of rows
+    spelling = load_english_spelling(tiny_whisper)
+    errors = words = 0
+    for r in got[:2]:
+        norm = get_normalizer("auto", r["language"], spelling)
+        e, n = wer_counts(norm(r["reference"]), norm(r["text"]))
+        assert r["wer"] == pytest.approx(e / n)
+        errors, words = errors + e, words + n
+    summary = json.loads((tmp_path / "out.summary.json").read_text())
+    assert summary["wer"] == pytest.approx(errors / words, abs=1e-5) and summary["scored_rows"] == 2
+    assert summary["status_counts"] == {"fetch_error": 1, "ok": 2}
+
+
+def test_parquet_with_embedded_audio_bytes(tiny_whisper, clips, tmp_path):
+    table = pa.table({"audio": [{"bytes": (clips / "a.wav").read_bytes(), "path": "a.wav"},
+                                {"bytes": b"not audio at all", "path": "broken.wav"}],
+                      "sentence": ["one", "two"]})
+    manifest = tmp_path / "hf.parquet"
+    pq.write_table(table, manifest)
+    result = transcribe(str(manifest), str(tmp_path / "out.parquet"), model=tiny_whisper, quiet=True)
+    got = rows_of(result.output)
+    assert [r["source"] for r in got] == ["a.wav", "broken.wav"]
+    assert [r["status"] for r in got] == ["ok", "decode_error"] and got[0]["reference"] == "one"
+    assert result.failed == 1
+
+
+def test_bad_inputs_each_get_a_row(tiny_whisper, tmp_path, http_server):
+    folder = tmp_path / "bad"
+    folder.mkdir()
+    (folder / "empty.wav").write_bytes(b"")
+    (folder / "corrupt.wav").write_bytes(os.urandom(2000))
+    (folder / "page.mp3").write_text("<html>hello</html>")
+    sf.write(str(folder / "silence.wav"), np.zeros(20 * 16000, np.float32), 16000)
+    write_audio(folder / "tiny.wav", 0.01)
+    nan = tone(1.0)
+    nan[5] = np.nan
+    sf.write(str(folder / "nan.wav"), nan, 16000, subtype="FLOAT")
+    write_audio(folder / "good.wav", 1.0)
+    http_server.add("/ok.wav", (folder / "good.wav").read_bytes(), content_type="audio/wav")
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("path\n" + "\n".join([http_server.url("/ok.wav"), http_server.url("/status/404")]) + "\n")
+    out = tmp_path / "out.parquet"
+    code, output = run_cli("audio", str(folder), str(manifest), "-o", str(out), "--model", tiny_whisper,
+                           "--retries", "0")
+    assert code == 3, output
+    by_name = {os.path.basename(r["source"]): r for r in rows_of(out)}
+    assert len(by_name) == 9
+    expect = {"empty.wav": ("decode_error", "empty file"), "corrupt.wav": ("decode_error", "not a readable"),
+              "page.mp3": ("decode_error", "not a readable"), "silence.wav": ("empty", "silent"),
+              "tiny.wav": ("empty", "10 ms"), "nan.wav": ("decode_error", "NaN"), "good.wav": ("ok", None),
+              "ok.wav": ("ok", None), "404": ("fetch_error", "404")}
+    for name, (status, words) in expect.items():
+        row = by_name[name]
+        assert row["status"] == status, (name, row)
+        assert (row["error"] is None) if words is None else (words in row["error"]), (name, row)
+    assert by_name["404"]["http_status"] if "http_status" in by_name["404"] else True
+    assert "9 rows" in output and "2 ok" in output
+
+
+def test_long_recording_is_transcribed_in_full(tiny_whisper, tmp_path):
+    """A 45 s recording goes through long-form decoding over all its frames, not a cut at 30 s."""
+    from batchcap.asr import AudioOptions, load_transcriber
+
+    write_audio(tmp_path / "long.wav", 45.0)
+    write_audio(tmp_path / "short.wav", 2.0)
+    transcriber = load_transcriber(AudioOptions(model=tiny_whisper))
+    seen: list[tuple] = []
+    generate = transcriber.model.generate
+
+    def recording_generate(*args, **kwargs):
+        feats = kwargs.get("input_features")
+        seen.append(tuple(feats.shape) if feats is not None else ("encoder", kwargs["encoder_outputs"][0].shape[1]))
+        return generate(*args, **kwargs)
+
+    transcriber.model.generate = recording_generate
+    result = transcribe([str(tmp_path)], str(tmp_path / "out.parquet"), transcriber=transcriber, quiet=True)
+    rows = rows_of(result.output)
+    assert [r["duration_s"] for r in rows] == [45.0, 2.0] and {r["status"] for r in rows} == {"ok"}
+    assert (1, 80, 4500) in seen  # all 45 s of features reach long-form generate
+    assert ("encoder", 200) in seen  # the 2 s clip: 2 s + 2 s padding -> 400 frames -> 200 encoder positions
+
+
+def test_trimmed_window_matches_full_window_features(tiny_whisper):
+    """The trimmed window's frames equal the first frames of Whisper's 30 s features."""
+    from batchcap.asr import AudioOptions, load_transcriber
+
+    transcriber = load_transcriber(AudioOptions(model=tiny_whisper))
+    samples = tone(3.2)
+    trimmed = transcriber.prepare(samples).features
+    full = transcriber.feature_extractor(samples, sampling_rate=16000, return_tensors="np").input_features[0]
+    assert trimmed.shape == (80, 600)
+    np.testing.assert_allclose(trimmed[:, :500], full[:, :500], atol=1e-5)
+    # the batch padding value equals what Whisper computes for zero samples
+    padded = transcriber._pad_stack([trimmed, full]).numpy()[0]
+    np.testing.assert_allclose(padded[:, 600:], full[:, 600:], atol=1e-5)
+
+
+def test_fatal_errors_are_one_line(tiny_whisper, tmp_path, clips):
+    code, output = run_cli("audio", str(tmp_path / "nope.csv"), "--model", tiny_whisper)
+    assert code == 1 and output.strip().splitlines() == [f"Error: input not found: {tmp_path / 'nope.csv'}"]
+    bad = tmp_path / "m.csv"
+    bad.write_text("foo,bar\n1,2\n")
+    code, output = run_cli("audio", str(bad), "-o", str(tmp_path / "o.parquet"), "--model", tiny_whisper)
+    assert code == 1 and "--path-column" in output and "Traceback" not in output
+    code, output = run_cli("audio", str(bad), "--path-column", "nope", "--model", tiny_whisper)
+    assert code == 1 and "no column 'nope'" in output
+    code, output = run_cli("audio", str(clips), "-o", str(tmp_path / "o.parquet"), "--model", "some-org/no-such-model")
+    assert code == 1 and "--model /path/to/a/local/model/dir" in output and len(output.strip().splitlines()) == 1
+    code, output = run_cli("audio", str(clips), "-o", str(tmp_path / "o.txt"), "--model", tiny_whisper)
+    assert code == 1 and ".parquet or .csv" in output
+    code, output = run_cli("audio", str(clips), "--batch-size", "0")
+    assert code == 2
+
+
+def test_lock_refuses_a_second_run(tiny_whisper, clips, tmp_path):
+    from batchcap.output import ResultStore
+
+    out = tmp_path / "out.parquet"
+    with ResultStore(str(out)):
+        code, output = run_cli("audio", str(clips), "-o", str(out), "--model", tiny_whisper)
+    assert code == 1 and "another batchcap run" in output and f"pid {os.getpid()}" in output
+    code, output = run_cli("audio", str(clips), "-o", str(out), "--model", tiny_whisper)
+    assert code == 0, output
+
+
+def test_rerun_skips_done_items_and_picks_up_new_ones(tiny_whisper, clips, tmp_path):
+    out = tmp_path / "out.parquet"
+    assert run_cli("audio", str(clips), "-o", str(out), "--model", tiny_whisper)[0] == 0
+    first = rows_of(out)
+    write_audio(clips / "a2.wav", 1.5)
+    code, output = run_cli("audio", str(clips), "-o", str(out), "--model", tiny_whisper)
+    assert code == 0 and "1 processed, 3 already done" in output
+    second = rows_of(out)
+    assert [os.path.basename(r["source"]) for r in second] == ["a.wav", "a2.wav", "b.flac", "c.wav"]
+    assert [r for r in second if r["id"] != str(clips / "a2.wav")] == first
+    code, output = run_cli("audio", str(clips), "-o", str(out), "--model", tiny_whisper, "--overwrite")
+    assert code == 0 and "4 processed, 0 already done" in output
