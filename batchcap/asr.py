@@ -33,7 +33,7 @@ class AudioOptions:
     batch_size: int = 16
     num_beams: int = 1
     max_new_tokens: int | None = None
-    context_pad_s: float | None = 2.0  # None: the full 30 s window for every clip
+    context_pad_s: float | None = None  # seconds of encoder padding after a clip; None: Whisper's 30 s window
     normalize: str = "auto"  # auto | whisper | basic | none
     min_duration: float = 0.1
     silence_dbfs: float = -60.0

@@ -31,7 +31,6 @@ def _setup_logging(verbose: int, quiet: bool) -> None:
     root = logging.getLogger("batchcap")
     root.handlers[:] = [handler]
     root.setLevel(level)
-    root.propagate = False
     if verbose < 1:  # transformers' deprecation chatter is not for our users
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
@@ -143,16 +142,15 @@ def main() -> None:
               show_default=True,
               help="Text normalization before WER: Whisper's English normalizer (auto for English), "
                    "a basic one for other languages, or none.")
-@click.option("--context-pad", type=click.FloatRange(0), default=2.0, show_default=True,
-              help="Seconds of padding after a clip in the encoder window (clips up to 30 s).")
-@click.option("--full-window", is_flag=True,
-              help="Pad every clip to Whisper's full 30 s window (slower, as openai-whisper does).")
+@click.option("--context-pad", type=click.FloatRange(0), default=None,
+              help="Experimental: run the encoder on the clip plus this many seconds instead of Whisper's "
+                   "30 s window (faster on short clips; see the README for its accuracy cost).")
 @click.option("--min-duration", type=click.FloatRange(0), default=0.1, show_default=True,
               help="Clips shorter than this (seconds) get status 'empty'.")
 @click.option("--silence-threshold", type=float, default=-60.0, show_default=True,
               help="Clips whose peak is below this (dBFS) get status 'empty'.")
 def audio(inputs: tuple[str, ...], output: str | None, model: str, language: str | None, task: str,
-          normalize: str, context_pad: float, full_window: bool, min_duration: float,
+          normalize: str, context_pad: float | None, min_duration: float,
           silence_threshold: float, device: str, dtype: str, batch_size: int, beam_size: int,
           max_new_tokens: int | None, workers: int, path_column: str | None,
           reference_columns: tuple[str, ...], id_column: str | None, timeout: float, retries: int,
@@ -169,7 +167,7 @@ def audio(inputs: tuple[str, ...], output: str | None, model: str, language: str
 
     options = AudioOptions(
         model=model, device=device, dtype=dtype, language=language, task=task, batch_size=batch_size,
-        num_beams=beam_size, max_new_tokens=max_new_tokens, context_pad_s=None if full_window else context_pad,
+        num_beams=beam_size, max_new_tokens=max_new_tokens, context_pad_s=context_pad,
         normalize=normalize, min_duration=min_duration, silence_dbfs=silence_threshold, workers=workers,
         fetch=_fetch_config(2 * 2**30, timeout, retries, max_bytes), path_column=path_column,
         reference_columns=reference_columns, id_column=id_column, overwrite=overwrite,

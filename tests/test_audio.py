@@ -240,7 +240,7 @@ def test_long_recording_is_transcribed_in_full(tiny_whisper, tmp_path):
 
     write_audio(tmp_path / "long.wav", 45.0)
     write_audio(tmp_path / "short.wav", 2.0)
-    transcriber = load_transcriber(AudioOptions(model=tiny_whisper))
+    transcriber = load_transcriber(AudioOptions(model=tiny_whisper, context_pad_s=2.0))
     seen: list[tuple] = []
     generate = transcriber.model.generate
 
@@ -257,11 +257,18 @@ def test_long_recording_is_transcribed_in_full(tiny_whisper, tmp_path):
     assert ("encoder", 200) in seen  # the 2 s clip: 2 s + 2 s padding -> 400 frames -> 200 encoder positions
 
 
+def test_default_is_whisper_full_window(tiny_whisper):
+    from batchcap.asr import AudioOptions, load_transcriber
+
+    transcriber = load_transcriber(AudioOptions(model=tiny_whisper))
+    assert transcriber.prepare(tone(2.0)).features.shape == (80, 3000)
+
+
 def test_trimmed_window_matches_full_window_features(tiny_whisper):
     """The trimmed window's frames equal the first frames of Whisper's 30 s features."""
     from batchcap.asr import AudioOptions, load_transcriber
 
-    transcriber = load_transcriber(AudioOptions(model=tiny_whisper))
+    transcriber = load_transcriber(AudioOptions(model=tiny_whisper, context_pad_s=2.0))
     samples = tone(3.2)
     trimmed = transcriber.prepare(samples).features
     full = transcriber.feature_extractor(samples, sampling_rate=16000, return_tensors="np").input_features[0]

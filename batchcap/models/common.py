@@ -59,3 +59,28 @@ def load_error_message(model: str, exc: BaseException) -> str:
     return (f"cannot load model {model!r}: it is not in the local cache ({home}) and the Hugging Face hub could "
             f"not be reached or does not have it ({type(exc).__name__}). Download it where there is network "
             "(huggingface-cli download), or pass --model /path/to/a/local/model/dir")
+
+
+def cpu_has_fast_bf16() -> bool:
+    """True where oneDNN runs bfloat16 matmuls natively (AVX512-BF16 or AMX)."""
+    import torch
+
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def resolve_precision(spec: str, device: Any) -> tuple[Any, Any]:
+    """(dtype of the weights, dtype to autocast to or None) for a ``--dtype`` choice.
+
+    ``auto``: float16 weights on CUDA; on a CPU with native bfloat16, float32 weights with
+    bfloat16 autocast (matmuls in bf16, norms and softmax in fp32); float32 elsewhere.
+    ``bfloat16`` on a CPU also means autocast; ``float32`` is plain fp32 everywhere.
+    """
+    import torch
+
+    spec = (spec or "auto").lower()
+    if device.type == "cpu" and (spec in ("bfloat16", "bf16") or (spec == "auto" and cpu_has_fast_bf16())):
+        return torch.float32, torch.bfloat16
+    return resolve_dtype(spec, device), None

@@ -11,6 +11,7 @@ Recordings over 30 s go through transformers' sequential long-form decoding (tim
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -21,7 +22,7 @@ import numpy as np
 
 from ..audio import SAMPLE_RATE
 from ..items import FatalError
-from .common import load_error_message, resolve_device, resolve_dtype
+from .common import load_error_message, resolve_device, resolve_precision
 
 log = logging.getLogger(__name__)
 
@@ -42,13 +43,13 @@ class Prepared:
 class WhisperTranscriber:
     def __init__(self, model: str, *, device: str = "auto", dtype: str = "auto", language: str | None = None,
                  task: str = "transcribe", num_beams: int = 1, max_new_tokens: int | None = None,
-                 context_pad_s: float | None = 2.0, attn_implementation: str | None = "sdpa"):
+                 context_pad_s: float | None = None, attn_implementation: str | None = "sdpa"):
         import torch
         from transformers import WhisperFeatureExtractor, WhisperForConditionalGeneration, WhisperTokenizerFast
 
         self.name = model
         self.device = resolve_device(device)
-        self.dtype = resolve_dtype(dtype, self.device)
+        self.dtype, self.autocast = resolve_precision(dtype, self.device)
         try:
             self.feature_extractor = WhisperFeatureExtractor.from_pretrained(model)
             self.tokenizer = WhisperTokenizerFast.from_pretrained(model)
@@ -109,7 +110,7 @@ class WhisperTranscriber:
         out: list[dict[str, Any] | None] = [None] * len(batch)
         short = [i for i, p in enumerate(batch) if not p.long_form]
         long = [i for i, p in enumerate(batch) if p.long_form]
-        with self._torch.inference_mode():
+        with self._torch.inference_mode(), self._autocast():
             if short:
                 for i, res in zip(short, self._short([batch[i] for i in short])):
                     out[i] = res
@@ -117,6 +118,11 @@ class WhisperTranscriber:
                 for i, res in zip(long, self._long([batch[i] for i in long])):
                     out[i] = res
         return [r for r in out if r is not None]
+
+    def _autocast(self) -> Any:
+        if self.autocast is None:
+            return contextlib.nullcontext()
+        return self._torch.autocast(self.device.type, dtype=self.autocast)
 
     def _pad_stack(self, feats: list[np.ndarray]) -> Any:
         """Stack features of different lengths; padding frames take each clip's own floor value,
