@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Sequence
@@ -45,6 +46,10 @@ class AudioOptions:
     overwrite: bool = False
     retry_failed: bool = False
     flush_rows: int = 256
+    engine: str = "local"  # local | ray
+    ray_address: str | None = None
+    concurrency: int = 1
+    num_gpus_per_replica: float = 0.0
     quiet: bool = False
     progress: bool | None = None
 
@@ -54,11 +59,15 @@ class AudioTask:
     reserved_columns = AUDIO_COLUMNS
 
     def __init__(self, transcriber: Any, options: AudioOptions):
+        """``transcriber`` None gives a task that can build rows' scores and summarize, not predict
+        (the Ray engine's driver side)."""
         self.transcriber = transcriber
         self.options = options
+        self.model_name = transcriber.name if transcriber is not None else options.model
         self.audio_seconds = 0.0  # transcribed by this run
         self.started = time.time()
-        self._spelling = load_english_spelling(getattr(transcriber, "english_spelling_dir", None))
+        spelling_dir = getattr(transcriber, "english_spelling_dir", None) if transcriber else options.model
+        self._spelling = load_english_spelling(spelling_dir)
 
     def load(self, item: Item, data: bytes) -> Any:
         samples = decode_audio(data, min_duration=self.options.min_duration,
@@ -84,7 +93,7 @@ class AudioTask:
             if error else None,
             "status": OK if error is None else error.status,
             "error": None if error is None else error.message,
-            "model": self.transcriber.name,
+            "model": self.model_name,
         }
         if item.references:
             reference = " ".join(item.references)
@@ -108,7 +117,7 @@ class AudioTask:
         audio_s = sum(r.get("duration_s") or 0.0 for r in rows if r.get("status") == OK)
         wall = time.time() - self.started
         summary: dict[str, Any] = {
-            "model": self.transcriber.name,
+            "model": self.model_name,
             "audio_hours": round(audio_s / 3600, 4),
             "audio_s_this_run": round(self.audio_seconds, 2),
             "rtfx_this_run": round(self.audio_seconds / wall, 2) if wall > 0 and self.audio_seconds else None,
@@ -163,9 +172,19 @@ def transcribe(inputs: str | Sequence[str], output: str = "transcripts.parquet",
     spec.reserved = AUDIO_COLUMNS
     items = Inputs(sources, spec)
     items.check()
-    transcriber = transcriber or load_transcriber(options)
-    task = AudioTask(transcriber, options)
     config = RunConfig(batch_size=options.batch_size, workers=options.workers, group=4, quiet=options.quiet,
-                       progress=options.progress, flush_rows=options.flush_rows)
+                       progress=options.progress, flush_rows=options.flush_rows, engine=options.engine,
+                       ray_address=options.ray_address, concurrency=options.concurrency,
+                       num_gpus_per_replica=options.num_gpus_per_replica)
+    if options.engine == "ray":  # each replica loads its own model; the driver loads none
+        task = AudioTask(None, options)
+        factory = functools.partial(_audio_task, options)
+    else:
+        task = AudioTask(transcriber or load_transcriber(options), options)
+        factory = None
     return run_job(items, task, output, fetch=options.fetch, config=config, overwrite=options.overwrite,
-                   retry_failed=options.retry_failed)
+                   retry_failed=options.retry_failed, task_factory=factory)
+
+
+def _audio_task(options: AudioOptions) -> AudioTask:
+    return AudioTask(load_transcriber(options), options)

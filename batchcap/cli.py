@@ -72,6 +72,14 @@ def job_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--retry-failed", is_flag=True, help="Redo items whose earlier row is not ok."),
         click.option("--flush-every", type=click.IntRange(1), default=256, show_default=True,
                      help="Rows per part file: the most a crash can cost."),
+        click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+                     help="Run here, or on Ray Data (pip install 'batchcap[ray]')."),
+        click.option("--ray-address", default=None,
+                     help="Ray cluster address (default: a running cluster, else a local instance)."),
+        click.option("--concurrency", type=click.IntRange(1), default=1, show_default=True,
+                     help="Ray engine: model replicas."),
+        click.option("--num-gpus-per-replica", type=click.FloatRange(0), default=0.0, show_default=True,
+                     help="Ray engine: GPUs each model replica reserves."),
         click.option("-q", "--quiet", is_flag=True, help="No progress, no summary; errors only."),
         click.option("-v", "--verbose", count=True, help="More logging (-vv for debug)."),
     ]
@@ -154,7 +162,8 @@ def audio(inputs: tuple[str, ...], output: str | None, model: str, language: str
           silence_threshold: float, device: str, dtype: str, batch_size: int, beam_size: int,
           max_new_tokens: int | None, workers: int, path_column: str | None,
           reference_columns: tuple[str, ...], id_column: str | None, timeout: float, retries: int,
-          max_bytes: int | None, overwrite: bool, retry_failed: bool, flush_every: int, quiet: bool,
+          max_bytes: int | None, overwrite: bool, retry_failed: bool, flush_every: int, engine: str,
+          ray_address: str | None, concurrency: int, num_gpus_per_replica: float, quiet: bool,
           verbose: int) -> None:
     """Transcribe every recording of INPUT... with Whisper.
 
@@ -171,7 +180,8 @@ def audio(inputs: tuple[str, ...], output: str | None, model: str, language: str
         normalize=normalize, min_duration=min_duration, silence_dbfs=silence_threshold, workers=workers,
         fetch=_fetch_config(2 * 2**30, timeout, retries, max_bytes), path_column=path_column,
         reference_columns=reference_columns, id_column=id_column, overwrite=overwrite,
-        retry_failed=retry_failed, flush_rows=flush_every, quiet=quiet)
+        retry_failed=retry_failed, flush_rows=flush_every, engine=engine, ray_address=ray_address,
+        concurrency=concurrency, num_gpus_per_replica=num_gpus_per_replica, quiet=quiet)
     _run(functools.partial(transcribe, list(inputs), output or "transcripts.parquet", options=options), quiet)
 
 

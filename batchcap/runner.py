@@ -14,7 +14,7 @@ import logging
 import sys
 import time
 from collections import Counter, deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -58,6 +58,10 @@ class RunConfig:
     progress: bool | None = None  # a bar; None: when stderr is a terminal
     log_every: float = 30.0
     flush_rows: int = 256  # rows per part file (what a crash can cost at most)
+    engine: str = "local"  # local | ray
+    ray_address: str | None = None  # None/"auto": a running cluster if there is one, else a local instance
+    concurrency: int = 1  # ray: model replicas (actors)
+    num_gpus_per_replica: float = 0.0  # ray: GPUs each replica reserves
 
 
 @dataclass
@@ -75,8 +79,14 @@ class RunResult:
 
 def run_job(items: Iterable[Item], task: Task, output: str, *, fetch: FetchConfig | None = None,
             config: RunConfig | None = None, overwrite: bool = False, retry_failed: bool = False,
-            extra_summary: dict[str, Any] | None = None) -> RunResult:
-    """Process every item into ``output`` (resuming), then write the final file and summary."""
+            extra_summary: dict[str, Any] | None = None,
+            task_factory: Callable[[], Task] | None = None) -> RunResult:
+    """Process every item into ``output`` (resuming), then write the final file and summary.
+
+    With ``config.engine == "ray"`` the stages run on Ray Data: ``task_factory`` builds the full
+    task (model included) inside each replica, and ``task`` (which may hold no model) only
+    summarizes in the driver.
+    """
     config = config or RunConfig()
     started = time.time()
     store = ResultStore(output, overwrite=overwrite, retry_failed=retry_failed, flush_rows=config.flush_rows)
@@ -86,8 +96,18 @@ def run_job(items: Iterable[Item], task: Task, output: str, *, fetch: FetchConfi
     with store:
         fetcher = Fetcher(fetch)
         progress = _Progress(task.kind, config)
+        if config.engine == "ray":
+            from .engines.ray_engine import stream_rows_ray
+
+            if task_factory is None:
+                raise FatalError("the ray engine needs a task factory")
+            rows = stream_rows_ray(items, task_factory, fetch or FetchConfig(), store.done, config, order)
+        elif config.engine == "local":
+            rows = _stream(items, task, fetcher, store.done, config, order)
+        else:
+            raise FatalError(f"unknown engine {config.engine!r} (use local or ray)")
         try:
-            for row in _stream(items, task, fetcher, store.done, config, order):
+            for row in rows:
                 if row is None:
                     skipped += 1
                     progress.update(skipped=True)
