@@ -11,11 +11,11 @@ from typing import Any
 
 from .audio import decode_audio
 from .fetch import FetchConfig
-from .inputs import Inputs, audio_spec
+from .inputs import audio_spec
 from .items import OK, Item, ItemError
+from .job import JobOptions, run_pipeline
 from .metrics import cer_counts, get_normalizer, load_english_spelling, wer_counts
-from .output import output_format
-from .runner import RunConfig, RunResult, run_job
+from .runner import RunResult
 
 log = logging.getLogger(__name__)
 
@@ -25,14 +25,10 @@ DEFAULT_AUDIO_MODEL = "openai/whisper-small"
 
 
 @dataclass
-class AudioOptions:
+class AudioOptions(JobOptions):
     model: str = DEFAULT_AUDIO_MODEL
-    device: str = "auto"
-    dtype: str = "auto"
     language: str | None = None
     task: str = "transcribe"
-    batch_size: int = 16
-    num_beams: int = 1
     max_new_tokens: int | None = None
     context_pad_s: float | None = None  # seconds of encoder padding after a clip; None: Whisper's 30 s window
     normalize: str = "auto"  # auto | whisper | basic | none
@@ -40,18 +36,6 @@ class AudioOptions:
     silence_dbfs: float = -60.0
     workers: int = 4
     fetch: FetchConfig = field(default_factory=lambda: FetchConfig(max_bytes=2 * 2**30))
-    path_column: str | None = None
-    reference_columns: Sequence[str] = ()
-    id_column: str | None = None
-    overwrite: bool = False
-    retry_failed: bool = False
-    flush_rows: int = 256
-    engine: str = "local"  # local | ray
-    ray_address: str | None = None
-    concurrency: int = 1
-    num_gpus_per_replica: float = 0.0
-    quiet: bool = False
-    progress: bool | None = None
 
 
 class AudioTask:
@@ -162,29 +146,16 @@ def transcribe(inputs: str | Sequence[str], output: str = "transcripts.parquet",
     fields, e.g. ``transcribe("calls/", "out.parquet", model="/models/whisper-small", batch_size=8)``.
     """
     options = options or AudioOptions()
-    for key, value in overrides.items():
-        if not hasattr(options, key):
-            raise TypeError(f"transcribe() got an unexpected option {key!r}")
-        setattr(options, key, value)
-    output_format(output)  # a bad output name fails before the model loads
-    sources = [inputs] if isinstance(inputs, str) else list(inputs)
+    options.update(overrides, "transcribe")
     spec = audio_spec(options.path_column, options.reference_columns, options.id_column)
     spec.reserved = AUDIO_COLUMNS
-    items = Inputs(sources, spec)
-    items.check()
-    config = RunConfig(batch_size=options.batch_size, workers=options.workers, group=4, quiet=options.quiet,
-                       progress=options.progress, flush_rows=options.flush_rows, engine=options.engine,
-                       ray_address=options.ray_address, concurrency=options.concurrency,
-                       num_gpus_per_replica=options.num_gpus_per_replica)
-    if options.engine == "ray":  # each replica loads its own model; the driver loads none
-        task = AudioTask(None, options)
-        factory = functools.partial(_audio_task, options)
+    if transcriber is not None:
+        def make_task(with_model: bool) -> AudioTask:
+            return AudioTask(transcriber, options)
     else:
-        task = AudioTask(transcriber or load_transcriber(options), options)
-        factory = None
-    return run_job(items, task, output, fetch=options.fetch, config=config, overwrite=options.overwrite,
-                   retry_failed=options.retry_failed, task_factory=factory)
+        make_task = functools.partial(_audio_task, options)
+    return run_pipeline(inputs, output, options, spec, make_task, group=4)
 
 
-def _audio_task(options: AudioOptions) -> AudioTask:
-    return AudioTask(load_transcriber(options), options)
+def _audio_task(options: AudioOptions, with_model: bool) -> AudioTask:
+    return AudioTask(load_transcriber(options) if with_model else None, options)

@@ -23,6 +23,7 @@ import os
 import shutil
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 from .items import FatalError
@@ -161,11 +162,13 @@ class ResultStore:
         self._parts += 1
         self._buffer = []
 
-    def finalize(self, order: dict[str, int] | None = None) -> Any:
+    def finalize(self, order: dict[str, int] | None = None,
+                 transform: Callable[[list[dict[str, Any]]], list[dict[str, Any]]] | None = None) -> Any:
         """Merge everything into the final file atomically; return the final table.
 
         ``order`` maps ids to their position in this run's input; rows of ids no longer in the
-        input keep their old relative order after those.
+        input keep their old relative order after those. ``transform`` may rewrite the merged
+        rows before they are written (e.g. metrics that depend on the whole set).
         """
         import pyarrow as pa
 
@@ -191,6 +194,8 @@ class ResultStore:
         for row in merged:
             row.pop("_seq", None)
             row.pop(ORDER, None)
+        if transform is not None:
+            merged = transform(merged)
         final = rows_to_table(merged, like=table)
         tmp = os.path.join(os.path.dirname(self.path), f".{os.path.basename(self.path)}.{self._run}.tmp")
         write_table(final, tmp, self.format)

@@ -48,6 +48,9 @@ class Task(Protocol):
     def summarize(self, table: Any) -> dict[str, Any]:
         """Figures for the summary from the final table (all rows, this run and earlier)."""
 
+    # Optional: ``finalize_rows(rows) -> rows`` rewrites the merged rows before the final file is
+    # written (per-row scores that depend on the whole set, such as CIDEr-D).
+
 
 @dataclass
 class RunConfig:
@@ -118,7 +121,7 @@ def run_job(items: Iterable[Item], task: Task, output: str, *, fetch: FetchConfi
         finally:
             progress.close()
             fetcher.close()
-        table = store.finalize(order)
+        table = store.finalize(order, transform=getattr(task, "finalize_rows", None))
     wall = time.time() - started
     status_counts = Counter(table.column("status").to_pylist()) if table.num_rows else Counter()
     summary: dict[str, Any] = {
@@ -150,22 +153,6 @@ def _stream(items: Iterable[Item], task: Task, fetcher: Fetcher, done: set[str],
     in_flight: deque[Future] = deque()
     ready: list[tuple[Item, Any, int | None]] = []
 
-    def load(item: Item) -> tuple[Item, Any, ItemError | None, int | None]:
-        if item.data is None and not item.source:
-            return item, None, ItemError(FETCH_ERROR, "the manifest row has no path or URL"), None
-        fetched = fetcher.fetch(item)
-        if fetched.status != OK or fetched.data is None:
-            error = ItemError(fetched.status, fetched.error or "no data", fetched.http_status)
-            return item, None, error, fetched.http_status
-        try:
-            loaded = task.load(item, fetched.data)
-        except ItemError as exc:
-            return item, None, exc, fetched.http_status
-        except Exception as exc:  # a decoder bug must not end the run: it is this item's row
-            log.debug("load failed for %s", item.source, exc_info=True)
-            return item, None, ItemError(DECODE_ERROR, f"{type(exc).__name__}: {exc}"), fetched.http_status
-        return item, loaded, None, fetched.http_status
-
     with ThreadPoolExecutor(max(1, config.workers), thread_name_prefix="batchcap-load") as pool:
         try:
             while True:
@@ -178,7 +165,7 @@ def _stream(items: Iterable[Item], task: Task, fetcher: Fetcher, done: set[str],
                     if item.id in done:
                         yield None
                         continue
-                    in_flight.append(pool.submit(load, item))
+                    in_flight.append(pool.submit(load_item, task, fetcher, item))
                 if not in_flight and not ready:
                     return
                 finished = [f for f in in_flight if f.done()]
@@ -200,6 +187,24 @@ def _stream(items: Iterable[Item], task: Task, fetcher: Fetcher, done: set[str],
         finally:
             for fut in in_flight:
                 fut.cancel()
+
+
+def load_item(task: Task, fetcher: Fetcher, item: Item) -> tuple[Item, Any, ItemError | None, int | None]:
+    """Fetch and decode one item: (item, loaded, error, http_status); never raises for the item's own faults."""
+    if item.data is None and not item.source:
+        return item, None, ItemError(FETCH_ERROR, "the manifest row has no path or URL"), None
+    fetched = fetcher.fetch(item)
+    if fetched.status != OK or fetched.data is None:
+        error = ItemError(fetched.status, fetched.error or "no data", fetched.http_status)
+        return item, None, error, fetched.http_status
+    try:
+        loaded = task.load(item, fetched.data)
+    except ItemError as exc:
+        return item, None, exc, fetched.http_status
+    except Exception as exc:  # a decoder bug must not end the run: it is this item's row
+        log.debug("load failed for %s", item.source, exc_info=True)
+        return item, None, ItemError(DECODE_ERROR, f"{type(exc).__name__}: {exc}"), fetched.http_status
+    return item, loaded, None, fetched.http_status
 
 
 def _predict(task: Task, batch: list[tuple[Item, Any, int | None]]) -> Iterator[dict[str, Any]]:

@@ -41,3 +41,4 @@ def write_audio(path, seconds: float, rate: int = 16000, channels: int = 1, freq
     sf.write(str(path), tone(seconds, rate, freq, channels), rate, subtype=subtype)
     return str(path)
 from tests.httpserver import http_server  # noqa: E402,F401
+from tests.tiny_models import tiny_captioner  # noqa: E402,F401

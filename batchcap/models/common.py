@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
 from ..items import FatalError
+
+log = logging.getLogger(__name__)
 
 _DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16", "half": "float16",
            "bfloat16": "bfloat16", "bf16": "bfloat16"}
@@ -54,7 +57,7 @@ def load_error_message(model: str, exc: BaseException) -> str:
         return f"cannot load model from {model}: {type(exc).__name__}: {first_line}"
     looks_local = model.startswith((".", "/", "~")) or model.count("/") > 1
     if looks_local and not os.path.exists(model):
-        return f"model directory not found: {model}"
+        return f"model directory not found: {model} (pass --model a local model directory or a hub id)"
     home = os.environ.get("HF_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "huggingface")
     return (f"cannot load model {model!r}: it is not in the local cache ({home}) and the Hugging Face hub could "
             f"not be reached or does not have it ({type(exc).__name__}). Download it where there is network "
@@ -84,3 +87,13 @@ def resolve_precision(spec: str, device: Any) -> tuple[Any, Any]:
     if device.type == "cpu" and (spec in ("bfloat16", "bf16") or (spec == "auto" and cpu_has_fast_bf16())):
         return torch.float32, torch.bfloat16
     return resolve_dtype(spec, device), None
+
+
+def announce_load(model: str) -> None:
+    """Say where a model comes from before a possibly slow hub download or retry loop."""
+    if os.path.isdir(model):
+        log.info("loading model from %s", model)
+    elif os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false"):
+        log.info("loading model %s from the Hugging Face cache (offline mode)", model)
+    else:
+        log.info("loading model %s from the Hugging Face hub or its cache (HF_HOME)", model)

@@ -22,7 +22,7 @@ import numpy as np
 
 from ..audio import SAMPLE_RATE
 from ..items import FatalError
-from .common import load_error_message, resolve_device, resolve_precision
+from .common import announce_load, load_error_message, resolve_device, resolve_precision
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +50,7 @@ class WhisperTranscriber:
         self.name = model
         self.device = resolve_device(device)
         self.dtype, self.autocast = resolve_precision(dtype, self.device)
+        announce_load(model)
         try:
             self.feature_extractor = WhisperFeatureExtractor.from_pretrained(model)
             self.tokenizer = WhisperTokenizerFast.from_pretrained(model)

@@ -1,0 +1,154 @@
+"""``batchcap images``: images -> captions, scored against reference captions when there are any."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from .images import DEFAULT_MAX_PIXELS, decode_image
+from .inputs import image_spec
+from .items import OK, Item, ItemError
+from .job import JobOptions, run_pipeline
+from .metrics import caption_metrics
+from .runner import RunResult
+
+log = logging.getLogger(__name__)
+
+IMAGE_COLUMNS = ("id", "source", "caption", "status", "error", "http_status", "width", "height", "model",
+                 "references", "bleu_4", "rouge_l", "cider_d")
+ROW_METRICS = ("bleu_4", "rouge_l", "cider_d")
+DEFAULT_IMAGE_MODEL = "nlpconnect/vit-gpt2-image-captioning"
+
+
+@dataclass
+class ImageOptions(JobOptions):
+    model: str = DEFAULT_IMAGE_MODEL
+    max_new_tokens: int = 32
+    min_new_tokens: int | None = None
+    prompt: str | None = None
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    workers: int = 16
+
+
+@dataclass
+class LoadedImage:
+    pixels: Any  # preprocessed tensor [C, H, W]
+    width: int
+    height: int
+
+
+class ImageTask:
+    kind = "images"
+    reserved_columns = IMAGE_COLUMNS
+
+    def __init__(self, captioner: Any, options: ImageOptions):
+        """``captioner`` None gives a driver-side task (rows' metrics, summary) without a model."""
+        self.captioner = captioner
+        self.options = options
+        self.model_name = captioner.name if captioner is not None else options.model
+        self.images = 0
+        self.started = time.time()
+        self.corpus: dict[str, float] = {}
+
+    def load(self, item: Item, data: bytes) -> LoadedImage:
+        image = decode_image(data, max_pixels=self.options.max_pixels)
+        return LoadedImage(self.captioner.prepare(image), image.width, image.height)
+
+    def size(self, loaded: LoadedImage) -> float:
+        return 0.0  # every image becomes the same tensor shape
+
+    def predict(self, batch: list[LoadedImage]) -> list[dict[str, Any]]:
+        captions = self.captioner.caption_prepared([b.pixels for b in batch])
+        self.images += len(batch)
+        return [{"caption": c} for c in captions]
+
+    def row(self, item: Item, loaded: LoadedImage | None, result: dict[str, Any] | None,
+            error: ItemError | None) -> dict[str, Any]:
+        row: dict[str, Any] = {
+            "id": item.id,
+            "source": item.source,
+            "caption": result["caption"] if result else None,
+            "status": OK if error is None else error.status,
+            "error": None if error is None else error.message,
+            "http_status": None,  # filled by the runner from the fetch
+            "width": loaded.width if loaded is not None else None,
+            "height": loaded.height if loaded is not None else None,
+            "model": self.model_name,
+        }
+        if item.references:
+            row["references"] = list(item.references)
+        return row
+
+    def finalize_rows(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Per-row BLEU-4 / ROUGE-L / CIDEr-D over the whole final set (CIDEr-D's IDF needs it)."""
+        scored = [r for r in rows if r.get("status") == OK and r.get("references")]
+        self.corpus = {}
+        if not scored:
+            return rows
+        corpus, per_row = caption_metrics([r["caption"] or "" for r in scored],
+                                          [_as_list(r["references"]) for r in scored])
+        self.corpus = corpus
+        for row, scores in zip(scored, per_row):
+            for name in ROW_METRICS:
+                row[name] = round(scores[name], 6)
+        for row in rows:
+            if row.get("references") is not None:
+                for name in ROW_METRICS:
+                    row.setdefault(name, None)
+        return rows
+
+    def summarize(self, table: Any) -> dict[str, Any]:
+        wall = time.time() - self.started
+        summary: dict[str, Any] = {"model": self.model_name, "images_this_run": self.images,
+                                   "images_per_s_this_run": round(self.images / wall, 3) if wall > 0 else None}
+        if self.corpus:
+            summary.update({name: round(value, 6) for name, value in self.corpus.items()})
+            summary["scored_rows"] = sum(1 for s, r in zip(table.column("status").to_pylist(),
+                                                             table.column("references").to_pylist())
+                                         if s == OK and r)
+        return summary
+
+
+def _as_list(value: Any) -> list[str]:
+    if isinstance(value, str):  # a CSV output read back: JSON text
+        import json
+
+        try:
+            value = json.loads(value)
+        except ValueError:
+            return [value]
+    return [str(v) for v in value]
+
+
+def load_captioner(options: ImageOptions) -> Any:
+    from .models.captioner import Captioner
+
+    return Captioner(options.model, device=options.device, dtype=options.dtype, max_new_tokens=options.max_new_tokens,
+                     num_beams=options.num_beams, prompt=options.prompt, min_new_tokens=options.min_new_tokens)
+
+
+def caption_images(inputs: str | Sequence[str], output: str = "captions.parquet", *,
+                   options: ImageOptions | None = None, captioner: Any = None, **overrides: Any) -> RunResult:
+    """Caption every image of ``inputs`` (directories, files, URLs, manifests) into ``output``.
+
+    The same pipeline as ``batchcap images``: resumes from what ``output`` holds, writes the final
+    file atomically and a summary JSON beside it. Keyword overrides set ImageOptions fields.
+    """
+    options = options or ImageOptions()
+    options.update(overrides, "caption_images")
+    spec = image_spec(options.path_column, options.reference_columns, options.id_column)
+    spec.reserved = IMAGE_COLUMNS
+    if captioner is not None:
+        def make_task(with_model: bool) -> ImageTask:
+            return ImageTask(captioner, options)
+    else:
+        make_task = functools.partial(_image_task, options)
+    return run_pipeline(inputs, output, options, spec, make_task, group=1)
+
+
+def _image_task(options: ImageOptions, with_model: bool) -> ImageTask:
+    return ImageTask(load_captioner(options) if with_model else None, options)

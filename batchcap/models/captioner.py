@@ -1,0 +1,169 @@
+"""Image captioning through transformers: one batched ``generate`` per batch of images.
+
+Works with VisionEncoderDecoder checkpoints (ViT + GPT-2, e.g. ``nlpconnect/vit-gpt2-image-captioning``),
+BLIP and GIT. In transformers v5 they all load through ``AutoModelForImageTextToText``
+(``AutoModelForVision2Seq`` is gone). A VisionEncoderDecoder directory has no processor class:
+``AutoProcessor`` returns just its tokenizer, so the image processor and the tokenizer are loaded apart.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Any
+
+from PIL import Image
+
+from ..items import FatalError
+from .common import announce_load, load_error_message, resolve_device, resolve_precision
+
+log = logging.getLogger(__name__)
+
+VED = "vision-encoder-decoder"
+
+
+def _first(*values: Any) -> Any:
+    """The first value that is not None (token ids may be 0)."""
+    return next((v for v in values if v is not None), None)
+
+
+class Captioner:
+    """Caption PIL images with a Hugging Face image-to-text model (hub id or local directory)."""
+
+    def __init__(self, model: str, *, device: str = "auto", dtype: str = "auto", max_new_tokens: int = 32,
+                 num_beams: int = 1, prompt: str | None = None, min_new_tokens: int | None = None,
+                 attn_implementation: str | None = "sdpa"):
+        import torch
+        from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
+
+        self.name = model
+        self.device = resolve_device(device)
+        # weights dtype, and bf16 autocast on CPUs with native bf16 (as for Whisper)
+        self.dtype, self.autocast = resolve_precision(dtype, self.device)
+        self.max_new_tokens = max_new_tokens
+        self.min_new_tokens = min_new_tokens
+        self.num_beams = num_beams
+        self.prompt = prompt.strip() if prompt and prompt.strip() else None
+        self._torch = torch
+        announce_load(model)
+        try:
+            config = AutoConfig.from_pretrained(model)
+            self.image_processor = AutoImageProcessor.from_pretrained(model)
+            self.tokenizer = AutoTokenizer.from_pretrained(model)
+            kwargs: dict[str, Any] = {"dtype": self.dtype}
+            if attn_implementation:
+                kwargs["attn_implementation"] = attn_implementation
+            try:
+                self.model = AutoModelForImageTextToText.from_pretrained(model, config=config, **kwargs)
+            except (ValueError, ImportError) as exc:  # maybe an attention implementation this model lacks
+                if "attn_implementation" not in kwargs:
+                    raise
+                log.debug("loading %s with %s attention failed (%s); using the default", model,
+                          attn_implementation, exc)
+                kwargs.pop("attn_implementation")
+                self.model = AutoModelForImageTextToText.from_pretrained(model, config=config, **kwargs)
+        except FatalError:
+            raise
+        except Exception as exc:
+            raise FatalError(load_error_message(model, exc)) from exc
+        self.model.to(self.device).eval()
+        self.model_type = config.model_type
+        self._fix_special_tokens()
+        self._prompt_ids = self._encode_prompt() if self.prompt else None
+        attention = getattr(self.model.config, "_attn_implementation", "?")
+        precision = str(self.dtype).removeprefix("torch.") + (" + bf16 autocast" if self.autocast else "")
+        log.info("captioner %s (%s) on %s, %s, attention %s", model, self.model_type, self.device, precision,
+                 attention)
+
+    def _fix_special_tokens(self) -> None:
+        """GPT-2 has no pad token: use eos; make sure an encoder-decoder knows how to start.
+
+        Set on ``generation_config`` only: v5 ``generate`` refuses generation fields set on ``model.config``.
+        """
+        gen, cfg, tok = self.model.generation_config, self.model.config, self.tokenizer
+        text_cfg = cfg.get_text_config(decoder=True)
+        eos = _first(gen.eos_token_id, getattr(cfg, "eos_token_id", None),
+                     getattr(text_cfg, "eos_token_id", None), tok.eos_token_id)
+        eos_one = eos[0] if isinstance(eos, list) and eos else eos
+        gen.eos_token_id = eos
+        gen.pad_token_id = _first(gen.pad_token_id, getattr(cfg, "pad_token_id", None), tok.pad_token_id,
+                                  eos_one)
+        if self.model_type == VED:
+            gen.decoder_start_token_id = _first(
+                gen.decoder_start_token_id, getattr(cfg, "decoder_start_token_id", None),
+                getattr(text_cfg, "bos_token_id", None), tok.bos_token_id, eos_one)
+            if gen.decoder_start_token_id is None:
+                raise FatalError(f"model {self.name} has no decoder_start_token_id, bos or eos token: "
+                                 "cannot caption")
+        # Our max_new_tokens / num_beams / greedy replace the checkpoint's length and sampling defaults
+        # (otherwise generate warns that max_length and max_new_tokens are both set, or about temperature).
+        gen.max_length = None
+        gen.min_length = None
+        gen.do_sample = False
+        gen.temperature = gen.top_p = gen.top_k = None
+
+    def _encode_prompt(self) -> list[int]:
+        tok = self.tokenizer
+        if self.model_type == VED:  # the prompt continues the decoder start token
+            start = self.model.generation_config.decoder_start_token_id
+            return [start, *tok(self.prompt, add_special_tokens=False).input_ids]
+        if self.model_type == "git":  # GIT: [CLS] + prompt, without the trailing [SEP] that would end it
+            return [tok.cls_token_id, *tok(self.prompt, add_special_tokens=False).input_ids]
+        return list(tok(self.prompt).input_ids)  # BLIP drops the trailing [SEP] itself
+
+    # --- worker threads ---------------------------------------------------------------------
+    def prepare(self, image: Image.Image) -> Any:
+        """Resize and normalize one image: a float32 CPU tensor [C, H, W] for :meth:`caption_prepared`."""
+        return self.image_processor(images=[image], return_tensors="pt")["pixel_values"][0]
+
+    # --- main thread ------------------------------------------------------------------------
+    def caption(self, images: list[Image.Image]) -> list[str]:
+        """One caption per image, from one batched ``generate`` call."""
+        if not images:
+            return []
+        pixel_values = self.image_processor(images=list(images), return_tensors="pt")["pixel_values"]
+        return self._generate(pixel_values)
+
+    def caption_prepared(self, prepared: list[Any]) -> list[str]:
+        """Like :meth:`caption`, for tensors from :meth:`prepare` (all of the same shape)."""
+        if not prepared:
+            return []
+        return self._generate(self._torch.stack(prepared))
+
+    def _generate(self, pixel_values: Any) -> list[str]:
+        torch = self._torch
+        n = pixel_values.shape[0]
+        inputs: dict[str, Any] = {"pixel_values": pixel_values.to(self.device, self.dtype)}
+        prompt_ids = self._prompt_ids
+        if prompt_ids is None and self.model_type == VED:  # explicit, to pass its mask (GPT-2 warns without)
+            prompt_ids = [self.model.generation_config.decoder_start_token_id]
+        if prompt_ids is not None:
+            ids = torch.tensor([prompt_ids] * n, dtype=torch.long, device=self.device)
+            prefix = "decoder_" if self.model_type == VED else ""
+            inputs[f"{prefix}input_ids"] = ids
+            inputs[f"{prefix}attention_mask"] = torch.ones_like(ids)
+        kwargs: dict[str, Any] = {"max_new_tokens": self.max_new_tokens, "num_beams": self.num_beams,
+                                  "do_sample": False}
+        if self.min_new_tokens:
+            kwargs["min_new_tokens"] = self.min_new_tokens
+        with torch.inference_mode(), self._autocast():
+            out = self.model.generate(**inputs, **kwargs)
+        sequences = out.sequences if hasattr(out, "sequences") else out
+        texts = self.tokenizer.batch_decode(sequences, skip_special_tokens=True)
+        return [self._strip_prompt(" ".join(t.split())) for t in texts]
+
+    def _autocast(self) -> Any:
+        if self.autocast is None:
+            return contextlib.nullcontext()
+        return self._torch.autocast(self.device.type, dtype=self.autocast)
+
+    def _strip_prompt(self, text: str) -> str:
+        """Drop the prompt if the model echoes it (BLIP, GIT and VED outputs start with their inputs)."""
+        if not self.prompt:
+            return text
+        decoded = self.tokenizer.decode(self._prompt_ids or [], skip_special_tokens=True)
+        echoes = {" ".join(self.prompt.split()).lower(), " ".join(decoded.split()).lower()}
+        for echo in sorted(echoes, key=len, reverse=True):
+            if echo and text.lower().startswith(echo):
+                return text[len(echo):].strip()
+        return text

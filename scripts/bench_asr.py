@@ -1,0 +1,480 @@
+#!/usr/bin/env python3
+"""Compare batchcap's Whisper transcription with faster-whisper and the transformers pipeline.
+
+Every system transcribes the same clips in its own subprocess (so that its peak RSS is its own),
+and every transcript is scored here with the same normalizer (Whisper's English one, with the
+model's British -> American spelling map) and the same corpus WER (edit totals / reference words).
+
+    python scripts/bench_asr.py --limit 40
+    python scripts/bench_asr.py --systems batchcap faster-whisper-int8 --json bench.json
+    python scripts/bench_asr.py --model ~/.cache/batchcap-dev/models/whisper-base --device cuda
+
+RTFx = audio seconds / wall seconds, where the wall time covers reading, decoding and resampling
+the files, feature extraction and decoding, but not loading the model (reported as "load s").
+No system gets a warm-up run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import platform
+import random
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+DEV_CACHE = Path("~/.cache/batchcap-dev").expanduser()
+DEFAULT_MANIFEST = DEV_CACHE / "speech-en" / "manifest.csv"
+DEFAULT_MODEL = DEV_CACHE / "models" / "whisper-tiny.en"
+SAMPLE_RATE = 16_000
+LONG_S = 30.0  # the extra WER column covers clips up to this long (one Whisper window)
+PATH_COLUMNS = ("path", "audio", "file", "filename", "file_name", "audio_path", "audio_filepath")
+REFERENCE_COLUMNS = ("reference", "text", "transcript", "transcription", "sentence", "normalized_text")
+
+
+@dataclass
+class Clip:
+    id: str
+    path: str
+    reference: str
+    duration_s: float
+
+
+@dataclass
+class Outcome:
+    """What one system's worker reports back."""
+
+    system: str
+    ok: bool = False
+    error: str | None = None
+    texts: list[str] = field(default_factory=list)  # one per clip, in clip order ("" for a failed clip)
+    load_s: float | None = None
+    wall_s: float | None = None
+    peak_rss_mb: float | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+# ------------------------------------------------------------------------------------------------------
+# systems (each runs inside a worker process)
+# ------------------------------------------------------------------------------------------------------
+
+Runner = Callable[[list[Clip], argparse.Namespace, Outcome], None]
+
+
+class _Timed:
+    """Store the seconds the block took in ``outcome.<attr>``."""
+
+    def __init__(self, outcome: Outcome, attr: str):
+        self.outcome, self.attr = outcome, attr
+
+    def __enter__(self) -> None:
+        self.start = time.perf_counter()
+
+    def __exit__(self, *exc: object) -> None:
+        setattr(self.outcome, self.attr, time.perf_counter() - self.start)
+
+
+def _sync(args: argparse.Namespace) -> None:
+    """Wait for queued GPU work so that a timer's end means the work is done."""
+    if args.device == "cuda" and "torch" in sys.modules:
+        sys.modules["torch"].cuda.synchronize()
+
+
+def _read_audio(path: str) -> Any:
+    """Mono float32 at 16 kHz, as batchcap reads it (libsndfile, then soxr HQ resampling)."""
+    import numpy as np
+    import soundfile as sf
+    import soxr
+
+    samples, rate = sf.read(path, dtype="float32", always_2d=True)
+    samples = samples.mean(axis=1, dtype=np.float32) if samples.shape[1] > 1 else samples[:, 0]
+    if rate != SAMPLE_RATE:
+        samples = soxr.resample(samples, rate, SAMPLE_RATE, quality="HQ")
+    return np.ascontiguousarray(samples, dtype=np.float32)
+
+
+def _batchcap(overrides: dict[str, Any]) -> Runner:
+    def run(clips: list[Clip], args: argparse.Namespace, outcome: Outcome) -> None:
+        import pyarrow.parquet as pq
+
+        from batchcap.asr import AudioOptions, load_transcriber, transcribe
+
+        options = AudioOptions(model=args.model, device=args.device, language="en", batch_size=args.batch_size,
+                               quiet=True, overwrite=True, **overrides)
+        with _Timed(outcome, "load_s"):
+            transcriber = load_transcriber(options)
+        precision = str(transcriber.dtype).replace("torch.", "")
+        if transcriber.autocast is not None:
+            precision += f" weights, {str(transcriber.autocast).replace('torch.', '')} autocast"
+        outcome.notes.append(precision)
+        if options.context_pad_s is not None:
+            outcome.notes.append(f"context_pad_s={options.context_pad_s:g}")
+        with tempfile.TemporaryDirectory(prefix="bench-batchcap-") as tmp:
+            manifest = os.path.join(tmp, "manifest.csv")
+            with open(manifest, "w", newline="", encoding="utf-8") as handle:
+                writer = csv.writer(handle)
+                writer.writerow(["id", "path", "reference"])
+                writer.writerows([c.id, c.path, c.reference] for c in clips)
+            with _Timed(outcome, "wall_s"):
+                result = transcribe(manifest, os.path.join(tmp, "out.parquet"), options=options,
+                                    transcriber=transcriber)
+                _sync(args)
+            rows = {str(r["id"]): r for r in pq.read_table(result.output).to_pylist()}
+        failed = [c.id for c in clips if rows.get(c.id, {}).get("status") != "ok"]
+        if failed:
+            first = rows.get(failed[0], {})
+            outcome.notes.append(f"{len(failed)} failed rows ({first.get('status')}: {first.get('error')})")
+        outcome.texts = [(rows.get(c.id, {}).get("text") or "") for c in clips]
+        _cuda_peak(args, outcome)
+
+    return run
+
+
+def _cuda_peak(args: argparse.Namespace, outcome: Outcome) -> None:
+    if args.device == "cuda" and "torch" in sys.modules:
+        peak = sys.modules["torch"].cuda.max_memory_allocated() / 2**20
+        outcome.notes.append(f"peak GPU alloc {peak:.0f} MB")
+
+
+def _faster_whisper(compute_type_cpu: str, compute_type_cuda: str, batched: bool = False) -> Runner:
+    def run(clips: list[Clip], args: argparse.Namespace, outcome: Outcome) -> None:
+        from faster_whisper import BatchedInferencePipeline, WhisperModel
+
+        if not args.ct2 or not os.path.isdir(args.ct2):
+            raise RuntimeError(f"no CTranslate2 model directory {args.ct2!r} (pass --ct2)")
+        compute_type = compute_type_cuda if args.device == "cuda" else compute_type_cpu
+        if not compute_type:
+            raise RuntimeError(f"not run on {args.device}")
+        with _Timed(outcome, "load_s"):
+            model = WhisperModel(args.ct2, device=args.device, compute_type=compute_type, cpu_threads=args.threads)
+            pipe = BatchedInferencePipeline(model) if batched else None
+        outcome.notes.append(f"compute_type={compute_type}")
+        texts = []
+        with _Timed(outcome, "wall_s"):
+            for clip in clips:
+                if pipe is not None:  # batches the VAD chunks of one file; files go one at a time
+                    segments, _ = pipe.transcribe(clip.path, language="en", beam_size=1, without_timestamps=True,
+                                                  batch_size=args.batch_size)
+                else:
+                    segments, _ = model.transcribe(clip.path, language="en", beam_size=1,
+                                                   condition_on_previous_text=False, vad_filter=False,
+                                                   without_timestamps=True)
+                texts.append("".join(s.text for s in segments).strip())  # a lazy generator: decodes here
+        outcome.texts = texts
+        if batched:
+            outcome.notes.append("Silero VAD chunks (onnxruntime)")
+
+    return run
+
+
+def _hf_pipeline(clips: list[Clip], args: argparse.Namespace, outcome: Outcome) -> None:
+    import torch
+    from transformers import pipeline
+
+    dtype = torch.float16 if args.device == "cuda" else torch.float32
+    with _Timed(outcome, "load_s"):
+        asr = pipeline("automatic-speech-recognition", model=args.model, device=args.device, dtype=dtype)
+    generation = asr.model.generation_config
+    kwargs: dict[str, Any] = {}
+    if getattr(generation, "is_multilingual", False):
+        kwargs = {"language": "en", "task": "transcribe"}
+        generation.forced_decoder_ids = None  # v4-era field that conflicts with language/task
+    outcome.notes.append(f"{str(dtype).replace('torch.', '')}, soundfile+soxr decoding")
+
+    def inputs() -> Any:  # decoded lazily, inside the timed loop
+        for clip in clips:
+            yield {"raw": _read_audio(clip.path), "sampling_rate": SAMPLE_RATE}
+
+    with _Timed(outcome, "wall_s"):
+        results = asr(inputs(), chunk_length_s=30, batch_size=args.batch_size, generate_kwargs=kwargs)
+        outcome.texts = [r["text"].strip() for r in results]
+        _sync(args)
+    _cuda_peak(args, outcome)
+
+
+SYSTEMS: dict[str, Runner] = {
+    "batchcap": _batchcap({}),
+    "batchcap-fp32": _batchcap({"dtype": "float32"}),
+    "batchcap-ctx": _batchcap({"context_pad_s": 4.0}),
+    "faster-whisper-int8": _faster_whisper("int8", "int8_float16"),
+    "faster-whisper-fp32": _faster_whisper("float32", "float32"),
+    "faster-whisper-fp16": _faster_whisper("", "float16"),
+    "faster-whisper-batched-int8": _faster_whisper("int8", "int8_float16", batched=True),
+    "hf-pipeline": _hf_pipeline,
+}
+CUDA_ONLY = {"faster-whisper-fp16"}
+
+
+def worker(args: argparse.Namespace) -> int:
+    import resource
+
+    outcome = Outcome(args.worker)
+    try:
+        clips = [Clip(**c) for c in json.loads(Path(args.clips).read_text(encoding="utf-8"))]
+        if args.worker.startswith(("batchcap", "hf-")):  # faster-whisper's workers never import torch
+            import torch
+
+            torch.set_num_threads(args.threads)
+        SYSTEMS[args.worker](clips, args, outcome)
+        if len(outcome.texts) != len(clips):
+            raise RuntimeError(f"{len(outcome.texts)} transcripts for {len(clips)} clips")
+        outcome.ok = True
+    except BaseException as exc:  # noqa: B036 - report anything, KeyboardInterrupt included
+        traceback.print_exc()
+        outcome.error = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+    outcome.peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    Path(args.result).write_text(json.dumps(asdict(outcome)), encoding="utf-8")
+    return 0 if outcome.ok else 1
+
+
+# ------------------------------------------------------------------------------------------------------
+# driver
+# ------------------------------------------------------------------------------------------------------
+
+
+def read_clips(manifest: str, limit: int | None, seed: int) -> list[Clip]:
+    import soundfile as sf
+
+    base = os.path.dirname(os.path.abspath(manifest))
+    with open(manifest, newline="", encoding="utf-8") as handle:
+        reader = csv.DictReader(handle)
+        columns = reader.fieldnames or []
+        path_col = next((c for c in PATH_COLUMNS if c in columns), None)
+        ref_col = next((c for c in REFERENCE_COLUMNS if c in columns), None)
+        if path_col is None or ref_col is None:
+            raise SystemExit(f"{manifest}: needs a path column ({'/'.join(PATH_COLUMNS)}) and a reference "
+                             f"column ({'/'.join(REFERENCE_COLUMNS)}); it has {columns}")
+        rows = [(r[path_col], r[ref_col] or "") for r in reader]
+    chosen = list(range(len(rows)))
+    if limit is not None and limit < len(rows):
+        random.Random(seed).shuffle(chosen)  # a deterministic spread over the whole manifest
+        chosen = sorted(chosen[:limit])
+    clips = []
+    for i in chosen:
+        path = rows[i][0] if os.path.isabs(rows[i][0]) else os.path.join(base, rows[i][0])
+        info = sf.info(path)
+        clips.append(Clip(f"c{i:06d}", path, rows[i][1], info.frames / info.samplerate))
+    return clips
+
+
+def default_ct2(model: str) -> str | None:
+    name = os.path.basename(os.path.normpath(model)).removeprefix("whisper-")
+    candidate = Path(model).expanduser().parent / ".dl" / f"{name}-ct2"
+    return str(candidate) if candidate.is_dir() else None
+
+
+def run_system(system: str, clips_file: str, args: argparse.Namespace, tmp: str) -> Outcome:
+    result = os.path.join(tmp, f"{system}.json")
+    log = os.path.join(tmp, f"{system}.log")
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", system, "--clips", clips_file, "--result", result,
+           "--model", args.model, "--ct2", args.ct2 or "", "--batch-size", str(args.batch_size),
+           "--device", args.device, "--threads", str(args.threads)]
+    threads = str(args.threads)
+    env = dict(os.environ, OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads, TOKENIZERS_PARALLELISM="false",
+               HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error", PYTHONWARNINGS="ignore")
+    try:
+        with open(log, "w", encoding="utf-8") as out:
+            proc = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, env=env,
+                                  timeout=args.timeout or None, check=False)
+        returncode: int | str = proc.returncode
+    except subprocess.TimeoutExpired:
+        returncode = f"timed out after {args.timeout} s"
+    if os.path.isfile(result):
+        outcome = Outcome(**json.loads(Path(result).read_text(encoding="utf-8")))
+    else:
+        tail = [line for line in Path(log).read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
+        last = tail[-1].strip()[:200] if tail else ""
+        outcome = Outcome(system, error=f"worker exited ({returncode}) {last}".strip())
+    if not outcome.ok or args.verbose:
+        text = Path(log).read_text(encoding="utf-8", errors="replace").strip()
+        if text:
+            print(f"--- {system} worker output (last 30 lines) ---", file=sys.stderr)
+            print("\n".join(text.splitlines()[-30:]), file=sys.stderr)
+    return outcome
+
+
+def score(clips: list[Clip], outcome: Outcome, normalize: Callable[[str], str]) -> dict[str, Any]:
+    from batchcap.metrics import wer_counts
+
+    errors, words, short_errors, short_words = 0, 0, 0, 0
+    per_clip = []
+    for clip, text in zip(clips, outcome.texts):
+        e, n = wer_counts(normalize(clip.reference), normalize(text or ""))
+        per_clip.append(e)
+        errors, words = errors + e, words + n
+        if clip.duration_s <= LONG_S:
+            short_errors, short_words = short_errors + e, short_words + n
+    return {"wer": errors / words if words else None, "wer_le30": short_errors / short_words if short_words else None,
+            "word_errors": errors, "reference_words": words, "clip_errors": per_clip,
+            "empty": sum(1 for t in outcome.texts if not (t or "").strip())}
+
+
+def machine(args: argparse.Namespace) -> dict[str, Any]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info: dict[str, Any] = {"cpu": cpu, "cores": os.cpu_count(), "threads": args.threads, "python":
+                            platform.python_version()}
+    try:
+        info["load_avg_before"] = [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        pass
+    for package in ("torch", "transformers", "ctranslate2", "faster-whisper"):
+        try:
+            info[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            info[package] = None
+    if args.device == "cuda":
+        try:
+            out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                                 text=True, timeout=30, check=True)
+            info["gpu"] = out.stdout.strip().splitlines()[0]
+        except (OSError, subprocess.SubprocessError, IndexError):
+            info["gpu"] = "unknown (nvidia-smi failed)"
+    return info
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
+
+
+def report(clips: list[Clip], outcomes: list[Outcome], scores: dict[str, dict[str, Any]], info: dict[str, Any],
+           args: argparse.Namespace) -> None:
+    audio_s = sum(c.duration_s for c in clips)
+    n_short = sum(1 for c in clips if c.duration_s <= LONG_S)
+    longest = max(clips, key=lambda c: c.duration_s)
+    versions = ", ".join(f"{p} {info.get(p)}" for p in ("torch", "transformers", "ctranslate2", "faster-whisper"))
+    print()
+    print(f"machine: {info['cpu']}, {info['cores']} cores ({info['threads']} threads used)"
+          + (f", GPU {info['gpu']}" if "gpu" in info else "")
+          + (f", load avg before {info['load_avg_before']}" if "load_avg_before" in info else ""))
+    print(f"python {info['python']}, {versions}")
+    print(f"model {args.model}" + (f", ct2 {args.ct2}" if args.ct2 else "") + f", device {args.device}, "
+          f"batch size {args.batch_size}")
+    print(f"{len(clips)} clips, {audio_s / 60:.2f} audio minutes (longest {longest.duration_s:.1f} s; {n_short} clips "
+          f"<= {LONG_S:g} s)" + (f", --limit {args.limit} (seed {args.seed})" if args.limit else ""))
+    print()
+    print(f"| system | WER % | WER % (<= {LONG_S:g} s) | RTFx | wall s | load s | peak RSS MB | notes |")
+    print("|---|---:|---:|---:|---:|---:|---:|---|")
+    for o in outcomes:
+        if not o.ok:
+            rss = _fmt(o.peak_rss_mb, ".0f")
+            print(f"| {o.system} | - | - | - | - | {_fmt(o.load_s, '.1f')} | {rss} | FAILED: {o.error} |")
+            continue
+        s = scores[o.system]
+        wer = _fmt(s["wer"] * 100 if s["wer"] is not None else None, ".2f")
+        wer30 = _fmt(s["wer_le30"] * 100 if s["wer_le30"] is not None else None, ".2f")
+        rtfx = audio_s / o.wall_s if o.wall_s else None
+        notes = list(o.notes) + ([f"{s['empty']} empty"] if s["empty"] else [])
+        print(f"| {o.system} | {wer} | {wer30} | {_fmt(rtfx, '.1f')} | {_fmt(o.wall_s, '.1f')} | "
+              f"{_fmt(o.load_s, '.1f')} | {_fmt(o.peak_rss_mb, '.0f')} | {'; '.join(notes)} |")
+    if args.worst:
+        print()
+        print(f"clips with the most word errors (errors / reference words, duration), top {args.worst} per system:")
+        for o in outcomes:
+            if not o.ok:
+                continue
+            errs = scores[o.system]["clip_errors"]
+            top = sorted(range(len(clips)), key=lambda i: -errs[i])[: args.worst]
+            parts = [f"{clips[i].id} {errs[i]}/{len(clips[i].reference.split())} ({clips[i].duration_s:.0f} s)"
+                     for i in top if errs[i]]
+            print(f"  {o.system}: {', '.join(parts) or 'none'}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--manifest", default=str(DEFAULT_MANIFEST), help="CSV with path,reference columns")
+    parser.add_argument("--model", default=str(DEFAULT_MODEL), help="transformers Whisper checkpoint directory")
+    parser.add_argument("--ct2", default=None, help="CTranslate2 conversion of --model (default: "
+                        "<models>/.dl/<name>-ct2 next to it)")
+    parser.add_argument("--limit", type=int, default=None, help="only N clips, spread over the manifest")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the --limit spread")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--systems", nargs="+", default=None, metavar="SYSTEM",
+                        help=f"subset of: {', '.join(SYSTEMS)} (space or comma separated; default: all that "
+                        "run on --device)")
+    parser.add_argument("--json", default=None, help="write all results (transcripts included) here")
+    parser.add_argument("--timeout", type=float, default=0, help="seconds per system (0: none)")
+    parser.add_argument("--worst", type=int, default=3, help="list each system's N worst clips (0: none)")
+    parser.add_argument("--verbose", action="store_true", help="print every worker's output")
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--clips", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--result", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    sys.path.insert(0, str(ROOT))  # batchcap from this checkout, installed or not
+    args.model = os.path.expanduser(args.model)
+    if args.worker:
+        args.ct2 = args.ct2 or None
+        return worker(args)
+
+    if args.systems is None:
+        systems = [s for s in SYSTEMS if args.device == "cuda" or s not in CUDA_ONLY]
+    else:
+        systems = [s for item in args.systems for s in item.split(",") if s]
+        unknown = [s for s in systems if s not in SYSTEMS]
+        if unknown:
+            parser.error(f"unknown system(s) {', '.join(unknown)}; choose from {', '.join(SYSTEMS)}")
+    args.ct2 = os.path.expanduser(args.ct2) if args.ct2 else default_ct2(args.model)
+    clips = read_clips(os.path.expanduser(args.manifest), args.limit, args.seed)
+    if not clips:
+        raise SystemExit("no clips")
+    info = machine(args)
+
+    from batchcap.metrics import get_normalizer, load_english_spelling
+
+    normalize = get_normalizer("whisper", "en", load_english_spelling(args.model))
+    outcomes: list[Outcome] = []
+    scores: dict[str, dict[str, Any]] = {}
+    audio_s = sum(c.duration_s for c in clips)
+    with tempfile.TemporaryDirectory(prefix="bench-asr-") as tmp:
+        clips_file = os.path.join(tmp, "clips.json")
+        Path(clips_file).write_text(json.dumps([asdict(c) for c in clips]), encoding="utf-8")
+        for system in systems:
+            print(f"running {system} on {len(clips)} clips ...", file=sys.stderr, flush=True)
+            outcome = run_system(system, clips_file, args, tmp)
+            outcomes.append(outcome)
+            if outcome.ok:
+                scores[system] = score(clips, outcome, normalize)
+                wer = scores[system]["wer"]
+                print(f"  {system}: WER {_fmt(wer * 100 if wer is not None else None, '.2f')} %, "
+                      f"RTFx {_fmt(audio_s / outcome.wall_s if outcome.wall_s else None, '.1f')}",
+                      file=sys.stderr, flush=True)
+            else:
+                print(f"  {system}: FAILED: {outcome.error}", file=sys.stderr, flush=True)
+    report(clips, outcomes, scores, info, args)
+    if args.json:
+        payload = {
+            "machine": info,
+            "args": {k: v for k, v in vars(args).items() if k not in ("worker", "clips", "result")},
+            "audio_s": audio_s,
+            "clips": [asdict(c) for c in clips],
+            "systems": [dict(asdict(o), rtfx=audio_s / o.wall_s if o.ok and o.wall_s else None,
+                             **{k: v for k, v in scores.get(o.system, {}).items()}) for o in outcomes],
+        }
+        Path(args.json).write_text(json.dumps(payload, indent=1), encoding="utf-8")
+        print(f"\nwrote {args.json}", file=sys.stderr)
+    return 0 if all(o.ok for o in outcomes) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

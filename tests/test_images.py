@@ -1,0 +1,308 @@
+"""decode_image on real files of every common kind, and the Captioner on a tiny random model."""
+
+from __future__ import annotations
+
+import io
+import struct
+import time
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from batchcap.images import IMAGE_EXTENSIONS, decode_image
+from batchcap.items import DECODE_ERROR, FatalError, ItemError
+
+WHITE = (255, 255, 255)
+
+
+def encode(im: Image.Image, fmt: str, **params) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, fmt, **params)
+    return buf.getvalue()
+
+
+def decode_error(data: bytes, **kwargs) -> str:
+    with pytest.raises(ItemError) as info:
+        decode_image(data, **kwargs)
+    assert info.value.status == DECODE_ERROR
+    return info.value.message
+
+
+def near(pixel, expected, tol: int = 24) -> bool:
+    return all(abs(int(a) - int(b)) <= tol for a, b in zip(pixel, expected))
+
+
+def photos() -> dict[str, np.ndarray]:
+    from skimage import data
+
+    return {"astronaut": data.astronaut(), "coffee": data.coffee(), "chelsea": data.chelsea(),
+            "camera": data.camera(), "logo": data.logo()}
+
+
+# --- decode_image -------------------------------------------------------------------------------
+
+def test_extensions():
+    assert {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"} <= set(IMAGE_EXTENSIONS)
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF"])
+def test_real_photos_every_format(fmt):
+    for name, array in photos().items():
+        im = Image.fromarray(array)
+        if fmt in ("JPEG", "BMP") and im.mode == "RGBA":
+            im = im.convert("RGB")
+        out = decode_image(encode(im, fmt))
+        assert out.mode == "RGB", (name, fmt)
+        assert out.size == (array.shape[1], array.shape[0]), (name, fmt)
+        if fmt in ("PNG", "BMP", "TIFF", "WEBP") and array.ndim == 3 and array.shape[2] == 3:
+            diff = np.abs(np.asarray(out, dtype=int) - array.astype(int)).mean()
+            assert diff < (6 if fmt == "WEBP" else 0.01), (name, fmt, diff)  # WebP is lossy
+
+
+def test_matplotlib_sample_files():
+    from matplotlib import cbook
+
+    jpeg = decode_image(open(cbook.get_sample_data("grace_hopper.jpg", asfileobj=False), "rb").read())
+    assert (jpeg.mode, jpeg.size) == ("RGB", (512, 600))
+    logo = decode_image(open(cbook.get_sample_data("logo2.png", asfileobj=False), "rb").read())
+    assert (logo.mode, logo.size) == ("RGB", (542, 130))
+    assert near(logo.getpixel((0, 0)), WHITE, 0)  # transparent corner composited on white
+
+
+def test_exif_orientation_is_applied():
+    stored = Image.new("RGB", (80, 40), (0, 0, 255))
+    stored.paste((255, 0, 0), (0, 0, 20, 20))  # red in the top-left corner as stored
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to display
+    out = decode_image(encode(stored, "JPEG", exif=exif.tobytes(), quality=95))
+    assert out.size == (40, 80)
+    assert near(out.getpixel((35, 5)), (255, 0, 0))  # now top-right
+    assert near(out.getpixel((5, 5)), (0, 0, 255))
+
+
+def test_broken_exif_keeps_pixels():
+    data = encode(Image.new("RGB", (30, 20), (10, 200, 10)), "JPEG", exif=b"Exif\x00\x00garbage")
+    out = decode_image(data)
+    assert out.size == (30, 20)
+
+
+def test_palette_with_transparency_on_white():
+    im = Image.new("P", (20, 10), 0)
+    im.putpalette([0, 0, 0, 255, 0, 0] + [0] * 762)
+    im.paste(1, (10, 0, 20, 10))
+    for fmt in ("PNG", "GIF"):
+        out = decode_image(encode(im, fmt, transparency=0))
+        assert out.mode == "RGB"
+        assert near(out.getpixel((2, 2)), WHITE, 0), fmt
+        assert near(out.getpixel((15, 5)), (255, 0, 0), 0), fmt
+
+
+@pytest.mark.parametrize("mode,transparent,opaque", [
+    ("RGBA", (0, 0, 0, 0), (0, 128, 255, 255)),
+    ("LA", (0, 0), (60, 255)),
+])
+def test_alpha_composited_on_white(mode, transparent, opaque):
+    im = Image.new(mode, (20, 10), transparent)
+    im.paste(opaque, (10, 0, 20, 10))
+    out = decode_image(encode(im, "PNG"))
+    assert out.mode == "RGB"
+    assert out.getpixel((2, 2)) == WHITE
+    expected = opaque[:3] if mode == "RGBA" else (opaque[0],) * 3
+    assert out.getpixel((15, 5)) == expected
+
+
+def test_half_transparent_blends_with_white():
+    out = decode_image(encode(Image.new("RGBA", (4, 4), (0, 0, 0, 128)), "PNG"))
+    assert near(out.getpixel((1, 1)), (127, 127, 127), 2)
+
+
+def test_16_bit_grayscale_keeps_contrast():
+    ramp = np.tile(np.linspace(0, 65535, 64).astype(np.uint16), (16, 1))
+    im = Image.fromarray(ramp)
+    assert im.mode.startswith("I;16")
+    out = decode_image(encode(im, "PNG"))
+    arr = np.asarray(out)
+    assert out.mode == "RGB" and arr[0, 0, 0] == 0 and arr[0, -1, 0] == 255
+    assert 120 <= arr[0, 32, 0] <= 135  # mid-grey, not clipped to white
+
+
+def test_32_bit_int_tiff():
+    ramp = np.tile(np.arange(64, dtype=np.int32) * 1000 - 5000, (8, 1))
+    out = decode_image(encode(Image.fromarray(ramp), "TIFF"))
+    arr = np.asarray(out)
+    assert out.mode == "RGB" and arr[0, 0, 0] == 0 and arr[0, -1, 0] == 255
+
+
+def test_cmyk_jpeg():
+    im = Image.new("CMYK", (16, 16), (0, 255, 255, 0))  # red in CMYK
+    out = decode_image(encode(im, "JPEG", quality=95))
+    assert out.mode == "RGB"
+    assert near(out.getpixel((8, 8)), (255, 0, 0), 40)
+
+
+def test_one_bit_and_grayscale():
+    im = Image.new("1", (16, 8), 0)
+    im.paste(1, (8, 0, 16, 8))
+    out = decode_image(encode(im, "PNG"))
+    assert out.getpixel((2, 2)) == (0, 0, 0) and out.getpixel((12, 2)) == WHITE
+    gray = decode_image(encode(Image.fromarray(photos()["camera"]), "PNG"))
+    assert gray.mode == "RGB" and gray.size == (512, 512)
+
+
+def test_animated_gif_first_frame():
+    frames = [Image.new("RGB", (24, 16), color) for color in ((255, 0, 0), (0, 255, 0), (0, 0, 255))]
+    data = encode(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=100, loop=0)
+    assert Image.open(io.BytesIO(data)).n_frames == 3
+    out = decode_image(data)
+    assert out.size == (24, 16) and near(out.getpixel((5, 5)), (255, 0, 0), 8)
+
+
+def test_multipage_tiff_first_page():
+    pages = [Image.new("RGB", (30, 20), (0, 0, 255)), Image.new("RGB", (50, 50), (255, 0, 0))]
+    data = encode(pages[0], "TIFF", save_all=True, append_images=pages[1:])
+    assert Image.open(io.BytesIO(data)).n_frames == 2
+    out = decode_image(data)
+    assert out.size == (30, 20) and out.getpixel((3, 3)) == (0, 0, 255)
+
+
+def test_truncated_files():
+    photo = Image.fromarray(photos()["astronaut"])
+    for fmt in ("JPEG", "PNG"):
+        data = encode(photo, fmt)
+        message = decode_error(data[: len(data) // 2])
+        assert message.startswith("image truncated or corrupt"), (fmt, message)
+    assert "truncated or corrupt" in decode_error(encode(photo, "JPEG")[:200])
+
+
+def test_empty_and_non_images():
+    assert decode_error(b"") == "empty file"
+    html = b"\n  <!DOCTYPE html><html><head><title>404 Not Found</title></head></html>"
+    assert decode_error(html) == "not an image (looks like HTML)"
+    assert "HTML" in decode_error(b"<html><body>moved</body></html>")
+    assert "JSON" in decode_error(b'{"error": "rate limited"}')
+    assert "text" in decode_error(b"Access denied.\n")
+    assert "PDF" in decode_error(b"%PDF-1.7\n%\xe2\xe3\xcf\xd3\n")
+    assert decode_error(bytes(range(256)) * 4).startswith("not an image (unrecognized format")
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A 1x1 PNG whose IHDR says width x height (the CRC fixed up): a bomb that costs nothing."""
+    data = bytearray(encode(Image.new("RGB", (1, 1)), "PNG"))
+    assert data[12:16] == b"IHDR"
+    data[16:24] = struct.pack(">II", width, height)
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
+    return bytes(data)
+
+
+def test_bomb_refused_from_the_header_quickly():
+    start = time.perf_counter()
+    message = decode_error(png_claiming(20000, 20000))
+    assert message.startswith("image too large: ") and "400.0 MP" in message
+    assert "--max-pixels 89.5 MP" in message
+    assert time.perf_counter() - start < 1.0
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
+def test_bomb_between_pillow_warning_and_error():
+    message = decode_error(png_claiming(12000, 10000))
+    assert message == "image too large: 12000x10000 = 120.0 MP exceeds --max-pixels 89.5 MP"
+
+
+def test_bomb_warning_raised_as_error_is_a_decode_error():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # as under python -W error
+        message = decode_error(png_claiming(12000, 10000))
+    assert message == "image too large: 120.0 MP exceeds --max-pixels 89.5 MP"
+
+
+def test_max_pixels_is_ours_not_pillows():
+    data = encode(Image.new("RGB", (200, 100), (1, 2, 3)), "PNG")
+    message = decode_error(data, max_pixels=10_000)
+    assert message == "image too large: 200x100 = 20000 pixels exceeds --max-pixels 10000 pixels"
+    assert decode_image(data, max_pixels=20_000).size == (200, 100)
+    from PIL import ImageFile
+
+    assert Image.MAX_IMAGE_PIXELS == 1024 * 1024 * 1024 // 4 // 3  # Pillow's default: nothing global set
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is False
+
+
+# --- Captioner ----------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def captioner(tiny_captioner):
+    from batchcap.models.captioner import Captioner
+
+    return Captioner(tiny_captioner, device="cpu", dtype="float32", max_new_tokens=12)
+
+
+def caption_images() -> list[Image.Image]:
+    arrays = photos()
+    rng = np.random.default_rng(1)
+    return [Image.fromarray(arrays["astronaut"]), Image.fromarray(arrays["coffee"]),
+            Image.fromarray(arrays["chelsea"]).resize((90, 60)), Image.new("RGB", (50, 40), (255, 0, 0)),
+            Image.fromarray(rng.integers(0, 255, (30, 40, 3), dtype=np.uint8))]
+
+
+def test_captioner_batch(captioner, tiny_captioner):
+    assert captioner.name == tiny_captioner
+    captions = captioner.caption(caption_images()[:3])
+    assert len(captions) == 3 and all(isinstance(c, str) and c for c in captions)
+    assert captioner.caption([]) == []
+
+
+def test_batched_equals_one_at_a_time(captioner):
+    images = caption_images()
+    batched = captioner.caption(images)
+    assert batched == [captioner.caption([im])[0] for im in images]
+    # the tiny model ends captions (EOS) at different lengths: the batch really was padded
+    assert len({len(c.split()) for c in batched}) > 1
+    assert captioner.caption_prepared([captioner.prepare(im) for im in images]) == batched
+
+
+def test_beams_and_min_new_tokens(tiny_captioner):
+    from batchcap.models.captioner import Captioner
+
+    images = caption_images()
+    beams = Captioner(tiny_captioner, device="cpu", dtype="float32", max_new_tokens=12, num_beams=2)
+    captions = beams.caption(images)
+    assert len(captions) == len(images) and captions == [beams.caption([im])[0] for im in images]
+    forced = Captioner(tiny_captioner, device="cpu", dtype="float32", max_new_tokens=8, min_new_tokens=8)
+    assert all(len(c.split()) == 8 for c in forced.caption(images))  # no EOS before 8 tokens
+
+
+def test_auto_precision_on_cpu(tiny_captioner):
+    from batchcap.models.captioner import Captioner
+
+    auto = Captioner(tiny_captioner, device="cpu", max_new_tokens=6)  # bf16 autocast where the CPU has it
+    assert str(auto.dtype) == "torch.float32"
+    assert len(auto.caption(caption_images())) == 5
+
+
+def test_prompt_is_fed_and_stripped(tiny_captioner):
+    from batchcap.models.captioner import Captioner
+
+    prompted = Captioner(tiny_captioner, device="cpu", dtype="float32", max_new_tokens=4, min_new_tokens=4,
+                         prompt="a cat")
+    captions = prompted.caption(caption_images()[:2])
+    assert all(len(c.split()) == 4 and not c.startswith("a cat") for c in captions)
+
+
+def test_load_errors_are_fatal_and_actionable(tmp_path, monkeypatch):
+    from batchcap.models.captioner import Captioner
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    with pytest.raises(FatalError) as info:
+        Captioner("nlpconnect/vit-gpt2-image-captioning-not-cached", device="cpu")
+    assert "--model" in str(info.value)
+    missing = str(tmp_path / "no-such-model")
+    with pytest.raises(FatalError) as info:
+        Captioner(missing, device="cpu")
+    assert missing in str(info.value)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FatalError, match="cannot load model"):
+        Captioner(str(tmp_path / "empty"), device="cpu")

@@ -1,0 +1,77 @@
+"""Kill a real run with SIGKILL mid-way, rerun the same command: every input exactly once."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from PIL import Image
+
+from batchcap.output import read_table
+from tests.conftest import write_audio
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _command(kind: str, inputs: str, out: str, model: str) -> list[str]:
+    return [sys.executable, "-m", "batchcap.cli", kind, inputs, "-o", out, "--model", model,
+            "--batch-size", "2", "--flush-every", "2", "--workers", "2"]
+
+
+def _kill_mid_run(cmd: list[str], out: str) -> None:
+    env = dict(os.environ, PYTHONPATH=ROOT, HF_HUB_OFFLINE="1")
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    parts = out + ".parts"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if os.path.isdir(parts) and len([p for p in os.listdir(parts) if p.endswith(".parquet")]) >= 2:
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, f"the run ended before it could be killed: {proc.stderr.read().decode()[-2000:]}"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    proc.stderr.close()
+    assert not os.path.exists(out), "the final file must not exist after a killed run"
+    assert os.path.exists(out + ".lock")  # left behind by the dead run; the next run must not be blocked by it
+
+
+def _rerun(cmd: list[str]) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=ROOT, HF_HUB_OFFLINE="1")
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("kind", ["audio", "images"])
+def test_resume_after_sigkill(kind, tmp_path, tiny_whisper, tiny_captioner):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    n = 80
+    for i in range(n):
+        if kind == "audio":
+            write_audio(folder / f"{i:03d}.wav", 1.0 + (i % 5) * 0.2, freq=200 + 10 * i)
+        else:
+            buf = io.BytesIO()
+            Image.new("RGB", (40 + i, 30), (i * 3 % 256, 90, 200)).save(buf, "PNG")
+            (folder / f"{i:03d}.png").write_bytes(buf.getvalue())
+    (folder / "broken.wav" if kind == "audio" else folder / "broken.png").write_bytes(b"\x00" * 50)
+    out = str(tmp_path / "out.parquet")
+    cmd = _command(kind, str(folder), out, tiny_whisper if kind == "audio" else tiny_captioner)
+    _kill_mid_run(cmd, out)
+    done = len(read_table(out + ".parts/" + sorted(os.listdir(out + ".parts"))[0]))
+    assert done >= 2
+
+    result = _rerun(cmd)
+    assert result.returncode == 3, result.stderr  # the broken file: rows written, some failed
+    rows = read_table(out).to_pylist()
+    assert len(rows) == n + 1 and len({r["id"] for r in rows}) == n + 1
+    assert [os.path.basename(r["source"]) for r in rows] == sorted(os.listdir(folder))
+    summary = json.loads((tmp_path / "out.summary.json").read_text())
+    assert summary["skipped_already_done"] >= done and summary["processed_this_run"] == n + 1 - summary[
+        "skipped_already_done"]
+    assert summary["status_counts"] == {"decode_error": 1, "ok": n}
+    assert not os.path.exists(out + ".parts") and not os.path.exists(out + ".lock")
