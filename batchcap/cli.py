@@ -35,6 +35,14 @@ def _setup_logging(verbose: int, quiet: bool) -> None:
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
         logging.getLogger("transformers").setLevel(logging.ERROR)
+    if quiet or not sys.stderr.isatty():  # no "Loading weights" bars in cron logs
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        try:
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()
+        except ImportError:  # pragma: no cover
+            pass
 
 
 def _fail(message: str, code: int = EXIT_FATAL) -> None:
