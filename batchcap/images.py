@@ -9,11 +9,11 @@ import re
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from batchcap.inputs import IMAGE_EXTENSIONS  # noqa: F401  (re-exported: the formats a directory walk picks)
 from batchcap.items import DECODE_ERROR, ItemError
 
 logger = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
 DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's own default bomb limit (~89.5 MP)
 
 _SNIFF = (  # lowercase prefixes (after leading whitespace) of common non-images

@@ -99,6 +99,28 @@ class Inputs:
             if is_manifest(src):
                 _peek_columns(src, self.spec)  # raises on unknown columns
 
+    def estimate(self) -> int:
+        """How many items there are, cheaply (directory walk, parquet metadata, line counts)."""
+        total = 0
+        for src in self.sources:
+            if is_url(src) or not os.path.exists(src):
+                total += 1
+            elif os.path.isdir(src):
+                total += sum(1 for dirpath, _, names in os.walk(src, followlinks=True)
+                             for name in names if name.lower().endswith(self.spec.extensions)
+                             and not name.startswith("."))
+            elif is_manifest(src) and src.lower().endswith(".parquet"):
+                import pyarrow.parquet as pq
+
+                total += pq.ParquetFile(src).metadata.num_rows
+            elif is_manifest(src):
+                with open(src, "rb") as f:
+                    lines = sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 20), b""))
+                total += max(0, lines - (0 if src.lower().endswith((".jsonl", ".ndjson")) else 1))
+            else:
+                total += 1
+        return total
+
     def __iter__(self) -> Iterator[Item]:
         seen: set[str] = set()
         index = 0

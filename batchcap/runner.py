@@ -98,7 +98,8 @@ def run_job(items: Iterable[Item], task: Task, output: str, *, fetch: FetchConfi
     skipped = 0
     with store:
         fetcher = Fetcher(fetch)
-        progress = _Progress(task.kind, config)
+        estimate = getattr(items, "estimate", None)
+        progress = _Progress(task.kind, config, total=estimate() if callable(estimate) else None)
         if config.engine == "ray":
             from .engines.ray_engine import stream_rows_ray
 
@@ -153,40 +154,39 @@ def _stream(items: Iterable[Item], task: Task, fetcher: Fetcher, done: set[str],
     in_flight: deque[Future] = deque()
     ready: list[tuple[Item, Any, int | None]] = []
 
-    with ThreadPoolExecutor(max(1, config.workers), thread_name_prefix="batchcap-load") as pool:
-        try:
-            while True:
-                while not exhausted and len(in_flight) + len(ready) < limit:
-                    item = next(source, None)
-                    if item is None:
-                        exhausted = True
-                        break
-                    order[item.id] = item.index
-                    if item.id in done:
-                        yield None
-                        continue
-                    in_flight.append(pool.submit(load_item, task, fetcher, item))
-                if not in_flight and not ready:
-                    return
+    pool = ThreadPoolExecutor(max(1, config.workers), thread_name_prefix="batchcap-load")
+    try:
+        while True:
+            while not exhausted and len(in_flight) + len(ready) < limit:
+                item = next(source, None)
+                if item is None:
+                    exhausted = True
+                    break
+                order[item.id] = item.index
+                if item.id in done:
+                    yield None
+                    continue
+                in_flight.append(pool.submit(load_item, task, fetcher, item))
+            if not in_flight and not ready:
+                return
+            finished = [f for f in in_flight if f.done()]
+            if not finished and in_flight and len(ready) < window:
+                wait(list(in_flight), return_when=FIRST_COMPLETED)
                 finished = [f for f in in_flight if f.done()]
-                if not finished and in_flight and len(ready) < window:
-                    wait(list(in_flight), return_when=FIRST_COMPLETED)
-                    finished = [f for f in in_flight if f.done()]
-                for fut in finished:
-                    in_flight.remove(fut)
-                    item, loaded, error, http_status = fut.result()
-                    if error is not None:
-                        yield _row(task, item, None, None, error, http_status)
-                    else:
-                        ready.append((item, loaded, http_status))
-                if len(ready) >= window or (ready and exhausted and not in_flight):
-                    ready.sort(key=lambda entry: task.size(entry[1]))
-                    take, ready = ready[:window], ready[window:]
-                    for start in range(0, len(take), batch_size):
-                        yield from _predict(task, take[start:start + batch_size])
-        finally:
-            for fut in in_flight:
-                fut.cancel()
+            for fut in finished:
+                in_flight.remove(fut)
+                item, loaded, error, http_status = fut.result()
+                if error is not None:
+                    yield _row(task, item, None, None, error, http_status)
+                else:
+                    ready.append((item, loaded, http_status))
+            if len(ready) >= window or (ready and exhausted and not in_flight):
+                ready.sort(key=lambda entry: task.size(entry[1]))
+                take, ready = ready[:window], ready[window:]
+                for start in range(0, len(take), batch_size):
+                    yield from _predict(task, take[start:start + batch_size])
+    finally:  # on Ctrl-C or an error, don't wait for queued downloads
+        pool.shutdown(wait=False, cancel_futures=True)
 
 
 def load_item(task: Task, fetcher: Fetcher, item: Item) -> tuple[Item, Any, ItemError | None, int | None]:
@@ -249,9 +249,10 @@ def _free_accelerator_memory() -> None:
 class _Progress:
     """A tqdm bar on a terminal, a log line every ``log_every`` seconds otherwise."""
 
-    def __init__(self, kind: str, config: RunConfig):
+    def __init__(self, kind: str, config: RunConfig, total: int | None = None):
         self.kind = kind
         self.config = config
+        self.total = total
         self.counts: Counter = Counter()
         self.skipped = 0
         self.started = self.last_log = time.monotonic()
@@ -260,7 +261,7 @@ class _Progress:
         if show_bar and not config.quiet:
             from tqdm import tqdm
 
-            self.bar = tqdm(desc=kind, unit=" items", dynamic_ncols=True, file=sys.stderr)
+            self.bar = tqdm(desc=kind, total=total, unit=" items", dynamic_ncols=True, file=sys.stderr)
 
     def update(self, status: str | None = None, skipped: bool = False) -> None:
         if skipped:
@@ -281,8 +282,9 @@ class _Progress:
         elapsed = time.monotonic() - self.started
         rate = done / elapsed if elapsed > 0 else 0.0
         failed = sum(n for s, n in self.counts.items() if s != OK)
-        log.info("%s: %d processed (%d failed), %d already done, %.2f items/s", self.kind, done, failed,
-                 self.skipped, rate)
+        of = f" of ~{self.total}" if self.total else ""
+        log.info("%s: %d processed (%d failed), %d already done%s, %.2f items/s", self.kind, done, failed,
+                 self.skipped, of, rate)
 
     def close(self) -> None:
         if self.bar is not None:

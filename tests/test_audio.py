@@ -289,7 +289,9 @@ def test_fatal_errors_are_one_line(tiny_whisper, tmp_path, clips):
     code, output = run_cli("audio", str(bad), "--path-column", "nope", "--model", tiny_whisper)
     assert code == 1 and "no column 'nope'" in output
     code, output = run_cli("audio", str(clips), "-o", str(tmp_path / "o.parquet"), "--model", "some-org/no-such-model")
-    assert code == 1 and "--model /path/to/a/local/model/dir" in output and len(output.strip().splitlines()) == 1
+    errors = [line for line in output.splitlines() if line.startswith("Error:")]
+    assert code == 1 and len(errors) == 1 and "--model /path/to/a/local/model/dir" in errors[0]
+    assert "Traceback" not in output and output.strip().splitlines()[-1] == errors[0]
     code, output = run_cli("audio", str(clips), "-o", str(tmp_path / "o.txt"), "--model", tiny_whisper)
     assert code == 1 and ".parquet or .csv" in output
     code, output = run_cli("audio", str(clips), "--batch-size", "0")
@@ -319,3 +321,31 @@ def test_rerun_skips_done_items_and_picks_up_new_ones(tiny_whisper, clips, tmp_p
     assert [r for r in second if r["id"] != str(clips / "a2.wav")] == first
     code, output = run_cli("audio", str(clips), "-o", str(out), "--model", tiny_whisper, "--overwrite")
     assert code == 0 and "4 processed, 0 already done" in output
+
+
+def test_retry_failed_redoes_only_failed_rows(tiny_whisper, clips, tmp_path):
+    manifest = tmp_path / "m.csv"
+    manifest.write_text(f"path\n{clips / 'a.wav'}\n{tmp_path / 'later.wav'}\n")
+    out = tmp_path / "out.parquet"
+    assert run_cli("audio", str(manifest), "-o", str(out), "--model", tiny_whisper)[0] == 3
+    write_audio(tmp_path / "later.wav", 1.0)
+    code, output = run_cli("audio", str(manifest), "-o", str(out), "--model", tiny_whisper)
+    assert code == 3 and "0 processed, 2 already done" in output  # plain rerun: failed rows are kept
+    code, output = run_cli("audio", str(manifest), "-o", str(out), "--model", tiny_whisper, "--retry-failed")
+    assert code == 0 and "1 processed, 1 already done" in output
+    assert [r["status"] for r in rows_of(out)] == ["ok", "ok"]
+
+
+def test_progress_total_and_cron_log_lines(tiny_whisper, clips, tmp_path, caplog):
+    from batchcap.inputs import Inputs, audio_spec
+
+    assert Inputs([str(clips), str(clips / "a.wav")], audio_spec()).estimate() == 4
+    import logging
+
+    from batchcap.runner import RunConfig, _Progress
+
+    progress = _Progress("audio", RunConfig(progress=False, log_every=0), total=4)
+    with caplog.at_level(logging.INFO, logger="batchcap"):
+        progress.update(status="ok")
+        progress.update(status="fetch_error")
+    assert "audio: 2 processed (1 failed), 0 already done of ~4" in caplog.text
