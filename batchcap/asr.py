@@ -13,7 +13,7 @@ from .audio import decode_audio
 from .fetch import FetchConfig
 from .inputs import audio_spec
 from .items import OK, Item, ItemError
-from .job import JobOptions, run_pipeline
+from .job import JobOptions, build_task, run_pipeline
 from .metrics import cer_counts, get_normalizer, load_english_spelling, wer_counts
 from .runner import RunResult
 
@@ -149,13 +149,5 @@ def transcribe(inputs: str | Sequence[str], output: str = "transcripts.parquet",
     options.update(overrides, "transcribe")
     spec = audio_spec(options.path_column, options.reference_columns, options.id_column)
     spec.reserved = AUDIO_COLUMNS
-    if transcriber is not None:
-        def make_task(with_model: bool) -> AudioTask:
-            return AudioTask(transcriber, options)
-    else:
-        make_task = functools.partial(_audio_task, options)
+    make_task = functools.partial(build_task, AudioTask, load_transcriber, options, transcriber)
     return run_pipeline(inputs, output, options, spec, make_task, group=4)
-
-
-def _audio_task(options: AudioOptions, with_model: bool) -> AudioTask:
-    return AudioTask(load_transcriber(options) if with_model else None, options)

@@ -12,7 +12,7 @@ from typing import Any
 from .images import DEFAULT_MAX_PIXELS, decode_image
 from .inputs import image_spec
 from .items import OK, Item, ItemError
-from .job import JobOptions, run_pipeline
+from .job import JobOptions, build_task, run_pipeline
 from .metrics import caption_metrics
 from .runner import RunResult
 
@@ -142,13 +142,5 @@ def caption_images(inputs: str | Sequence[str], output: str = "captions.parquet"
     options.update(overrides, "caption_images")
     spec = image_spec(options.path_column, options.reference_columns, options.id_column)
     spec.reserved = IMAGE_COLUMNS
-    if captioner is not None:
-        def make_task(with_model: bool) -> ImageTask:
-            return ImageTask(captioner, options)
-    else:
-        make_task = functools.partial(_image_task, options)
+    make_task = functools.partial(build_task, ImageTask, load_captioner, options, captioner)
     return run_pipeline(inputs, output, options, spec, make_task, group=1)
-
-
-def _image_task(options: ImageOptions, with_model: bool) -> ImageTask:
-    return ImageTask(load_captioner(options) if with_model else None, options)

@@ -51,6 +51,15 @@ class JobOptions:
                          num_gpus_per_replica=self.num_gpus_per_replica)
 
 
+def build_task(task_cls: Callable[[Any, Any], Task], load_model: Callable[[Any], Any], options: JobOptions,
+               model: Any, with_model: bool) -> Task:
+    """A job's task around ``model`` (loaded with ``load_model`` when None and wanted); the Ray
+    driver gets one without a model, only to score rows and summarize."""
+    if model is None and with_model:
+        model = load_model(options)
+    return task_cls(model, options)
+
+
 def run_pipeline(inputs: str | Sequence[str], output: str, options: JobOptions, spec: InputSpec,
                  make_task: Callable[[bool], Task], group: int) -> RunResult:
     """Check inputs and output, then run; ``make_task(with_model)`` builds the job's task.
