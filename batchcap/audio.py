@@ -52,7 +52,8 @@ def _read(data: bytes) -> tuple[np.ndarray, int]:
         samples, rate = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
         return (samples[:, 0] if samples.shape[1] == 1 else samples), int(rate)
     except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as exc:
-        first_error = str(exc)
+        # "Error opening <_io.BytesIO object at 0x...>: Format not recognised." -> "Format not recognised"
+        first_error = str(exc).rsplit(">: ", 1)[-1].rstrip(".") or type(exc).__name__
     return _read_av(data, first_error)
 
 

@@ -80,6 +80,7 @@ def test_decode_rejects_non_audio(data, status, words):
     with pytest.raises(ItemError) as err:
         decode_audio(data)
     assert err.value.status == status and words in err.value.message
+    assert " at 0x" not in err.value.message  # same input, same message: no object addresses
 
 
 def test_decode_rejects_silence_short_clips_and_nan(tmp_path):
