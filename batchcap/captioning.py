@@ -53,6 +53,7 @@ class ImageTask:
         self.images = 0
         self.started = time.time()
         self.corpus: dict[str, float] = {}
+        self.scored_rows = 0
 
     def load(self, item: Item, data: bytes) -> LoadedImage:
         image = decode_image(data, max_pixels=self.options.max_pixels)
@@ -83,23 +84,32 @@ class ImageTask:
             row["references"] = list(item.references)
         return row
 
-    def finalize_rows(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    def finalize_table(self, table: Any) -> Any:
         """Per-row BLEU-4 / ROUGE-L / CIDEr-D over the whole final set (CIDEr-D's IDF needs it)."""
-        scored = [r for r in rows if r.get("status") == OK and r.get("references")]
+        import pyarrow as pa
+
         self.corpus = {}
+        if "references" not in table.column_names:
+            return table
+        status = table.column("status").to_pylist()
+        refs = table.column("references").to_pylist()
+        captions = table.column("caption").to_pylist()
+        scored = [i for i, (s, r) in enumerate(zip(status, refs)) if s == OK and r]
         if not scored:
-            return rows
-        corpus, per_row = caption_metrics([r["caption"] or "" for r in scored],
-                                          [_as_list(r["references"]) for r in scored])
+            return table
+        corpus, per_row = caption_metrics([captions[i] or "" for i in scored], [_as_list(refs[i]) for i in scored])
         self.corpus = corpus
-        for row, scores in zip(scored, per_row):
-            for name in ROW_METRICS:
-                row[name] = round(scores[name], 6)
-        for row in rows:
-            if row.get("references") is not None:
-                for name in ROW_METRICS:
-                    row.setdefault(name, None)
-        return rows
+        self.scored_rows = len(scored)
+        for name in ROW_METRICS:
+            values: list[float | None] = [None] * table.num_rows
+            for i, scores in zip(scored, per_row):
+                values[i] = round(scores[name], 6)
+            column = pa.array(values, pa.float64())
+            if name in table.column_names:
+                table = table.set_column(table.column_names.index(name), name, column)
+            else:
+                table = table.append_column(name, column)
+        return table
 
     def summarize(self, table: Any) -> dict[str, Any]:
         wall = time.time() - self.started
@@ -107,9 +117,7 @@ class ImageTask:
                                    "images_per_s_this_run": round(self.images / wall, 3) if wall > 0 else None}
         if self.corpus:
             summary.update({name: round(value, 6) for name, value in self.corpus.items()})
-            summary["scored_rows"] = sum(1 for s, r in zip(table.column("status").to_pylist(),
-                                                             table.column("references").to_pylist())
-                                         if s == OK and r)
+            summary["scored_rows"] = self.scored_rows
         return summary
 
 

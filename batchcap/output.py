@@ -163,12 +163,13 @@ class ResultStore:
         self._buffer = []
 
     def finalize(self, order: dict[str, int] | None = None,
-                 transform: Callable[[list[dict[str, Any]]], list[dict[str, Any]]] | None = None) -> Any:
+                 transform: Callable[[Any], Any] | None = None) -> Any:
         """Merge everything into the final file atomically; return the final table.
 
         ``order`` maps ids to their position in this run's input; rows of ids no longer in the
         input keep their old relative order after those. ``transform`` may rewrite the merged
-        rows before they are written (e.g. metrics that depend on the whole set).
+        table before it is written (e.g. metrics that depend on the whole set). The merge runs in
+        Arrow, so its memory is that of the table, not of Python rows.
         """
         import pyarrow as pa
 
@@ -178,31 +179,38 @@ class ResultStore:
             table = pa.table({"id": pa.array([], pa.string())})
         else:
             table = pa.concat_tables(tables, promote_options="permissive")
-        rows = table.to_pylist()
-        latest: dict[str, dict[str, Any]] = {}
-        for position, row in enumerate(rows):  # later tables are newer: last one wins
-            row["_seq"] = position
-            latest[str(row["id"])] = row
-        order = order or {}
-        big = len(order) + len(rows)
-
-        def key(row: dict[str, Any]) -> tuple[int, int]:
-            rank = order.get(str(row["id"]))
-            return (rank, 0) if rank is not None else (big, row["_seq"])
-
-        merged = sorted(latest.values(), key=key)
-        for row in merged:
-            row.pop("_seq", None)
-            row.pop(ORDER, None)
+        final = merge_rows(table, order or {})
         if transform is not None:
-            merged = transform(merged)
-        final = rows_to_table(merged, like=table)
+            final = transform(final)
         tmp = os.path.join(os.path.dirname(self.path), f".{os.path.basename(self.path)}.{self._run}.tmp")
         write_table(final, tmp, self.format)
         _fsync(tmp)
         os.replace(tmp, self.path)
         shutil.rmtree(self.parts_dir, ignore_errors=True)
         return final
+
+
+def merge_rows(table: Any, order: dict[str, int]) -> Any:
+    """One row per id (the last one: later parts are newer), in input order, without ORDER."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    ids = table.column("id").cast(pa.string())
+    table = table.set_column(table.column_names.index("id"), "id", ids)
+    seq = pa.table({"id": ids, "_seq": np.arange(table.num_rows)})
+    last = seq.group_by("id", use_threads=False).aggregate([("_seq", "max")]).column("_seq_max")
+    table = table.take(np.sort(last.to_numpy()))  # the newest row of each id, in write order
+    ranks = pa.table({"id": pa.array(list(order), pa.string()),
+                      "_rank": pa.array(list(order.values()), pa.int64())})
+    position = pa.table({"id": table.column("id"), "_pos": np.arange(table.num_rows)})
+    joined = position.join(ranks, "id", join_type="left outer").sort_by("_pos")
+    # ids no longer in the input go after the others, keeping their relative order
+    rank = pc.coalesce(joined.column("_rank"), pc.add(joined.column("_pos"), len(order)))
+    table = table.take(pc.sort_indices(rank))
+    if ORDER in table.column_names:
+        table = table.drop_columns([ORDER])
+    return table
 
 
 def rows_to_table(rows: list[dict[str, Any]], like: Any = None) -> Any:

@@ -48,7 +48,7 @@ class Task(Protocol):
     def summarize(self, table: Any) -> dict[str, Any]:
         """Figures for the summary from the final table (all rows, this run and earlier)."""
 
-    # Optional: ``finalize_rows(rows) -> rows`` rewrites the merged rows before the final file is
+    # Optional: ``finalize_table(table) -> table`` rewrites the merged table before the final file is
     # written (per-row scores that depend on the whole set, such as CIDEr-D).
 
 
@@ -122,7 +122,7 @@ def run_job(items: Iterable[Item], task: Task, output: str, *, fetch: FetchConfi
         finally:
             progress.close()
             fetcher.close()
-        table = store.finalize(order, transform=getattr(task, "finalize_rows", None))
+        table = store.finalize(order, transform=getattr(task, "finalize_table", None))
     wall = time.time() - started
     status_counts = Counter(table.column("status").to_pylist()) if table.num_rows else Counter()
     summary: dict[str, Any] = {
