@@ -31,6 +31,13 @@ hidden and, when the factory is a ``functools.partial`` over an options dataclas
 ``device`` field (as ``batchcap.asr`` builds it), with ``device="cpu"``. That loads the model's
 weights into CPU memory once per CPU worker process: a cost of the Task protocol having no
 model-free ``load``.
+
+GPUs: a replica reserves ``--num-gpus-per-replica`` GPUs (Ray then shows it only those); with 0 it
+sees none and runs on CPU (Ray would otherwise leave every GPU visible, and each replica's
+``device="auto"`` would pile onto GPU 0). Each replica also reserves one CPU, so on a CPU-only
+machine ``--concurrency`` must stay below its core count to leave CPUs for decoding.
+
+Every Ray node needs batchcap (same version) and the model files installed: nothing is shipped.
 """
 
 from __future__ import annotations
@@ -42,6 +49,7 @@ import math
 import os
 import pickle
 import uuid
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -104,6 +112,7 @@ def stream_rows_ray(items: Iterable[Item], task_factory: Callable[[], Task], fet
     log.info("ray engine: %d model replica(s), %g GPU each, chunks of %d items", config.concurrency,
              config.num_gpus_per_replica, CHUNK_ITEMS)
     try:
+        _check_gpus(ray, config, started)
         chunk: list[Item] = []
         size = 0
         for item in items:
@@ -121,6 +130,20 @@ def stream_rows_ray(items: Iterable[Item], task_factory: Callable[[], Task], fet
     finally:
         if started:
             ray.shutdown()
+
+
+def _check_gpus(ray: Any, config: RunConfig, local: bool) -> None:
+    gpus = ray.cluster_resources().get("GPU", 0)
+    need = config.num_gpus_per_replica
+    if gpus and not need:
+        log.warning("the Ray cluster has %g GPU(s) but replicas reserve none, so models run on CPU: "
+                    "pass --num-gpus-per-replica 1 (or 0.5 for two replicas per GPU)", gpus)
+    elif need and gpus < need:
+        message = f"--num-gpus-per-replica {need:g}, but the Ray cluster has {gpus:g} GPU(s)"
+        if local:  # nothing will add GPUs to the instance this run started: it would wait forever
+            raise FatalError(f"{message} (a local Ray instance: use --num-gpus-per-replica 0 here, or "
+                             "--ray-address of a cluster with GPUs)")
+        log.warning("%s: the replicas wait until the cluster has GPUs (autoscaling)", message)
 
 
 def _run_chunk(ray: Any, chunk: list[Item], factory: Callable[[], Task], fetch_config: FetchConfig,
@@ -148,12 +171,19 @@ def _pipeline(ray: Any, chunk: list[Item], factory: Callable[[], Task], fetch_co
     ds = ray.data.from_items(records, override_num_blocks=blocks)
     ds = ds.map_batches(_load_batch, fn_args=(run, factory, fetch_config), batch_size=batch_size,
                         batch_format="numpy", num_cpus=1)
-    ds = ds.map_batches(
-        _ModelReplica, fn_constructor_args=(factory, batch_size),
+    model_stage = dict(
+        fn_constructor_args=(factory, batch_size, config.num_gpus_per_replica),
         batch_size=batch_size * max(1, config.group),  # sorted by size inside, predicted batch_size at a time
         batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=max(1, config.concurrency)),
-        num_cpus=1, num_gpus=config.num_gpus_per_replica or None,
-        max_restarts=MAX_RESTARTS, max_task_retries=MAX_TASK_RETRIES)
+        # a GPU replica gets Ray's default CPU share (num_cpus with num_gpus is "experimental" in Ray Data)
+        num_cpus=None if config.num_gpus_per_replica else 1, num_gpus=config.num_gpus_per_replica or None)
+    try:
+        with warnings.catch_warnings():  # Ray >= 2.60 calls these "ray_remote_args" deprecated, with no successor yet
+            warnings.simplefilter("ignore", DeprecationWarning)
+            ds = ds.map_batches(_ModelReplica, **model_stage, max_restarts=MAX_RESTARTS,
+                                max_task_retries=MAX_TASK_RETRIES)
+    except TypeError:  # a Ray without them: its defaults restart replicas without bound
+        ds = ds.map_batches(_ModelReplica, **model_stage)
     try:
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=1):
             for index, item_id, payload in zip(batch["index"], batch["id"], batch["row"]):
@@ -170,8 +200,8 @@ def _fatal(exc: BaseException) -> FatalError:
     current: BaseException | None = exc
     while current is not None and id(current) not in seen:
         seen.add(id(current))
-        if isinstance(current, FatalError):
-            return FatalError(str(current).strip().splitlines()[-1] if str(current).strip() else "ray engine failed")
+        if isinstance(current, FatalError) and str(current).strip():  # maybe a RayTaskError(FatalError): a traceback
+            return FatalError(str(current).strip().splitlines()[-1].split("FatalError:", 1)[-1].strip())
         current = getattr(current, "cause", None) or current.__cause__ or current.__context__
     text = str(exc).strip().splitlines()
     fatal = next((line for line in reversed(text) if "FatalError:" in line), None)
@@ -213,6 +243,7 @@ def _worker_state(run: str, factory: Callable[[], Task], fetch_config: FetchConf
             pool.shutdown(wait=False)
         _WORKER_STATE.clear()
         os.environ["CUDA_VISIBLE_DEVICES"] = ""  # Ray leaves a GPU visible to zero-GPU tasks; decoding needs none
+        _quiet_worker()
         state = (_cpu_factory(factory)(), Fetcher(fetch_config),
                  ThreadPoolExecutor(LOAD_THREADS, thread_name_prefix="batchcap-ray-load"))
         _WORKER_STATE[run] = state
@@ -254,7 +285,10 @@ def _load_batch(batch: dict[str, np.ndarray], run: str, factory: Callable[[], Ta
 class _ModelReplica:
     """A model replica: builds the task (model included) once, then turns decoded items into rows."""
 
-    def __init__(self, factory: Callable[[], Task], batch_size: int):
+    def __init__(self, factory: Callable[[], Task], batch_size: int, gpus: float):
+        _quiet_worker()
+        if not gpus:  # Ray leaves every GPU visible to a replica that reserved none: don't pile onto GPU 0
+            os.environ["CUDA_VISIBLE_DEVICES"] = ""
         self.task = factory()
         self.batch_size = batch_size
 
@@ -280,6 +314,12 @@ class _ModelReplica:
             "id": np.asarray(batch["id"], dtype=object),
             "row": _objects([rows[p] for p in positions]),
         }
+
+
+def _quiet_worker() -> None:
+    """No model-loading progress bars from every worker in the driver's log."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
 def _objects(values: list[Any]) -> np.ndarray:

@@ -1,0 +1,244 @@
+"""Scale benchmark: the local engine's memory on big manifests, and ``--engine ray`` vs local speed.
+
+1. Peak RSS of the local engine on manifests of 1,000 and 100,000 rows (by default). A fast stand-in
+   transcriber (real decoding, real AudioTask rows and WER scoring, no model) keeps it short: the
+   figure is memory, not speed. Every row points at the same short wav under a unique id. Peak RSS
+   is reported while rows stream (before the final merge) and overall: ``ResultStore.finalize``
+   reads every row back to sort the final file by input order, which is O(rows) by design.
+2. Items/s of ``--engine ray`` vs ``--engine local`` with a tiny random Whisper on short clips:
+   wall time (Ray's start-up included) and the steady rate between the first and the last row.
+
+Each measurement runs in a fresh subprocess. Linux only (/proc); part 2 needs Ray.
+
+    python scripts/bench_scale.py                      # both parts, a table on stdout
+    python scripts/bench_scale.py --rows 1000 200000 --ray-items 0 --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from typing import Any
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+log = logging.getLogger("bench_scale")
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+class _Sampler(threading.Thread):
+    """RSS every 20 ms; ``peak`` until ``stop_phase`` is called."""
+
+    def __init__(self) -> None:
+        super().__init__(daemon=True)
+        self.peak = 0.0
+        self.running = True
+
+    def run(self) -> None:
+        while self.running:
+            self.peak = max(self.peak, _rss_mb())
+            time.sleep(0.02)
+
+    def stop_phase(self) -> float:
+        self.running = False
+        self.peak = max(self.peak, _rss_mb())
+        return self.peak
+
+
+# --- part 1: memory ---------------------------------------------------------------------------
+
+class _FakePrepared:
+    __slots__ = ("duration_s",)
+
+    def __init__(self, duration_s: float):
+        self.duration_s = duration_s
+
+
+class FakeTranscriber:
+    """What AudioTask needs of a transcriber, without a model."""
+
+    name = "fake"
+    english_spelling_dir = None
+
+    def prepare(self, samples: Any) -> _FakePrepared:
+        return _FakePrepared(len(samples) / 16000)
+
+    def transcribe(self, batch: list[_FakePrepared]) -> list[dict[str, Any]]:
+        return [{"text": "hello world", "language": "en"} for _ in batch]
+
+
+def _write_manifest(path: str, rows: int, wav: str) -> None:
+    with open(path, "w") as f:
+        f.write("id,path,reference,speaker\n")
+        for i in range(rows):
+            f.write(f"utt{i:07d},{wav},hello world number {i % 97},spk{i % 13}\n")
+
+
+def memory_worker(rows: int, workdir: str) -> dict[str, Any]:
+    from batchcap.asr import AUDIO_COLUMNS, AudioOptions, AudioTask
+    from batchcap.inputs import Inputs, audio_spec
+    from batchcap.output import ResultStore
+    from batchcap.runner import RunConfig, run_job
+
+    manifest = os.path.join(workdir, f"manifest-{rows}.csv")
+    _write_manifest(manifest, rows, os.path.join(workdir, "clip.wav"))
+    base = _rss_mb()
+    sampler = _Sampler()
+    phases: dict[str, float] = {}
+    finalize = ResultStore.finalize
+
+    def timed_finalize(self: ResultStore, *args: Any, **kwargs: Any) -> Any:
+        phases["stream_peak_mb"] = sampler.stop_phase()
+        phases["stream_s"] = time.monotonic() - started
+        return finalize(self, *args, **kwargs)
+
+    ResultStore.finalize = timed_finalize  # type: ignore[method-assign]
+    spec = audio_spec()
+    spec.reserved = AUDIO_COLUMNS
+    options = AudioOptions(model="fake")
+    task = AudioTask(FakeTranscriber(), options)
+    started = time.monotonic()
+    sampler.start()
+    result = run_job(Inputs([manifest], spec), task, os.path.join(workdir, f"out-{rows}.parquet"),
+                     config=RunConfig(batch_size=16, workers=4, quiet=True), overwrite=True)
+    wall = time.monotonic() - started
+    return {"rows": result.summary["rows"], "base_mb": round(base, 1),
+            "stream_peak_mb": round(phases["stream_peak_mb"], 1), "peak_mb": round(_peak_mb(), 1),
+            "stream_s": round(phases["stream_s"], 1), "wall_s": round(wall, 1),
+            "items_per_s": round(rows / phases["stream_s"], 1)}
+
+
+# --- part 2: ray vs local ----------------------------------------------------------------------
+
+def speed_worker(engine: str, items: int, workdir: str, model: str) -> dict[str, Any]:
+    from batchcap import runner
+    from batchcap.asr import transcribe
+
+    stamps: list[float] = []
+
+    def timed(stream: Any) -> Any:
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            for row in stream(*args, **kwargs):
+                if row is not None:
+                    stamps.append(time.monotonic())
+                yield row
+        return wrapper
+
+    if engine == "ray":
+        from batchcap.engines import ray_engine
+
+        ray_engine.stream_rows_ray = timed(ray_engine.stream_rows_ray)
+    else:
+        runner._stream = timed(runner._stream)
+    manifest = os.path.join(workdir, f"speed-{items}.csv")
+    if not os.path.exists(manifest):
+        with open(manifest, "w") as f:
+            f.write("id,path\n")
+            for i in range(items):
+                f.write(f"clip{i:05d},{os.path.join(workdir, f'c{i % 8}.wav')}\n")
+    started = time.monotonic()
+    result = transcribe(manifest, os.path.join(workdir, f"speed-{engine}.parquet"), model=model, engine=engine,
+                        batch_size=16, overwrite=True, quiet=True, device="cpu")
+    wall = time.monotonic() - started
+    # rows come back a batch (ray: a block) at a time: the steady rate counts the rows after the first arrival
+    first = sum(1 for t in stamps if t - stamps[0] < 0.05) if stamps else 0
+    steady = (len(stamps) - first) / (stamps[-1] - stamps[0]) if stamps and stamps[-1] - stamps[0] > 0.05 else None
+    return {"engine": engine, "items": items, "ok": result.summary["status_counts"].get("ok", 0),
+            "wall_s": round(wall, 1), "items_per_s": round(items / wall, 2),
+            "first_row_s": round(stamps[0] - started, 1) if stamps else None,
+            "steady_items_per_s": round(steady, 2) if steady else None}
+
+
+# --- driver ------------------------------------------------------------------------------------
+
+def _sub(args: list[str]) -> dict[str, Any]:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p),
+               HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error", HF_HUB_DISABLE_PROGRESS_BARS="1")
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), *args], env=env, capture_output=True,
+                          text=True, check=False)
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(args)} failed:\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _table(rows: list[dict[str, Any]], columns: list[str]) -> str:
+    widths = [max([len(c)] + [len(str(r.get(c))) for r in rows]) for c in columns]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(columns, widths))]
+    lines += ["  ".join(str(r.get(c)).rjust(w) for c, w in zip(columns, widths)) for r in rows]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, nargs="*", default=[1000, 100_000], help="manifest sizes for part 1")
+    parser.add_argument("--ray-items", type=int, default=300, help="clips for part 2 (0: skip it)")
+    parser.add_argument("--json", default=None, help="also write the figures here")
+    parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+
+    if args.worker:  # a measurement in this fresh process; JSON on the last stdout line
+        kind, *rest = args.worker
+        logging.getLogger().setLevel(logging.WARNING)
+        if kind == "memory":
+            out = memory_worker(int(rest[0]), rest[1])
+        else:
+            out = speed_worker(rest[0], int(rest[1]), rest[2], rest[3])
+        print(json.dumps(out))
+        return
+
+    from tests.conftest import write_audio
+
+    figures: dict[str, Any] = {"cpus": os.cpu_count(), "load_avg_at_start": os.getloadavg()[0]}
+    with tempfile.TemporaryDirectory(prefix="bench_scale-") as workdir:
+        write_audio(os.path.join(workdir, "clip.wav"), 0.2)
+        memory = []
+        for rows in args.rows:
+            log.info("local engine, %d manifest rows ...", rows)
+            memory.append(_sub(["--worker", "memory", str(rows), workdir]))
+        if memory:
+            figures["memory"] = memory
+            print("\nLocal engine memory (fake model, real decode + AudioTask rows; RSS in MiB)")
+            print(_table(memory, ["rows", "base_mb", "stream_peak_mb", "peak_mb", "stream_s", "wall_s",
+                                  "items_per_s"]))
+
+        if args.ray_items:
+            from tests.tiny_whisper import make_tiny_whisper
+
+            model = make_tiny_whisper(os.path.join(workdir, "tiny-whisper"))
+            for i in range(8):
+                write_audio(os.path.join(workdir, f"c{i}.wav"), 1.0 + 0.25 * i, freq=220 + 40 * i)
+            speed = []
+            for engine in ("local", "ray"):
+                log.info("engine %s, %d clips ...", engine, args.ray_items)
+                speed.append(_sub(["--worker", "speed", engine, str(args.ray_items), workdir, model]))
+            figures["speed"] = speed
+            print(f"\nEngines, tiny Whisper on {args.ray_items} clips of 1-2.75 s, batch 16, {os.cpu_count()} CPUs")
+            print(_table(speed, ["engine", "items", "ok", "wall_s", "items_per_s", "first_row_s",
+                                 "steady_items_per_s"]))
+    figures["load_avg_at_end"] = os.getloadavg()[0]
+    print(f"\nload average: {figures['load_avg_at_start']:.1f} at start, {figures['load_avg_at_end']:.1f} at end")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(figures, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

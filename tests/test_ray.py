@@ -1,0 +1,283 @@
+"""``--engine ray`` on a local Ray instance (2 CPUs, no GPU): same rows as ``--engine local``, replicas
+that die mid-run, and a driver killed with SIGKILL then resumed. One Ray instance for the module."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from typing import Any
+
+import numpy as np
+import pytest
+import soundfile as sf
+from click.testing import CliRunner
+from PIL import Image
+
+ray = pytest.importorskip("ray")
+
+from batchcap.audio import decode_audio  # noqa: E402
+from batchcap.cli import main  # noqa: E402
+from batchcap.engines import ray_engine  # noqa: E402
+from batchcap.items import OK, FatalError, Item, ItemError  # noqa: E402
+from batchcap.output import read_table  # noqa: E402
+from batchcap.runner import RunConfig, run_job  # noqa: E402
+from tests.conftest import write_audio  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+COMPARED = ("id", "source", "status", "error", "duration_s", "text", "language", "reference", "speaker")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ray_instance() -> Any:
+    """One local Ray for every test here; workers find batchcap (and this module, pickled by value)."""
+    if ray.is_initialized():
+        ray.shutdown()
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    ray.init(num_cpus=2, object_store_memory=256 * 2**20, logging_level="WARNING",
+             runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}})
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
+
+
+def run_cli(*args: str) -> tuple[int, str]:
+    result = CliRunner().invoke(main, list(args))
+    return result.exit_code, result.output
+
+
+def comparable(rows: list[dict[str, Any]], columns: tuple[str, ...] = COMPARED) -> list[dict[str, Any]]:
+    """Rows without what differs between any two runs (object addresses in decoder messages)."""
+    out = []
+    for row in rows:
+        kept = {c: row.get(c) for c in columns}
+        if kept.get("error"):
+            kept["error"] = re.sub(r"0x[0-9a-f]+", "0x?", kept["error"])
+        out.append(kept)
+    return out
+
+
+@pytest.fixture()
+def audio_manifest(tmp_path, http_server) -> str:
+    """Clips of several lengths plus every kind of bad input, with references and a carried column."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    names = []
+    for i in range(9):
+        names.append(write_audio(folder / f"clip{i}.wav", 0.4 + 0.35 * i, freq=250 + 60 * i))
+    (folder / "corrupt.wav").write_bytes(b"RIFF\x00\x00not-audio" * 40)
+    sf.write(str(folder / "silence.wav"), np.zeros(16000, np.float32), 16000)
+    write_audio(folder / "short.wav", 0.01)
+    http_server.add("/remote.wav", open(names[2], "rb").read(), content_type="audio/wav")
+    sources = names + [str(folder / n) for n in ("corrupt.wav", "silence.wav", "short.wav", "missing.wav")] + [
+        http_server.url("/remote.wav"), http_server.url("/status/404")]
+    manifest = tmp_path / "manifest.csv"
+    lines = ["path,reference,speaker"] + [f"{s},hello world {n},spk{n % 3}" for n, s in enumerate(sources)]
+    manifest.write_text("\n".join(lines) + "\n")
+    return str(manifest)
+
+
+def test_audio_ray_matches_local(tiny_whisper, audio_manifest, tmp_path):
+    common = ["--model", tiny_whisper, "--batch-size", "3", "--retries", "0", "--workers", "2"]
+    code_local, out_local = run_cli("audio", audio_manifest, "-o", str(tmp_path / "local.parquet"), *common)
+    code_ray, out_ray = run_cli("audio", audio_manifest, "-o", str(tmp_path / "ray.parquet"), *common,
+                                "--engine", "ray", "--concurrency", "1")
+    assert code_local == code_ray == 3, out_ray  # some items failed, their rows are written
+    local, remote = read_table(str(tmp_path / "local.parquet")), read_table(str(tmp_path / "ray.parquet"))
+    assert remote.column_names == local.column_names
+    assert comparable(remote.to_pylist()) == comparable(local.to_pylist())  # same rows, same (input) order
+    statuses = [r["status"] for r in local.to_pylist()]
+    assert statuses.count(OK) == 10 and statuses.count("fetch_error") == 2 and statuses.count("empty") == 2
+    assert statuses.count("decode_error") == 1
+    summary = json.loads((tmp_path / "ray.summary.json").read_text())
+    assert summary["rows"] == 15 and summary["processed_this_run"] == 15
+
+
+def test_images_ray_matches_local(tiny_captioner, tmp_path):
+    folder = tmp_path / "img"
+    folder.mkdir()
+    for i in range(7):
+        buf = io.BytesIO()
+        Image.new("RGB", (30 + 9 * i, 20 + 5 * i), (i * 37 % 256, 200 - i * 20, 60)).save(buf, "PNG")
+        (folder / f"im{i}.png").write_bytes(buf.getvalue())
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)
+    (folder / "page.jpg").write_text("<html>not found</html>")
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("".join(json.dumps({"path": str(p), "caption": ["a red circle", "a cat"], "k": n}) + "\n"
+                                for n, p in enumerate(sorted(folder.iterdir()))))
+    common = ["--model", tiny_captioner, "--batch-size", "2", "--workers", "2"]
+    assert run_cli("images", str(manifest), "-o", str(tmp_path / "local.parquet"), *common)[0] == 3
+    code, output = run_cli("images", str(manifest), "-o", str(tmp_path / "ray.parquet"), *common, "--engine", "ray")
+    assert code == 3, output
+    columns = ("id", "source", "caption", "status", "error", "width", "height", "references", "bleu_4", "cider_d",
+               "k")
+    local = read_table(str(tmp_path / "local.parquet")).to_pylist()
+    remote = read_table(str(tmp_path / "ray.parquet")).to_pylist()
+    assert comparable(remote, columns) == comparable(local, columns)
+    assert [r["status"] for r in remote].count(OK) == 7 and all(r["caption"] for r in remote if r["status"] == OK)
+
+
+# --- replicas that die, drivers that are killed -------------------------------------------------
+
+class EchoTask:
+    """A fast stand-in model whose text names its input (so a row given to the wrong item shows).
+
+    With ``marker`` set, the replica's process dies (os._exit) on its ``kill_on``-th predict call,
+    once: the marker file records that it happened.
+    """
+
+    kind = "audio"
+    reserved_columns = ("id", "source", "text", "duration_s", "status", "error")
+
+    def __init__(self, marker: str | None = None, kill_on: int = 2):
+        self.marker = marker
+        self.kill_on = kill_on
+        self.calls = 0
+
+    def load(self, item: Item, data: bytes) -> dict[str, float]:
+        return {"duration_s": len(decode_audio(data)) / 16000}
+
+    def size(self, loaded: dict[str, float]) -> float:
+        return loaded["duration_s"]
+
+    def predict(self, batch: list[dict[str, float]]) -> list[dict[str, Any]]:
+        self.calls += 1
+        if self.marker and self.calls == self.kill_on and not os.path.exists(self.marker):
+            with open(self.marker, "w") as f:
+                f.write(str(os.getpid()))
+            os._exit(1)  # the replica's process dies mid-batch
+        return [{"text": f"{p['duration_s']:.2f}s"} for p in batch]
+
+    def row(self, item: Item, loaded: Any, result: dict[str, Any] | None, error: ItemError | None) -> dict[str, Any]:
+        return {"id": item.id, "source": item.source, "text": result["text"] if result else None,
+                "duration_s": round(loaded["duration_s"], 2) if loaded else None,
+                "status": OK if error is None else error.status, "error": error.message if error else None}
+
+    def summarize(self, table: Any) -> dict[str, Any]:
+        return {}
+
+
+class EchoFactory:
+    def __init__(self, marker: str | None = None, kill_on: int = 2):
+        self.marker = marker
+        self.kill_on = kill_on
+
+    def __call__(self) -> EchoTask:
+        return EchoTask(self.marker, self.kill_on)
+
+
+def test_killed_replica_loses_and_duplicates_nothing(tmp_path):
+    items = []
+    for i in range(24):
+        path = write_audio(tmp_path / f"c{i:02d}.wav", 0.2 + 0.05 * i)
+        items.append(Item(i, path, path))
+    items.append(Item(24, "nope", str(tmp_path / "missing.wav")))
+    marker = str(tmp_path / "killed")
+    config = RunConfig(engine="ray", batch_size=2, group=2, workers=2, quiet=True)
+    yielded: list[dict[str, Any]] = []
+    order: dict[str, int] = {}
+    for row in ray_engine.stream_rows_ray(items, EchoFactory(marker, kill_on=3), ray_engine.FetchConfig(),
+                                          set(), config, order):
+        assert row is not None
+        yielded.append(row)
+    assert os.path.exists(marker), "the replica was never killed"
+    assert sorted(r["id"] for r in yielded) == sorted(item.id for item in items)  # each item once
+    by_id = {r["id"]: r for r in yielded}
+    for i in range(24):
+        assert by_id[items[i].id]["text"] == f"{0.2 + 0.05 * i:.2f}s", by_id[items[i].id]
+    assert by_id["nope"]["status"] == "fetch_error" and by_id["nope"]["_order"] == 24
+    assert order == {item.id: item.index for item in items}
+
+    # the same through run_job: the final file has one row per item, in input order
+    result = run_job(items, EchoTask(), str(tmp_path / "out.parquet"), config=config,
+                     task_factory=EchoFactory(str(tmp_path / "killed2"), kill_on=2))
+    rows = read_table(result.output).to_pylist()
+    assert [r["id"] for r in rows] == [item.id for item in items]
+    assert os.path.exists(tmp_path / "killed2")
+
+
+def test_done_items_are_skipped_and_ray_missing_is_one_line(tmp_path, monkeypatch):
+    items = [Item(i, f"id{i}", str(tmp_path / f"x{i}.wav")) for i in range(3)]
+    order: dict[str, int] = {}
+    rows = list(ray_engine.stream_rows_ray(items, EchoFactory(), ray_engine.FetchConfig(), {"id0", "id1", "id2"},
+                                           RunConfig(engine="ray"), order))
+    assert rows == [None, None, None] and order == {"id0": 0, "id1": 1, "id2": 2}
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if Ray were not installed
+    with pytest.raises(FatalError, match=r"^the ray engine needs Ray: pip install 'batchcap\[ray\]'$"):
+        list(ray_engine.stream_rows_ray(items, EchoFactory(), ray_engine.FetchConfig(), set(), RunConfig(), {}))
+
+
+class BrokenFactory:
+    def __call__(self) -> EchoTask:
+        raise FatalError("model directory not found: /models/nope")
+
+
+def test_model_that_will_not_load_is_one_line(tmp_path):
+    path = write_audio(tmp_path / "a.wav", 0.5)
+    with pytest.raises(FatalError) as err:
+        list(ray_engine.stream_rows_ray([Item(0, path, path)], BrokenFactory(), ray_engine.FetchConfig(), set(),
+                                        RunConfig(engine="ray", quiet=True), {}))
+    assert str(err.value) == "model directory not found: /models/nope"
+
+
+def test_driver_drops_duplicate_rows_and_resends_lost_items(monkeypatch):
+    """The guard behind Ray's own retries: a row seen twice is yielded once, an item without a row is redone."""
+    sent: list[list[str]] = []
+
+    def fake_pipeline(ray_module, chunk, factory, fetch_config, config, run):
+        sent.append([item.id for item in chunk])
+        for item in chunk[:-1] if len(sent) == 1 else chunk:  # the first pass loses its last item
+            for _ in range(2):  # ... and returns every other row twice
+                yield (item.index, item.id), {"id": item.id, "status": OK}
+
+    monkeypatch.setattr(ray_engine, "_pipeline", fake_pipeline)
+    items = [Item(i, f"id{i}", f"s{i}") for i in range(5)]
+    rows = list(ray_engine._run_chunk(ray, items, EchoFactory(), ray_engine.FetchConfig(), RunConfig(), "run"))
+    assert [r["id"] for r in rows] == ["id0", "id1", "id2", "id3", "id4"]
+    assert sent == [["id0", "id1", "id2", "id3", "id4"], ["id4"]]
+
+    def losing_pipeline(ray_module, chunk, factory, fetch_config, config, run):
+        yield from ()
+
+    monkeypatch.setattr(ray_engine, "_pipeline", losing_pipeline)
+    with pytest.raises(FatalError, match="5 item"):
+        list(ray_engine._run_chunk(ray, items, EchoFactory(), ray_engine.FetchConfig(), RunConfig(), "run"))
+
+
+def test_resume_after_driver_killed(tiny_whisper, tmp_path, ray_instance):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    n = 40
+    for i in range(n):
+        write_audio(folder / f"{i:03d}.wav", 0.5 + (i % 4) * 0.25, freq=200 + 15 * i)
+    out = str(tmp_path / "out.parquet")
+    cmd = [sys.executable, "-m", "batchcap.cli", "audio", str(folder), "-o", out, "--model", tiny_whisper,
+           "--engine", "ray", "--ray-address", ray_instance, "--flush-every", "4", "--batch-size", "1"]
+    env = dict(os.environ, PYTHONPATH=ROOT, HF_HUB_OFFLINE="1")
+    proc = subprocess.Popen(cmd, env=env, cwd=str(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    parts = out + ".parts"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if os.path.isdir(parts) and any(p.endswith(".parquet") for p in os.listdir(parts)):
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, f"the run ended before it was killed: {proc.stderr.read().decode()[-3000:]}"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    proc.stderr.close()
+    assert not os.path.exists(out)
+
+    rerun = subprocess.run(cmd, env=env, cwd=str(tmp_path), capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    rows = read_table(out).to_pylist()
+    assert [os.path.basename(r["source"]) for r in rows] == sorted(os.listdir(folder))  # once each, input order
+    summary = json.loads((tmp_path / "out.summary.json").read_text())
+    assert summary["skipped_already_done"] >= 4
+    assert summary["processed_this_run"] + summary["skipped_already_done"] == n
+    assert not os.path.exists(parts)
