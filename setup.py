@@ -34,8 +34,9 @@ setup(
         "train": ["peft>=0.13", "accelerate>=1.0", "matplotlib>=3.7"],
         "ray": ["ray[data]>=2.40", "pandas>=2"],
         "bench": ["faster-whisper>=1.0", "psutil>=5"],
-        "dev": ["pytest>=8", "pytest-timeout>=2", "ruff>=0.6", "pycocoevalcap>=1.2",
-                "peft>=0.13", "accelerate>=1.0", "matplotlib>=3.7", "scikit-image>=0.22"],
+        # everything the tests exercise (the Ray engine and both fine-tunes included)
+        "dev": ["pytest>=8", "pytest-timeout>=2", "ruff>=0.6", "scikit-image>=0.22", "pycocoevalcap>=1.2",
+                "peft>=0.13", "accelerate>=1.0", "matplotlib>=3.7", "ray[data]>=2.40", "pandas>=2"],
     },
     entry_points={"console_scripts": ["batchcap=batchcap.cli:main"]},
     classifiers=[
