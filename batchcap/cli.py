@@ -217,5 +217,10 @@ def _job_options(cli: dict[str, Any], default_max_bytes: int, default_workers: i
     return cli
 
 
+from .train.cli import train  # noqa: E402
+
+main.add_command(train)
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -11,7 +11,18 @@ model's British -> American spelling map) and the same corpus WER (edit totals /
 
 RTFx = audio seconds / wall seconds, where the wall time covers reading, decoding and resampling
 the files, feature extraction and decoding, but not loading the model (reported as "load s").
-No system gets a warm-up run.
+No system gets a warm-up run; ``--repeat N`` times each N times and keeps the best. Each row notes
+how many cores' worth of CPU other processes used while its worker ran (a noisy-timing warning).
+
+Systems (all greedy, English):
+  batchcap, batchcap-fp32, batchcap-ctx   batchcap.transcribe(): dtype auto (bf16 autocast on CPUs with
+                                          native bf16, fp16 on CUDA) / float32 / auto with context_pad_s=4
+  faster-whisper-int8/-fp32/-fp16         WhisperModel(--ct2).transcribe(path) one file at a time, no VAD
+                                          (int8 is int8_float16 on CUDA; fp16 runs on CUDA only)
+  faster-whisper-batched-int8             BatchedInferencePipeline: batches the Silero-VAD chunks of ONE
+                                          file (short clips gain nothing); VAD may drop a short clip whole
+  hf-pipeline                             transformers pipeline, chunk_length_s=30, batch_size; num_beams=1
+                                          (its own default is 5); audio decoded here (no ffmpeg needed)
 """
 
 from __future__ import annotations
@@ -23,6 +34,7 @@ import math
 import os
 import platform
 import random
+import resource
 import subprocess
 import sys
 import tempfile
@@ -63,6 +75,8 @@ class Outcome:
     load_s: float | None = None
     wall_s: float | None = None
     peak_rss_mb: float | None = None
+    walls: list[float] = field(default_factory=list)  # one per --repeat; wall_s is the best
+    others_cpu: float | None = None  # cores' worth of CPU other processes used while the worker ran
     notes: list[str] = field(default_factory=list)
 
 
@@ -74,7 +88,7 @@ Runner = Callable[[list[Clip], argparse.Namespace, Outcome], None]
 
 
 class _Timed:
-    """Store the seconds the block took in ``outcome.<attr>``."""
+    """Store the seconds the block takes in ``outcome.<attr>``."""
 
     def __init__(self, outcome: Outcome, attr: str):
         self.outcome, self.attr = outcome, attr
@@ -82,8 +96,21 @@ class _Timed:
     def __enter__(self) -> None:
         self.start = time.perf_counter()
 
-    def __exit__(self, *exc: object) -> None:
-        setattr(self.outcome, self.attr, time.perf_counter() - self.start)
+    def __exit__(self, exc_type: object, *rest: object) -> None:
+        if exc_type is None:  # a failed load has no load time
+            setattr(self.outcome, self.attr, time.perf_counter() - self.start)
+
+
+def _repeat(outcome: Outcome, args: argparse.Namespace, once: Callable[[], Any]) -> Any:
+    """Run the timed part ``--repeat`` times (same model, same clips); keep the best wall time."""
+    result = None
+    for _ in range(max(1, args.repeat)):
+        start = time.perf_counter()
+        result = once()
+        _sync(args)
+        outcome.walls.append(time.perf_counter() - start)
+    outcome.wall_s = min(outcome.walls)
+    return result
 
 
 def _sync(args: argparse.Namespace) -> None:
@@ -127,15 +154,14 @@ def _batchcap(overrides: dict[str, Any]) -> Runner:
                 writer = csv.writer(handle)
                 writer.writerow(["id", "path", "reference"])
                 writer.writerows([c.id, c.path, c.reference] for c in clips)
-            with _Timed(outcome, "wall_s"):
-                result = transcribe(manifest, os.path.join(tmp, "out.parquet"), options=options,
-                                    transcriber=transcriber)
-                _sync(args)
+            result = _repeat(outcome, args, lambda: transcribe(manifest, os.path.join(tmp, "out.parquet"),
+                                                               options=options, transcriber=transcriber))
             rows = {str(r["id"]): r for r in pq.read_table(result.output).to_pylist()}
         failed = [c.id for c in clips if rows.get(c.id, {}).get("status") != "ok"]
         if failed:
             first = rows.get(failed[0], {})
-            outcome.notes.append(f"{len(failed)} failed rows ({first.get('status')}: {first.get('error')})")
+            why = f"{first.get('status')}: {first.get('error')}"
+            outcome.notes.append(f"{len(failed)} failed rows (e.g. {why[:70]})")
         outcome.texts = [(rows.get(c.id, {}).get("text") or "") for c in clips]
         _cuda_peak(args, outcome)
 
@@ -153,7 +179,8 @@ def _faster_whisper(compute_type_cpu: str, compute_type_cuda: str, batched: bool
         from faster_whisper import BatchedInferencePipeline, WhisperModel
 
         if not args.ct2 or not os.path.isdir(args.ct2):
-            raise RuntimeError(f"no CTranslate2 model directory {args.ct2!r} (pass --ct2)")
+            raise RuntimeError(f"no CTranslate2 model directory {args.ct2 or ''!r} (pass --ct2; the default is "
+                               "<models>/.dl/<name>-ct2 beside --model)")
         compute_type = compute_type_cuda if args.device == "cuda" else compute_type_cpu
         if not compute_type:
             raise RuntimeError(f"not run on {args.device}")
@@ -161,8 +188,9 @@ def _faster_whisper(compute_type_cpu: str, compute_type_cuda: str, batched: bool
             model = WhisperModel(args.ct2, device=args.device, compute_type=compute_type, cpu_threads=args.threads)
             pipe = BatchedInferencePipeline(model) if batched else None
         outcome.notes.append(f"compute_type={compute_type}")
-        texts = []
-        with _Timed(outcome, "wall_s"):
+
+        def once() -> list[str]:
+            texts = []
             for clip in clips:
                 if pipe is not None:  # batches the VAD chunks of one file; files go one at a time
                     segments, _ = pipe.transcribe(clip.path, language="en", beam_size=1, without_timestamps=True,
@@ -172,7 +200,9 @@ def _faster_whisper(compute_type_cpu: str, compute_type_cuda: str, batched: bool
                                                    condition_on_previous_text=False, vad_filter=False,
                                                    without_timestamps=True)
                 texts.append("".join(s.text for s in segments).strip())  # a lazy generator: decodes here
-        outcome.texts = texts
+            return texts
+
+        outcome.texts = _repeat(outcome, args, once)
         if batched:
             outcome.notes.append("Silero VAD chunks (onnxruntime)")
 
@@ -187,20 +217,22 @@ def _hf_pipeline(clips: list[Clip], args: argparse.Namespace, outcome: Outcome) 
     with _Timed(outcome, "load_s"):
         asr = pipeline("automatic-speech-recognition", model=args.model, device=args.device, dtype=dtype)
     generation = asr.model.generation_config
-    kwargs: dict[str, Any] = {}
+    # Greedy like the other systems: the ASR pipeline's own default is num_beams=5 (and max_new_tokens=256).
+    kwargs: dict[str, Any] = {"num_beams": 1}
     if getattr(generation, "is_multilingual", False):
-        kwargs = {"language": "en", "task": "transcribe"}
+        kwargs.update(language="en", task="transcribe")
         generation.forced_decoder_ids = None  # v4-era field that conflicts with language/task
-    outcome.notes.append(f"{str(dtype).replace('torch.', '')}, soundfile+soxr decoding")
+    outcome.notes.append(f"{str(dtype).replace('torch.', '')}; greedy; soundfile+soxr decoding")
 
     def inputs() -> Any:  # decoded lazily, inside the timed loop
         for clip in clips:
             yield {"raw": _read_audio(clip.path), "sampling_rate": SAMPLE_RATE}
 
-    with _Timed(outcome, "wall_s"):
+    def once() -> list[str]:
         results = asr(inputs(), chunk_length_s=30, batch_size=args.batch_size, generate_kwargs=kwargs)
-        outcome.texts = [r["text"].strip() for r in results]
-        _sync(args)
+        return [r["text"].strip() for r in results]
+
+    outcome.texts = _repeat(outcome, args, once)
     _cuda_peak(args, outcome)
 
 
@@ -218,8 +250,6 @@ CUDA_ONLY = {"faster-whisper-fp16"}
 
 
 def worker(args: argparse.Namespace) -> int:
-    import resource
-
     outcome = Outcome(args.worker)
     try:
         clips = [Clip(**c) for c in json.loads(Path(args.clips).read_text(encoding="utf-8"))]
@@ -280,10 +310,11 @@ def run_system(system: str, clips_file: str, args: argparse.Namespace, tmp: str)
     log = os.path.join(tmp, f"{system}.log")
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", system, "--clips", clips_file, "--result", result,
            "--model", args.model, "--ct2", args.ct2 or "", "--batch-size", str(args.batch_size),
-           "--device", args.device, "--threads", str(args.threads)]
+           "--device", args.device, "--threads", str(args.threads), "--repeat", str(args.repeat)]
     threads = str(args.threads)
     env = dict(os.environ, OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads, TOKENIZERS_PARALLELISM="false",
                HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error", PYTHONWARNINGS="ignore")
+    busy, children, started = _cpu_busy_s(), resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
     try:
         with open(log, "w", encoding="utf-8") as out:
             proc = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, env=env,
@@ -296,13 +327,30 @@ def run_system(system: str, clips_file: str, args: argparse.Namespace, tmp: str)
     else:
         tail = [line for line in Path(log).read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
         last = tail[-1].strip()[:200] if tail else ""
+        if isinstance(returncode, int) and returncode < 0:
+            returncode = f"killed by signal {-returncode}"
         outcome = Outcome(system, error=f"worker exited ({returncode}) {last}".strip())
+    elapsed = time.perf_counter() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    own = (after.ru_utime + after.ru_stime) - (children.ru_utime + children.ru_stime)
+    if busy is not None and elapsed > 0:
+        outcome.others_cpu = max(0.0, (_cpu_busy_s() - busy - own) / elapsed)
     if not outcome.ok or args.verbose:
         text = Path(log).read_text(encoding="utf-8", errors="replace").strip()
         if text:
             print(f"--- {system} worker output (last 30 lines) ---", file=sys.stderr)
             print("\n".join(text.splitlines()[-30:]), file=sys.stderr)
     return outcome
+
+
+def _cpu_busy_s() -> float | None:
+    """Seconds all CPUs have spent busy (steal included) since boot, from /proc/stat."""
+    try:
+        fields = Path("/proc/stat").read_text(encoding="utf-8").splitlines()[0].split()[1:]
+    except (OSError, IndexError):
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in fields[:8])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
 
 def score(clips: list[Clip], outcome: Outcome, normalize: Callable[[str], str]) -> dict[str, Any]:
@@ -383,6 +431,10 @@ def report(clips: list[Clip], outcomes: list[Outcome], scores: dict[str, dict[st
         wer30 = _fmt(s["wer_le30"] * 100 if s["wer_le30"] is not None else None, ".2f")
         rtfx = audio_s / o.wall_s if o.wall_s else None
         notes = list(o.notes) + ([f"{s['empty']} empty"] if s["empty"] else [])
+        if len(o.walls) > 1:
+            notes.append("best of " + "/".join(f"{w:.1f}" for w in o.walls) + " s")
+        if o.others_cpu is not None and o.others_cpu >= 0.05:
+            notes.append(f"other processes used {o.others_cpu:.1f} cores meanwhile")
         print(f"| {o.system} | {wer} | {wer30} | {_fmt(rtfx, '.1f')} | {_fmt(o.wall_s, '.1f')} | "
               f"{_fmt(o.load_s, '.1f')} | {_fmt(o.peak_rss_mb, '.0f')} | {'; '.join(notes)} |")
     if args.worst:
@@ -413,6 +465,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--systems", nargs="+", default=None, metavar="SYSTEM",
                         help=f"subset of: {', '.join(SYSTEMS)} (space or comma separated; default: all that "
                         "run on --device)")
+    parser.add_argument("--repeat", type=int, default=1, help="time the transcription N times per system "
+                        "(model loaded once) and report the best wall time")
     parser.add_argument("--json", default=None, help="write all results (transcripts included) here")
     parser.add_argument("--timeout", type=float, default=0, help="seconds per system (0: none)")
     parser.add_argument("--worst", type=int, default=3, help="list each system's N worst clips (0: none)")

@@ -172,6 +172,13 @@ def zip_items(items: Iterator[Item], pool: ThreadPoolExecutor, work: Callable[[I
         yield item, future.result()
 
 
+def check_inputs(spec: InputSpec, manifest: str, val_manifest: str | None = None) -> None:
+    """Fail early (before any model loads) on a manifest that is missing or whose columns are unknown."""
+    Inputs([manifest], spec).check()
+    if val_manifest:
+        Inputs([val_manifest], spec).check()
+
+
 def split_examples(examples: Sequence[Example], val_fraction: float,
                    seed: int) -> tuple[list[Example], list[Example]]:
     """(train, validation): a seeded random ``val_fraction`` of the items for validation.
