@@ -14,6 +14,14 @@ from .output import output_format
 from .runner import RunConfig, RunResult, Task, run_job
 
 
+def apply_overrides(options: Any, overrides: dict[str, Any], caller: str) -> None:
+    """Set keyword overrides on an options dataclass; an unknown name is the caller's TypeError."""
+    for key, value in overrides.items():
+        if not hasattr(options, key):
+            raise TypeError(f"{caller}() got an unexpected option {key!r}")
+        setattr(options, key, value)
+
+
 @dataclass
 class JobOptions:
     """Options of every job; AudioOptions and ImageOptions add their model's."""
@@ -39,10 +47,7 @@ class JobOptions:
     progress: bool | None = None
 
     def update(self, overrides: dict[str, Any], caller: str) -> None:
-        for key, value in overrides.items():
-            if not hasattr(self, key):
-                raise TypeError(f"{caller}() got an unexpected option {key!r}")
-            setattr(self, key, value)
+        apply_overrides(self, overrides, caller)
 
     def run_config(self, group: int) -> RunConfig:
         return RunConfig(batch_size=self.batch_size, workers=self.workers, group=group, quiet=self.quiet,

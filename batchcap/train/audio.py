@@ -40,6 +40,7 @@ from ..audio import SAMPLE_RATE, decode_audio
 from ..fetch import FetchConfig
 from ..inputs import audio_spec
 from ..items import FatalError, Item, ItemError
+from ..job import apply_overrides
 from ..metrics import ErrorRate, get_normalizer, load_english_spelling, wer_counts
 from ..models.common import load_error_message, resolve_device
 from .common import (
@@ -351,10 +352,7 @@ def train_audio(manifest: str, out_dir: str, options: AudioTrainOptions | None =
     from transformers.trainer_utils import get_last_checkpoint
 
     opts = options or AudioTrainOptions()
-    for key, value in overrides.items():
-        if not hasattr(opts, key):
-            raise TypeError(f"train_audio() got an unknown option {key!r}")
-        setattr(opts, key, value)
+    apply_overrides(opts, overrides, "train_audio")
     started = time.time()
     device = resolve_device(opts.device)
     if device.type not in ("cpu", "cuda"):

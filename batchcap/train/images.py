@@ -32,6 +32,7 @@ from ..fetch import FetchConfig
 from ..images import decode_image
 from ..inputs import image_spec
 from ..items import FatalError, Item
+from ..job import apply_overrides
 from ..metrics import caption_metrics
 from ..models.common import load_error_message, resolve_device
 from .common import (
@@ -371,10 +372,7 @@ def train_images(manifest: str, out_dir: str, options: ImageTrainOptions | None 
     import torch
 
     opts = options or ImageTrainOptions()
-    for key, value in overrides.items():
-        if not hasattr(opts, key):
-            raise TypeError(f"train_images() got an unknown option {key!r}")
-        setattr(opts, key, value)
+    apply_overrides(opts, overrides, "train_images")
     if opts.best_metric not in BEST_METRICS:
         raise FatalError(f"unknown --best-metric {opts.best_metric!r} (use {', '.join(BEST_METRICS)})")
     started = time.time()
