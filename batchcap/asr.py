@@ -30,7 +30,8 @@ class AudioOptions(JobOptions):
     language: str | None = None
     task: str = "transcribe"
     max_new_tokens: int | None = None
-    context_pad_s: float | None = None  # seconds of encoder padding after a clip; None: Whisper's 30 s window
+    full_window: bool = False  # run the encoder over all 30 s for every clip (exact, slower)
+    window_margin_s: float = 1.0  # otherwise: the encoder computes the clip plus this much padding
     normalize: str = "auto"  # auto | whisper | basic | none
     min_duration: float = 0.1
     silence_dbfs: float = -60.0
@@ -134,7 +135,8 @@ def load_transcriber(options: AudioOptions) -> Any:
 
     return WhisperTranscriber(options.model, device=options.device, dtype=options.dtype,
                               language=options.language, task=options.task, num_beams=options.num_beams,
-                              max_new_tokens=options.max_new_tokens, context_pad_s=options.context_pad_s)
+                              max_new_tokens=options.max_new_tokens, full_window=options.full_window,
+                              window_margin_s=options.window_margin_s)
 
 
 def transcribe(inputs: str | Sequence[str], output: str = "transcripts.parquet", *,

@@ -158,15 +158,18 @@ def main() -> None:
               show_default=True,
               help="Text normalization before WER: Whisper's English normalizer (auto for English), "
                    "a basic one for other languages, or none.")
-@click.option("--context-pad", type=click.FloatRange(0), default=None,
-              help="Experimental: run the encoder on the clip plus this many seconds instead of Whisper's "
-                   "30 s window (faster on short clips; see the README for its accuracy cost).")
+@click.option("--full-window", is_flag=True,
+              help="Run Whisper's encoder over its whole 30 s window for every clip, exactly as transformers "
+                   "and openai-whisper do (slower). By default a clip's encoder computes the clip plus "
+                   "--window-margin seconds and takes the rest of the window from a cached silent one.")
+@click.option("--window-margin", type=click.FloatRange(0.1, 30), default=1.0, show_default=True,
+              help="Seconds of padding after each clip that the encoder computes (without --full-window).")
 @click.option("--min-duration", type=click.FloatRange(0), default=0.1, show_default=True,
               help="Clips shorter than this (seconds) get status 'empty'.")
 @click.option("--silence-threshold", type=float, default=-60.0, show_default=True,
               help="Clips whose peak is below this (dBFS) get status 'empty'.")
-def audio(inputs: tuple[str, ...], output: str | None, context_pad: float | None, silence_threshold: float,
-          **options: Any) -> None:
+def audio(inputs: tuple[str, ...], output: str | None, full_window: bool, window_margin: float,
+          silence_threshold: float, **options: Any) -> None:
     """Transcribe every recording of INPUT... with Whisper.
 
     INPUT: directories (searched recursively for audio files), audio files, http(s) URLs, or
@@ -175,7 +178,7 @@ def audio(inputs: tuple[str, ...], output: str | None, context_pad: float | None
     """
     from .asr import AudioOptions, transcribe
 
-    opts = AudioOptions(context_pad_s=context_pad, silence_dbfs=silence_threshold,
+    opts = AudioOptions(full_window=full_window, window_margin_s=window_margin, silence_dbfs=silence_threshold,
                         **_job_options(options, default_max_bytes=2 * 2**30, default_workers=4))
     _run(functools.partial(transcribe, list(inputs), output or "transcripts.parquet", options=opts), opts.quiet)
 

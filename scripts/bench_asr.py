@@ -15,8 +15,10 @@ No system gets a warm-up run; ``--repeat N`` times each N times and keeps the be
 how many cores' worth of CPU other processes used while its worker ran (a noisy-timing warning).
 
 Systems (all greedy, English):
-  batchcap, batchcap-fp32, batchcap-ctx   batchcap.transcribe(): dtype auto (bf16 autocast on CPUs with
-                                          native bf16, fp16 on CUDA) / float32 / auto with context_pad_s=4
+  batchcap, batchcap-fp32                 batchcap.transcribe(): dtype auto (bf16 autocast on CPUs with
+                                          native bf16, fp16 on CUDA) / float32; the encoder computes the clip
+                                          + 1 s, the rest of the window comes from a cached silent window
+  batchcap-full, batchcap-full-fp32       the same with full_window=True: the stock encoder over 30 s
   faster-whisper-int8/-fp32/-fp16         WhisperModel(--ct2).transcribe(path) one file at a time, no VAD
                                           (int8 is int8_float16 on CUDA; fp16 runs on CUDA only)
   faster-whisper-batched-int8             BatchedInferencePipeline: batches the Silero-VAD chunks of ONE
@@ -146,8 +148,7 @@ def _batchcap(overrides: dict[str, Any]) -> Runner:
         if transcriber.autocast is not None:
             precision += f" weights, {str(transcriber.autocast).replace('torch.', '')} autocast"
         outcome.notes.append(precision)
-        if options.context_pad_s is not None:
-            outcome.notes.append(f"context_pad_s={options.context_pad_s:g}")
+        outcome.notes.append("full 30 s window" if options.full_window else "live window + cached silence")
         with tempfile.TemporaryDirectory(prefix="bench-batchcap-") as tmp:
             manifest = os.path.join(tmp, "manifest.csv")
             with open(manifest, "w", newline="", encoding="utf-8") as handle:
@@ -239,7 +240,8 @@ def _hf_pipeline(clips: list[Clip], args: argparse.Namespace, outcome: Outcome) 
 SYSTEMS: dict[str, Runner] = {
     "batchcap": _batchcap({}),
     "batchcap-fp32": _batchcap({"dtype": "float32"}),
-    "batchcap-ctx": _batchcap({"context_pad_s": 4.0}),
+    "batchcap-full": _batchcap({"full_window": True}),
+    "batchcap-full-fp32": _batchcap({"full_window": True, "dtype": "float32"}),
     "faster-whisper-int8": _faster_whisper("int8", "int8_float16"),
     "faster-whisper-fp32": _faster_whisper("float32", "float32"),
     "faster-whisper-fp16": _faster_whisper("", "float16"),
@@ -419,12 +421,14 @@ def report(clips: list[Clip], outcomes: list[Outcome], scores: dict[str, dict[st
     print(f"{len(clips)} clips, {audio_s / 60:.2f} audio minutes (longest {longest.duration_s:.1f} s; {n_short} clips "
           f"<= {LONG_S:g} s)" + (f", --limit {args.limit} (seed {args.seed})" if args.limit else ""))
     print()
-    print(f"| system | WER % | WER % (<= {LONG_S:g} s) | RTFx | wall s | load s | peak RSS MB | notes |")
-    print("|---|---:|---:|---:|---:|---:|---:|---|")
+    base = next((o for o in outcomes if o.ok and o.system == args.agree_with), None)
+    agree_head = f"same text as {base.system} %" if base else "same text %"
+    print(f"| system | WER % | WER % (<= {LONG_S:g} s) | RTFx | wall s | load s | peak RSS MB | {agree_head} | notes |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---|")
     for o in outcomes:
         if not o.ok:
             rss = _fmt(o.peak_rss_mb, ".0f")
-            print(f"| {o.system} | - | - | - | - | {_fmt(o.load_s, '.1f')} | {rss} | FAILED: {o.error} |")
+            print(f"| {o.system} | - | - | - | - | {_fmt(o.load_s, '.1f')} | {rss} | - | FAILED: {o.error} |")
             continue
         s = scores[o.system]
         wer = _fmt(s["wer"] * 100 if s["wer"] is not None else None, ".2f")
@@ -435,8 +439,11 @@ def report(clips: list[Clip], outcomes: list[Outcome], scores: dict[str, dict[st
             notes.append("best of " + "/".join(f"{w:.1f}" for w in o.walls) + " s")
         if o.others_cpu is not None and o.others_cpu >= 0.05:
             notes.append(f"other processes used {o.others_cpu:.1f} cores meanwhile")
+        same = None
+        if base is not None:
+            same = 100 * sum(a.strip() == b.strip() for a, b in zip(o.texts, base.texts)) / len(clips)
         print(f"| {o.system} | {wer} | {wer30} | {_fmt(rtfx, '.1f')} | {_fmt(o.wall_s, '.1f')} | "
-              f"{_fmt(o.load_s, '.1f')} | {_fmt(o.peak_rss_mb, '.0f')} | {'; '.join(notes)} |")
+              f"{_fmt(o.load_s, '.1f')} | {_fmt(o.peak_rss_mb, '.0f')} | {_fmt(same, '.1f')} | {'; '.join(notes)} |")
     if args.worst:
         print()
         print(f"clips with the most word errors (errors / reference words, duration), top {args.worst} per system:")
@@ -469,6 +476,8 @@ def main(argv: list[str] | None = None) -> int:
                         "(model loaded once) and report the best wall time")
     parser.add_argument("--json", default=None, help="write all results (transcripts included) here")
     parser.add_argument("--timeout", type=float, default=0, help="seconds per system (0: none)")
+    parser.add_argument("--agree-with", default="batchcap-full", metavar="SYSTEM",
+                        help="report the share of clips whose transcript is identical to this system's")
     parser.add_argument("--worst", type=int, default=3, help="list each system's N worst clips (0: none)")
     parser.add_argument("--verbose", action="store_true", help="print every worker's output")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)

@@ -23,11 +23,10 @@ Systems (``--systems`` takes names or prefixes of names):
 - ``pipeline-b8-greedy`` / ``pipeline-b8-beam4``: the patched pipeline, ``batch_size=8``.
 - ``batchcap-fp32-*`` and ``batchcap-bf16-*`` (``--dtype auto``: bf16 autocast on a CPU with native
   bf16, fp16 weights on CUDA, then named ``batchcap-fp16-*``) through ``batchcap.caption_images``.
-- ``proto-fp32-beam4`` / ``proto-bf16-beam4``: batchcap with a prototype fix for beam search (the
-  cross-attention cache is not reordered after every step; see :func:`_share_cross_cache`), applied
-  from this script to its own Captioner instance: batchcap/ itself is unchanged.
-- ``proto-bf16w-greedy`` / ``proto-bf16w-beam4`` (CPU only): the same, with the weights in bf16
-  instead of fp32 weights + bf16 autocast (see :func:`_bf16_weights`).
+- ``stockcache-fp32-beam4`` / ``stockcache-bf16-beam4``: batchcap with transformers' own beam search
+  cache (``share_cross_attention=False``), to show what sharing the cross-attention K/V saves.
+- ``bf16w-greedy`` / ``bf16w-beam4`` (CPU only): batchcap with bf16 weights instead of fp32 weights +
+  bf16 autocast (see :func:`load_bf16_weights`).
 - ``url-local`` / ``url-http`` / ``fetch-only``: ``--url-images`` items (the photos cycled) from local
   files and from a loopback HTTP server answering each request after ``--latency`` seconds, through
   ``caption_images`` with the auto dtype, greedy; ``fetch-only`` is batchcap's Fetcher alone (16 threads).
@@ -238,7 +237,7 @@ def make_images(folder: Path, count: int) -> list[Path]:
 @dataclass
 class System:
     name: str
-    kind: str  # seed | pipeline-stock | pipeline | batchcap | proto | url-local | url-http | fetch
+    kind: str  # seed | pipeline-stock | pipeline | batchcap | stock-cache | bf16w | url-local | url-http | fetch
     beams: int = 1
     dtype: str = "auto"
     batch: int = 1
@@ -456,65 +455,36 @@ def run_batchcap(ctx: Context, system: System, r: int) -> dict[int, str]:
             for row in _caption(ctx, system, ctx.dirs[r])}
 
 
-# --- prototype of a fix for batchcap's beam search (not in batchcap/ yet) ----------------------------------
+# --- variants: transformers' own beam cache, bf16 weights ----------------------------------------------
 
-def _share_cross_cache(captioner: Any) -> None:
-    """Beam search without reordering the cross-attention cache: what Captioner._generate could do.
-
-    transformers' beam search calls ``EncoderDecoderCache.reorder_cache(beam_idx)`` after every step,
-    which ``index_select``s the self- AND the cross-attention K/V of every layer. The cross-attention
-    K/V (batch*beams x 12 heads x 197 patches x 64, 24 tensors) are the same for every beam of one image
-    and ``beam_idx`` only permutes beams within an image, so that copy changes nothing; on this CPU it
-    was most of the time of a beam-4 generate. Passing ``cache`` (``past_key_values``) of this subclass to
-    ``generate`` skips it (identical outputs).
-    """
-    from transformers.cache_utils import DynamicCache, EncoderDecoderCache
-    from transformers.generation import utils as generation_utils
-
-    # transformers >= 5.2x names generate's cache argument ``cache`` (``past_key_values`` is deprecated)
-    key = "cache" if "cache" in getattr(generation_utils, "ALL_CACHE_NAMES", ()) else "past_key_values"
-
-    class BeamSharedCrossCache(EncoderDecoderCache):
-        def reorder_cache(self, beam_idx: Any) -> None:
-            self.self_attention_cache.reorder_cache(beam_idx)
-
-    generate = captioner.model.generate
-
-    def patched(*args: Any, **kwargs: Any) -> Any:
-        if kwargs.get("num_beams", 1) > 1 and kwargs.get(key) is None:
-            kwargs[key] = BeamSharedCrossCache(DynamicCache(), DynamicCache())
-        return generate(*args, **kwargs)
-
-    captioner.model.generate = patched
-
-
-def _bf16_weights(captioner: Any) -> None:
-    """bf16 weights instead of fp32 weights + bf16 autocast (CPU): no per-op casts, half the bytes per decode step."""
-    import torch
-
-    captioner.model.to(torch.bfloat16)
-    captioner.dtype, captioner.autocast = torch.bfloat16, None
-
-
-def load_proto(ctx: Context, system: System, out: Outcome) -> Any:
+def load_stock_cache(ctx: Context, system: System, out: Outcome) -> Any:
+    """batchcap with ``share_cross_attention=False``: generate's own beam search cache, which projects
+    the encoder states for every beam and copies the cross-attention K/V after every step."""
     from batchcap.captioning import load_captioner
 
-    bf16_weights = system.dtype == "bf16-weights"
-    system.dtype = "float32" if bf16_weights else system.dtype
+    captioner = ctx.shared(f"stock-cache-{system.dtype}", system, lambda: load_captioner(_options(ctx, system)), out)
+    captioner.share_cross_attention = False
+    out.notes.insert(0, str(captioner.dtype).removeprefix("torch.")
+                     + (" + bf16 autocast" if captioner.autocast is not None else ""))
+    out.notes.append("transformers' beam cache (share_cross_attention=False)")
+    return captioner
+
+
+def load_bf16_weights(ctx: Context, system: System, out: Outcome) -> Any:
+    """bf16 weights instead of fp32 weights + bf16 autocast (CPU): no per-op casts, half the bytes per
+    decode step, but norms and softmax in bf16 too. A candidate for ``--dtype auto`` on CPUs."""
+    import torch
+
+    from batchcap.captioning import load_captioner
 
     def load() -> Any:
         captioner = load_captioner(_options(ctx, system))
-        if bf16_weights:
-            _bf16_weights(captioner)
-        _share_cross_cache(captioner)
+        captioner.model.to(torch.bfloat16)
+        captioner.dtype, captioner.autocast = torch.bfloat16, None
         return captioner
 
-    captioner = ctx.shared(f"proto-{system.dtype}-{bf16_weights}", system, load, out)
-    precision = str(captioner.dtype).removeprefix("torch.")
-    out.notes.insert(0, precision + (" + bf16 autocast" if captioner.autocast is not None else "")
-                     + (" weights" if bf16_weights else ""))
-    out.notes.append("batchcap + cross-attention cache not reordered" + (" + bf16 weights" if bf16_weights else "")
-                     + " (prototype fix)")
+    captioner = ctx.shared("bf16-weights", system, load, out)
+    out.notes.insert(0, "bfloat16 weights")
     return captioner
 
 
@@ -594,9 +564,11 @@ def run_fetch(ctx: Context, system: System, r: int) -> dict[int, str]:
 
 
 LOADERS = {"seed": load_seed, "pipeline-stock": load_pipeline_stock, "pipeline": load_pipeline,
-           "batchcap": load_batchcap, "proto": load_proto, "url-local": load_url, "url-http": load_url,
+           "batchcap": load_batchcap, "stock-cache": load_stock_cache, "bf16w": load_bf16_weights,
+           "url-local": load_url, "url-http": load_url,
            "fetch": load_fetch}
-RUNNERS = {"seed": run_seed, "pipeline": run_pipeline, "batchcap": run_batchcap, "proto": run_batchcap,
+RUNNERS = {"seed": run_seed, "pipeline": run_pipeline, "batchcap": run_batchcap, "stock-cache": run_batchcap,
+           "bf16w": run_batchcap,
            "url-local": run_url, "url-http": run_url, "fetch": run_fetch}
 
 
@@ -614,9 +586,9 @@ def all_systems(args: argparse.Namespace) -> list[System]:
                 systems.append(System(f"batchcap-{label}-{_beam_name(beams)}{suffix}", "batchcap", beams, dtype,
                                       size))
     for dtype, label in (("float32", "fp32"), ("auto", auto)):
-        systems.append(System(f"proto-{label}-beam4", "proto", 4, dtype, sizes[-1]))
+        systems.append(System(f"stockcache-{label}-beam4", "stock-cache", 4, dtype, sizes[-1]))
     if args.device == "cpu":  # on CUDA, auto already means fp16 weights
-        systems += [System(f"proto-bf16w-{_beam_name(b)}", "proto", b, "bf16-weights", sizes[-1]) for b in (1, 4)]
+        systems += [System(f"bf16w-{_beam_name(b)}", "bf16w", b, "float32", sizes[-1]) for b in (1, 4)]
     systems += [System("url-local", "url-local", 1, "auto", sizes[-1]),
                 System("url-http", "url-http", 1, "auto", sizes[-1]), System("fetch-only", "fetch", 0, batch=0)]
     return systems
@@ -731,11 +703,11 @@ def agreements(outcomes: list[Outcome], tokenizer: Any) -> list[dict[str, Any]]:
     for name in ok:  # reduced precision vs fp32 at the same beams and batch
         if name.startswith("batchcap-") and not name.startswith("batchcap-fp32-"):
             pairs.append(("batchcap-fp32-" + name.split("-", 2)[2], name))
-    for name in ok:  # the cache fix must not change a caption; bf16 weights are compared with fp32
-        if name.startswith("proto-bf16w-"):
-            pairs.append(("batchcap-fp32-" + name.removeprefix("proto-bf16w-"), name))
-        elif name.startswith("proto-"):
-            pairs.append(("batchcap-" + name.removeprefix("proto-"), name))
+    for name in ok:  # the shared cross-attention must not change a caption; bf16 weights are compared with fp32
+        if name.startswith("bf16w-"):
+            pairs.append(("batchcap-fp32-" + name.removeprefix("bf16w-"), name))
+        elif name.startswith("stockcache-"):
+            pairs.append(("batchcap-" + name.removeprefix("stockcache-"), name))
     for beams in ("greedy", "beam4"):  # batchcap and the pipeline compute what the seed loop does
         ref = f"seed-loop-{beams}"
         pairs += [(ref, n) for n in ok if n.startswith(("batchcap-fp32-", "pipeline-b")) and f"-{beams}" in n]
@@ -754,7 +726,8 @@ def table(outcomes: list[Outcome]) -> str:
     for o in outcomes:
         rate = o.median_rate
         vs_ref = rate / ref.median_rate if rate and ref else None
-        pipe = pipes.get(o.beams) if o.system.startswith(("batchcap", "pipeline", "seed", "proto")) else None
+        model_run = o.system.startswith(("batchcap", "pipeline", "seed", "stockcache", "bf16w"))
+        pipe = pipes.get(o.beams) if model_run else None
         vs_pipe = rate / pipe.median_rate if rate and pipe else None
         notes = "; ".join(o.notes) if o.ok else f"FAILED: {o.error}"
         lines.append(f"| {o.system} | {o.beams or '-'} | {o.batch or '-'} | {o.images} | {_fmt(rate)} | "

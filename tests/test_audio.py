@@ -241,43 +241,109 @@ def test_long_recording_is_transcribed_in_full(tiny_whisper, tmp_path):
 
     write_audio(tmp_path / "long.wav", 45.0)
     write_audio(tmp_path / "short.wav", 2.0)
-    transcriber = load_transcriber(AudioOptions(model=tiny_whisper, context_pad_s=2.0))
+    transcriber = load_transcriber(AudioOptions(model=tiny_whisper))
     seen: list[tuple] = []
-    generate = transcriber.model.generate
+    generate, live = transcriber.model.generate, transcriber.live_encoder
 
     def recording_generate(*args, **kwargs):
         feats = kwargs.get("input_features")
         seen.append(tuple(feats.shape) if feats is not None else ("encoder", kwargs["encoder_outputs"][0].shape[1]))
         return generate(*args, **kwargs)
 
+    class RecordingLive:
+        def __call__(self, features, pad_values):
+            seen.append(("live", features.shape[-1]))
+            return live(features, pad_values)
+
     transcriber.model.generate = recording_generate
+    transcriber.live_encoder = RecordingLive()
     result = transcribe([str(tmp_path)], str(tmp_path / "out.parquet"), transcriber=transcriber, quiet=True)
     rows = rows_of(result.output)
     assert [r["duration_s"] for r in rows] == [45.0, 2.0] and {r["status"] for r in rows} == {"ok"}
     assert (1, 80, 4500) in seen  # all 45 s of features reach long-form generate
-    assert ("encoder", 200) in seen  # the 2 s clip: 2 s + 2 s padding -> 400 frames -> 200 encoder positions
+    # the 2 s clip: its encoder computes 2 s + 1 s margin = 300 frames; the decoder sees all 1,500 positions
+    assert ("live", 300) in seen and ("encoder", 1500) in seen
 
 
-def test_default_is_whisper_full_window(tiny_whisper):
+def test_full_window_option(tiny_whisper, clips, tmp_path):
     from batchcap.asr import AudioOptions, load_transcriber
 
-    transcriber = load_transcriber(AudioOptions(model=tiny_whisper))
+    transcriber = load_transcriber(AudioOptions(model=tiny_whisper, full_window=True))
     assert transcriber.prepare(tone(2.0)).features.shape == (80, 3000)
+    code, output = run_cli("audio", str(clips), "-o", str(tmp_path / "o.parquet"), "--model", tiny_whisper,
+                           "--full-window")
+    assert code == 0, output
+    assert {r["status"] for r in rows_of(tmp_path / "o.parquet")} == {"ok"}
+    code, output = run_cli("audio", str(clips), "--model", tiny_whisper, "--window-margin", "0")
+    assert code == 2 and "--window-margin" in output
 
 
-def test_trimmed_window_matches_full_window_features(tiny_whisper):
-    """The trimmed window's frames equal the first frames of Whisper's 30 s features."""
+def test_live_window_features_match_full_window_features(tiny_whisper):
+    """The live window's frames equal the first frames of Whisper's 30 s features, and its padding
+    value is what Whisper computes for zero samples."""
     from batchcap.asr import AudioOptions, load_transcriber
 
-    transcriber = load_transcriber(AudioOptions(model=tiny_whisper, context_pad_s=2.0))
+    transcriber = load_transcriber(AudioOptions(model=tiny_whisper, window_margin_s=1.0))
     samples = tone(3.2)
-    trimmed = transcriber.prepare(samples).features
+    prepared = transcriber.prepare(samples)
     full = transcriber.feature_extractor(samples, sampling_rate=16000, return_tensors="np").input_features[0]
-    assert trimmed.shape == (80, 600)
-    np.testing.assert_allclose(trimmed[:, :500], full[:, :500], atol=1e-5)
-    # the batch padding value equals what Whisper computes for zero samples
-    padded = transcriber._pad_stack([trimmed, full]).numpy()[0]
-    np.testing.assert_allclose(padded[:, 600:], full[:, 600:], atol=1e-5)
+    assert prepared.features.shape == (80, 450)  # 3.2 s + 1 s, rounded up to half seconds
+    np.testing.assert_allclose(prepared.features, full[:, :450], atol=1e-5)
+    assert prepared.pad_value == pytest.approx(float(full[0, -1]), abs=1e-6)
+    padded = transcriber._pad_stack([prepared.features, full]).numpy()[0]
+    np.testing.assert_allclose(padded[:, 450:], full[:, 450:], atol=1e-5)
+
+
+def _stock_encoder(transcriber, features):
+    import torch
+
+    with torch.inference_mode():
+        return transcriber.model.get_encoder()(torch.as_tensor(features)).last_hidden_state
+
+
+def test_live_window_encoder_is_whispers_encoder(tiny_whisper):
+    """Over the whole window the live encoder computes exactly what transformers' encoder does; its
+    cached silent window is the encoder's output for a window of padding."""
+    import torch
+
+    from batchcap.asr import AudioOptions, load_transcriber
+
+    transcriber = load_transcriber(AudioOptions(model=tiny_whisper, dtype="float32"))
+    live = transcriber.live_encoder
+    samples = tone(5.0)
+    full = transcriber.feature_extractor(samples, sampling_rate=16000, return_tensors="np").input_features
+    pad_value = float(full.min())
+    with torch.inference_mode():
+        whole = live(torch.from_numpy(full), [pad_value])
+        silence = live.silence(pad_value).states
+    torch.testing.assert_close(whole, _stock_encoder(transcriber, full), atol=1e-5, rtol=1e-5)
+    flat = np.full((1, 80, 3000), live.key(pad_value), dtype=np.float32)
+    torch.testing.assert_close(silence, _stock_encoder(transcriber, flat)[0], atol=1e-5, rtol=1e-5)
+
+
+def test_live_window_takes_the_tail_from_the_cache(tiny_whisper):
+    import torch
+
+    from batchcap.asr import AudioOptions, load_transcriber
+
+    transcriber = load_transcriber(AudioOptions(model=tiny_whisper, dtype="float32"))
+    live = transcriber.live_encoder
+    quiet, loud = transcriber.prepare(tone(2.0, amp=0.01)), transcriber.prepare(tone(1.0, amp=0.9))
+    assert live.key(quiet.pad_value) != live.key(loud.pad_value)  # the floor follows the clip's loudness
+    with torch.inference_mode():
+        features = transcriber._pad_stack([quiet.features, loud.features])
+        states = live(features, [quiet.pad_value, loud.pad_value])
+    length = features.shape[-1] // 2
+    assert states.shape == (2, 1500, transcriber.model.config.d_model)
+    torch.testing.assert_close(states[0, length:], live.silence(quiet.pad_value).states[length:])
+    torch.testing.assert_close(states[1, length:], live.silence(loud.pad_value).states[length:])
+    # the live positions see the clip: they differ from the silent window's
+    assert not torch.allclose(states[0, :length], live.silence(quiet.pad_value).states[:length], atol=1e-3)
+    assert torch.isfinite(states).all()
+    assert len(live._cache) == 2
+    for value in np.linspace(-1.5, 0.5, 30):
+        live.silence(float(value))
+    assert len(live._cache) == live.max_cached
 
 
 def test_fatal_errors_are_one_line(tiny_whisper, tmp_path, clips):

@@ -274,6 +274,36 @@ def test_beams_and_min_new_tokens(tiny_captioner):
     assert all(len(c.split()) == 8 for c in forced.caption(images))  # no EOS before 8 tokens
 
 
+@pytest.mark.parametrize("prompt", [None, "a cat"])
+def test_beam_search_shares_cross_attention_without_changing_captions(tiny_captioner, prompt):
+    """Beam search with one cross-attention K/V per image gives transformers' beam search captions,
+    and projects each image's encoder states once instead of once per beam."""
+    from batchcap.models.captioner import Captioner
+
+    images = caption_images()
+    kwargs = dict(device="cpu", dtype="float32", max_new_tokens=10, num_beams=3, prompt=prompt)
+    shared = Captioner(tiny_captioner, **kwargs)
+    stock = Captioner(tiny_captioner, share_cross_attention=False, **kwargs)
+    projected: dict[str, int] = {}
+
+    def counter(name):
+        def count(module, args, output):
+            projected[name] = projected.get(name, 0) + args[0].shape[0]
+        return count
+
+    handles = [c.model.decoder.transformer.h[0].crossattention.c_attn.register_forward_hook(counter(name))
+               for name, c in (("shared", shared), ("stock", stock))]
+    try:
+        captions = shared.caption(images)
+        assert captions == stock.caption(images)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert len(set(captions)) > 1
+    # the cross-attention keys/values of the encoder states: once per image, not once per beam
+    assert projected == {"shared": len(images), "stock": 3 * len(images)}
+
+
 def test_auto_precision_on_cpu(tiny_captioner):
     from batchcap.models.captioner import Captioner
 

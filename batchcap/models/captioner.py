@@ -9,6 +9,7 @@ BLIP and GIT. In transformers v5 they all load through ``AutoModelForImageTextTo
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 from typing import Any
 
@@ -27,12 +28,24 @@ def _first(*values: Any) -> Any:
     return next((v for v in values if v is not None), None)
 
 
+@functools.cache
+def _beam_cache_class() -> type:
+    """An EncoderDecoderCache that reorders only its self-attention part when beams are reordered."""
+    from transformers.cache_utils import EncoderDecoderCache
+
+    class EncoderDecoderCacheForBeams(EncoderDecoderCache):
+        def reorder_cache(self, beam_idx: Any) -> None:
+            self.self_attention_cache.reorder_cache(beam_idx)
+
+    return EncoderDecoderCacheForBeams
+
+
 class Captioner:
     """Caption PIL images with a Hugging Face image-to-text model (hub id or local directory)."""
 
     def __init__(self, model: str, *, device: str = "auto", dtype: str = "auto", max_new_tokens: int = 32,
                  num_beams: int = 1, prompt: str | None = None, min_new_tokens: int | None = None,
-                 attn_implementation: str | None = "sdpa"):
+                 attn_implementation: str | None = "sdpa", share_cross_attention: bool = True):
         import torch
         from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
 
@@ -43,6 +56,7 @@ class Captioner:
         self.max_new_tokens = max_new_tokens
         self.min_new_tokens = min_new_tokens
         self.num_beams = num_beams
+        self.share_cross_attention = share_cross_attention  # beam search: one cross-attention K/V per image
         self.prompt = prompt.strip() if prompt and prompt.strip() else None
         self._torch = torch
         announce_load(model)
@@ -147,10 +161,39 @@ class Captioner:
         if self.min_new_tokens:
             kwargs["min_new_tokens"] = self.min_new_tokens
         with torch.inference_mode(), self._autocast():
+            if self.num_beams > 1 and self.model_type == VED and self.share_cross_attention:
+                inputs = self._beam_inputs(inputs)
             out = self.model.generate(**inputs, **kwargs)
         sequences = out.sequences if hasattr(out, "sequences") else out
         texts = self.tokenizer.batch_decode(sequences, skip_special_tokens=True)
         return [self._strip_prompt(" ".join(t.split())) for t in texts]
+
+    def _beam_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        """Encoder outputs and a cache whose cross-attention keys/values are computed once per image.
+
+        Beam search in transformers expands the encoder's states to batch x beams before decoding, so
+        the decoder projects the same image's states into cross-attention keys and values once per
+        beam, and then ``index_select``s all of them after every step to follow the beams. Both are
+        wasted: every beam of an image has the same ones. Here the image's keys/values come from one
+        decoder step over the unexpanded batch, are repeated for the beams, and the cache reorders
+        only its self-attention part (beams never leave their image). Outputs are unchanged.
+        """
+        from transformers.cache_utils import DynamicCache
+        from transformers.modeling_outputs import BaseModelOutput
+
+        encoder_states = self.model.encoder(pixel_values=inputs.pop("pixel_values")).last_hidden_state
+        start = inputs["decoder_input_ids"][:, :1]
+        beam_cache = _beam_cache_class()
+        first = beam_cache(DynamicCache(), DynamicCache())
+        self.model(encoder_outputs=BaseModelOutput(last_hidden_state=encoder_states), decoder_input_ids=start,
+                   cache=first, use_cache=True)
+        cross = DynamicCache()
+        for i, layer in enumerate(first.cross_attention_cache.layers):
+            cross.update(layer.keys.repeat_interleave(self.num_beams, dim=0),
+                         layer.values.repeat_interleave(self.num_beams, dim=0), i)
+        inputs["encoder_outputs"] = BaseModelOutput(last_hidden_state=encoder_states)
+        inputs["cache"] = beam_cache(DynamicCache(), cross)
+        return inputs
 
     def _autocast(self) -> Any:
         if self.autocast is None:

@@ -1,12 +1,11 @@
-"""Whisper through transformers: batched, with a trimmed encoder window for short clips.
+"""Whisper through transformers: batched, with the encoder computed on the clip only.
 
-Whisper's encoder always looks at 30 s (3,000 mel frames): a 3 s clip is 90 % padding, and the
-encoder's cost is spent on it. For clips up to 30 s this transcriber can run the encoder on the
-clip plus ``context_pad_s`` seconds of padding only (the positional embeddings sliced to that
-length, the decoder's cross-attention then sees a shorter memory), the trick whisper.cpp calls
-``audio_ctx``. ``context_pad_s=None`` keeps the full 30 s window, as openai-whisper does.
-Recordings over 30 s go through transformers' sequential long-form decoding (timestamps,
-30 s windows, full window each) and are never cut.
+Clips up to 30 s: by default the encoder runs on the clip plus ``window_margin_s`` seconds, and
+the rest of Whisper's 30 s window comes from a cached all-padding window (see whisper_window.py:
+every position still attends over the full window, so checkpoints behave as trained).
+``full_window=True`` runs the stock encoder over 3,000 frames for every clip, exactly as
+openai-whisper and transformers do. Recordings over 30 s go through transformers' sequential
+long-form decoding (timestamps, 30 s windows, full window each) and are never cut.
 """
 
 from __future__ import annotations
@@ -28,7 +27,7 @@ log = logging.getLogger(__name__)
 
 HOP = 160  # samples per mel frame
 WINDOW_FRAMES = 3000  # 30 s
-FRAME_STEP = 100  # trimmed windows are rounded up to whole seconds (fewer distinct shapes)
+FRAME_STEP = 50  # live windows are rounded up to half seconds (fewer distinct shapes)
 
 
 @dataclass
@@ -38,12 +37,14 @@ class Prepared:
     features: np.ndarray  # [n_mels, frames]
     duration_s: float
     long_form: bool
+    pad_value: float = 0.0  # the log-mel value of zero samples for this clip (its floor)
 
 
 class WhisperTranscriber:
     def __init__(self, model: str, *, device: str = "auto", dtype: str = "auto", language: str | None = None,
                  task: str = "transcribe", num_beams: int = 1, max_new_tokens: int | None = None,
-                 context_pad_s: float | None = None, attn_implementation: str | None = "sdpa"):
+                 full_window: bool = False, window_margin_s: float = 1.0,
+                 attn_implementation: str | None = "sdpa"):
         import torch
         from transformers import WhisperFeatureExtractor, WhisperForConditionalGeneration, WhisperTokenizerFast
 
@@ -80,7 +81,13 @@ class WhisperTranscriber:
         self.task = task
         self.num_beams = num_beams
         self.max_new_tokens = max_new_tokens
-        self.context_pad_s = context_pad_s
+        if not full_window and window_margin_s <= 0:
+            raise FatalError("the window margin must be positive (it holds the padding the encoder sees)")
+        self.full_window = full_window
+        self.window_margin_s = window_margin_s
+        from .whisper_window import LiveWindowEncoder
+
+        self.live_encoder = LiveWindowEncoder(self.model.get_encoder())
         self._id_to_lang = {v: k.strip("<|>") for k, v in (getattr(gen, "lang_to_id", None) or {}).items()}
         # An explicit language/task replaces the checkpoint's forced_decoder_ids (a v4-era field
         # that conflicts with them in v5 generate).
@@ -99,12 +106,13 @@ class WhisperTranscriber:
                                            return_tensors="np").input_features[0]
             return Prepared(feats, duration, True)
         frames = WINDOW_FRAMES
-        if self.context_pad_s is not None:
-            needed = math.ceil((duration + self.context_pad_s) * 100 / FRAME_STEP) * FRAME_STEP
+        if not self.full_window:
+            needed = math.ceil((duration + self.window_margin_s) * 100 / FRAME_STEP) * FRAME_STEP
             frames = min(WINDOW_FRAMES, needed)
         feats = self.feature_extractor(samples, sampling_rate=SAMPLE_RATE, padding="max_length",
                                        max_length=frames * HOP, return_tensors="np").input_features[0]
-        return Prepared(feats, duration, False)
+        # zero samples get the clamp floor (max - 8), normalised like every frame: (x + 4) / 4
+        return Prepared(feats, duration, False, float(feats.min()))
 
     # --- main thread ------------------------------------------------------------------------
     def transcribe(self, batch: list[Prepared]) -> list[dict[str, Any]]:
@@ -132,19 +140,14 @@ class WhisperTranscriber:
         rows = [np.pad(f, ((0, 0), (0, width - f.shape[-1])), constant_values=float(f.min())) for f in feats]
         return self._torch.from_numpy(np.stack(rows)).to(self.device, self.dtype)
 
-    def _encode(self, features: Any) -> Any:
+    def _encode(self, batch: list[Prepared]) -> Any:
         from transformers.modeling_outputs import BaseModelOutput
 
-        encoder = self.model.get_encoder()
-        if features.shape[-1] == WINDOW_FRAMES:
-            return encoder(features)
-        functional = self._torch.nn.functional
-        hidden = functional.gelu(encoder.conv1(features))
-        hidden = functional.gelu(encoder.conv2(hidden)).permute(0, 2, 1)
-        hidden = hidden + encoder.embed_positions.weight[: hidden.shape[1]]
-        for layer in encoder.layers:
-            hidden = layer(hidden, None)
-        return BaseModelOutput(last_hidden_state=encoder.layer_norm(hidden))
+        features = self._pad_stack([p.features for p in batch])
+        if features.shape[-1] >= WINDOW_FRAMES:
+            return self.model.get_encoder()(features)
+        states = self.live_encoder(features, [p.pad_value for p in batch])
+        return BaseModelOutput(last_hidden_state=states)
 
     def _languages(self, n: int, **inputs: Any) -> list[str] | None:
         if not self.multilingual:
@@ -164,7 +167,7 @@ class WhisperTranscriber:
         return kwargs
 
     def _short(self, batch: list[Prepared]) -> list[dict[str, Any]]:
-        encoded = self._encode(self._pad_stack([p.features for p in batch]))
+        encoded = self._encode(batch)
         languages = self._languages(len(batch), encoder_outputs=encoded)
         tokens = self.model.generate(encoder_outputs=encoded, **self._generate_kwargs(languages))
         return self._results(tokens, languages)
