@@ -65,7 +65,11 @@ def job_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--max-new-tokens", type=click.IntRange(1), default=None,
                      help="Cap on generated tokens per item."),
         click.option("--workers", type=click.IntRange(1), default=None,
-                     help="Threads fetching and decoding while the model runs [default: 4 audio, 16 images]."),
+                     help="Threads decoding and preprocessing while the model runs [default: 4 audio, 16 images]."),
+        click.option("--fetch-workers", type=click.IntRange(1), default=None,
+                     help="Threads reading files and downloading URLs [default: 4 x --workers]."),
+        click.option("--per-host", type=click.IntRange(1), default=32, show_default=True,
+                     help="Most concurrent HTTP requests to one host."),
         click.option("--path-column", default=None, help="Manifest column with the path or URL."),
         click.option("--reference-column", "reference_columns", multiple=True,
                      help="Manifest column(s) with reference text (repeat for several)."),
@@ -96,10 +100,12 @@ def job_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     return fn
 
 
-def _fetch_config(default_max_bytes: int, timeout: float, retries: int, max_bytes: int | None) -> Any:
+def _fetch_config(default_max_bytes: int, timeout: float, retries: int, max_bytes: int | None,
+                  per_host: int) -> Any:
     from .fetch import FetchConfig
 
-    return FetchConfig(read_timeout=timeout, retries=retries, max_bytes=max_bytes or default_max_bytes)
+    return FetchConfig(read_timeout=timeout, retries=retries, max_bytes=max_bytes or default_max_bytes,
+                       per_host=per_host)
 
 
 def _run(job: Callable[[], Any], quiet: bool) -> None:
@@ -212,7 +218,8 @@ def images(inputs: tuple[str, ...], output: str | None, url_column: str | None, 
 def _job_options(cli: dict[str, Any], default_max_bytes: int, default_workers: int) -> dict[str, Any]:
     """CLI option values -> option-dataclass fields (the names differ where the CLI follows habit)."""
     _setup_logging(cli.pop("verbose"), cli["quiet"])
-    cli["fetch"] = _fetch_config(default_max_bytes, cli.pop("timeout"), cli.pop("retries"), cli.pop("max_bytes"))
+    cli["fetch"] = _fetch_config(default_max_bytes, cli.pop("timeout"), cli.pop("retries"), cli.pop("max_bytes"),
+                                 cli.pop("per_host"))
     cli["num_beams"] = cli.pop("beam_size")
     cli["flush_rows"] = cli.pop("flush_every")
     cli["workers"] = cli["workers"] or default_workers

@@ -58,7 +58,7 @@ class FetchConfig:
     backoff: float = 0.5  # backoff * 2**attempt (+ jitter); Retry-After on 429/503 wins, capped
     max_retry_after: float = 60.0
     max_bytes: int = 50 * 2**20  # bigger bodies / files -> fetch_error
-    per_host: int = 16  # max concurrent requests per host
+    per_host: int = 32  # max concurrent requests per host
     max_redirects: int = 5
     user_agent: str = field(default_factory=_default_user_agent)
     allow_local: bool = True  # local paths allowed; schemes other than http(s) are always refused

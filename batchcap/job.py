@@ -31,7 +31,8 @@ class JobOptions:
     dtype: str = "auto"
     batch_size: int = 16
     num_beams: int = 1
-    workers: int = 8
+    workers: int = 8  # decode threads
+    fetch_workers: int | None = None  # fetch threads; None: 4 x workers
     fetch: FetchConfig = field(default_factory=FetchConfig)
     path_column: str | None = None
     reference_columns: Sequence[str] = ()
@@ -50,7 +51,8 @@ class JobOptions:
         apply_overrides(self, overrides, caller)
 
     def run_config(self, group: int) -> RunConfig:
-        return RunConfig(batch_size=self.batch_size, workers=self.workers, group=group, quiet=self.quiet,
+        return RunConfig(batch_size=self.batch_size, workers=self.workers, fetch_workers=self.fetch_workers,
+                         group=group, quiet=self.quiet,
                          progress=self.progress, flush_rows=self.flush_rows, engine=self.engine,
                          ray_address=self.ray_address, concurrency=self.concurrency,
                          num_gpus_per_replica=self.num_gpus_per_replica)

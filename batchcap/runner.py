@@ -1,9 +1,10 @@
 """The one streaming loop shared by every job.
 
-    items ─► [worker threads: fetch + decode] ─► window sorted by size ─► batches ─► model ─► rows ─► store
+    items ─► [fetch threads] ─► [decode threads] ─► window sorted by size ─► batches ─► model ─► rows ─► store
 
-Worker threads fetch and decode while the model runs on the main thread. At most ``prefetch``
-items are in flight or waiting, so memory does not grow with the input's length. Every item
+Fetch threads (waiting on the network or the disk, so there are many) and decode threads (CPU work:
+decoding, resampling, preprocessing; ``workers`` of them) run while the model runs on the main
+thread. At most ``prefetch`` items are in flight or waiting, so memory does not grow with the input's length. Every item
 gives exactly one row: failures of one item (fetch, decode, model) become its row, and a batch
 the model fails on is retried one item at a time so one bad item cannot take its neighbours down.
 """
@@ -55,7 +56,8 @@ class Task(Protocol):
 @dataclass
 class RunConfig:
     batch_size: int = 16
-    workers: int = 8
+    workers: int = 8  # decode threads
+    fetch_workers: int | None = None  # fetch threads; None: 4 x workers
     group: int = 4  # items are sorted by size in windows of batch_size * group
     quiet: bool = False
     progress: bool | None = None  # a bar; None: when stderr is a terminal
@@ -154,7 +156,7 @@ def _stream(items: Iterable[Item], task: Task, fetcher: Fetcher, done: set[str],
     in_flight: deque[Future] = deque()
     ready: list[tuple[Item, Any, int | None]] = []
 
-    pool = ThreadPoolExecutor(max(1, config.workers), thread_name_prefix="batchcap-load")
+    loader = _Loader(task, fetcher, config)
     try:
         while True:
             while not exhausted and len(in_flight) + len(ready) < limit:
@@ -166,7 +168,7 @@ def _stream(items: Iterable[Item], task: Task, fetcher: Fetcher, done: set[str],
                 if item.id in done:
                     yield None
                     continue
-                in_flight.append(pool.submit(load_item, task, fetcher, item))
+                in_flight.append(loader.submit(item))
             if not in_flight and not ready:
                 return
             finished = [f for f in in_flight if f.done()]
@@ -186,17 +188,71 @@ def _stream(items: Iterable[Item], task: Task, fetcher: Fetcher, done: set[str],
                 for start in range(0, len(take), batch_size):
                     yield from _predict(task, take[start:start + batch_size])
     finally:  # on Ctrl-C or an error, don't wait for queued downloads
-        pool.shutdown(wait=False, cancel_futures=True)
+        loader.shutdown()
 
 
-def load_item(task: Task, fetcher: Fetcher, item: Item) -> tuple[Item, Any, ItemError | None, int | None]:
-    """Fetch and decode one item: (item, loaded, error, http_status); never raises for the item's own faults."""
+Loaded = tuple[Item, Any, "ItemError | None", "int | None"]
+
+
+class _Loader:
+    """Fetch in one thread pool, decode in another: a slow server never holds a decode thread, and
+    decoding never holds up a download. Each item's future resolves to :func:`load_item`'s tuple."""
+
+    def __init__(self, task: Task, fetcher: Fetcher, config: RunConfig):
+        self.task, self.fetcher = task, fetcher
+        workers = max(1, config.workers)
+        fetchers = config.fetch_workers or 4 * workers
+        self.fetch_pool = ThreadPoolExecutor(max(1, fetchers), thread_name_prefix="batchcap-fetch")
+        self.decode_pool = ThreadPoolExecutor(workers, thread_name_prefix="batchcap-decode")
+
+    def submit(self, item: Item) -> Future:
+        result: Future = Future()
+
+        def fetched(fut: Future) -> None:
+            try:
+                outcome = fut.result()
+            except BaseException as exc:  # noqa: BLE001 - handed to the consumer, which re-raises
+                result.set_exception(exc)
+                return
+            if isinstance(outcome, tuple):  # the item failed before decoding
+                result.set_result(outcome)
+                return
+            try:
+                decoding = self.decode_pool.submit(decode_item, self.task, item, outcome)
+            except RuntimeError as exc:  # the pool was shut down (Ctrl-C, an error elsewhere)
+                result.set_exception(exc)
+                return
+            decoding.add_done_callback(lambda done: _settle(result, done))
+
+        self.fetch_pool.submit(fetch_item, self.fetcher, item).add_done_callback(fetched)
+        return result
+
+    def shutdown(self) -> None:
+        self.fetch_pool.shutdown(wait=False, cancel_futures=True)
+        self.decode_pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _settle(target: Future, source: Future) -> None:
+    if source.cancelled():
+        target.cancel()
+    elif source.exception() is not None:
+        target.set_exception(source.exception())
+    else:
+        target.set_result(source.result())
+
+
+def fetch_item(fetcher: Fetcher, item: Item) -> Any:
+    """The item's bytes (a Fetched), or load_item's tuple when it failed already."""
     if item.data is None and not item.source:
         return item, None, ItemError(FETCH_ERROR, "the manifest row has no path or URL"), None
     fetched = fetcher.fetch(item)
     if fetched.status != OK or fetched.data is None:
         error = ItemError(fetched.status, fetched.error or "no data", fetched.http_status)
         return item, None, error, fetched.http_status
+    return fetched
+
+
+def decode_item(task: Task, item: Item, fetched: Any) -> Loaded:
     try:
         loaded = task.load(item, fetched.data)
     except ItemError as exc:
@@ -205,6 +261,12 @@ def load_item(task: Task, fetcher: Fetcher, item: Item) -> tuple[Item, Any, Item
         log.debug("load failed for %s", item.source, exc_info=True)
         return item, None, ItemError(DECODE_ERROR, f"{type(exc).__name__}: {exc}"), fetched.http_status
     return item, loaded, None, fetched.http_status
+
+
+def load_item(task: Task, fetcher: Fetcher, item: Item) -> Loaded:
+    """Fetch and decode one item: (item, loaded, error, http_status); never raises for the item's own faults."""
+    outcome = fetch_item(fetcher, item)
+    return outcome if isinstance(outcome, tuple) else decode_item(task, item, outcome)
 
 
 def _predict(task: Task, batch: list[tuple[Item, Any, int | None]]) -> Iterator[dict[str, Any]]:

@@ -29,7 +29,10 @@ Systems (``--systems`` takes names or prefixes of names):
   bf16 autocast (see :func:`load_bf16_weights`).
 - ``url-local`` / ``url-http`` / ``fetch-only``: ``--url-images`` items (the photos cycled) from local
   files and from a loopback HTTP server answering each request after ``--latency`` seconds, through
-  ``caption_images`` with the auto dtype, greedy; ``fetch-only`` is batchcap's Fetcher alone (16 threads).
+  ``caption_images`` with the auto dtype, greedy; ``fetch-only`` is batchcap's Fetcher alone (64 threads, the
+  images default: 4 x 16 workers).
+- ``url-local-nomodel`` / ``url-http-nomodel``: the same without the model (real preprocessing, an empty
+  caption): what fetching, decoding and preprocessing sustain on this machine, the ceiling a GPU sees.
 
 images/s = images / wall seconds, where the wall time covers reading and decoding the files, the
 preprocessing, generation and decoding the tokens (for batchcap also listing the inputs and writing the
@@ -241,6 +244,7 @@ class System:
     beams: int = 1
     dtype: str = "auto"
     batch: int = 1
+    no_model: bool = False  # real preprocessing, no generate: what the input path alone sustains
     state: Any = None
 
 
@@ -413,6 +417,17 @@ def run_pipeline(ctx: Context, system: System, r: int) -> dict[int, str]:
 
 # --- batchcap ------------------------------------------------------------------------------------------
 
+class _NoModel:
+    """A captioner that preprocesses like the real one and generates nothing."""
+
+    def __init__(self, captioner: Any):
+        self.name, self.prepare = captioner.name, captioner.prepare
+
+    @staticmethod
+    def caption_prepared(prepared: list[Any]) -> list[str]:
+        return [""] * len(prepared)
+
+
 def _options(ctx: Context, system: System) -> Any:
     from batchcap.captioning import ImageOptions
 
@@ -430,6 +445,9 @@ def load_batchcap(ctx: Context, system: System, out: Outcome) -> Any:
     out.notes.insert(0, precision + (" + bf16 autocast" if captioner.autocast is not None else ""))
     if system.kind == "url-http":
         out.notes.append(f"loopback HTTP, {ctx.args.latency * 1000:.0f} ms per request")
+    if system.no_model:
+        out.notes.append("no model: fetch, decode and preprocess only")
+        return _NoModel(captioner)
     return captioner
 
 
@@ -547,7 +565,7 @@ def load_fetch(ctx: Context, system: System, out: Outcome) -> Any:
 
     _url_setup(ctx)
     out.load_s = 0.0
-    out.notes.append(f"Fetcher alone, 16 threads, {ctx.args.latency * 1000:.0f} ms per request")
+    out.notes.append(f"Fetcher alone, 64 threads, {ctx.args.latency * 1000:.0f} ms per request")
     return Fetcher(FetchConfig())
 
 
@@ -555,7 +573,7 @@ def run_fetch(ctx: Context, system: System, r: int) -> dict[int, str]:
     from batchcap.items import Item
 
     items = [Item(index=i, id=f"u{i:05d}", source=url) for i, url in ctx.url.urls[r]]
-    with ThreadPoolExecutor(16) as pool:
+    with ThreadPoolExecutor(64) as pool:
         fetched = list(pool.map(system.state.fetch, items))
     bad = [f for f in fetched if f.status != "ok"]
     if bad:
@@ -590,7 +608,10 @@ def all_systems(args: argparse.Namespace) -> list[System]:
     if args.device == "cpu":  # on CUDA, auto already means fp16 weights
         systems += [System(f"bf16w-{_beam_name(b)}", "bf16w", b, "float32", sizes[-1]) for b in (1, 4)]
     systems += [System("url-local", "url-local", 1, "auto", sizes[-1]),
-                System("url-http", "url-http", 1, "auto", sizes[-1]), System("fetch-only", "fetch", 0, batch=0)]
+                System("url-http", "url-http", 1, "auto", sizes[-1]),
+                System("url-local-nomodel", "url-local", 1, "auto", sizes[-1], no_model=True),
+                System("url-http-nomodel", "url-http", 1, "auto", sizes[-1], no_model=True),
+                System("fetch-only", "fetch", 0, batch=0)]
     return systems
 
 

@@ -153,6 +153,24 @@ def test_thousand_loopback_urls(tiny_captioner, tmp_path, http_server):
     assert sum(http_server.hits.values()) == 1000
 
 
+def test_downloads_do_not_wait_for_decode_threads(tiny_captioner, tmp_path, http_server):
+    """With one decode thread, downloads still run --fetch-workers at a time, within --per-host."""
+    http_server.add("/img/a.jpg", photo_bytes("coffee"), content_type="image/jpeg")
+    http_server.latency = 0.2
+    urls = [http_server.url(f"/img/a.jpg?n={n}") for n in range(24)]
+    (tmp_path / "m.csv").write_text("url\n" + "\n".join(urls) + "\n")
+    common = ["images", str(tmp_path / "m.csv"), "--model", tiny_captioner, "--max-new-tokens", "2", "--quiet",
+              "--workers", "1"]
+    code, output = run_cli(*common, "-o", str(tmp_path / "a.parquet"), "--fetch-workers", "8")
+    assert code == 0, output
+    assert [r["status"] for r in rows_of(tmp_path / "a.parquet")] == ["ok"] * 24
+    assert http_server.max_in_flight >= 6  # not 1: the decode thread does not do the downloading
+    http_server.reset()
+    code, output = run_cli(*common, "-o", str(tmp_path / "b.parquet"), "--fetch-workers", "8", "--per-host", "2")
+    assert code == 0, output
+    assert http_server.max_in_flight == 2
+
+
 def test_references_metrics_and_lvis_layout(tiny_captioner, tmp_path, photos):
     """A parquet like the LVIS GPT-4V captions (url + caption + short_caption): references scored."""
     table = pa.table({
