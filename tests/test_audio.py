@@ -251,6 +251,8 @@ def test_long_recording_is_transcribed_in_full(tiny_whisper, tmp_path):
         return generate(*args, **kwargs)
 
     class RecordingLive:
+        cross_attention_cache = live.cross_attention_cache
+
         def __call__(self, features, pad_values):
             seen.append(("live", features.shape[-1]))
             return live(features, pad_values)
@@ -344,6 +346,33 @@ def test_live_window_takes_the_tail_from_the_cache(tiny_whisper):
     for value in np.linspace(-1.5, 0.5, 30):
         live.silence(float(value))
     assert len(live._cache) == live.max_cached
+
+
+def test_cross_attention_cache_projects_only_the_live_positions(tiny_whisper_en):
+    """generate with the prefilled cross-attention cache gives the tokens it gives without it, and the
+    decoder projects only the live positions of each batch (the silent tail's are cached)."""
+    import torch
+
+    from batchcap.asr import AudioOptions, load_transcriber
+
+    # English-only: a multilingual model's generate would first detect the language, without the cache
+    transcriber = load_transcriber(AudioOptions(model=tiny_whisper_en, dtype="float32"))
+    batch = [transcriber.prepare(tone(s, freq=f, amp=a)) for s, f, a in ((1.0, 300, 0.3), (2.5, 600, 0.05))]
+    projected: list[int] = []
+    layer = transcriber.model.get_decoder().layers[0].encoder_attn.k_proj
+    handle = layer.register_forward_hook(lambda module, args, output: projected.append(args[0].shape[1]))
+    try:
+        with torch.inference_mode():
+            encoded, cache = transcriber._encode(batch)
+            with_cache = transcriber.model.generate(encoder_outputs=encoded, cache=cache, max_new_tokens=8)
+            # the two silent windows (two loudness levels) once each, then the live 2.5 s + 1 s = 175 positions
+            assert projected == [1500, 1500, 175]
+            projected.clear()
+            without = transcriber.model.generate(encoder_outputs=encoded, max_new_tokens=8)
+            assert projected == [1500]  # transformers projects all 1,500 positions of every clip
+    finally:
+        handle.remove()
+    assert with_cache.tolist() == without.tolist()
 
 
 def test_fatal_errors_are_one_line(tiny_whisper, tmp_path, clips):

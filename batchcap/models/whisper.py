@@ -87,7 +87,7 @@ class WhisperTranscriber:
         self.window_margin_s = window_margin_s
         from .whisper_window import LiveWindowEncoder
 
-        self.live_encoder = LiveWindowEncoder(self.model.get_encoder())
+        self.live_encoder = LiveWindowEncoder(self.model.get_encoder(), self.model.get_decoder())
         self._id_to_lang = {v: k.strip("<|>") for k, v in (getattr(gen, "lang_to_id", None) or {}).items()}
         # An explicit language/task replaces the checkpoint's forced_decoder_ids (a v4-era field
         # that conflicts with them in v5 generate).
@@ -140,14 +140,19 @@ class WhisperTranscriber:
         rows = [np.pad(f, ((0, 0), (0, width - f.shape[-1])), constant_values=float(f.min())) for f in feats]
         return self._torch.from_numpy(np.stack(rows)).to(self.device, self.dtype)
 
-    def _encode(self, batch: list[Prepared]) -> Any:
+    def _encode(self, batch: list[Prepared]) -> tuple[Any, Any]:
+        """Encoder outputs, and for a live window the decoder's cross-attention cache built from it."""
         from transformers.modeling_outputs import BaseModelOutput
 
         features = self._pad_stack([p.features for p in batch])
         if features.shape[-1] >= WINDOW_FRAMES:
-            return self.model.get_encoder()(features)
-        states = self.live_encoder(features, [p.pad_value for p in batch])
-        return BaseModelOutput(last_hidden_state=states)
+            return self.model.get_encoder()(features), None
+        pad_values = [p.pad_value for p in batch]
+        states = self.live_encoder(features, pad_values)
+        cache = None
+        if self.num_beams == 1:  # beam search expands the batch: it builds its own cache
+            cache = self.live_encoder.cross_attention_cache(states, features.shape[-1] // 2, pad_values)
+        return BaseModelOutput(last_hidden_state=states), cache
 
     def _languages(self, n: int, **inputs: Any) -> list[str] | None:
         if not self.multilingual:
@@ -167,9 +172,12 @@ class WhisperTranscriber:
         return kwargs
 
     def _short(self, batch: list[Prepared]) -> list[dict[str, Any]]:
-        encoded = self._encode(batch)
+        encoded, cache = self._encode(batch)
         languages = self._languages(len(batch), encoder_outputs=encoded)
-        tokens = self.model.generate(encoder_outputs=encoded, **self._generate_kwargs(languages))
+        kwargs = self._generate_kwargs(languages)
+        if cache is not None:
+            kwargs["cache"] = cache
+        tokens = self.model.generate(encoder_outputs=encoded, **kwargs)
         return self._results(tokens, languages)
 
     def _long(self, batch: list[Prepared]) -> list[dict[str, Any]]:

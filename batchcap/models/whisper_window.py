@@ -30,16 +30,18 @@ from torch.nn import functional
 
 @dataclass
 class _Silence:
-    keys: list[torch.Tensor]  # per layer [heads, positions, head_dim]
+    keys: list[torch.Tensor]  # per encoder layer [heads, positions, head_dim]
     values: list[torch.Tensor]
     states: torch.Tensor  # encoder output [positions, d_model]
+    cross: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per decoder layer: its cross-attention K, V
 
 
 class LiveWindowEncoder:
     """Runs ``encoder`` (a transformers WhisperEncoder) on a live prefix of the window."""
 
-    def __init__(self, encoder: Any, *, step: float = 0.1, max_cached: int = 8):
+    def __init__(self, encoder: Any, decoder: Any = None, *, step: float = 0.1, max_cached: int = 8):
         self.encoder = encoder
+        self.decoder = decoder
         self.step = step
         self.max_cached = max_cached
         self.positions = encoder.embed_positions.weight.shape[0]  # 1,500
@@ -113,6 +115,49 @@ class LiveWindowEncoder:
         return silence
 
     # --- a batch ------------------------------------------------------------------------------
+    @staticmethod
+    def _tails(silences: list[_Silence], batch: int) -> tuple[list[_Silence], Any]:
+        """The distinct cached windows of a batch, and a function stacking one of their tensors per clip."""
+        unique = {id(s): s for s in silences}
+        groups = list(unique.values())
+        if len(groups) == 1:
+            def one(parts: list[torch.Tensor]) -> torch.Tensor:
+                return parts[0][None].expand(batch, *parts[0].shape)
+            return groups, one
+        order = list(unique)
+        index = torch.tensor([order.index(id(s)) for s in silences], device=groups[0].states.device)
+
+        def pick(parts: list[torch.Tensor]) -> torch.Tensor:
+            return torch.stack(parts).index_select(0, index)
+        return groups, pick
+
+    def cross_attention_cache(self, states: torch.Tensor, length: int, pad_values: list[float]) -> Any:
+        """The decoder's cross-attention keys and values for encoder output ``states`` whose positions
+        from ``length`` on are the cached silent window's: only the live positions are projected.
+
+        Returns an ``EncoderDecoderCache`` to pass to ``generate`` (greedy: one row per clip).
+        """
+        from transformers.cache_utils import DynamicCache, EncoderDecoderCache
+
+        silences = [self.silence(v) for v in pad_values]
+        for silence in silences:
+            if silence.cross is None:
+                silence.cross = [self._project(layer.encoder_attn, silence.states[None])
+                                 for layer in self.decoder.layers]
+                silence.cross = [(k[0], v[0]) for k, v in silence.cross]
+        groups, tail = self._tails(silences, states.shape[0])
+        live = states[:, :length]
+        cross = DynamicCache()
+        for i, layer in enumerate(self.decoder.layers):
+            key, value = self._project(layer.encoder_attn, live)
+            keys = torch.cat([key, tail([s.cross[i][0][:, length:] for s in groups]).to(key.dtype)], dim=2)
+            values = torch.cat([value, tail([s.cross[i][1][:, length:] for s in groups]).to(value.dtype)], dim=2)
+            cross.update(keys, values, i)
+        return EncoderDecoderCache(DynamicCache(), cross)
+
+    def _project(self, attn: Any, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._heads(attn, attn.k_proj(states)), self._heads(attn, attn.v_proj(states))
+
     def __call__(self, features: torch.Tensor, pad_values: list[float]) -> torch.Tensor:
         """Encoder output [batch, 1500, d_model] for ``features`` [batch, n_mels, frames] (frames
         < 3,000, ending in padding), each clip padded with its own ``pad_values`` entry."""
@@ -121,21 +166,7 @@ class LiveWindowEncoder:
             # two more padding frames, so the last live positions' convolutions see what the full window has
             features = functional.pad(features, (0, 2), mode="replicate")
         silences = [self.silence(v) for v in pad_values]
-        unique = {id(s): s for s in silences}
-        if len(unique) == 1:
-            index = None
-        else:
-            order = list(unique)
-            index = torch.tensor([order.index(id(s)) for s in silences], device=features.device)
-        batch = features.shape[0]
-
-        def tail(parts: list[torch.Tensor]) -> torch.Tensor:
-            """The cached tensors past the live prefix, one per clip: [batch, ...]."""
-            if index is None:
-                return parts[0][None].expand(batch, *parts[0].shape)
-            return torch.stack(parts).index_select(0, index)
-
-        groups = list(unique.values())
+        groups, tail = self._tails(silences, features.shape[0])
         hidden = self._embed(features, length)
         for i, layer in enumerate(self.encoder.layers):
             keys = tail([s.keys[i][:, length:] for s in groups])
