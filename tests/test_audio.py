@@ -375,6 +375,51 @@ def test_cross_attention_cache_projects_only_the_live_positions(tiny_whisper_en)
     assert with_cache.tolist() == without.tolist()
 
 
+@pytest.mark.parametrize("mask", [None, "bool", "float"])
+def test_step_attention_equals_sdpa(mask):
+    import torch
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from batchcap.models.attention import _step_attention
+
+    gen = torch.Generator().manual_seed(0)
+    module = torch.nn.Module().eval()
+    module.is_causal = False
+    query = torch.randn(2, 3, 1, 8, generator=gen)
+    key, value = torch.randn(2, 3, 20, 8, generator=gen), torch.randn(2, 3, 20, 8, generator=gen)
+    attention_mask = None
+    if mask == "bool":
+        attention_mask = torch.ones(2, 1, 1, 20, dtype=torch.bool)
+        attention_mask[0, ..., 15:] = False
+    elif mask == "float":
+        attention_mask = torch.zeros(2, 1, 1, 20)
+        attention_mask[1, ..., :4] = torch.finfo(torch.float32).min
+    for scaling in (None, 1.0, 0.3):
+        ours, _ = _step_attention(module, query, key, value, attention_mask, scaling=scaling)
+        stock, _ = sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling)
+        torch.testing.assert_close(ours, stock, atol=1e-5, rtol=1e-5)
+
+
+def test_step_attention_gives_sdpa_transcripts(tiny_whisper, tmp_path):
+    """On the CPU one-token decoding steps skip SDPA's kernel; transcripts stay SDPA's, long-form too."""
+    from batchcap.asr import AudioOptions, load_transcriber
+    from batchcap.models.attention import NAME
+
+    (tmp_path / "in").mkdir()
+    for i, seconds in enumerate((0.6, 1.7, 4.2, 9.0, 45.0)):
+        write_audio(tmp_path / "in" / f"{i}.wav", seconds, freq=200 + 150 * i)
+    transcriber = load_transcriber(AudioOptions(model=tiny_whisper, dtype="float32", max_new_tokens=12))
+    assert transcriber.model.config._attn_implementation == NAME
+    ours = rows_of(transcribe([str(tmp_path / "in")], str(tmp_path / "a.parquet"), transcriber=transcriber,
+                              quiet=True).output)
+    transcriber.model.set_attn_implementation("sdpa")
+    stock = rows_of(transcribe([str(tmp_path / "in")], str(tmp_path / "b.parquet"), transcriber=transcriber,
+                               quiet=True).output)
+    assert [r["status"] for r in ours] == ["ok"] * 5
+    assert [r["text"] for r in ours] == [r["text"] for r in stock]
+    assert len({r["text"] for r in ours}) > 1
+
+
 def test_fatal_errors_are_one_line(tiny_whisper, tmp_path, clips):
     code, output = run_cli("audio", str(tmp_path / "nope.csv"), "--model", tiny_whisper)
     assert code == 1 and output.strip().splitlines() == [f"Error: input not found: {tmp_path / 'nope.csv'}"]

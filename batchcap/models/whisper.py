@@ -68,6 +68,10 @@ class WhisperTranscriber:
         except Exception as exc:
             raise FatalError(load_error_message(model, exc)) from exc
         self.model.to(self.device).eval()
+        if self.device.type == "cpu":
+            from .attention import use_step_attention
+
+            use_step_attention(self.model)
         self._torch = torch
         gen = self.model.generation_config
         self.multilingual = bool(getattr(gen, "is_multilingual", False)) and bool(getattr(gen, "lang_to_id", None))
