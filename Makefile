@@ -3,7 +3,7 @@ PYTHON ?= python3
 # A CPU build of torch for CI and laptops; on a GPU machine use `make install TORCH=torch`.
 TORCH ?= torch==2.13.0
 
-.PHONY: install test lint bench bench-asr bench-images samples clean
+.PHONY: install test lint bench bench-asr bench-images clean
 
 install:
 	$(PYTHON) -m pip install -q "$(TORCH)"
@@ -22,9 +22,6 @@ bench-asr:
 
 bench-images:
 	$(PYTHON) scripts/bench_images.py
-
-samples:
-	$(PYTHON) scripts/make_samples.py
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache .ruff_cache

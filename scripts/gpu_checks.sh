@@ -27,7 +27,7 @@ print("whisper-base ready")
 PY
 run() { local name=$1; shift; echo "=== $name: $*"; timeout "${T:-240}" "$@" 2>&1 | tail -n 60 | tee "$OUT/$name.log"; }
 T=150 run asr python3 scripts/bench_asr.py --device cuda --model /tmp/whisper-base --manifest $K/speech/manifest.csv \
-  --systems batchcap batchcap-fp32 hf-pipeline --batch-size 32 --json $OUT/asr.json
+  --systems batchcap batchcap-full batchcap-fp32 hf-pipeline --batch-size 32 --json $OUT/asr.json
 T=90 run images python3 scripts/bench_images.py --device cuda --images 64 --rounds 2 --url-images 128 \
   --batch-size 16 64 --json $OUT/images.json
 T=110 run train_audio python3 scripts/finetune_whisper_real.py --model /tmp/whisper-base --language en \
