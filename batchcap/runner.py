@@ -4,9 +4,10 @@
 
 Fetch threads (waiting on the network or the disk, so there are many) and decode threads (CPU work:
 decoding, resampling, preprocessing; ``workers`` of them) run while the model runs on the main
-thread. At most ``prefetch`` items are in flight or waiting, so memory does not grow with the input's length. Every item
-gives exactly one row: failures of one item (fetch, decode, model) become its row, and a batch
-the model fails on is retried one item at a time so one bad item cannot take its neighbours down.
+thread. At most two sorting windows of items are in flight or waiting, so memory does not grow
+with the input's length. Every item gives exactly one row: failures of one item (fetch, decode,
+model) become its row, and a batch the model fails on is retried one item at a time so one bad
+item cannot take its neighbours down.
 """
 
 from __future__ import annotations
