@@ -304,6 +304,19 @@ def test_beam_search_shares_cross_attention_without_changing_captions(tiny_capti
     assert projected == {"shared": len(images), "stock": 3 * len(images)}
 
 
+@pytest.mark.parametrize("beams", [1, 3])
+def test_step_attention_keeps_sdpa_captions(tiny_captioner, beams):
+    from batchcap.models.attention import NAME
+    from batchcap.models.captioner import Captioner
+
+    images = caption_images()
+    captioner = Captioner(tiny_captioner, device="cpu", dtype="float32", max_new_tokens=10, num_beams=beams)
+    assert captioner.model.config._attn_implementation == NAME
+    ours = captioner.caption(images)
+    captioner.model.set_attn_implementation("sdpa")
+    assert captioner.caption(images) == ours
+
+
 def test_auto_precision_on_cpu(tiny_captioner):
     from batchcap.models.captioner import Captioner
 

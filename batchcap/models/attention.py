@@ -5,6 +5,10 @@ and the keys are many (a decoder step attending over Whisper's 1,500 encoder pos
 at 16 x 6 heads x 1,500 keys, 12 ms in bf16 and 5 ms in fp32, against 3.7 / 4.1 ms for a plain
 matmul-softmax-matmul. This attention function takes that plain path for one-token queries and SDPA
 for everything else; the softmax runs in float32 either way.
+
+Used on the CPU for Whisper (identical transcripts, a quarter less model time) and for captioning
+(GPT-2 decoding over 197 image patches: identical fp32 captions, greedy +13 % and beam 4 +27 %
+images/s in bf16, where it also matched fp32 captions more often than SDPA did).
 """
 
 from __future__ import annotations
@@ -56,7 +60,7 @@ def use_step_attention(model: Any) -> bool:
         return False
     try:
         model.set_attn_implementation(NAME)
-    except (ValueError, AttributeError) as exc:  # pragma: no cover - a model that refuses custom attention
+    except Exception as exc:  # noqa: BLE001 - an optimisation: a model that refuses it keeps SDPA
         log.debug("keeping SDPA: %s", exc)
         return False
     return True

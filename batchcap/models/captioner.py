@@ -81,6 +81,10 @@ class Captioner:
         except Exception as exc:
             raise FatalError(load_error_message(model, exc)) from exc
         self.model.to(self.device).eval()
+        if self.device.type == "cpu":
+            from .attention import use_step_attention
+
+            use_step_attention(self.model)
         self.model_type = config.model_type
         self._fix_special_tokens()
         self._prompt_ids = self._encode_prompt() if self.prompt else None
