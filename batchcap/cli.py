@@ -16,6 +16,7 @@ from typing import Any
 import click
 
 from . import __version__
+from .cli_options import apply, http_options, logging_options, manifest_options
 from .items import FatalError
 
 EXIT_OK, EXIT_FATAL, EXIT_USAGE, EXIT_ITEMS_FAILED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
@@ -70,14 +71,8 @@ def job_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                      help="Threads reading files and downloading URLs [default: 4 x --workers]."),
         click.option("--per-host", type=click.IntRange(1), default=32, show_default=True,
                      help="Most concurrent HTTP requests to one host."),
-        click.option("--path-column", default=None, help="Manifest column with the path or URL."),
-        click.option("--reference-column", "reference_columns", multiple=True,
-                     help="Manifest column(s) with reference text (repeat for several)."),
-        click.option("--id-column", default=None, help="Manifest column with a stable item id."),
-        click.option("--timeout", type=click.FloatRange(0.1), default=30.0, show_default=True,
-                     help="HTTP read timeout, seconds."),
-        click.option("--retries", type=click.IntRange(0), default=3, show_default=True,
-                     help="HTTP retries on connection errors, timeouts, 5xx and 429."),
+        *manifest_options(),
+        *http_options(),
         click.option("--max-bytes", type=click.IntRange(1), default=None,
                      help="Largest file or download accepted, in bytes."),
         click.option("--overwrite", is_flag=True, help="Start over instead of resuming from OUTPUT."),
@@ -92,12 +87,9 @@ def job_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                      help="Ray engine: model replicas."),
         click.option("--num-gpus-per-replica", type=click.FloatRange(0), default=0.0, show_default=True,
                      help="Ray engine: GPUs each model replica reserves."),
-        click.option("-q", "--quiet", is_flag=True, help="No progress, no summary; errors only."),
-        click.option("-v", "--verbose", count=True, help="More logging (-vv for debug)."),
+        *logging_options("No progress, no summary; errors only."),
     ]
-    for decorator in reversed(decorators):
-        fn = decorator(fn)
-    return fn
+    return apply(fn, decorators)
 
 
 def _fetch_config(default_max_bytes: int, timeout: float, retries: int, max_bytes: int | None,

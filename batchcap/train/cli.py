@@ -10,6 +10,7 @@ from typing import Any
 
 import click
 
+from ..cli_options import apply, http_options, logging_options, manifest_options
 from ..items import FatalError
 
 log = logging.getLogger("batchcap")
@@ -38,19 +39,11 @@ def _common(fn: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--limit", type=click.IntRange(1), default=None, help="Use only the first N manifest rows."),
         click.option("--workers", type=click.IntRange(1), default=8, show_default=True,
                      help="Threads fetching and decoding the manifest."),
-        click.option("--path-column", default=None, help="Manifest column with the path or URL."),
-        click.option("--reference-column", "reference_columns", multiple=True,
-                     help="Manifest column(s) with the target text (repeat for several)."),
-        click.option("--id-column", default=None, help="Manifest column with a stable item id."),
-        click.option("--timeout", type=click.FloatRange(0.1), default=30.0, show_default=True,
-                     help="HTTP read timeout, seconds."),
-        click.option("--retries", type=click.IntRange(0), default=3, show_default=True),
-        click.option("-q", "--quiet", is_flag=True, help="Errors only."),
-        click.option("-v", "--verbose", count=True, help="More logging (-vv for debug)."),
+        *manifest_options("target text"),
+        *http_options(),
+        *logging_options(),
     ]
-    for decorator in reversed(decorators):
-        fn = decorator(fn)
-    return fn
+    return apply(fn, decorators)
 
 
 def _start(verbose: int, quiet: bool) -> None:
