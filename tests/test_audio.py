@@ -292,7 +292,9 @@ def test_live_window_features_match_full_window_features(tiny_whisper):
     assert prepared.features.shape == (80, 450)  # 3.2 s + 1 s, rounded up to half seconds
     np.testing.assert_allclose(prepared.features, full[:, :450], atol=1e-5)
     assert prepared.pad_value == pytest.approx(float(full[0, -1]), abs=1e-6)
-    padded = transcriber._pad_stack([prepared.features, full]).numpy()[0]
+    from batchcap.models.whisper import Prepared
+
+    padded = transcriber._pad_stack([prepared, Prepared(full, 30.0, False, float(full.min()))]).numpy()[0]
     np.testing.assert_allclose(padded[:, 450:], full[:, 450:], atol=1e-5)
 
 
@@ -333,7 +335,7 @@ def test_live_window_takes_the_tail_from_the_cache(tiny_whisper):
     quiet, loud = transcriber.prepare(tone(2.0, amp=0.01)), transcriber.prepare(tone(1.0, amp=0.9))
     assert live.key(quiet.pad_value) != live.key(loud.pad_value)  # the floor follows the clip's loudness
     with torch.inference_mode():
-        features = transcriber._pad_stack([quiet.features, loud.features])
+        features = transcriber._pad_stack([quiet, loud])
         states = live(features, [quiet.pad_value, loud.pad_value])
     length = features.shape[-1] // 2
     assert states.shape == (2, 1500, transcriber.model.config.d_model)

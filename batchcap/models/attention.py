@@ -54,9 +54,10 @@ def _register() -> bool:
     return True
 
 
-def use_step_attention(model: Any) -> bool:
-    """Switch ``model`` from SDPA to SDPA-with-plain-decoding-steps; False where it stays as it was."""
-    if getattr(model.config, "_attn_implementation", None) != "sdpa" or not _register():
+def use_step_attention(model: Any, device: Any) -> bool:
+    """On the CPU, switch ``model`` from SDPA to SDPA-with-plain-decoding-steps; False where it
+    stays as it was (other devices, other attention implementations)."""
+    if device.type != "cpu" or getattr(model.config, "_attn_implementation", None) != "sdpa" or not _register():
         return False
     try:
         model.set_attn_implementation(NAME)

@@ -16,6 +16,7 @@ from typing import Any
 from PIL import Image
 
 from ..items import FatalError
+from .attention import use_step_attention
 from .common import announce_load, load_error_message, resolve_device, resolve_precision
 
 log = logging.getLogger(__name__)
@@ -81,10 +82,7 @@ class Captioner:
         except Exception as exc:
             raise FatalError(load_error_message(model, exc)) from exc
         self.model.to(self.device).eval()
-        if self.device.type == "cpu":
-            from .attention import use_step_attention
-
-            use_step_attention(self.model)
+        use_step_attention(self.model, self.device)
         self.model_type = config.model_type
         self._fix_special_tokens()
         self._prompt_ids = self._encode_prompt() if self.prompt else None

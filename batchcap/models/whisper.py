@@ -21,6 +21,7 @@ import numpy as np
 
 from ..audio import SAMPLE_RATE
 from ..items import FatalError
+from .attention import use_step_attention
 from .common import announce_load, load_error_message, resolve_device, resolve_precision
 
 log = logging.getLogger(__name__)
@@ -37,7 +38,7 @@ class Prepared:
     features: np.ndarray  # [n_mels, frames]
     duration_s: float
     long_form: bool
-    pad_value: float = 0.0  # the log-mel value of zero samples for this clip (its floor)
+    pad_value: float  # what padding frames take: the clip's log-mel floor (Whisper's value for zero samples)
 
 
 class WhisperTranscriber:
@@ -68,10 +69,7 @@ class WhisperTranscriber:
         except Exception as exc:
             raise FatalError(load_error_message(model, exc)) from exc
         self.model.to(self.device).eval()
-        if self.device.type == "cpu":
-            from .attention import use_step_attention
-
-            use_step_attention(self.model)
+        use_step_attention(self.model, self.device)
         self._torch = torch
         gen = self.model.generation_config
         self.multilingual = bool(getattr(gen, "is_multilingual", False)) and bool(getattr(gen, "lang_to_id", None))
@@ -108,7 +106,7 @@ class WhisperTranscriber:
         if len(samples) > WINDOW_FRAMES * HOP:
             feats = self.feature_extractor(samples, sampling_rate=SAMPLE_RATE, truncation=False, padding="longest",
                                            return_tensors="np").input_features[0]
-            return Prepared(feats, duration, True)
+            return Prepared(feats, duration, True, float(feats.min()))
         frames = WINDOW_FRAMES
         if not self.full_window:
             needed = math.ceil((duration + self.window_margin_s) * 100 / FRAME_STEP) * FRAME_STEP
@@ -137,18 +135,19 @@ class WhisperTranscriber:
             return contextlib.nullcontext()
         return self._torch.autocast(self.device.type, dtype=self.autocast)
 
-    def _pad_stack(self, feats: list[np.ndarray]) -> Any:
+    def _pad_stack(self, batch: list[Prepared]) -> Any:
         """Stack features of different lengths; padding frames take each clip's own floor value,
         which is exactly what Whisper's feature extractor gives zero samples."""
-        width = max(f.shape[-1] for f in feats)
-        rows = [np.pad(f, ((0, 0), (0, width - f.shape[-1])), constant_values=float(f.min())) for f in feats]
+        width = max(p.features.shape[-1] for p in batch)
+        rows = [np.pad(p.features, ((0, 0), (0, width - p.features.shape[-1])), constant_values=p.pad_value)
+                for p in batch]
         return self._torch.from_numpy(np.stack(rows)).to(self.device, self.dtype)
 
     def _encode(self, batch: list[Prepared]) -> tuple[Any, Any]:
         """Encoder outputs, and for a live window the decoder's cross-attention cache built from it."""
         from transformers.modeling_outputs import BaseModelOutput
 
-        features = self._pad_stack([p.features for p in batch])
+        features = self._pad_stack(batch)
         if features.shape[-1] >= WINDOW_FRAMES:
             return self.model.get_encoder()(features), None
         pad_values = [p.pad_value for p in batch]
@@ -187,7 +186,7 @@ class WhisperTranscriber:
     def _long(self, batch: list[Prepared]) -> list[dict[str, Any]]:
         lengths = [p.features.shape[-1] for p in batch]
         width = max(lengths)
-        features = self._pad_stack([p.features for p in batch])
+        features = self._pad_stack(batch)
         mask = self._torch.zeros((len(batch), width), dtype=self._torch.long, device=self.device)
         for i, n in enumerate(lengths):
             mask[i, :n] = 1

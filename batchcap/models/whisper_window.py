@@ -142,9 +142,8 @@ class LiveWindowEncoder:
         silences = [self.silence(v) for v in pad_values]
         for silence in silences:
             if silence.cross is None:
-                silence.cross = [self._project(layer.encoder_attn, silence.states[None])
-                                 for layer in self.decoder.layers]
-                silence.cross = [(k[0], v[0]) for k, v in silence.cross]
+                projected = [self._project(layer.encoder_attn, silence.states[None]) for layer in self.decoder.layers]
+                silence.cross = [(k[0], v[0]) for k, v in projected]
         groups, tail = self._tails(silences, states.shape[0])
         live = states[:, :length]
         cross = DynamicCache()
