@@ -8,47 +8,17 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
-import sys
 from collections.abc import Callable
 from typing import Any
 
 import click
 
 from . import __version__
+from .cli_common import EXIT_INTERRUPTED, EXIT_ITEMS_FAILED, EXIT_OK, CommandError, setup_logging
 from .cli_options import apply, http_options, logging_options, manifest_options
 from .items import FatalError
 
-EXIT_OK, EXIT_FATAL, EXIT_USAGE, EXIT_ITEMS_FAILED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
-
 log = logging.getLogger("batchcap")
-
-
-def _setup_logging(verbose: int, quiet: bool) -> None:
-    level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
-    handler = logging.StreamHandler(sys.stderr)
-    fmt = "%(message)s" if sys.stderr.isatty() else "%(asctime)s batchcap %(levelname)s %(message)s"
-    handler.setFormatter(logging.Formatter(fmt, datefmt="%Y-%m-%dT%H:%M:%S"))
-    root = logging.getLogger("batchcap")
-    root.handlers[:] = [handler]
-    root.setLevel(level)
-    if verbose < 1:  # transformers' deprecation chatter is not for our users
-        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-        os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
-        logging.getLogger("transformers").setLevel(logging.ERROR)
-    if quiet or not sys.stderr.isatty():  # no "Loading weights" bars in cron logs
-        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-        try:
-            from transformers.utils import logging as hf_logging
-
-            hf_logging.disable_progress_bar()
-        except ImportError:  # pragma: no cover
-            pass
-
-
-def _fail(message: str, code: int = EXIT_FATAL) -> None:
-    click.echo(f"Error: {message}", err=True)
-    sys.exit(code)
 
 
 def job_options(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -105,15 +75,15 @@ def _run(job: Callable[[], Any], quiet: bool) -> None:
     try:
         result = job()
     except FatalError as exc:
-        _fail(str(exc))
+        raise CommandError(str(exc)) from None
     except KeyboardInterrupt:
-        click.echo("Interrupted: rows done so far are kept; run the same command again to resume.", err=True)
-        sys.exit(EXIT_INTERRUPTED)
+        raise CommandError("interrupted: rows done so far are kept; run the same command again to resume",
+                           EXIT_INTERRUPTED) from None
     if not quiet:
         for line in summary_lines(result.summary):
             click.echo(line)
         click.echo(f"summary: {result.summary_path}")
-    sys.exit(EXIT_ITEMS_FAILED if result.failed else EXIT_OK)
+    click.get_current_context().exit(EXIT_ITEMS_FAILED if result.failed else EXIT_OK)
 
 
 def summary_lines(summary: dict[str, Any]) -> list[str]:
@@ -209,7 +179,7 @@ def images(inputs: tuple[str, ...], output: str | None, url_column: str | None, 
 
 def _job_options(cli: dict[str, Any], default_max_bytes: int, default_workers: int) -> dict[str, Any]:
     """CLI option values -> option-dataclass fields (the names differ where the CLI follows habit)."""
-    _setup_logging(cli.pop("verbose"), cli["quiet"])
+    setup_logging(cli.pop("verbose"), cli["quiet"])
     cli["fetch"] = _fetch_config(default_max_bytes, cli.pop("timeout"), cli.pop("retries"), cli.pop("max_bytes"),
                                  cli.pop("per_host"))
     cli["num_beams"] = cli.pop("beam_size")

@@ -11,25 +11,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import soundfile as sf
-from click.testing import CliRunner
 
 from batchcap import transcribe
 from batchcap.audio import decode_audio
-from batchcap.cli import main
 from batchcap.items import DECODE_ERROR, EMPTY, ItemError
 from batchcap.metrics import get_normalizer, load_english_spelling, wer_counts
-from batchcap.output import read_table
 from tests.conftest import tone, write_audio
-
-
-def run_cli(*args: str) -> tuple[int, str]:
-    result = CliRunner().invoke(main, list(args))
-    return result.exit_code, result.output
-
-
-def rows_of(path: str) -> list[dict]:
-    return read_table(str(path)).to_pylist()
-
+from tests.helpers import rows_of, run_cli  # noqa: F401
 
 # --- decoding -----------------------------------------------------------------------------------
 

@@ -11,22 +11,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from click.testing import CliRunner
 from PIL import Image
 
 from batchcap import caption_images
-from batchcap.cli import main
 from batchcap.metrics import caption_metrics
-from batchcap.output import read_table
-
-
-def run_cli(*args: str) -> tuple[int, str]:
-    result = CliRunner().invoke(main, list(args))
-    return result.exit_code, result.output
-
-
-def rows_of(path) -> list[dict]:
-    return read_table(str(path)).to_pylist()
+from tests.helpers import rows_of, run_cli  # noqa: F401
 
 
 def photo_bytes(name: str, fmt: str = "JPEG") -> bytes:

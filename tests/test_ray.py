@@ -16,18 +16,17 @@ from typing import Any
 import numpy as np
 import pytest
 import soundfile as sf
-from click.testing import CliRunner
 from PIL import Image
 
 ray = pytest.importorskip("ray")
 
 from batchcap.audio import decode_audio  # noqa: E402
-from batchcap.cli import main  # noqa: E402
 from batchcap.engines import ray_engine  # noqa: E402
 from batchcap.items import OK, FatalError, Item, ItemError  # noqa: E402
 from batchcap.output import read_table  # noqa: E402
 from batchcap.runner import RunConfig, run_job  # noqa: E402
 from tests.conftest import write_audio  # noqa: E402
+from tests.helpers import rows_of, run_cli  # noqa: E402,F401
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMPARED = ("id", "source", "status", "error", "duration_s", "text", "language", "reference", "speaker")
@@ -46,9 +45,6 @@ def ray_instance() -> Any:
     ray.shutdown()
 
 
-def run_cli(*args: str) -> tuple[int, str]:
-    result = CliRunner().invoke(main, list(args))
-    return result.exit_code, result.output
 
 
 def comparable(rows: list[dict[str, Any]], columns: tuple[str, ...] = COMPARED) -> list[dict[str, Any]]:

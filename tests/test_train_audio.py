@@ -17,9 +17,9 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 import soundfile as sf
-from click.testing import CliRunner
 
-from batchcap.cli import main
+from tests import helpers
+from tests.helpers import rows_of  # noqa: F401
 from tests.tiny_whisper import make_tiny_whisper
 
 WORDS = {300.0: "red", 1000.0: "blue", 3000.0: "square"}
@@ -28,6 +28,10 @@ RATES = (8000, 16000, 22050)  # decode_audio resamples them all to 16 kHz
 # The main training runs on the CPU; BATCHCAP_TEST_DEVICE=cuda runs them on a GPU instead (autocast, gradient
 # scaler, gradient checkpointing paths), e.g. on a GPU machine: BATCHCAP_TEST_DEVICE=cuda pytest tests/test_train_*
 TRAIN_DEVICE = os.environ.get("BATCHCAP_TEST_DEVICE", "cpu")
+
+
+def run_cli(*args: object) -> tuple[int, str]:
+    return helpers.run_cli(*args, raise_errors=True)
 
 
 @pytest.fixture(autouse=True)
@@ -41,11 +45,6 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(before)
 
 
-def run_cli(*args: object) -> tuple[int, str]:
-    result = CliRunner().invoke(main, [str(a) for a in args])
-    if result.exception and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    return result.exit_code, result.output
 
 
 def make_base(directory: str, multilingual: bool = True) -> str:

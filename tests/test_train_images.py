@@ -15,10 +15,10 @@ import random
 from collections.abc import Iterator
 
 import pytest
-from click.testing import CliRunner
 from PIL import Image, ImageDraw
 
-from batchcap.cli import main
+from tests import helpers
+from tests.helpers import rows_of  # noqa: F401
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 170, 40), "blue": (30, 60, 220)}
 SHAPES = ("circle", "square", "triangle")
@@ -27,6 +27,10 @@ WORDS = ("a", *COLOURS, *SHAPES)
 # The main training runs on the CPU; BATCHCAP_TEST_DEVICE=cuda runs them on a GPU instead (autocast, gradient
 # scaler, gradient checkpointing paths), e.g. on a GPU machine: BATCHCAP_TEST_DEVICE=cuda pytest tests/test_train_*
 TRAIN_DEVICE = os.environ.get("BATCHCAP_TEST_DEVICE", "cpu")
+
+
+def run_cli(*args: object) -> tuple[int, str]:
+    return helpers.run_cli(*args, raise_errors=True)
 
 
 @pytest.fixture(autouse=True)
@@ -40,11 +44,6 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(before)
 
 
-def run_cli(*args: str) -> tuple[int, str]:
-    result = CliRunner().invoke(main, [str(a) for a in args])
-    if result.exception and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    return result.exit_code, result.output
 
 
 def draw(colour: str, shape: str, rng: random.Random, size: int = 64) -> Image.Image:

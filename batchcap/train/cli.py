@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import logging
-import sys
-import warnings
 from collections.abc import Callable
 from typing import Any
 
 import click
 
+from ..cli_common import EXIT_INTERRUPTED, CommandError, setup_logging
 from ..cli_options import apply, http_options, logging_options, manifest_options
 from ..items import FatalError
 
@@ -47,11 +46,8 @@ def _common(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _start(verbose: int, quiet: bool) -> None:
-    from ..cli import _setup_logging
-
-    _setup_logging(verbose, quiet)
+    setup_logging(verbose, quiet)
     if verbose < 1:
-        warnings.filterwarnings("ignore", category=FutureWarning)  # transformers/peft deprecation chatter
         try:
             from transformers.utils import logging as hf_logging
 
@@ -62,17 +58,13 @@ def _start(verbose: int, quiet: bool) -> None:
 
 
 def _run(job: Callable[[], Any]) -> Any:
-    from ..cli import EXIT_FATAL, EXIT_INTERRUPTED
-
     try:
         return job()
     except FatalError as exc:
-        click.echo(f"Error: {exc}", err=True)
-        sys.exit(EXIT_FATAL)
+        raise CommandError(str(exc)) from None
     except KeyboardInterrupt:
-        click.echo("Interrupted: the last finished epoch is checkpointed; rerun with --resume to continue.",
-                   err=True)
-        sys.exit(EXIT_INTERRUPTED)
+        raise CommandError("interrupted: the last finished epoch is checkpointed; rerun with --resume to continue",
+                           EXIT_INTERRUPTED) from None
 
 
 def _fetch(timeout: float, retries: int, max_bytes: int) -> Any:

@@ -1,0 +1,47 @@
+"""What every batchcap command shares: logging setup, exit codes, and the one-line fatal error."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import warnings
+
+import click
+
+EXIT_OK, EXIT_FATAL, EXIT_USAGE, EXIT_ITEMS_FAILED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+
+
+class CommandError(click.ClickException):
+    """A failure of the whole command: printed as one ``Error: ...`` line, exits with ``exit_code``."""
+
+    def __init__(self, message: str, exit_code: int = EXIT_FATAL):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+    def show(self, file=None) -> None:  # noqa: ANN001 - click's signature
+        click.echo(f"Error: {self.format_message()}", err=True)
+
+
+def setup_logging(verbose: int, quiet: bool) -> None:
+    """batchcap's log lines on stderr: bare on a terminal, timestamped otherwise (cron); quiet HF libraries."""
+    level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
+    handler = logging.StreamHandler(sys.stderr)
+    fmt = "%(message)s" if sys.stderr.isatty() else "%(asctime)s batchcap %(levelname)s %(message)s"
+    handler.setFormatter(logging.Formatter(fmt, datefmt="%Y-%m-%dT%H:%M:%S"))
+    root = logging.getLogger("batchcap")
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    if verbose < 1:  # transformers' / peft's deprecation chatter is not for our users
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+        logging.getLogger("transformers").setLevel(logging.ERROR)
+        warnings.filterwarnings("ignore", category=FutureWarning)
+    if quiet or not sys.stderr.isatty():  # no "Loading weights" bars in cron logs
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        try:
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()
+        except ImportError:  # pragma: no cover
+            pass

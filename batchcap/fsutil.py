@@ -1,0 +1,67 @@
+"""One way to write a file so that readers see the old content or the new, never half of it."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from typing import IO, Any
+
+
+@contextlib.contextmanager
+def atomic_path(target: str) -> Iterator[str]:
+    """A unique temporary path beside ``target``; on success it is fsynced and renamed over it.
+
+    On any error the temporary file is removed and ``target`` is left as it was. The name is unique
+    (``mkstemp``), so concurrent writers of the same target never clobber each other's temp file.
+    """
+    directory = os.path.dirname(os.path.abspath(target)) or "."
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(target)}.", suffix=".tmp", dir=directory)
+    os.close(fd)
+    try:
+        yield tmp
+        fsync_path(tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    fsync_dir(directory)
+
+
+def atomic_write(target: str, data: str | bytes | Callable[[IO[Any]], None], *, encoding: str = "utf-8") -> str:
+    """Write ``data`` (text, bytes, or a function that writes to the open file) to ``target`` atomically."""
+    with atomic_path(target) as tmp:
+        if callable(data):
+            with open(tmp, "wb") as f:
+                data(f)
+        elif isinstance(data, bytes):
+            with open(tmp, "wb") as f:
+                f.write(data)
+        else:
+            with open(tmp, "w", encoding=encoding, newline="") as f:
+                f.write(data)
+    return target
+
+
+def fsync_path(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(directory: str) -> None:
+    """Make a rename in ``directory`` durable (a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
