@@ -16,10 +16,9 @@ import click
 from . import __version__
 from .asr import AudioOptions
 from .captioning import ImageOptions
-from .cli_common import EXIT_INTERRUPTED, EXIT_ITEMS_FAILED, EXIT_OK, CommandError, setup_logging
+from .cli_common import EXIT_ITEMS_FAILED, EXIT_OK, guarded_run, setup_logging
 from .cli_options import apply, http_options, logging_options, manifest_options
 from .fetch import FetchConfig
-from .items import FatalError
 from .job import JobOptions
 from .metrics.asr import NORMALIZER_MODES
 from .runner import ENGINES
@@ -79,18 +78,13 @@ def _fetch_config(default_max_bytes: int, timeout: float, retries: int, max_byte
 
 def _run(job: Callable[[], Any], quiet: bool) -> None:
     """Run a job, report its summary, exit with the code a scheduler can act on."""
-    try:
+    with guarded_run("rows done so far are kept; run the same command again to resume"):
         result = job()
-    except FatalError as exc:
-        raise CommandError(str(exc)) from None
-    except KeyboardInterrupt:
-        raise CommandError("interrupted: rows done so far are kept; run the same command again to resume",
-                           EXIT_INTERRUPTED) from None
     if not quiet:
         for line in summary_lines(result.summary):
             click.echo(line)
         click.echo(f"summary: {result.summary_path}")
-    click.get_current_context().exit(EXIT_ITEMS_FAILED if result.failed else EXIT_OK)
+    click.get_current_context().exit(EXIT_ITEMS_FAILED if result.failed_this_run else EXIT_OK)
 
 
 def summary_lines(summary: dict[str, Any]) -> list[str]:

@@ -2,14 +2,57 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
 import sys
+import threading
 import warnings
+from collections.abc import Iterator
+from typing import Any
 
 import click
 
-EXIT_OK, EXIT_FATAL, EXIT_USAGE, EXIT_ITEMS_FAILED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+from .items import FatalError
+
+EXIT_OK, EXIT_FATAL, EXIT_USAGE, EXIT_ITEMS_FAILED, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 3, 130, 143
+
+log = logging.getLogger("batchcap")
+
+
+class Terminated(BaseException):
+    """SIGTERM (systemd, ``timeout``, a scheduler's stop), raised in the main thread so that the run
+    unwinds like Ctrl-C: buffered rows are flushed, the lock released."""
+
+
+@contextlib.contextmanager
+def guarded_run(resume_hint: str) -> Iterator[None]:
+    """Run a command's work: a FatalError, any unexpected error (a bug, a full disk) and SIGTERM
+    become one ``Error: ...`` line and an exit code; the traceback only with ``-vv``."""
+    def terminate(signum: int, frame: Any) -> None:
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, terminate) if threading.current_thread() is threading.main_thread() \
+        else None
+    try:
+        yield
+    except FatalError as exc:
+        raise CommandError(str(exc)) from None
+    except KeyboardInterrupt:
+        raise CommandError(f"interrupted: {resume_hint}", EXIT_INTERRUPTED) from None
+    except Terminated:
+        raise CommandError(f"terminated (SIGTERM): {resume_hint}", EXIT_TERMINATED) from None
+    except (click.ClickException, click.exceptions.Exit):
+        raise
+    except Exception as exc:
+        log.debug("unexpected error", exc_info=True)
+        text = str(exc).strip().splitlines()
+        raise CommandError(f"{type(exc).__name__}: {text[0] if text else ''} (run with -vv for the traceback); "
+                           f"{resume_hint}") from None
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 class CommandError(click.ClickException):

@@ -11,7 +11,8 @@ FETCH_ERROR = "fetch_error"  # missing file, HTTP error, timeout, too large
 DECODE_ERROR = "decode_error"  # not a readable image / audio file, corrupt, bomb, NaN samples
 EMPTY = "empty"  # decodable but nothing to transcribe: silence, a clip too short
 MODEL_ERROR = "model_error"  # the model failed on this item (e.g. out of memory even alone)
-STATUSES = (OK, FETCH_ERROR, DECODE_ERROR, EMPTY, MODEL_ERROR)
+CRASHED = "crashed"  # the process died with this item in flight in two runs (see journal.py)
+STATUSES = (OK, FETCH_ERROR, DECODE_ERROR, EMPTY, MODEL_ERROR, CRASHED)
 
 
 class ItemError(Exception):

@@ -16,15 +16,17 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from .items import OK, FatalError, Item
+from .items import CRASHED, EMPTY, OK, FatalError, Item, ItemError
 from .job import Job, JobOptions
+from .journal import CRASH_LIMIT, Journal
 from .output import ResultStore, write_summary
 from .progress import Progress
-from .stages import Predictor
+from .stages import Loaded, Predictor, make_row
 
 log = logging.getLogger(__name__)
 
 ENGINES = ("local", "ray")
+NOT_FAILURES = (OK, EMPTY)  # an empty recording is an answer (silence), not a failure
 
 
 @dataclass
@@ -37,8 +39,13 @@ class RunResult:
 
     @property
     def failed(self) -> int:
-        """Rows of the whole table that are not ok."""
-        return sum(n for status, n in self.summary["status_counts"].items() if status != OK)
+        """Rows of the whole table that are neither ok nor empty (silence, a clip too short)."""
+        return sum(n for status, n in self.summary["status_counts"].items() if status not in NOT_FAILURES)
+
+    @property
+    def failed_this_run(self) -> int:
+        """Rows this run wrote that are neither ok nor empty: what the exit code reports."""
+        return sum(n for status, n in self.counts.items() if status not in NOT_FAILURES)
 
 
 def run_job(items: Iterable[Item], job: Job, output: str, options: JobOptions | None = None, *,
@@ -63,9 +70,9 @@ def run_job(items: Iterable[Item], job: Job, output: str, options: JobOptions | 
         estimate = getattr(items, "estimate", None)
         progress = Progress(job.kind, total=estimate() if callable(estimate) else None, bar=options.progress,
                             quiet=options.quiet, log_every=options.log_every)
-        rows = _engine_rows(items, job, options, predictor, store.done, order)
+        journal = Journal(store.parts_dir) if options.engine == "local" else None
         try:
-            for row in rows:
+            for row in _rows(items, job, options, predictor, store.done, order, journal):
                 if row is None:
                     skipped += 1
                     progress.update(skipped=True)
@@ -76,6 +83,8 @@ def run_job(items: Iterable[Item], job: Job, output: str, options: JobOptions | 
                 progress.update(status=row["status"])
         finally:
             progress.close()
+            if journal is not None:
+                journal.close()
         table = store.finalize(order, transform=job.scorer.finalize_table)
     wall = time.time() - started
     status_counts = Counter(table.column("status").to_pylist()) if table.num_rows else Counter()
@@ -95,6 +104,48 @@ def run_job(items: Iterable[Item], job: Job, output: str, options: JobOptions | 
     summary.update(job.scorer.summarize(table, wall))
     summary_path = write_summary(store.path, summary)
     return RunResult(store.path, summary_path, summary, counts, skipped)
+
+
+def _rows(items: Iterable[Item], job: Job, options: JobOptions, predictor: Predictor | None, done: set[str],
+          order: dict[str, int], journal: Journal | None) -> Iterator[dict[str, Any] | None]:
+    """The engine's rows, with crash-loop protection (see journal.py) where there is a journal:
+    items in flight when earlier runs died are done alone after the others, or get a ``crashed``
+    row after two such deaths."""
+    if journal is None:
+        yield from _engine_rows(items, job, options, predictor, done, order)
+        return
+    journal.open(reset=options.retry_failed or options.overwrite)
+    alone: list[Item] = []
+    crashed: list[Item] = []
+
+    def admitted() -> Iterator[Item]:
+        for item in items:
+            deaths = journal.deaths(item.id) if item.id not in done else 0
+            if deaths:
+                order[item.id] = item.index
+                (crashed if deaths >= CRASH_LIMIT else alone).append(item)
+                continue
+            if item.id not in done:
+                journal.enter(item.id)
+            yield item
+
+    for row in _engine_rows(admitted(), job, options, predictor, done, order):
+        if row is not None:
+            journal.leave(row["id"])
+        yield row
+    for item in crashed:
+        message = (f"the process died {journal.deaths(item.id)} times while this item was in flight (out of "
+                   "memory? a crash in a decoder? kill -9?); it was not tried again. Check the file on its "
+                   "own; --retry-failed tries it once more")
+        yield make_row(job.scorer, Loaded(item, error=ItemError(CRASHED, message)))
+    if alone:
+        log.warning("doing %d item(s) that were in flight when an earlier run died, one at a time", len(alone))
+    for item in alone:
+        journal.enter(item.id)
+        for row in _engine_rows([item], job, options, predictor, done, order):
+            if row is not None:
+                journal.leave(row["id"])
+            yield row
 
 
 def _engine_rows(items: Iterable[Item], job: Job, options: JobOptions, predictor: Predictor | None,

@@ -1,0 +1,107 @@
+"""Crash-loop protection: which items were in flight when a run died, and how often.
+
+A run appends ``+id`` when an item enters the engine and ``-id`` when its row comes back, to
+``OUT.parts/inflight-<run>.log`` (flushed to the OS after each line, so ``kill -9`` and the OOM
+killer lose nothing), and deletes the file when it ends by any Python path (done, error, Ctrl-C,
+SIGTERM). A log still there when the next run starts belongs to a run that died (OOM, a segfault in
+a decoder, ``kill -9``): the ids it holds without a ``-`` were in flight. Each such death is
+counted per id in ``OUT.parts/suspects.json``.
+
+The next run then keeps those items out of its batches and does each of them alone at the end,
+so one poisonous file cannot take a batch (or the whole run) down with it, and a second death is
+pinned on it. An item that was in flight in two runs that died gets a row ``status=crashed``
+instead of being tried a third time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import uuid
+from typing import IO
+
+from .fsutil import atomic_write
+
+log = logging.getLogger(__name__)
+
+CRASH_LIMIT = 2  # deaths with an item in flight before it is given up on
+SUSPECTS = "suspects.json"
+
+
+class Journal:
+    def __init__(self, parts_dir: str):
+        self.dir = parts_dir
+        self.path = os.path.join(parts_dir, f"inflight-{uuid.uuid4().hex[:12]}.log")
+        self.suspects: dict[str, int] = {}  # id -> deaths of earlier runs with it in flight
+        self._file: IO[str] | None = None
+
+    def open(self, reset: bool = False) -> None:
+        """Count the deaths of earlier runs (``reset``: forget them, e.g. ``--retry-failed``)."""
+        os.makedirs(self.dir, exist_ok=True)
+        suspects_path = os.path.join(self.dir, SUSPECTS)
+        if not reset:
+            try:
+                with open(suspects_path, encoding="utf-8") as f:
+                    self.suspects = {str(k): int(v) for k, v in json.load(f).items()}
+            except FileNotFoundError:
+                pass
+            except (OSError, ValueError, AttributeError) as exc:
+                log.warning("ignoring an unreadable %s: %s", suspects_path, exc)
+        dead = sorted(n for n in os.listdir(self.dir) if n.startswith("inflight-") and n.endswith(".log"))
+        for name in dead:
+            in_flight = _replay(os.path.join(self.dir, name))
+            if in_flight and not reset:
+                log.warning("an earlier run died with %d item(s) in flight; they will be done one at a time",
+                            len(in_flight))
+                for item_id in in_flight:
+                    self.suspects[item_id] = self.suspects.get(item_id, 0) + 1
+        if dead or reset:
+            atomic_write(suspects_path, json.dumps(self.suspects))
+            for name in dead:
+                with contextlib.suppress(OSError):
+                    os.remove(os.path.join(self.dir, name))
+        self._file = open(self.path, "a", encoding="utf-8")
+
+    def deaths(self, item_id: str) -> int:
+        return self.suspects.get(item_id, 0)
+
+    def enter(self, item_id: str) -> None:
+        self._write("+" + json.dumps(item_id) + "\n")  # JSON: an id may hold any character, newlines too
+
+    def leave(self, item_id: str) -> None:
+        self._write("-" + json.dumps(item_id) + "\n")
+
+    def _write(self, line: str) -> None:
+        if self._file is not None:
+            self._file.write(line)
+            self._file.flush()
+
+    def close(self) -> None:
+        """This run did not die: its log goes."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+            with contextlib.suppress(OSError):
+                os.remove(self.path)
+
+
+def _replay(path: str) -> set[str]:
+    in_flight: set[str] = set()
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if not line.endswith("\n"):  # cut short by the death
+                    continue
+                try:
+                    sign, item_id = line[:1], str(json.loads(line[1:]))
+                except ValueError:
+                    continue
+                if sign == "+":
+                    in_flight.add(item_id)
+                elif sign == "-":
+                    in_flight.discard(item_id)
+    except OSError as exc:
+        log.warning("cannot read %s: %s", path, exc)
+    return in_flight

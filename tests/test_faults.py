@@ -1,0 +1,178 @@
+"""Runs that die, are stopped or hit a bug: crash-loop protection, SIGTERM, one-line errors, exit codes,
+and the same rows whatever the thread counts."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from PIL import Image
+
+from batchcap.output import read_table
+from tests.conftest import write_audio
+from tests.helpers import rows_of, run_cli
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _start(cmd: list[str]) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONPATH=ROOT, HF_HUB_OFFLINE="1")
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for(condition, proc: subprocess.Popen, what: str, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        if proc.poll() is not None:
+            out, err = proc.communicate()
+            pytest.fail(f"the run ended before {what}: {out[-1500:]} {err[-1500:]}")
+        time.sleep(0.05)
+    proc.kill()
+    pytest.fail(f"timed out waiting for {what}")
+
+
+def _kill(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> tuple[int, str]:
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=120)
+    return proc.returncode, out + err
+
+
+def test_item_in_flight_when_two_runs_died_gets_a_crashed_row(tiny_whisper_en, http_server, tmp_path):
+    """A poisonous item (here: one the test kills the run on) is done alone after the first death and
+    given up on after the second; every other item gets its row and the run finishes."""
+    clips = [write_audio(tmp_path / f"c{i}.wav", 0.5 + 0.1 * i, freq=300 + 40 * i) for i in range(5)]
+    poison = http_server.url("/slow?delay=30")
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("path\n" + "\n".join(clips[:2] + [poison] + clips[2:]) + "\n")
+    out = str(tmp_path / "out.parquet")
+    cmd = [sys.executable, "-m", "batchcap.cli", "audio", str(manifest), "-o", out, "--model", tiny_whisper_en,
+           "--batch-size", "2", "--workers", "2", "--timeout", "60", "--retries", "0"]
+
+    for run in (1, 2):  # the run dies (SIGKILL, as the OOM killer does) while the poisonous item is in flight
+        proc = _start(cmd)
+        _wait_for(lambda run=run: http_server.hits["/slow"] >= run, proc, f"run {run} fetched the item")
+        _kill(proc)
+        assert not os.path.exists(out)
+    suspects = json.loads(open(out + ".parts/suspects.json").read()) if os.path.exists(
+        out + ".parts/suspects.json") else {}
+    assert suspects.get(poison) == 1  # run 2 counted run 1's death; run 2's is counted by run 3
+
+    proc = _start(cmd)
+    out_text, err_text = proc.communicate(timeout=240)
+    assert proc.returncode == 3, out_text + err_text  # a crashed row is a failure of this run
+    assert http_server.hits["/slow"] == 2  # not fetched a third time
+    rows = rows_of(out)
+    assert [r["source"] for r in rows] == clips[:2] + [poison] + clips[2:]  # one row each, input order
+    by_source = {r["source"]: r for r in rows}
+    assert by_source[poison]["status"] == "crashed"
+    assert "died 2 times while this item was in flight" in by_source[poison]["error"]
+    assert all(by_source[c]["status"] == "ok" for c in clips)
+    assert not os.path.exists(out + ".parts")
+
+    # --retry-failed forgives it: tried once more (here it answers, after its delay, as not-audio)
+    code, output = run_cli("audio", str(manifest), "-o", out, "--model", tiny_whisper_en, "--retry-failed",
+                           "--timeout", "60", "--retries", "0")
+    assert http_server.hits["/slow"] == 3
+    assert {r["source"]: r["status"] for r in rows_of(out)}[poison] == "decode_error"
+
+
+def _png(i: int) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (30 + i, 24), (i * 9 % 256, 120, 200)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def test_sigterm_flushes_buffered_rows_exits_143_and_the_rerun_resumes(tiny_captioner, http_server, tmp_path):
+    folder = tmp_path / "img"
+    folder.mkdir()
+    paths = []
+    for i in range(12):
+        (folder / f"{i:02d}.png").write_bytes(_png(i))
+        paths.append(str(folder / f"{i:02d}.png"))
+    http_server.add("/late.png", _png(99), "image/png")
+    manifest = tmp_path / "m.csv"
+    slow = http_server.url("/slow?delay=6&body=x")  # holds the run open while it is stopped
+    manifest.write_text("url\n" + "\n".join(paths + [slow]) + "\n")
+    out = str(tmp_path / "out.parquet")
+    cmd = [sys.executable, "-m", "batchcap.cli", "images", str(manifest), "-o", out, "--model", tiny_captioner,
+           "--batch-size", "2", "--workers", "2", "--flush-every", "1000", "--retries", "0"]
+    proc = _start(cmd)
+    _wait_for(lambda: http_server.hits["/slow"] >= 1, proc, "the last item was requested")
+    time.sleep(1.0)  # the windows before it are done meanwhile: their rows sit in the buffer (no flush yet)
+    code, output = _kill(proc, signal.SIGTERM)
+    assert code == 143, output
+    assert "terminated (SIGTERM)" in output and "Traceback" not in output
+    parts = [p for p in os.listdir(out + ".parts") if p.endswith(".parquet")]
+    saved = sum(len(read_table(os.path.join(out + ".parts", p))) for p in parts)
+    assert saved >= 2  # the buffer was flushed on the way out
+    assert not os.path.exists(out + ".lock") or open(out + ".lock").read().strip() != str(proc.pid)
+
+    code, output = run_cli(*cmd[3:])
+    assert code == 3, output  # the slow URL answers text, not an image: a failed row of this run
+    rows = rows_of(out)
+    assert [r["source"] for r in rows] == paths + [slow]
+    summary = json.loads((tmp_path / "out.summary.json").read_text())
+    assert summary["skipped_already_done"] == saved and summary["processed_this_run"] == 13 - saved
+
+
+def test_unexpected_error_is_one_line_and_leaves_no_temp(tiny_captioner, tmp_path, monkeypatch):
+    from batchcap import output
+
+    folder = tmp_path / "img"
+    folder.mkdir()
+    (folder / "a.png").write_bytes(_png(1))
+
+    def disk_full(self, *args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(output.ResultStore, "finalize", disk_full)
+    code, text = run_cli("images", str(folder), "-o", str(tmp_path / "out.parquet"), "--model", tiny_captioner)
+    assert code == 1
+    assert text.strip().splitlines()[-1].startswith("Error: OSError: [Errno 28] No space left on device")
+    assert "Traceback" not in text
+
+
+def test_exit_code_counts_only_failures_of_this_run(tiny_whisper_en, tmp_path):
+    folder = tmp_path / "a"
+    folder.mkdir()
+    write_audio(folder / "speech.wav", 0.8)
+    import numpy as np
+    import soundfile as sf
+
+    sf.write(str(folder / "silence.wav"), np.zeros(12800, np.float32), 16000)
+    out = str(tmp_path / "out.parquet")
+    code, text = run_cli("audio", str(folder), "-o", out, "--model", tiny_whisper_en)
+    assert code == 0, text  # silence is an answer (status empty), not a failure
+    assert sorted(r["status"] for r in rows_of(out)) == ["empty", "ok"]
+
+    (folder / "corrupt.wav").write_bytes(b"RIFF" + b"\x00" * 60)
+    code, text = run_cli("audio", str(folder), "-o", out, "--model", tiny_whisper_en)
+    assert code == 3, text  # this run wrote a failed row
+    code, text = run_cli("audio", str(folder), "-o", out, "--model", tiny_whisper_en)
+    assert code == 0, text  # nothing failed in this run (the corrupt row is an earlier run's)
+    assert "1 decode_error" in text
+
+
+def test_same_rows_whatever_the_thread_counts(tiny_whisper, tmp_path):
+    """Batches are formed from the input alone, so two runs with different worker counts give the same
+    text on every row (a clip's transcript depends on its batch partners: padding, precision)."""
+    folder = tmp_path / "a"
+    folder.mkdir()
+    for i in range(14):
+        write_audio(folder / f"{i:02d}.wav", 0.3 + ((i * 7) % 11) * 0.17, freq=180 + 37 * i)
+    outs = []
+    for workers, fetchers in ((1, 1), (4, 7)):
+        out = str(tmp_path / f"out-{workers}.parquet")
+        code, text = run_cli("audio", str(folder), "-o", out, "--model", tiny_whisper, "--batch-size", "3",
+                             "--workers", str(workers), "--fetch-workers", str(fetchers))
+        assert code == 0, text
+        outs.append([(r["id"], r["text"], r["language"]) for r in rows_of(out)])
+    assert outs[0] == outs[1]
