@@ -242,13 +242,9 @@ class ResultStore:
 
     def _read_part(self, path: str, columns: list[str] | None = None) -> Any:
         import pyarrow as pa
-        import pyarrow.parquet as pq
 
         try:
-            if columns is not None:
-                names = pq.read_schema(path).names
-                columns = [c for c in columns if c in names]
-            return pq.read_table(path, columns=columns)
+            return read_parquet(path, columns)
         except (OSError, pa.ArrowInvalid) as exc:  # a part cut short by a crash
             log.warning("ignoring unreadable part %s: %s", os.path.basename(path), exc)
             return None
@@ -370,16 +366,17 @@ def count_statuses(table: Any) -> Counter:
 def merge_rows(table: Any, order: dict[str, int]) -> Any:
     """One row per id (the last one: later parts are newer), in input order, without ORDER.
 
-    The row order is worked out on the id column alone; the table is gathered once.
+    The row order is worked out on the id column alone (numpy and Arrow kernels, no query engine);
+    the table is gathered once.
     """
     import numpy as np
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    ids = table.column("id").cast(pa.string())
-    last = pa.table({"id": ids, "_seq": pa.array(np.arange(len(ids), dtype=np.int64))}) \
-        .group_by("id", use_threads=False).aggregate([("_seq", "max")]).column("_seq_max").to_numpy()
-    last = np.sort(last)  # the newest row of each id, in write order
+    ids = table.column("id").cast(pa.string()).combine_chunks()
+    codes = ids.dictionary_encode().indices.to_numpy(zero_copy_only=False)
+    _, first_from_end = np.unique(codes[::-1], return_index=True)
+    last = np.sort(len(codes) - 1 - first_from_end)  # the newest row of each id, in write order
     kept = ids.take(last)
     keys = pa.array(list(order), pa.string())
     ranks = pa.array(list(order.values()), pa.int64())
@@ -521,17 +518,23 @@ def read_table(path: str, columns: list[str] | None = None, hint: Any = None) ->
     does not know take their type from ``hint`` (e.g. the parts of a run), else stay text, except
     for a CSV without any schema (written by an older batchcap), whose types are guessed.
     """
-    import pyarrow.parquet as pq
-
     if not path.lower().endswith(".csv"):
-        if columns is not None:
-            names = pq.read_schema(path).names
-            columns = [c for c in columns if c in names]
-        return pq.read_table(path, columns=columns)
+        return read_parquet(path, columns)
     schema = read_schema(schema_path(path))
     if schema is None and hint is None:
         return _read_csv_guessing(path, columns)
     return _read_csv_typed(path, columns, schema, hint)
+
+
+def read_parquet(path: str, columns: list[str] | None = None) -> Any:
+    """One parquet file (only ``columns`` that it has, when given), without pyarrow's dataset layer,
+    whose libraries alone add some 50 MB to the process."""
+    import pyarrow.parquet as pq
+
+    with pq.ParquetFile(path) as f:
+        if columns is not None:
+            columns = [c for c in columns if c in f.schema_arrow.names]
+        return f.read(columns=columns)
 
 
 def _csv_header(path: str) -> list[str]:

@@ -122,13 +122,18 @@ def test_resume_reads_only_the_id_and_status_columns(tmp_path, monkeypatch):
     with ResultStore(out, flush_rows=2) as store:
         store.add({"id": "d", "status": "model_error", "text": None, ORDER: 3})
     seen = []
-    real = pq.read_table
+    real_table, real_file = pq.read_table, pq.ParquetFile.read
 
-    def spy(path, *args, columns=None, **kwargs):
+    def spy_table(path, *args, columns=None, **kwargs):
         seen.append(columns)
-        return real(path, *args, columns=columns, **kwargs)
+        return real_table(path, *args, columns=columns, **kwargs)
 
-    monkeypatch.setattr(pq, "read_table", spy)
+    def spy_file(self, columns=None, *args, **kwargs):
+        seen.append(columns)
+        return real_file(self, columns, *args, **kwargs)
+
+    monkeypatch.setattr(pq, "read_table", spy_table)
+    monkeypatch.setattr(pq.ParquetFile, "read", spy_file)
     with ResultStore(out, retry_failed=True) as store:
         assert store.done == {"a", "b", "c"}
     assert seen == [["id", "status"], ["id", "status"]]
