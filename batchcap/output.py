@@ -126,10 +126,7 @@ class ResultStore:
                 for old in (self.path, self.schema_path if self.format == "csv" else None):
                     if old and os.path.exists(old):
                         _remove(old)
-            try:
-                os.makedirs(self.parts_dir, exist_ok=True)
-            except OSError as exc:
-                raise FatalError(f"cannot create {self.parts_dir}: {_reason(exc)}") from None
+            self._make_parts_dir()
             self._next_seq = max((seq for seq, _ in self._part_files() if seq >= 0), default=-1) + 1
             self.done = self._done_ids()
         except BaseException:
@@ -151,6 +148,12 @@ class ResultStore:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def _make_parts_dir(self) -> None:
+        try:
+            os.makedirs(self.parts_dir, exist_ok=True)
+        except OSError as exc:
+            raise FatalError(f"cannot create {self.parts_dir}: {_reason(exc)}") from None
 
     # --- the lock -----------------------------------------------------------------------------
     def _lock(self) -> None:
@@ -310,6 +313,8 @@ class ResultStore:
             import pyarrow.parquet as pq
 
             table = rows_to_table(rows)
+            if not os.path.isdir(self.parts_dir):  # rows added after finalize removed it
+                self._make_parts_dir()
             with writing(os.path.join(self.parts_dir, f"part-{seq:010d}-{self._run}.parquet")) as tmp:
                 pq.write_table(table, tmp)
         except BaseException:
@@ -494,7 +499,8 @@ def rows_to_table(rows: list[dict[str, Any]], like: Any = None) -> Any:
         field_type = like.schema.field(c).type if like is not None and c in like.column_names else None
         try:
             arrays[c] = pa.array(values, type=field_type) if field_type is not None else pa.array(values)
-        except (pa.ArrowInvalid, pa.ArrowTypeError):
+        except (ValueError, TypeError, OverflowError) as exc:  # Arrow's errors included: mixed types
+            log.debug("column %s holds values of several types (%s): stored as text", c, exc)
             arrays[c] = pa.array([None if v is None else _text(v) for v in values], pa.string())
     return pa.table(arrays)
 

@@ -286,3 +286,28 @@ def test_overwrite_removes_the_csv_schema(tmp_path):
         store.add({"id": "a", "status": "ok", "x": 7, ORDER: 0})
         store.finalize({})
     assert read_table(out).column("x").to_pylist() == [7]
+
+
+def test_values_arrow_cannot_hold_become_text_instead_of_failing_the_flush(tmp_path):
+    out = str(tmp_path / "o.parquet")
+    with ResultStore(out, flush_rows=2) as store:
+        store.add({"id": "a", "status": "ok", "big": 2**70, "obj": object, ORDER: 0})
+        store.add({"id": "b", "status": "ok", "big": 1, "obj": None, ORDER: 1})
+        table = store.finalize({"a": 0, "b": 1})
+    assert table.column("big").to_pylist() == [str(2**70), "1"]
+    assert table.column("obj").to_pylist() == [str(object), None]
+
+
+def test_a_csv_written_without_a_schema_resumes_with_the_types_of_the_new_parts(tmp_path):
+    """A CSV output of an older batchcap (no .schema.json) used to fail every resume (list vs text)."""
+    out = str(tmp_path / "o.csv")
+    with ResultStore(out) as store:
+        store.add({"id": "a", "status": "ok", "references": ["x", "y"], "code": "007", ORDER: 0})
+        store.finalize({"a": 0})
+    os.remove(tmp_path / "o.schema.json")
+    with ResultStore(out) as store:
+        store.add({"id": "b", "status": "ok", "references": ["z"], "code": "008", ORDER: 1})
+        table = store.finalize({"a": 0, "b": 1})
+    assert table.column("references").to_pylist() == [["x", "y"], ["z"]]
+    assert table.column("code").to_pylist() == ["007", "008"]
+    assert read_table(out).column("code").to_pylist() == ["007", "008"]
