@@ -126,6 +126,7 @@ class ResultStore:
                 for old in (self.path, self.schema_path if self.format == "csv" else None):
                     if old and os.path.exists(old):
                         _remove(old)
+            self._remove_stale_temp_files()
             self._make_parts_dir()
             self._next_seq = max((seq for seq, _ in self._part_files() if seq >= 0), default=-1) + 1
             self.done = self._done_ids()
@@ -148,6 +149,18 @@ class ResultStore:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def _remove_stale_temp_files(self) -> None:
+        """Temp files of the final file or its schema left by a run killed while writing them (only a
+        run holding the lock writes those, so none belongs to a live run)."""
+        folder = os.path.dirname(self.path)
+        prefixes = tuple(f".{os.path.basename(p)}." for p in (self.path, self.schema_path))
+        with contextlib.suppress(OSError):
+            for name in os.listdir(folder):
+                if name.startswith(prefixes) and name.endswith(".tmp"):
+                    log.debug("removing %s, left by an interrupted run", name)
+                    with contextlib.suppress(OSError):
+                        os.remove(os.path.join(folder, name))
 
     def _make_parts_dir(self) -> None:
         try:

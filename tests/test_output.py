@@ -311,3 +311,14 @@ def test_a_csv_written_without_a_schema_resumes_with_the_types_of_the_new_parts(
     assert table.column("references").to_pylist() == [["x", "y"], ["z"]]
     assert table.column("code").to_pylist() == ["007", "008"]
     assert read_table(out).column("code").to_pylist() == ["007", "008"]
+
+
+def test_temp_files_of_a_run_killed_while_writing_the_final_file_are_removed(tmp_path):
+    out = str(tmp_path / "o.csv")
+    stale = [tmp_path / ".o.csv.k3j4h5g6.tmp", tmp_path / ".o.schema.json.a1b2c3d4.tmp"]
+    kept = [tmp_path / ".o.summary.json.a1b2c3d4.tmp", tmp_path / ".other.csv.a1b2c3d4.tmp"]
+    for path in stale + kept:
+        path.write_text("half")
+    with ResultStore(out):
+        pass
+    assert [p.exists() for p in stale + kept] == [False, False, True, True]
