@@ -36,7 +36,8 @@ setup(
         "bench": ["faster-whisper>=1.0", "psutil>=5"],
         # everything the tests exercise (the Ray engine and both fine-tunes included)
         "dev": ["pytest>=8", "pytest-timeout>=2", "ruff>=0.6", "scikit-image>=0.22", "pycocoevalcap>=1.2",
-                "peft>=0.13", "accelerate>=1.0", "matplotlib>=3.7", "ray[data]>=2.40", "pandas>=2"],
+                "peft>=0.13", "accelerate>=1.0", "matplotlib>=3.7", "ray[data]>=2.40", "pandas>=2",
+                "vermin>=1.6"],
     },
     entry_points={"console_scripts": ["batchcap=batchcap.cli:main"]},
     classifiers=[

@@ -7,7 +7,7 @@ import socket
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from email.utils import format_datetime
 from pathlib import Path
 
@@ -96,9 +96,9 @@ def test_retry_after_capped(server: LoopbackServer) -> None:
 def test_parse_retry_after() -> None:
     assert parse_retry_after("3") == 3.0
     assert parse_retry_after(None) is None and parse_retry_after("soon") is None
-    later = format_datetime(datetime.now(UTC) + timedelta(seconds=20), usegmt=True)
+    later = format_datetime(datetime.now(timezone.utc) + timedelta(seconds=20), usegmt=True)
     assert 15 < (parse_retry_after(later) or 0) <= 20
-    earlier = format_datetime(datetime.now(UTC) - timedelta(seconds=20), usegmt=True)
+    earlier = format_datetime(datetime.now(timezone.utc) - timedelta(seconds=20), usegmt=True)
     assert parse_retry_after(earlier) == 0.0
 
 
