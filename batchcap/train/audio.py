@@ -104,7 +104,7 @@ class AudioTrainOptions:
     path_column: str | None = None
     reference_columns: Sequence[str] = ()
     id_column: str | None = None
-    fetch: FetchConfig = field(default_factory=lambda: FetchConfig(max_bytes=2 * 2**30))
+    fetch: FetchConfig = field(default_factory=lambda: FetchConfig(max_bytes=2 * 2**30, deadline=600.0))
 
 
 @dataclass
