@@ -17,7 +17,7 @@ from PIL import Image
 
 from ..items import FatalError
 from .attention import use_step_attention
-from .common import announce_load, load_error_message, resolve_device, resolve_precision
+from .common import announce_load, hub_guard, load_error_message, resolve_device, resolve_precision
 
 log = logging.getLogger(__name__)
 
@@ -61,26 +61,27 @@ class Captioner:
         self.prompt = prompt.strip() if prompt and prompt.strip() else None
         self._torch = torch
         announce_load(model)
-        try:
-            config = AutoConfig.from_pretrained(model)
-            self.image_processor = AutoImageProcessor.from_pretrained(model)
-            self.tokenizer = AutoTokenizer.from_pretrained(model)
-            kwargs: dict[str, Any] = {"dtype": self.dtype}
-            if attn_implementation:
-                kwargs["attn_implementation"] = attn_implementation
+        with hub_guard(model):  # no hub: fail at once, or load from the cache without its retries
             try:
-                self.model = AutoModelForImageTextToText.from_pretrained(model, config=config, **kwargs)
-            except (ValueError, ImportError) as exc:  # maybe an attention implementation this model lacks
-                if "attn_implementation" not in kwargs:
-                    raise
-                log.debug("loading %s with %s attention failed (%s); using the default", model,
-                          attn_implementation, exc)
-                kwargs.pop("attn_implementation")
-                self.model = AutoModelForImageTextToText.from_pretrained(model, config=config, **kwargs)
-        except FatalError:
-            raise
-        except Exception as exc:
-            raise FatalError(load_error_message(model, exc)) from exc
+                config = AutoConfig.from_pretrained(model)
+                self.image_processor = AutoImageProcessor.from_pretrained(model)
+                self.tokenizer = AutoTokenizer.from_pretrained(model)
+                kwargs: dict[str, Any] = {"dtype": self.dtype}
+                if attn_implementation:
+                    kwargs["attn_implementation"] = attn_implementation
+                try:
+                    self.model = AutoModelForImageTextToText.from_pretrained(model, config=config, **kwargs)
+                except (ValueError, ImportError) as exc:  # maybe an attention implementation this model lacks
+                    if "attn_implementation" not in kwargs:
+                        raise
+                    log.debug("loading %s with %s attention failed (%s); using the default", model,
+                              attn_implementation, exc)
+                    kwargs.pop("attn_implementation")
+                    self.model = AutoModelForImageTextToText.from_pretrained(model, config=config, **kwargs)
+            except FatalError:
+                raise
+            except Exception as exc:
+                raise FatalError(load_error_message(model, exc)) from exc
         self.model.to(self.device).eval()
         use_step_attention(self.model, self.device)
         self.model_type = config.model_type

@@ -22,7 +22,7 @@ import numpy as np
 from ..audio import SAMPLE_RATE
 from ..items import FatalError
 from .attention import use_step_attention
-from .common import announce_load, load_error_message, resolve_device, resolve_precision
+from .common import announce_load, hub_guard, load_error_message, resolve_device, resolve_precision
 
 log = logging.getLogger(__name__)
 
@@ -53,21 +53,22 @@ class WhisperTranscriber:
         self.device = resolve_device(device)
         self.dtype, self.autocast = resolve_precision(dtype, self.device)
         announce_load(model)
-        try:
-            self.feature_extractor = WhisperFeatureExtractor.from_pretrained(model)
-            self.tokenizer = WhisperTokenizerFast.from_pretrained(model)
-            kwargs: dict[str, Any] = {"dtype": self.dtype}
-            if attn_implementation:
-                kwargs["attn_implementation"] = attn_implementation
+        with hub_guard(model):  # no hub: fail at once, or load from the cache without its retries
             try:
-                self.model = WhisperForConditionalGeneration.from_pretrained(model, **kwargs)
-            except (ValueError, ImportError):  # an attention implementation this build lacks
-                kwargs.pop("attn_implementation", None)
-                self.model = WhisperForConditionalGeneration.from_pretrained(model, **kwargs)
-        except FatalError:
-            raise
-        except Exception as exc:
-            raise FatalError(load_error_message(model, exc)) from exc
+                self.feature_extractor = WhisperFeatureExtractor.from_pretrained(model)
+                self.tokenizer = WhisperTokenizerFast.from_pretrained(model)
+                kwargs: dict[str, Any] = {"dtype": self.dtype}
+                if attn_implementation:
+                    kwargs["attn_implementation"] = attn_implementation
+                try:
+                    self.model = WhisperForConditionalGeneration.from_pretrained(model, **kwargs)
+                except (ValueError, ImportError):  # an attention implementation this build lacks
+                    kwargs.pop("attn_implementation", None)
+                    self.model = WhisperForConditionalGeneration.from_pretrained(model, **kwargs)
+            except FatalError:
+                raise
+            except Exception as exc:
+                raise FatalError(load_error_message(model, exc)) from exc
         self.model.to(self.device).eval()
         use_step_attention(self.model, self.device)
         self._torch = torch
