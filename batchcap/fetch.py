@@ -500,9 +500,24 @@ class Fetcher:
         length = resp.headers.get("Content-Length", "").strip()
         if _DIGITS.fullmatch(length) and int(length) > cfg.max_bytes:
             raise _Fail(cap_msg, code)
-        raw = resp.raw
-        sock = _socket_of(raw)
+        sock = _socket_of(resp.raw)
         chunks: list[bytes] = []
+        try:
+            self._read_body(resp, clock, sock, chunks)
+        finally:
+            if sock is not None and clock.ends is not None:
+                try:
+                    sock.settimeout(cfg.read_timeout)  # a kept-alive connection starts its next request as usual
+                except OSError:
+                    pass
+        return b"".join(chunks)
+
+    def _read_body(self, resp: requests.Response, clock: _Clock, sock: socket.socket | None,
+                   chunks: list[bytes]) -> None:
+        cfg = self.config
+        code = resp.status_code
+        cap_msg = f"response larger than {_fmt_size(cfg.max_bytes)} cap (--max-bytes)"
+        raw = resp.raw
         total = 0
         while True:
             if clock.expired():
@@ -519,12 +534,11 @@ class Fetcher:
                 encoding = resp.headers.get("Content-Encoding", "?")
                 raise _Fail(f"cannot decode the response body (Content-Encoding: {encoding}): {exc}", code) from None
             if not chunk:
-                break
+                return
             total += len(chunk)
             if total > cfg.max_bytes:
                 raise _Fail(cap_msg, code)
             chunks.append(chunk)
-        return b"".join(chunks)
 
 
 def _socket_of(raw: Any) -> socket.socket | None:

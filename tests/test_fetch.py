@@ -420,3 +420,15 @@ def test_item_error_becomes_a_fetch_error(fetcher: Fetcher) -> None:
     bad = Item(index=0, id="m.jsonl line 3", source="m.jsonl line 3", error="manifest line 3: not valid JSON")
     res = fetcher.fetch(bad)
     assert (res.status, res.error, res.data, res.size) == (FETCH_ERROR, "manifest line 3: not valid JSON", None, 0)
+
+
+def test_gzip_body_is_decoded_and_capped_decoded(server: LoopbackServer) -> None:
+    import gzip
+
+    server.add("/img/z.png", gzip.compress(PNG), "image/png", {"Content-Encoding": "gzip"})
+    server.add("/bomb", gzip.compress(bytes(3 * 2**20)), headers={"Content-Encoding": "gzip"})  # ~3 KiB on the wire
+    with make(max_bytes=2**20) as f:
+        assert f.fetch(item(server.url("/img/z.png"))).data == PNG
+        bomb = f.fetch(item(server.url("/bomb")))
+    assert (bomb.status, bomb.error) == (FETCH_ERROR, "response larger than 1 MiB cap (--max-bytes)")
+

@@ -146,6 +146,14 @@ def test_hostile_manifest_end_to_end(tiny_captioner: str, tmp_path: Path) -> Non
         (FETCH_ERROR, "manifest m.jsonl line 6: not a JSON object (a list)", None),
     ]
     assert rows[url]["http_status"] is None
+    # the library takes the same settings through FetchConfig
+    from batchcap import caption_images
+
+    lib_out = tmp_path / "lib.parquet"
+    caption_images(str(manifest), str(lib_out), model=tiny_captioner, max_new_tokens=2, quiet=True,
+                   fetch=FetchConfig(root=str(data), block_private=True, deadline=5.0))
+    assert [(r["status"], r["error"]) for r in rows_of(lib_out)] == [
+        (r["status"], r["error"]) for r in rows.values()]
 
 
 @pytest.mark.parametrize("name", ["m.csv", "m.tsv"])
