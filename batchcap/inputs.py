@@ -271,8 +271,8 @@ def _read_columns(manifest: str) -> list[str]:
         if low.endswith((".jsonl", ".ndjson")):
             # the first line that is a JSON object names the columns; bad lines before it are rows of their own
             return next((list(row) for _, row, _ in _jsonl_records(manifest) if row is not None), [])
-        with open(manifest, "rb") as f:
-            header = next(csv.reader(_text_lines(f), delimiter=_delimiter(manifest)), [])
+        with _open_csv(manifest) as f:
+            header = next(csv.reader(f, delimiter=_delimiter(manifest)), [])
         if any(_bad_byte(c) is not None for c in header):
             raise FatalError(f"cannot read manifest {manifest}: its header line is not valid UTF-8 "
                              "(save the manifest as UTF-8)")
@@ -290,16 +290,14 @@ def _delimiter(manifest: str) -> str:
     return "\t" if manifest.lower().endswith(".tsv") else ","
 
 
-def _text_lines(f: Any) -> Iterator[str]:
-    """Lines of a binary file as text: UTF-8 (a BOM dropped), undecodable bytes kept as lone surrogates
-    (``surrogateescape``) so that the one row holding them can be told apart and refused."""
-    for n, line in enumerate(f):
-        text = line.decode("utf-8", "surrogateescape")
-        yield text.removeprefix("\ufeff") if n == 0 else text
+def _open_csv(manifest: str) -> Any:
+    """A CSV manifest as text: UTF-8 (a BOM dropped), any line ending; bytes that are not UTF-8 are kept as
+    lone surrogates (``surrogateescape``) so that the one row holding them can be told apart and refused."""
+    return open(manifest, newline="", encoding="utf-8-sig", errors="surrogateescape")
 
 
 def _bad_byte(value: str) -> int | None:
-    """The first byte of ``value`` that was not UTF-8 (see :func:`_text_lines`), if any."""
+    """The first byte of ``value`` that was not UTF-8 (see :func:`_open_csv`), if any."""
     for ch in value:
         if "\udc80" <= ch <= "\udcff":
             return ord(ch) - 0xDC00
@@ -307,8 +305,8 @@ def _bad_byte(value: str) -> int | None:
 
 
 def _csv_records(manifest: str) -> Iterator[_Record]:
-    with open(manifest, "rb") as f:
-        reader = csv.reader(_text_lines(f), delimiter=_delimiter(manifest))
+    with _open_csv(manifest) as f:
+        reader = csv.reader(f, delimiter=_delimiter(manifest))
         header = next(reader, None)
         if header is None:
             return

@@ -278,7 +278,7 @@ def test_body_within_the_deadline_is_fetched(server: LoopbackServer) -> None:
 def test_slot_wait_is_bounded(server: LoopbackServer) -> None:
     # per_host=1: while a dripping download holds the host's only slot, another item waits at most
     # slot_timeout for it, then fails with a row of its own instead of blocking its thread forever.
-    with make(per_host=1, deadline=3.0, slot_timeout=0.2) as f, ThreadPoolExecutor(2) as pool:
+    with make(per_host=1, deadline=1.0, slot_timeout=0.2) as f, ThreadPoolExecutor(2) as pool:
         holder = pool.submit(f.fetch, item(server.url("/drip?bytes=100&interval=0.1")))
         while server.hits["/drip"] == 0:
             time.sleep(0.01)
@@ -432,3 +432,11 @@ def test_gzip_body_is_decoded_and_capped_decoded(server: LoopbackServer) -> None
         bomb = f.fetch(item(server.url("/bomb")))
     assert (bomb.status, bomb.error) == (FETCH_ERROR, "response larger than 1 MiB cap (--max-bytes)")
 
+
+
+def test_retry_after_beyond_the_deadline_gives_up(server: LoopbackServer) -> None:
+    with make(deadline=2.0) as f:
+        res = f.fetch(item(server.url("/ratelimit/late?body=/img/1.png&retry_after=30")))
+    assert (res.status, res.http_status) == (FETCH_ERROR, 429)
+    assert res.error == "HTTP 429 Too Many Requests (no time left for a retry within --fetch-deadline)"
+    assert server.hits["/ratelimit/late"] == 1

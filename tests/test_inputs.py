@@ -156,12 +156,12 @@ def test_hostile_manifest_end_to_end(tiny_captioner: str, tmp_path: Path) -> Non
         (r["status"], r["error"]) for r in rows.values()]
 
 
-@pytest.mark.parametrize("name", ["m.csv", "m.tsv"])
-def test_csv_rows_as_before(tmp_path: Path, name: str) -> None:
+@pytest.mark.parametrize(("name", "eol"), [("m.csv", "\n"), ("m.tsv", "\n"), ("m.csv", "\r\n"), ("m.csv", "\r")])
+def test_csv_rows_as_before(tmp_path: Path, name: str, eol: str) -> None:
     sep = "\t" if name.endswith(".tsv") else ","
     manifest = tmp_path / name
-    manifest.write_text(sep.join(["path", "text", "extra"]) + "\n" + sep.join(["a.wav", "hi", "1", "surplus"])
-                        + "\n\n" + "b.wav\n", encoding="utf-8")
+    manifest.write_bytes((sep.join(["path", "text", "extra"]) + eol + sep.join(["a.wav", "hi", "1", "surplus"])
+                          + eol + eol + "b.wav" + eol).encode())
     items = list(Inputs([str(manifest)], audio_spec()))
     assert [(i.source, i.references, i.extra, i.error) for i in items] == [
         (str(tmp_path / "a.wav"), ["hi"], {"extra": "1"}, None),
