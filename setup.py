@@ -24,6 +24,7 @@ setup(
         "click>=8.1",
         "tqdm>=4.60",
         "requests>=2.28",
+        "urllib3>=2.2",  # HTTPResponse.read1: a body read returns what has arrived
         "pillow>=10",
         "soundfile>=0.12",
         "soxr>=0.3",

@@ -38,7 +38,7 @@ class AudioOptions(JobOptions):
     min_duration: float = 0.1
     silence_dbfs: float = -60.0
     workers: int = 4
-    fetch: FetchConfig = field(default_factory=lambda: FetchConfig(max_bytes=2 * 2**30))
+    fetch: FetchConfig = field(default_factory=lambda: FetchConfig(max_bytes=2 * 2**30, deadline=600.0))
 
 
 class AudioPreprocessor(ModelFreePreprocessor):

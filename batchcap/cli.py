@@ -69,11 +69,13 @@ def job_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _fetch_config(default_max_bytes: int, timeout: float, retries: int, max_bytes: int | None,
-                  per_host: int) -> Any:
+                  per_host: int, default_deadline: float = 120.0, fetch_deadline: float | None = None,
+                  block_private_addresses: bool = False, root: str | None = None) -> Any:
     from .fetch import FetchConfig
 
     return FetchConfig(read_timeout=timeout, retries=retries, max_bytes=max_bytes or default_max_bytes,
-                       per_host=per_host)
+                       per_host=per_host, deadline=fetch_deadline or default_deadline,
+                       block_private=block_private_addresses, root=root)
 
 
 def _run(job: Callable[[], Any], quiet: bool) -> None:
@@ -149,7 +151,8 @@ def audio(inputs: tuple[str, ...], output: str | None, full_window: bool, window
     from .asr import transcribe
 
     opts = AudioOptions(full_window=full_window, window_margin_s=window_margin, silence_dbfs=silence_threshold,
-                        **_job_options(options, default_max_bytes=2 * 2**30, default_workers=4))
+                        **_job_options(options, default_max_bytes=2 * 2**30, default_workers=4,
+                                       default_deadline=600.0))
     _run(functools.partial(transcribe, list(inputs), output or "transcripts.parquet", options=opts), opts.quiet)
 
 
@@ -179,11 +182,13 @@ def images(inputs: tuple[str, ...], output: str | None, url_column: str | None, 
     _run(functools.partial(caption_images, list(inputs), output or "captions.parquet", options=opts), opts.quiet)
 
 
-def _job_options(cli: dict[str, Any], default_max_bytes: int, default_workers: int) -> dict[str, Any]:
+def _job_options(cli: dict[str, Any], default_max_bytes: int, default_workers: int,
+                 default_deadline: float = 120.0) -> dict[str, Any]:
     """CLI option values -> option-dataclass fields (the names differ where the CLI follows habit)."""
     setup_logging(cli.pop("verbose"), cli["quiet"])
     cli["fetch"] = _fetch_config(default_max_bytes, cli.pop("timeout"), cli.pop("retries"), cli.pop("max_bytes"),
-                                 cli.pop("per_host"))
+                                 cli.pop("per_host"), default_deadline, cli.pop("fetch_deadline"),
+                                 cli.pop("block_private_addresses"), cli.pop("root"))
     cli["num_beams"] = cli.pop("beam_size")
     cli["flush_rows"] = cli.pop("flush_every")
     cli["workers"] = cli["workers"] or default_workers

@@ -16,7 +16,7 @@ from PIL import Image
 
 from ..items import FatalError
 from .attention import use_step_attention
-from .common import autocast_context, load_error_message, load_pretrained, resolve_device, resolve_precision
+from .common import autocast_context, hub_guard, load_error_message, load_pretrained, resolve_device, resolve_precision
 
 log = logging.getLogger(__name__)
 
@@ -47,10 +47,11 @@ class CaptionFeatures:
     def __init__(self, model: str):
         from transformers import AutoImageProcessor
 
-        try:
-            self.image_processor = AutoImageProcessor.from_pretrained(model)
-        except Exception as exc:
-            raise FatalError(load_error_message(model, exc)) from exc
+        with hub_guard(model):  # no hub: fail at once, or load from the cache without its retries
+            try:
+                self.image_processor = AutoImageProcessor.from_pretrained(model)
+            except Exception as exc:
+                raise FatalError(load_error_message(model, exc)) from exc
 
     def prepare(self, image: Image.Image) -> Any:
         """Resize and normalize one image: a float32 CPU tensor [C, H, W] for :meth:`Captioner.caption_prepared`."""
@@ -76,12 +77,13 @@ class Captioner:
         self.share_cross_attention = share_cross_attention  # beam search: one cross-attention K/V per image
         self.prompt = prompt.strip() if prompt and prompt.strip() else None
         self._torch = torch
-        try:
-            config = AutoConfig.from_pretrained(model)
-            self.image_processor = AutoImageProcessor.from_pretrained(model)
-            self.tokenizer = AutoTokenizer.from_pretrained(model)
-        except Exception as exc:
-            raise FatalError(load_error_message(model, exc)) from exc
+        with hub_guard(model):  # no hub: fail at once, or load from the cache without its retries
+            try:
+                config = AutoConfig.from_pretrained(model)
+                self.image_processor = AutoImageProcessor.from_pretrained(model)
+                self.tokenizer = AutoTokenizer.from_pretrained(model)
+            except Exception as exc:
+                raise FatalError(load_error_message(model, exc)) from exc
         self.model = load_pretrained(AutoModelForImageTextToText, model, self.dtype, attn_implementation, config=config)
         self.model.to(self.device).eval()
         use_step_attention(self.model, self.device)

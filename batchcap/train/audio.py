@@ -42,7 +42,7 @@ from ..inputs import audio_spec
 from ..items import FatalError, Item, ItemError
 from ..job import apply_overrides
 from ..metrics import ErrorRate, get_normalizer, load_english_spelling, wer_counts
-from ..models.common import load_error_message, resolve_device
+from ..models.common import hub_guard, load_error_message, resolve_device
 from .common import (
     Example,
     atomic_write_text,
@@ -104,7 +104,7 @@ class AudioTrainOptions:
     path_column: str | None = None
     reference_columns: Sequence[str] = ()
     id_column: str | None = None
-    fetch: FetchConfig = field(default_factory=lambda: FetchConfig(max_bytes=2 * 2**30))
+    fetch: FetchConfig = field(default_factory=lambda: FetchConfig(max_bytes=2 * 2**30, deadline=600.0))
 
 
 @dataclass
@@ -204,14 +204,15 @@ def _load_base(model_name: str, dtype: Any = None) -> Any:
 def load_whisper(model_name: str) -> tuple[Any, Any, Any]:
     from transformers import WhisperFeatureExtractor, WhisperTokenizerFast
 
-    try:
-        feature_extractor = WhisperFeatureExtractor.from_pretrained(model_name)
-        tokenizer = WhisperTokenizerFast.from_pretrained(model_name)
-        import torch
+    with hub_guard(model_name):  # no hub: fail at once, or load from the cache without its retries
+        try:
+            feature_extractor = WhisperFeatureExtractor.from_pretrained(model_name)
+            tokenizer = WhisperTokenizerFast.from_pretrained(model_name)
+            import torch
 
-        model = _load_base(model_name, torch.float32)
-    except Exception as exc:
-        raise FatalError(load_error_message(model_name, exc)) from exc
+            model = _load_base(model_name, torch.float32)
+        except Exception as exc:
+            raise FatalError(load_error_message(model_name, exc)) from exc
     return model, feature_extractor, tokenizer
 
 

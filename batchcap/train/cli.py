@@ -67,10 +67,12 @@ def _run(job: Callable[[], Any]) -> Any:
                            EXIT_INTERRUPTED) from None
 
 
-def _fetch(timeout: float, retries: int, max_bytes: int) -> Any:
+def _fetch(timeout: float, retries: int, max_bytes: int, deadline: float, block_private: bool = False,
+           root: str | None = None) -> Any:
     from ..fetch import FetchConfig
 
-    return FetchConfig(read_timeout=timeout, retries=retries, max_bytes=max_bytes)
+    return FetchConfig(read_timeout=timeout, retries=retries, max_bytes=max_bytes, deadline=deadline,
+                       block_private=block_private, root=root)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -115,8 +117,9 @@ def images(manifest: str, out_dir: str, model: str | None, encoder: str | None, 
            epochs: int, lr: float, val_fraction: float, val_manifest: str | None,
            batch_size: int, grad_accum: int, device: str, precision: str, seed: int, resume: bool,
            overwrite: bool, limit: int | None, workers: int, path_column: str | None,
-           reference_columns: tuple[str, ...], id_column: str | None, timeout: float, retries: int,
-           quiet: bool, verbose: int) -> None:
+           reference_columns: tuple[str, ...], id_column: str | None, root: str | None, timeout: float,
+           retries: int, fetch_deadline: float | None, block_private_addresses: bool, quiet: bool,
+           verbose: int) -> None:
     """Fine-tune an image captioner (ViT + GPT-2 VisionEncoderDecoder) on MANIFEST.
 
     Several references of one image make one training example each. Adam; validation loss and caption
@@ -132,7 +135,8 @@ def images(manifest: str, out_dir: str, model: str | None, encoder: str | None, 
         grad_accum=grad_accum, max_length=max_length, val_fraction=val_fraction, val_manifest=val_manifest,
         best_metric=best_metric, seed=seed, device=device, precision=precision, cache_dir=cache_dir,
         workers=workers, limit=limit, resume=resume, overwrite=overwrite, path_column=path_column,
-        reference_columns=reference_columns, id_column=id_column, fetch=_fetch(timeout, retries, 50 * 2**20))
+        reference_columns=reference_columns, id_column=id_column,
+        fetch=_fetch(timeout, retries, 50 * 2**20, fetch_deadline or 120.0, block_private_addresses, root))
     result = _run(lambda: train_images(manifest, out_dir, opts))
     if not quiet:
         last = result.history[-1] if result.history else {}
@@ -185,8 +189,9 @@ def audio(manifest: str, out_dir: str, model: str, language: str | None, task: s
           normalize: str, epochs: float, lr: float, val_fraction: float, val_manifest: str | None,
           batch_size: int, grad_accum: int, device: str, precision: str, seed: int,
           resume: bool, overwrite: bool, limit: int | None, workers: int, path_column: str | None,
-          reference_columns: tuple[str, ...], id_column: str | None, timeout: float, retries: int,
-          quiet: bool, verbose: int) -> None:
+          reference_columns: tuple[str, ...], id_column: str | None, root: str | None, timeout: float,
+          retries: int, fetch_deadline: float | None, block_private_addresses: bool, quiet: bool,
+          verbose: int) -> None:
     """LoRA-fine-tune Whisper on MANIFEST with Seq2SeqTrainer.
 
     Clips over 30 s are skipped. Validation WER (normalized, greedy decoding) each epoch picks the best
@@ -206,7 +211,7 @@ def audio(manifest: str, out_dir: str, model: str, language: str | None, task: s
         val_fraction=val_fraction, val_manifest=val_manifest, seed=seed, device=device, precision=precision,
         workers=workers, limit=limit, resume=resume, overwrite=overwrite, progress=verbose > 0 and not quiet,
         path_column=path_column, reference_columns=reference_columns, id_column=id_column,
-        fetch=_fetch(timeout, retries, 2 * 2**30))
+        fetch=_fetch(timeout, retries, 2 * 2**30, fetch_deadline or 600.0, block_private_addresses, root))
     result = _run(lambda: train_audio(manifest, out_dir, opts))
     if not quiet:
         click.echo(f"trained {len(result.history)} epochs in {result.wall_s:.0f} s; "

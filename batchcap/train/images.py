@@ -34,7 +34,7 @@ from ..inputs import image_spec
 from ..items import FatalError, Item
 from ..job import apply_overrides
 from ..metrics import caption_metrics
-from ..models.common import load_error_message, resolve_device
+from ..models.common import hub_guard, load_error_message, resolve_device
 from .common import (
     Example,
     atomic_write_text,
@@ -122,29 +122,31 @@ def load_captioner_for_training(opts: ImageTrainOptions, checkpoint: str | None 
         source = opts.decoder
     else:
         source = opts.model or DEFAULT_IMAGE_MODEL
-    try:
-        if checkpoint or not opts.encoder:
-            model = VisionEncoderDecoderModel.from_pretrained(source)
-            image_processor = AutoImageProcessor.from_pretrained(source)
-            tokenizer = AutoTokenizer.from_pretrained(source)
-        else:
-            assert opts.decoder is not None
-            source = opts.encoder
-            image_processor = AutoImageProcessor.from_pretrained(opts.encoder)
-            source = opts.decoder
-            tokenizer = AutoTokenizer.from_pretrained(opts.decoder)
-            # v5: from_encoder_decoder_pretrained reads ``decoder_config.is_decoder``, which configs no longer
-            # carry by default (AttributeError): hand it a decoder config with both flags set.
-            decoder_config = AutoConfig.from_pretrained(opts.decoder)
-            decoder_config.is_decoder = True
-            decoder_config.add_cross_attention = True
-            source = opts.encoder
-            model = VisionEncoderDecoderModel.from_encoder_decoder_pretrained(opts.encoder, opts.decoder,
-                                                                              decoder_config=decoder_config)
-    except FatalError:
-        raise
-    except Exception as exc:
-        raise FatalError(load_error_message(source, exc)) from exc
+    hub_ids = (source,) if checkpoint or not opts.encoder else (opts.encoder, opts.decoder or "")
+    with hub_guard(*hub_ids):  # no hub: fail at once, or load from the cache without its retries
+        try:
+            if checkpoint or not opts.encoder:
+                model = VisionEncoderDecoderModel.from_pretrained(source)
+                image_processor = AutoImageProcessor.from_pretrained(source)
+                tokenizer = AutoTokenizer.from_pretrained(source)
+            else:
+                assert opts.decoder is not None
+                source = opts.encoder
+                image_processor = AutoImageProcessor.from_pretrained(opts.encoder)
+                source = opts.decoder
+                tokenizer = AutoTokenizer.from_pretrained(opts.decoder)
+                # v5: from_encoder_decoder_pretrained reads ``decoder_config.is_decoder``, which configs no longer
+                # carry by default (AttributeError): hand it a decoder config with both flags set.
+                decoder_config = AutoConfig.from_pretrained(opts.decoder)
+                decoder_config.is_decoder = True
+                decoder_config.add_cross_attention = True
+                source = opts.encoder
+                model = VisionEncoderDecoderModel.from_encoder_decoder_pretrained(opts.encoder, opts.decoder,
+                                                                                  decoder_config=decoder_config)
+        except FatalError:
+            raise
+        except Exception as exc:
+            raise FatalError(load_error_message(source, exc)) from exc
     set_special_tokens(model, tokenizer)
     return model, image_processor, tokenizer
 
