@@ -177,7 +177,7 @@ def test_unfreeze_last_counts(tmp_path, n):
     from transformers import WhisperForConditionalGeneration
 
     from batchcap.train.audio import AudioTrainOptions, apply_lora
-    from batchcap.train.common import count_parameters
+    from batchcap.train.base import count_parameters
 
     model = WhisperForConditionalGeneration.from_pretrained(make_tiny_whisper(str(tmp_path / "w")))
     layers = model.model.decoder.layers

@@ -207,7 +207,7 @@ def test_outputs(trained):
 
 @pytest.mark.parametrize("n", [1, 2])
 def test_unfreeze_last_trains_exactly_the_top_blocks(tmp_path, n):
-    from batchcap.train.common import count_parameters
+    from batchcap.train.base import count_parameters
     from batchcap.train.images import ImageTrainOptions, freeze_for_finetuning, load_captioner_for_training
     from tests.tiny_models import make_tiny_captioner
 
