@@ -320,3 +320,57 @@ def test_usage_errors(data, tmp_path):
     code, output = run_cli("train", "images", data["train"], "-o", tmp_path / "z", "--model",
                            str(tmp_path / "no-such-model"))
     assert code == 1 and output.count("\n") == 1
+
+
+class _Payload:
+    """Unpickling this creates a directory: what a malicious checkpoint would do with a worse call."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.mkdir, (self.marker,))
+
+
+@pytest.fixture()
+def one_epoch(data, tmp_path) -> tuple[list[str], str, str]:
+    """(common args, manifest, OUT_DIR) of a finished 1-epoch run on 27 shapes."""
+    manifest = make_shapes(tmp_path / "small", 27, seed=3)
+    common = ["--encoder", data["encoder"], "--decoder", data["decoder"], "--lr", "3e-3", "--val-fraction", "0.2",
+              "--device", "cpu", "-q", "--unfreeze-last", "2"]
+    out = tmp_path / "out"
+    code, output = run_cli("train", "images", manifest, "-o", out, "--epochs", "1", *common)
+    assert code == 0, output
+    return common, manifest, str(out)
+
+
+def test_resume_refuses_a_checkpoint_that_would_run_code(one_epoch, tmp_path):
+    import torch
+
+    common, manifest, out = one_epoch
+    marker = tmp_path / "payload-ran"
+    state = os.path.join(out, "checkpoint-last", "training_state.pt")
+    torch.save({"epoch": 1, "optimizer": _Payload(str(marker))}, state)
+    code, output = run_cli("train", "images", manifest, "-o", out, "--epochs", "2", "--resume", *common)
+    assert not marker.exists()  # never unpickled
+    assert code == 1 and output.count("\n") == 1 and "refused" in output and "training_state.pt" in output
+
+
+def test_resume_after_a_crash_between_the_checkpoint_renames(one_epoch):
+    """A kill after checkpoint-last -> checkpoint-last.old and before checkpoint-last.tmp -> checkpoint-last:
+    --resume finds the checkpoint in .old and continues after epoch 1."""
+    common, manifest, out = one_epoch
+    final = os.path.join(out, "checkpoint-last")
+    os.replace(final, final + ".old")
+    os.makedirs(final + ".tmp")  # the half-written new one
+    with open(os.path.join(out, "history.json")) as f:
+        history = json.load(f)
+    history[0]["train_loss"] = 123.0  # kept as it is only by a run that resumes after epoch 1
+    with open(os.path.join(out, "history.json"), "w") as f:
+        json.dump(history, f)
+    code, output = run_cli("train", "images", manifest, "-o", out, "--epochs", "2", "--resume", *common)
+    assert code == 0, output
+    with open(os.path.join(out, "history.json")) as f:
+        resumed = json.load(f)
+    assert [row["epoch"] for row in resumed] == [1, 2] and resumed[0]["train_loss"] == 123.0
+    assert sorted(n for n in os.listdir(out) if n.startswith("checkpoint-last")) == ["checkpoint-last"]
