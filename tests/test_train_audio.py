@@ -12,39 +12,17 @@ from __future__ import annotations
 import csv
 import json
 import os
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
 import soundfile as sf
 
-from tests import helpers
 from tests.helpers import rows_of  # noqa: F401
 from tests.tiny_whisper import make_tiny_whisper
+from tests.train_helpers import TRAIN_DEVICE, one_thread, run_cli, write_manifest  # noqa: F401
 
 WORDS = {300.0: "red", 1000.0: "blue", 3000.0: "square"}
 RATES = (8000, 16000, 22050)  # decode_audio resamples them all to 16 kHz
-
-# The main training runs on the CPU; BATCHCAP_TEST_DEVICE=cuda runs them on a GPU instead (autocast, gradient
-# scaler, gradient checkpointing paths), e.g. on a GPU machine: BATCHCAP_TEST_DEVICE=cuda pytest tests/test_train_*
-TRAIN_DEVICE = os.environ.get("BATCHCAP_TEST_DEVICE", "cpu")
-
-
-def run_cli(*args: object) -> tuple[int, str]:
-    return helpers.run_cli(*args, raise_errors=True)
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny models run faster on one thread, above all on a CPU other jobs share."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 
 
 def make_base(directory: str, multilingual: bool = True) -> str:
@@ -81,12 +59,7 @@ def make_tones(directory, n: int, seed: int, extra_rows: list[dict] | None = Non
                  subtype="PCM_16")
         rows.append({"path": name, "text": WORDS[freq]})
     rows += extra_rows or []
-    manifest = os.path.join(directory, "manifest.csv")
-    with open(manifest, "w", newline="") as f:
-        writer = csv.DictWriter(f, ["path", "text"])
-        writer.writeheader()
-        writer.writerows(rows)
-    return manifest
+    return write_manifest(os.path.join(directory, "manifest.csv"), rows)
 
 
 def transcribe_wer(model: str, manifest: str, out, exit_code: int = 0) -> tuple[float, list[dict]]:
@@ -272,11 +245,7 @@ def with_languages(manifest: str, languages: list[str], column: str = "language"
         rows = list(csv.DictReader(f))
     for i, row in enumerate(rows):
         row[column] = languages[i % len(languages)]
-    with open(manifest, "w", newline="") as f:
-        writer = csv.DictWriter(f, [*rows[0]])
-        writer.writeheader()
-        writer.writerows(rows)
-    return manifest
+    return write_manifest(manifest, rows)
 
 
 def test_labels_carry_each_rows_language(data):

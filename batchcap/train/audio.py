@@ -39,7 +39,7 @@ from ..inputs import audio_spec
 from ..items import FatalError, Item, ItemError
 from ..metrics import ErrorRate, get_normalizer, load_english_spelling, wer_counts
 from ..models.common import load_error_message
-from .base import autocast_dtype, count_parameters, start_run
+from .base import FineTuneResult, autocast_dtype, count_parameters, start_run
 from .checkpoints import INFO_FILE, fresh_dir, replace_dir, write_info
 from .data import Example
 from .history import HISTORY_JSON, write_history
@@ -58,15 +58,9 @@ ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
 
 
 @dataclass
-class AudioTrainResult:
-    out_dir: str
-    history: list[dict[str, Any]]
-    best_wer: float | None
-    best_checkpoint: str | None
-    trainable_params: int
-    total_params: int
-    data: dict[str, Any]
-    wall_s: float
+class AudioTrainResult(FineTuneResult):
+    best_wer: float | None = None
+    best_checkpoint: str | None = None
 
 
 # --- model and labels --------------------------------------------------------------------------
@@ -536,7 +530,8 @@ def train_audio(manifest: str, out_dir: str, options: AudioTrainOptions | None =
                          "best_checkpoint": best_ckpt, "data": data_report})
     log.info("adapter in %s, merged model in %s%s", adapter_dir, out_dir,
              f" (best validation WER {best_wer:.2%})" if best_wer is not None else "")
-    return AudioTrainResult(out_dir, history, best_wer, best_ckpt, trainable, total, data_report, run.elapsed())
+    return AudioTrainResult(out_dir, history, trainable, total, data_report, run.elapsed(), best_wer=best_wer,
+                            best_checkpoint=best_ckpt)
 
 
 def save_merged(base_model: str, adapter_dir: str, out_dir: str, setup: WhisperSetup, feature_extractor: Any,

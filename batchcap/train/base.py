@@ -52,6 +52,18 @@ class TrainRun:
         return time.time() - self.started
 
 
+@dataclass
+class FineTuneResult:
+    """What a fine-tune returns; each adds how its best epoch was chosen."""
+
+    out_dir: str
+    history: list[dict[str, Any]]  # one row per epoch, as in history.json
+    trainable_params: int
+    total_params: int
+    data: dict[str, Any]  # the data report of training.json (rows used and skipped, per manifest)
+    wall_s: float
+
+
 def start_run(manifest: str, out_dir: str, opts: TrainOptions, spec: InputSpec, *, markers: Sequence[str],
               checkpoints: Sequence[str] = ()) -> TrainRun:
     """Device and precision, manifests checked, OUT_DIR prepared (``checkpoints``: directories swapped by

@@ -34,7 +34,7 @@ from ..items import FatalError, Item
 from ..metrics import caption_metrics
 from ..models.captioner import Captioner
 from ..models.common import load_error_message
-from .base import TrainRun, autocast_dtype, count_parameters, start_run
+from .base import FineTuneResult, TrainRun, autocast_dtype, count_parameters, start_run
 from .checkpoints import INFO_FILE, fresh_dir, replace_dir, write_info
 from .data import Example
 from .history import HISTORY_JSON, read_history, write_history
@@ -53,16 +53,10 @@ _FINAL_NORMS = ("transformer.ln_f", "model.decoder.layer_norm", "model.norm", "l
 
 
 @dataclass
-class TrainResult:
-    out_dir: str
-    history: list[dict[str, Any]]
-    best_epoch: int | None
-    best_metric: str | None
-    best_value: float | None
-    trainable_params: int
-    total_params: int
-    data: dict[str, Any]
-    wall_s: float
+class TrainResult(FineTuneResult):
+    best_epoch: int | None = None
+    best_metric: str | None = None  # cider_d, val_loss or last_epoch
+    best_value: float | None = None
 
 
 # --- model -------------------------------------------------------------------------------------
@@ -484,8 +478,8 @@ def train_images(manifest: str, out_dir: str, options: ImageTrainOptions | None 
                          "data": data_report})
     if best_epoch is not None:
         log.info("best epoch %d (%s); model in %s", best_epoch, best_metric, out_dir)
-    return TrainResult(out_dir, history, best_epoch, best_metric, best[0] if best else None, trainable,
-                       total, data_report, run.elapsed())
+    return TrainResult(out_dir, history, trainable, total, data_report, run.elapsed(), best_epoch=best_epoch,
+                       best_metric=best_metric, best_value=best[0] if best else None)
 
 
 def _save_checkpoint(saver: _Saver, optimizer: Any, scaler: Any, path: str, *, epoch: int, best: Any,
