@@ -28,8 +28,9 @@ IMAGE_MAX_BYTES = 50 * 2**20  # the largest image file or download accepted
 AUDIO_MAX_BYTES = 2 * 2**30
 
 
-def _d(name: str, cls: type = TrainOptions) -> Any:
-    return _default(cls, name)
+def _d(name: str) -> Any:
+    """The default of a shared option (TrainOptions), of an image / audio one (_i, _a): declared once, there."""
+    return _default(TrainOptions, name)
 
 
 def _common(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -100,10 +101,9 @@ def _run(job: Callable[[], Any]) -> Any:
                            EXIT_INTERRUPTED) from None
 
 
-def _report(result: Any, out_dir: str, quiet: bool) -> None:
-    if not quiet:
-        click.echo(f"trained {len(result.history)} epochs in {result.wall_s:.0f} s; "
-                   f"{result.trainable_params:,} of {result.total_params:,} parameters trained")
+def _report(result: Any) -> None:
+    click.echo(f"trained {len(result.history)} epochs in {result.wall_s:.0f} s; "
+               f"{result.trainable_params:,} of {result.total_params:,} parameters trained")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -163,8 +163,8 @@ def images(manifest: str, out_dir: str, **options: Any) -> None:
     from .images import train_images
 
     result = _run(lambda: train_images(manifest, out_dir, opts))
-    _report(result, out_dir, quiet)
     if not quiet:
+        _report(result)
         last = result.history[-1] if result.history else {}
         if result.best_epoch is not None:
             click.echo(f"best epoch {result.best_epoch} by {result.best_metric}"
@@ -223,8 +223,8 @@ def audio(manifest: str, out_dir: str, **options: Any) -> None:
     from .audio import train_audio
 
     result = _run(lambda: train_audio(manifest, out_dir, opts))
-    _report(result, out_dir, quiet)
     if not quiet:
+        _report(result)
         if result.best_wer is not None:
             click.echo(f"best validation WER {result.best_wer:.2%}")
         click.echo(f"merged model: {out_dir} (batchcap audio --model {out_dir}); adapter: {out_dir}/adapter")
