@@ -73,14 +73,14 @@ def decode_audio(data: bytes, *, sample_rate: int = SAMPLE_RATE, min_duration: f
     samples, rate = _read(data, _Budget(max_duration_s))
     if samples.size == 0:
         raise ItemError(EMPTY, "the file holds no audio samples", fields={"duration_s": 0.0})
-    if not np.isfinite(samples).all():
+    if not np.isfinite(samples.sum(dtype=np.float64)):  # NaN / inf propagate; no temporary array of flags
         bad = int((~np.isfinite(samples)).sum())
         raise ItemError(DECODE_ERROR, f"audio contains {bad} NaN or infinite samples")
     duration = samples.shape[0] / rate
     if duration < min_duration:
         raise ItemError(EMPTY, f"clip is {duration * 1000:.0f} ms long, shorter than the {min_duration:g} s "
                         "minimum (--min-duration)", fields={"duration_s": round(duration, 3)})
-    peak = float(np.abs(samples).max())
+    peak = max(float(samples.max()), -float(samples.min()))  # no temporary copy of hours of samples
     peak_db = 20 * math.log10(peak) if peak > 0 else -math.inf
     if peak_db < silence_dbfs:
         raise ItemError(EMPTY, f"audio is silent (peak {peak_db:.0f} dBFS, below the {silence_dbfs:g} dBFS "
@@ -101,20 +101,38 @@ def _joined(chunks: list[np.ndarray]) -> np.ndarray:
     return np.concatenate(chunks).astype(np.float32, copy=False) if chunks else np.zeros(0, np.float32)
 
 
+def _read_blocks(f: Any, budget: _Budget) -> np.ndarray:
+    """Mono samples of an open ``soundfile.SoundFile``, block by block into one array sized from the header
+    (frames the header did not announce, or all of them when it announced none, are gathered apart)."""
+    rate = int(f.samplerate)
+    declared = f.frames if 0 < f.frames < _UNKNOWN_FRAMES else 0
+    if declared:
+        budget.check_header(declared / rate)
+    out = np.empty(declared, np.float32)
+    block = np.empty((BLOCK_FRAMES, f.channels), np.float32)
+    extra: list[np.ndarray] = []
+    filled = 0
+    while True:
+        got = f.read(dtype="float32", always_2d=True, out=block)
+        if not len(got):
+            break
+        budget.add(len(got), rate)
+        mono = _mono(got)
+        fit = min(len(mono), declared - filled)
+        out[filled:filled + fit] = mono[:fit]
+        filled += fit
+        if fit < len(mono):
+            extra.append(mono[fit:].copy())  # ``block`` is reused
+    return np.concatenate([out[:filled], *extra]) if extra else out[:filled]
+
+
 def _read(data: bytes, budget: _Budget) -> tuple[np.ndarray, int]:
     """(mono float32 samples, sample rate), through libsndfile, else FFmpeg."""
     import soundfile as sf
 
     try:
         with sf.SoundFile(io.BytesIO(data)) as f:
-            rate = int(f.samplerate)
-            if 0 < f.frames < _UNKNOWN_FRAMES:
-                budget.check_header(f.frames / rate)
-            chunks = []
-            for block in f.blocks(blocksize=BLOCK_FRAMES, dtype="float32", always_2d=True):
-                budget.add(block.shape[0], rate)
-                chunks.append(_mono(block))
-            return _joined(chunks), rate
+            return _read_blocks(f, budget), int(f.samplerate)
     except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as exc:
         # "Error opening <_io.BytesIO object at 0x...>: Format not recognised." -> "Format not recognised"
         first_error = str(exc).rsplit(">: ", 1)[-1].rstrip(".") or type(exc).__name__
