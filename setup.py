@@ -33,12 +33,13 @@ setup(
     ],
     extras_require={
         "train": ["peft>=0.13", "accelerate>=1.0", "matplotlib>=3.7"],
+        "tiff": ["tifffile>=2023.1"],  # TIFFs Pillow cannot open (float samples, planar layouts)
         "ray": ["ray[data]>=2.40", "pandas>=2"],
         "bench": ["faster-whisper>=1.0", "psutil>=5"],
         # everything the tests exercise (the Ray engine and both fine-tunes included)
-        "dev": ["pytest>=8", "pytest-timeout>=2", "ruff>=0.6", "scikit-image>=0.22", "pycocoevalcap>=1.2",
-                "peft>=0.13", "accelerate>=1.0", "matplotlib>=3.7", "ray[data]>=2.40", "pandas>=2",
-                "vermin>=1.6"],
+        "dev": ["pytest>=8", "pytest-timeout>=2", "ruff>=0.6", "scikit-image>=0.22", "tifffile>=2023.1",
+                "pycocoevalcap>=1.2", "peft>=0.13", "accelerate>=1.0", "matplotlib>=3.7", "ray[data]>=2.40",
+                "pandas>=2", "vermin>=1.6"],
     },
     entry_points={"console_scripts": ["batchcap=batchcap.cli:main"]},
     classifiers=[

@@ -34,7 +34,8 @@ def job_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                      help="Result file, .parquet or .csv (format from the extension)."),
         click.option("--device", default=JobOptions.device, show_default=True, help="auto, cpu, cuda, cuda:N or mps."),
         click.option("--dtype", default=JobOptions.dtype, show_default=True,
-                     help="auto (float16 on CUDA, float32 elsewhere), float32, float16 or bfloat16."),
+                     help="auto (float16 on CUDA; on CPUs with native bfloat16, float32 weights with bfloat16 "
+                     "autocast; float32 elsewhere), float32, float16 or bfloat16."),
         click.option("--batch-size", type=click.IntRange(1), default=JobOptions.batch_size, show_default=True),
         click.option("--beam-size", type=click.IntRange(1), default=JobOptions.num_beams, show_default=True,
                      help="Beams for generation (1 = greedy)."),
@@ -140,6 +141,10 @@ def main() -> None:
               help="Clips shorter than this (seconds) get status 'empty'.")
 @click.option("--silence-threshold", type=float, default=AudioOptions.silence_dbfs, show_default=True,
               help="Clips whose peak is below this (dBFS) get status 'empty'.")
+@click.option("--max-duration", "max_duration_s", type=click.FloatRange(0, min_open=True),
+              default=AudioOptions.max_duration_s,
+              show_default=True, help="Longer recordings (seconds) are a decode_error, found from the header "
+              "before decoding and enforced while decoding (a tiny FLAC or Opus file can hold hours).")
 def audio(inputs: tuple[str, ...], output: str | None, full_window: bool, window_margin: float,
           silence_threshold: float, **options: Any) -> None:
     """Transcribe every recording of INPUT... with Whisper.

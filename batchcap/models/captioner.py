@@ -95,6 +95,29 @@ class Captioner:
         log.info("captioner %s (%s) on %s, %s, attention %s", model, self.model_type, self.device, precision,
                  attention)
 
+    @classmethod
+    def from_model(cls, model: Any, image_processor: Any, tokenizer: Any, *, device: Any, dtype: Any = None,
+                   autocast: Any = None, max_new_tokens: int = 32, num_beams: int = 1,
+                   name: str = "in-memory model") -> Captioner:
+        """Wrap a model already in memory (fine-tuning's validation captions) so that it captions exactly as a
+        loaded one does. Nothing is loaded or moved, the attention implementation is left as it is, and the
+        caller switches the model to eval mode; ``model.generation_config`` gets the fixes of a loaded model."""
+        import torch
+
+        self = cls.__new__(cls)
+        self.name = name
+        self.device = device
+        self.dtype, self.autocast = dtype or torch.float32, autocast
+        self.max_new_tokens, self.min_new_tokens, self.num_beams = max_new_tokens, None, num_beams
+        self.share_cross_attention = True
+        self.prompt = None
+        self._torch = torch
+        self.model, self.image_processor, self.tokenizer = model, image_processor, tokenizer
+        self.model_type = model.config.model_type
+        self._fix_special_tokens()
+        self._prompt_ids = None
+        return self
+
     def _fix_special_tokens(self) -> None:
         """GPT-2 has no pad token: use eos; make sure an encoder-decoder knows how to start.
 
