@@ -125,31 +125,24 @@ def _rows(items: Iterable[Item], job: Job, options: JobOptions, predictor: Predi
                 order[item.id] = item.index
                 (crashed if deaths >= CRASH_LIMIT else alone).append(item)
                 continue
-            if item.id not in done:
-                journal.enter(item.id)
             yield item
 
-    for row in _engine_rows(admitted(), job, options, predictor, done, order):
-        if row is not None:
-            journal.leave(row["id"])
-        yield row
+    yield from _engine_rows(admitted(), job, options, predictor, done, order, journal)
     for item in crashed:
-        message = (f"the process died {journal.deaths(item.id)} times while this item was in flight (out of "
-                   "memory? a crash in a decoder? kill -9?); it was not tried again. Check the file on its "
-                   "own; --retry-failed tries it once more")
+        message = (f"the process died {journal.deaths(item.id)} times while this item was being decoded or "
+                   "transcribed (out of memory? a crash in a decoder? kill -9?); it was not tried again. Check "
+                   "the file on its own; --retry-failed tries it once more")
         yield make_row(job.scorer, Loaded(item, error=ItemError(CRASHED, message)))
     if alone:
-        log.warning("doing %d item(s) that were in flight when an earlier run died, one at a time", len(alone))
+        log.warning("doing %d item(s) that were being processed when an earlier run died, one at a time",
+                    len(alone))
     for item in alone:
-        journal.enter(item.id)
-        for row in _engine_rows([item], job, options, predictor, done, order):
-            if row is not None:
-                journal.leave(row["id"])
-            yield row
+        yield from _engine_rows([item], job, options, predictor, done, order, journal)
 
 
 def _engine_rows(items: Iterable[Item], job: Job, options: JobOptions, predictor: Predictor | None,
-                 done: set[str], order: dict[str, int]) -> Iterator[dict[str, Any] | None]:
+                 done: set[str], order: dict[str, int], journal: Journal | None = None
+                 ) -> Iterator[dict[str, Any] | None]:
     if options.engine == "ray":
         from .engines import ray
 
@@ -157,4 +150,4 @@ def _engine_rows(items: Iterable[Item], job: Job, options: JobOptions, predictor
     from .engines import local
 
     assert predictor is not None
-    return local.stream_rows(items, job, predictor, options, done, order)
+    return local.stream_rows(items, job, predictor, options, done, order, watch=journal)
