@@ -192,6 +192,9 @@ def _job_options(cli: dict[str, Any], default_max_bytes: int, default_workers: i
 from .train.cli import train  # noqa: E402
 
 main.add_command(train)
+from .report.cli import report  # noqa: E402
+
+main.add_command(report)
 
 
 if __name__ == "__main__":  # pragma: no cover
