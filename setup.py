@@ -16,6 +16,8 @@ setup(
     license="MIT",
     python_requires=">=3.10",
     packages=find_packages(include=["batchcap", "batchcap.*"]),
+    package_data={"batchcap.report": ["templates/*.j2", "templates/*.css", "templates/*.js"]},
+    include_package_data=True,
     install_requires=[
         "torch>=2.2",
         "transformers>=5.0,<6",
@@ -29,6 +31,7 @@ setup(
         "soxr>=0.3",
         "av>=11",
         "jiwer>=3.0",
+        "jinja2>=3.0",  # batchcap report
     ],
     extras_require={
         "train": ["peft>=0.13", "accelerate>=1.0", "matplotlib>=3.7"],
@@ -36,7 +39,7 @@ setup(
         "bench": ["faster-whisper>=1.0", "psutil>=5"],
         # everything the tests exercise (the Ray engine and both fine-tunes included)
         "dev": ["pytest>=8", "pytest-timeout>=2", "ruff>=0.6", "scikit-image>=0.22", "pycocoevalcap>=1.2",
-                "peft>=0.13", "accelerate>=1.0", "matplotlib>=3.7", "ray[data]>=2.40", "pandas>=2"],
+                "html5lib>=1.1", "peft>=0.13", "accelerate>=1.0", "matplotlib>=3.7", "ray[data]>=2.40", "pandas>=2"],
     },
     entry_points={"console_scripts": ["batchcap=batchcap.cli:main"]},
     classifiers=[

@@ -91,7 +91,7 @@ def build_report(result: str, out_html: str | None = None, *, compare: str | Non
 
     html = render("result.html.j2", context)
     _write(out_html, html)
-    log.info("report: %s (%.0f kB, %.1f s)", out_html, len(html.encode()) / 1024, time.time() - started)
+    log.debug("report: %s (%.0f kB, %.1f s)", out_html, len(html.encode()) / 1024, time.time() - started)
     return out_html
 
 
@@ -118,17 +118,25 @@ def write_training_report(out_dir: str, history: Sequence[dict[str, Any]],
                           samples: Sequence[dict[str, Any]] | None = None, *, title: str = "batchcap training",
                           info: dict[str, Any] | None = None,
                           losses: Sequence[str] = ("train_loss", "val_loss"), percent: Sequence[str] = ("wer",),
-                          filename: str = "report.html") -> str:
+                          filename: str = "report.html", strict: bool = True) -> str | None:
     """``OUT_DIR/report.html`` for a fine-tuning run: loss and metric curves per epoch, the history table and a
     sample of validation predictions (``samples``: dicts with ``prediction`` and ``reference`` or
-    ``references``, optionally ``image`` (a PIL image or a path) or ``source``). Returns the path."""
+    ``references``, optionally ``normalized`` (the (reference, prediction) pair to align), ``image`` (a PIL
+    image or a path), ``id``). Returns the path. ``strict`` False (the training commands): a failure is logged
+    as a warning and None returned, so a finished training run never fails on its report."""
     from .render import render
     from .training import training_context
 
-    context = training_context(history, samples or [], title=title, info=info or {}, losses=losses,
-                               percent=percent)
     path = os.path.join(out_dir, filename)
-    _write(path, render("training.html.j2", context))
+    try:
+        context = training_context(history, samples or [], title=title, info=info or {}, losses=losses,
+                                   percent=percent)
+        _write(path, render("training.html.j2", context))
+    except Exception as exc:
+        if strict:
+            raise
+        log.warning("no %s: %s", path, exc)
+        return None
     return path
 
 

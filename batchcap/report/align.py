@@ -110,17 +110,18 @@ def english_spelling(model: str | None) -> dict[str, str]:
 
 def score_rows(status: Sequence[Any], references: Sequence[Any], texts: Sequence[Any], languages: Sequence[Any],
                normalizers: Normalizers, ok: str = "ok") -> Scores:
-    """Counts for every row that the run scores: status ok, a reference, a transcript (maybe empty)."""
+    """Counts for every row that the run scores: status ok and a reference. An ok row's missing transcript is
+    an empty one (CSV tables cannot tell an empty text from a missing one)."""
     import jiwer
 
     n = len(status)
     scores = Scores([False] * n, [0] * n, [0] * n, [0] * n, [0] * n, [None] * n, [None] * n)
     pairs: list[int] = []
     for i in range(n):
-        if status[i] != ok or not references[i] or texts[i] is None:
+        if status[i] != ok or not references[i]:
             continue
         ref = normalizers(str(references[i]), languages[i])
-        hyp = normalizers(str(texts[i]), languages[i])
+        hyp = normalizers(str(texts[i] or ""), languages[i])
         scores.scored[i] = True
         scores.ref_norm[i], scores.hyp_norm[i] = ref, hyp
         ref_words, hyp_words = ref.split(), hyp.split()

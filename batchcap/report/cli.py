@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import click
 
 from ..cli_common import CommandError, setup_logging
@@ -40,4 +42,4 @@ def report(result: str, result_b: str | None, output: str | None, rows: int, gro
     except FatalError as exc:
         raise CommandError(str(exc)) from None
     if not quiet:
-        click.echo(f"report: {path}")
+        click.echo(f"report: {path} ({os.path.getsize(path) / 1024:,.0f} kB)")

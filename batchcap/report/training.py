@@ -81,8 +81,9 @@ def _sample(sample: dict[str, Any]) -> dict[str, Any]:
         refs = [sample["reference"]] if sample.get("reference") is not None else []
     prediction = str(sample.get("prediction") or "")
     tokens = None
-    if len(refs) == 1 and sample.get("align", True):
-        tokens = align(" ".join(str(refs[0]).split()), " ".join(prediction.split()))
+    if sample.get("normalized"):
+        ref_n, hyp_n = sample["normalized"]
+        tokens = align(str(ref_n or ""), str(hyp_n or ""))
     return {"id": sample.get("id"), "prediction": prediction, "references": [str(r) for r in refs][:5],
             "tokens": tokens, "thumb": _thumb(sample.get("image")), "source": sample.get("source")}
 

@@ -43,6 +43,7 @@ from ..items import FatalError, Item, ItemError
 from ..job import apply_overrides
 from ..metrics import ErrorRate, get_normalizer, load_english_spelling, wer_counts
 from ..models.common import load_error_message, resolve_device
+from ..report import write_training_report
 from .common import (
     Example,
     atomic_write_text,
@@ -405,6 +406,8 @@ def train_audio(manifest: str, out_dir: str, options: AudioTrainOptions | None =
         opts.model if os.path.isdir(opts.model) else None) or _hub_spelling(opts.model))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else setup.eos
 
+    samples: list[dict[str, Any]] = []  # validation predictions of the last evaluation, for report.html
+
     def compute_metrics(pred: Any) -> dict[str, float]:
         preds = np.where(pred.predictions != -100, pred.predictions, pad_id)
         refs = np.where(pred.label_ids != -100, pred.label_ids, pad_id)
@@ -413,6 +416,8 @@ def train_audio(manifest: str, out_dir: str, options: AudioTrainOptions | None =
         rate = ErrorRate()
         for ref, hyp in zip(texts, hyps):
             rate.add(*wer_counts(normalizer(ref), normalizer(hyp)))
+        samples[:] = [{"reference": r, "prediction": h, "normalized": (normalizer(r), normalizer(h))}
+                      for r, h in zip(texts[:24], hyps[:24])]
         return {"wer": rate.errors / max(rate.total, 1)}
 
     has_val = bool(val_ex)
@@ -481,6 +486,8 @@ def train_audio(manifest: str, out_dir: str, options: AudioTrainOptions | None =
             "best_metric": "wer" if has_val else "last_epoch", "best_wer": best_wer,
             "best_checkpoint": best_ckpt, "data": data_report}
     atomic_write_text(os.path.join(out_dir, INFO_FILE), json.dumps(info, indent=2))
+    write_training_report(out_dir, history, samples, title=f"batchcap train audio: {os.path.basename(out_dir)}",
+                          info=info, strict=False)
     log.info("adapter in %s, merged model in %s%s", adapter_dir, out_dir,
              f" (best validation WER {best_wer:.2%})" if best_wer is not None else "")
     return AudioTrainResult(out_dir, history, best_wer, best_ckpt, trainable, total, data_report,

@@ -35,6 +35,7 @@ from ..items import FatalError, Item
 from ..job import apply_overrides
 from ..metrics import caption_metrics
 from ..models.common import load_error_message, resolve_device
+from ..report import write_training_report
 from .common import (
     Example,
     atomic_write_text,
@@ -422,6 +423,7 @@ def train_images(manifest: str, out_dir: str, options: ImageTrainOptions | None 
     best: tuple[float, float] | None = None
     best_epoch: int | None = None
     history: list[dict[str, Any]] = []
+    samples: list[dict[str, Any]] = []  # validation predictions of the last epoch, for report.html
     if resuming:
         state = torch.load(os.path.join(checkpoint, STATE_FILE), map_location="cpu", weights_only=False)
         try:
@@ -478,6 +480,8 @@ def train_images(manifest: str, out_dir: str, options: ImageTrainOptions | None 
                                      precision=precision, batch_size=opts.batch_size,
                                      max_new_tokens=opts.max_length)
             corpus, _ = caption_metrics(hyps, val_data.references)
+            samples = [{"id": it.id, "prediction": h, "references": refs, "image": im} for h, refs, im, it
+                       in zip(hyps[:24], val_data.references, val_data.images, val_data.items)]
             row.update({k: round(v, 5) for k, v in corpus.items()})
             row["exact"] = round(sum(h.lower() in {r.lower() for r in refs}
                                      for h, refs in zip(hyps, val_data.references)) / len(hyps), 5)
@@ -512,6 +516,8 @@ def train_images(manifest: str, out_dir: str, options: ImageTrainOptions | None 
             "total_params": total, "best_metric": metric if val_data.images else "last_epoch",
             "best_epoch": best_epoch, "data": data_report}
     atomic_write_text(os.path.join(out_dir, INFO_FILE), json.dumps(info, indent=2))
+    write_training_report(out_dir, history, samples, title=f"batchcap train images: {os.path.basename(out_dir)}",
+                          info=info, strict=False)
     if best_epoch is not None:
         log.info("best epoch %d (%s); model in %s", best_epoch, info["best_metric"], out_dir)
     return TrainResult(out_dir, history, best_epoch, info["best_metric"], best[0] if best else None, trainable,
