@@ -31,6 +31,7 @@ setup(
         "soxr>=0.3",
         "av>=11",
         "jiwer>=3.0",
+        "rapidfuzz>=3",  # jiwer's aligner, called directly by batchcap report
         "jinja2>=3.0",  # batchcap report
     ],
     extras_require={

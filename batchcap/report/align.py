@@ -112,7 +112,7 @@ def score_rows(status: Sequence[Any], references: Sequence[Any], texts: Sequence
                normalizers: Normalizers, ok: str = "ok") -> Scores:
     """Counts for every row that the run scores: status ok and a reference. An ok row's missing transcript is
     an empty one (CSV tables cannot tell an empty text from a missing one)."""
-    import jiwer
+    from rapidfuzz.distance import Levenshtein
 
     n = len(status)
     scores = Scores([False] * n, [0] * n, [0] * n, [0] * n, [0] * n, [None] * n, [None] * n)
@@ -137,30 +137,27 @@ def score_rows(status: Sequence[Any], references: Sequence[Any], texts: Sequence
         scores.insertions.update(hyp_words)
         scores.del_total += len(ref_words)
         scores.ins_total += len(hyp_words)
-    if not pairs:
-        return scores
-    words = jiwer.process_words([scores.ref_norm[i] for i in pairs], [scores.hyp_norm[i] for i in pairs])
-    for i, chunks, ref_words, hyp_words in zip(pairs, words.alignments, words.references, words.hypotheses):
+    # jiwer's alignment is rapidfuzz's Levenshtein opcodes over words; called here directly on each row, which
+    # gives the same alignment without jiwer's per-call transforms (a third of the time on 100,000 rows).
+    for i in pairs:
+        ref_words, hyp_words = scores.ref_norm[i].split(), scores.hyp_norm[i].split()
         errors = 0
-        for c in chunks:
-            if c.type == "substitute":
-                errors += c.ref_end_idx - c.ref_start_idx
-                scores.sub_total += c.ref_end_idx - c.ref_start_idx
-                for r, h in zip(ref_words[c.ref_start_idx:c.ref_end_idx], hyp_words[c.hyp_start_idx:c.hyp_end_idx]):
+        for tag, i1, i2, j1, j2 in Levenshtein.opcodes(ref_words, hyp_words):
+            if tag == "replace":
+                errors += i2 - i1
+                scores.sub_total += i2 - i1
+                for r, h in zip(ref_words[i1:i2], hyp_words[j1:j2]):
                     scores.substitutions[(r, h)] += 1
-            elif c.type == "delete":
-                errors += c.ref_end_idx - c.ref_start_idx
-                scores.del_total += c.ref_end_idx - c.ref_start_idx
-                scores.deletions.update(ref_words[c.ref_start_idx:c.ref_end_idx])
-            elif c.type == "insert":
-                errors += c.hyp_end_idx - c.hyp_start_idx
-                scores.ins_total += c.hyp_end_idx - c.hyp_start_idx
-                scores.insertions.update(hyp_words[c.hyp_start_idx:c.hyp_end_idx])
+            elif tag == "delete":
+                errors += i2 - i1
+                scores.del_total += i2 - i1
+                scores.deletions.update(ref_words[i1:i2])
+            elif tag == "insert":
+                errors += j2 - j1
+                scores.ins_total += j2 - j1
+                scores.insertions.update(hyp_words[j1:j2])
         scores.word_errors[i] = errors
-    chars = jiwer.process_characters([scores.ref_norm[i] for i in pairs], [scores.hyp_norm[i] for i in pairs])
-    for i, chunks in zip(pairs, chars.alignments):
-        scores.char_errors[i] = sum(max(c.ref_end_idx - c.ref_start_idx, c.hyp_end_idx - c.hyp_start_idx)
-                                    for c in chunks if c.type != "equal")
+        scores.char_errors[i] = Levenshtein.distance(scores.ref_norm[i], scores.hyp_norm[i])
     return scores
 
 

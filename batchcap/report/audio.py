@@ -8,7 +8,7 @@ from typing import Any
 
 from . import charts
 from .align import Normalizers, Scores, align, score_rows
-from .data import OK, Result, common_folder, fmt_pct, folder_of, group_rows, is_url, local_file, metric, relative_link
+from .data import OK, Result, fmt_pct, folders_of, group_rows, is_url, local_file, metric, relative_link
 
 DURATION_BUCKETS = ((2, "< 2 s"), (5, "2–5 s"), (10, "5–10 s"), (20, "10–20 s"), (30, "20–30 s"),
                     (60, "30–60 s"), (300, "1–5 min"), (math.inf, "≥ 5 min"))
@@ -71,8 +71,7 @@ def groups(result: Result, scores: Scores, group_by: Sequence[str] = ()) -> list
     if result.has("language"):
         keyed.append(("language", result.col("language"), False))
     sources = result.col("source")
-    common = common_folder(sources)
-    folders = [folder_of(s, common) for s in sources]
+    folders = folders_of(sources)
     if len(set(folders)) > 1:
         keyed.append(("folder", folders, False))
     for col in group_by:

@@ -177,6 +177,23 @@ def failure_groups(result: Result, examples: int = 3, limit: int = 40) -> tuple[
     return ordered[:limit], max(0, len(ordered) - limit)
 
 
+def folders_of(sources: Sequence[Any]) -> list[str]:
+    """:func:`folder_of` for every source (computed once per distinct directory)."""
+    common = common_folder(sources)
+    cache: dict[str, str] = {}
+    out = []
+    for source in sources:
+        key = os.path.dirname(str(source)) if source and "://" not in str(source)[:12] else None
+        if key is None:
+            out.append(folder_of(source, common))
+            continue
+        label = cache.get(key)
+        if label is None:
+            label = cache[key] = folder_of(source, common)
+        out.append(label)
+    return out
+
+
 def folder_of(source: Any, common: str) -> str:
     """A short folder label: the source's directory relative to the folder all sources share; URLs: host/dir."""
     if not source:
@@ -193,7 +210,7 @@ def folder_of(source: Any, common: str) -> str:
 
 
 def common_folder(sources: Sequence[Any]) -> str:
-    local = [os.path.dirname(str(s)) for s in sources if s and "://" not in str(s)[:12]]
+    local = list({os.path.dirname(str(s)) for s in sources if s and "://" not in str(s)[:12]})
     if not local:
         return ""
     try:

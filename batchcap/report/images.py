@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from . import charts
-from .data import OK, Result, common_folder, fmt_num, folder_of, group_rows, is_url, local_file, metric
+from .data import OK, Result, fmt_num, folders_of, group_rows, is_url, local_file, metric
 
 log = logging.getLogger(__name__)
 
@@ -76,8 +76,7 @@ def groups(result: Result, group_by: Sequence[str] = ()) -> list[dict[str, Any]]
     """Mean per-row scores and failures by folder and by each ``group_by`` column."""
     keyed: list[tuple[str, list[Any]]] = []
     sources = result.col("source")
-    common = common_folder(sources)
-    folders = [folder_of(s, common) for s in sources]
+    folders = folders_of(sources)
     if len(set(folders)) > 1:
         keyed.append(("folder", folders))
     for col in group_by:
