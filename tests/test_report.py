@@ -274,7 +274,9 @@ def test_real_audio_report_matches_the_summary(real_audio, tmp_path):
         assert not os.path.isabs(src)
         assert os.path.isfile(os.path.join(tmp_path, src.replace("%20", " ")))
     folders = _group_table(doc, "by folder")
-    assert set(folders) == {"north", "south"}
+    top = os.path.basename(real_audio["root"])
+    assert set(folders) == {f"{top}/north", f"{top}/south"}
+    assert folders[f"{top}/south"][:2] == ["3", "1"]  # rows, failed (the broken file)
 
 
 def test_real_audio_report_without_summary_and_from_csv(real_audio, tmp_path):

@@ -101,8 +101,9 @@ def histogram(counts: Sequence[int], labels: Sequence[str], *, title: str, xlabe
 
 
 def line_chart(series: dict[str, Sequence[tuple[float, float]]], *, title: str, xlabel: str = "epoch",
-               ylabel: str = "", width: int = 520, height: int = 260, percent: bool = False) -> Chart:
-    """One polyline with dots per series; shared axes from the data's range."""
+               ylabel: str = "", width: int = 520, height: int = 260, percent: bool = False,
+               unit: bool = False) -> Chart:
+    """One polyline with dots per series; shared axes from the data's range (``unit``: 0 to 1)."""
     left, top, bottom, right = 56, 14, 40, 14
     plot_w, plot_h = width - left - right, height - top - bottom
     points = [p for pts in series.values() for p in pts if _finite(p[1])]
@@ -118,6 +119,8 @@ def line_chart(series: dict[str, Sequence[tuple[float, float]]], *, title: str, 
     y_lo, y_hi = min(ys), max(ys)
     pad = (y_hi - y_lo) * 0.05 or abs(y_hi) * 0.05 or 0.05
     yt = nice_ticks(y_lo - pad if y_lo - pad < 0 <= y_lo else y_lo - pad, y_hi + pad, 4)
+    if unit:
+        yt = [0.0, 0.25, 0.5, 0.75, 1.0]
     if y_lo >= 0 and yt[0] < 0:
         yt = [t for t in yt if t >= 0] or [0.0]
         if yt[0] > 0:

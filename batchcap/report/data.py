@@ -195,7 +195,8 @@ def folders_of(sources: Sequence[Any]) -> list[str]:
 
 
 def folder_of(source: Any, common: str) -> str:
-    """A short folder label: the source's directory relative to the folder all sources share; URLs: host/dir."""
+    """A short folder label: the source's directory from the folder above the one all sources share (so the
+    top folder keeps its name); URLs: host/dir."""
     if not source:
         return "(none)"
     src = str(source)
@@ -203,9 +204,8 @@ def folder_of(source: Any, common: str) -> str:
         parts = urlsplit(src)
         return parts.netloc + (os.path.dirname(parts.path) or "/")
     folder = os.path.dirname(src)
-    if common:
-        rel = os.path.relpath(folder, common) if folder else folder
-        return "." if rel in ("", ".") else rel
+    if common and folder:
+        return os.path.relpath(folder, os.path.dirname(common) or common)
     return folder or "."
 
 

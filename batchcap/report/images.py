@@ -62,13 +62,14 @@ def score_histogram(result: Result) -> charts.Chart | None:
     values = [v for v, s in zip(result.col("cider_d"), result.col("status")) if s == OK and isinstance(v, (int, float))]
     if not values:
         return None
-    top = max(2.0, max(values))
-    width = top / 12
-    counts = [0] * 12
+    ticks = charts.nice_ticks(0, max(1.0, max(values)), 12)
+    width = ticks[1] - ticks[0]
+    bins = int(max(values) / width) + 1
+    counts = [0] * bins
     for v in values:
-        counts[min(11, int(v / width))] += 1
-    labels = [f"{k * width:.1f}" for k in range(12)]
-    return charts.histogram(counts, labels, title="Images by CIDEr-D", xlabel="CIDEr-D (bin start)",
+        counts[min(bins - 1, max(0, int(v / width)))] += 1
+    labels = [f"{k * width:g}" for k in range(bins)]
+    return charts.histogram(counts, labels, title="Images by CIDEr-D", xlabel="CIDEr-D (bin start)", width=860,
                             every=2)
 
 

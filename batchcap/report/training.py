@@ -49,7 +49,7 @@ def training_context(history: Sequence[dict[str, Any]], samples: Sequence[dict[s
     for k in other:
         chart_list.append(charts.line_chart(series([k]), title=f"validation {LABELS.get(k, k)} per epoch"))
     if unit:
-        chart_list.append(charts.line_chart(series(unit), title="validation scores per epoch (0–1)"))
+        chart_list.append(charts.line_chart(series(unit), title="validation scores per epoch", unit=True))
     best = [r.get("epoch") for r in rows if r.get("best")]
     table_keys = [k for k in keys if k != "best"]
     table = [[_cell(r.get(k), k in percent) for k in table_keys] for r in rows]
@@ -59,7 +59,7 @@ def training_context(history: Sequence[dict[str, Any]], samples: Sequence[dict[s
         "charts": chart_list,
         "columns": [LABELS.get(k, k) for k in table_keys],
         "table": table,
-        "best_epochs": best,
+        "best_epoch": best[-1] if best else None,
         "last": rows[-1] if rows else {},
         "epochs": len(rows),
         "info": [(k, v if isinstance(v, str) else json.dumps(v, default=str)) for k, v in info.items()],
