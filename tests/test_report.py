@@ -561,6 +561,8 @@ def test_train_images_writes_its_report(tmp_path):
                            "--batch-size", "8", "--val-fraction", "0.25", "--device", "cpu", "-q")
     assert code == 0, output
     doc = parse(out / "report.html")
-    assert len(find_class(doc, "row", "div")) == 6  # every validation image's prediction
+    cards = find_class(doc, "thumb", "div")
+    assert len(cards) == 6  # every validation image's prediction, with its picture
     assert len(list(doc.iter("img"))) == 6
+    assert all(find_class(c, "caption") and c.find(".//li") is not None for c in cards)
     assert len(doc.find(".//table").findall(".//tr")) == 1 + 2
