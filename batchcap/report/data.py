@@ -8,7 +8,7 @@ import logging
 import os
 import shlex
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote, urlsplit
@@ -29,19 +29,51 @@ IMAGE_COLUMNS = {"id", "source", "caption", "status", "error", "http_status", "w
                  "references", "bleu_4", "rouge_l", "cider_d"}
 
 
+class Columns(Mapping):
+    """A table's columns as Python lists, each converted from Arrow when first read (a report of a big table
+    never converts the columns it does not show, such as long ``segments`` lists)."""
+
+    def __init__(self, table: Any, convert: dict[str, Callable[[Any], Any]] | None = None):
+        self._table = table
+        self._names = list(table.column_names)
+        self._convert = convert or {}
+        self._cache: dict[str, list[Any]] = {}
+
+    def __getitem__(self, name: str) -> list[Any]:
+        values = self._cache.get(name)
+        if values is None:
+            if name not in self._names:
+                raise KeyError(name)
+            values = self._table.column(name).to_pylist()
+            if name in self._convert:
+                values = [self._convert[name](v) for v in values]
+            self._cache[name] = values
+        return values
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._names
+
+
 @dataclass
 class Result:
     """One result table as columns (Python lists), its summary and where it lives."""
 
     path: str
-    columns: dict[str, list[Any]]
+    columns: Mapping[str, list[Any]]
     summary: dict[str, Any] = field(default_factory=dict)
     kind: str = "audio"  # "audio" or "images"
     mtime: float = 0.0
+    _nones: list[None] = field(default_factory=list, repr=False)
 
     @property
     def num_rows(self) -> int:
-        return len(self.columns.get("id", []))
+        return len(self.columns["id"])
 
     @property
     def name(self) -> str:
@@ -53,12 +85,14 @@ class Result:
 
     def col(self, name: str) -> list[Any]:
         """A column, or a column of None where the table has none."""
-        values = self.columns.get(name)
-        return values if values is not None else [None] * self.num_rows
+        if name in self.columns:
+            return self.columns[name]
+        if len(self._nones) != self.num_rows:
+            self._nones = [None] * self.num_rows
+        return self._nones
 
     def has(self, name: str) -> bool:
-        values = self.columns.get(name)
-        return values is not None and any(v is not None for v in values)
+        return name in self.columns and any(v is not None for v in self.columns[name])
 
     @property
     def carried(self) -> list[str]:
@@ -81,13 +115,13 @@ def load_result(path: str, summary: dict[str, Any] | None = None) -> Result:
         raise FatalError(f"cannot read {path} as a result table: {exc}") from None
     if "id" not in table.column_names or "status" not in table.column_names:
         raise FatalError(f"{path} is not a batchcap result table (no id / status columns)")
-    columns = {name: table.column(name).to_pylist() for name in table.column_names}
-    columns["id"] = [None if v is None else str(v) for v in columns["id"]]
     if summary is None:
         summary = _read_summary(summary_path_for(path))
     kind = _kind(table.column_names, summary)
-    if kind == "images" and "references" in columns:
-        columns["references"] = [_as_list(v) for v in columns["references"]]
+    convert: dict[str, Callable[[Any], Any]] = {"id": lambda v: None if v is None else str(v)}
+    if kind == "images":
+        convert["references"] = _as_list
+    columns = Columns(table, convert)
     return Result(os.path.abspath(path), columns, summary or {}, kind, os.path.getmtime(path))
 
 
