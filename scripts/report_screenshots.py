@@ -57,6 +57,38 @@ def screenshot(html: str, png: str, *, height: int, window: tuple[int, int] = WI
     print(f"screenshot {png}: {os.path.getsize(png) / 1024:.0f} kB")
 
 
+def check_grid_script(html: str) -> None:
+    """Run the page's script in chromium: click the first failure filter, sort by CIDEr-D high first, and
+    read the resulting DOM back (--dump-dom): only that status is visible, ok cards sorted."""
+    import re
+
+    with open(html, encoding="utf-8") as f:
+        page = f.read()
+    probe = """<script>
+    var b = document.querySelectorAll('[data-filter]'); b[b.length - 1].click();
+    var shown = b[b.length - 1].getAttribute('data-filter');
+    document.body.setAttribute('data-probe-filter', shown);
+    var s = document.getElementById('sort'); if (s) { s.value = '-cider_d'; s.dispatchEvent(new Event('change')); }
+    </script></body>"""
+    probe_html = html + ".probe.html"
+    with open(probe_html, "w", encoding="utf-8") as f:
+        f.write(page.replace("</body>", probe, 1))
+    with tempfile.TemporaryDirectory() as profile:
+        dom = subprocess.run([chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                              f"--user-data-dir={profile}", "--dump-dom", "file://" + os.path.abspath(probe_html)],
+                             check=True, capture_output=True, text=True, timeout=120).stdout
+    os.remove(probe_html)
+    status = re.search(r'data-probe-filter="([^"]+)"', dom).group(1)
+    cards = re.findall(r'<div class="thumb" data-status="([^"]+)"[^>]*?(?:data-cider_d="([^"]*)")?[^>]*>', dom)
+    hidden = re.findall(r'<div class="thumb" data-status="([^"]+)"[^>]*style="display: none;"', dom)
+    visible = len(cards) - len(hidden)
+    assert all(s != status for s in hidden), "a card of the chosen status is hidden"
+    assert visible == sum(1 for s, _ in cards if s == status), (visible, status)
+    scores = [float(v) for s, v in cards if s == "ok" and v]
+    assert scores == sorted(scores, reverse=True), "ok cards are not sorted by CIDEr-D, high first"
+    print(f"grid script in chromium: filter {status!r} shows {visible} of {len(cards)} cards; sort ok")
+
+
 def build(result: str, html: str, **kwargs: object) -> str:
     from batchcap.report import build_report
 
@@ -121,6 +153,7 @@ def main() -> None:
         images, model = images_demo(work)
     if images:
         html = build(images, os.path.join(work, "images.html"), rows=24)
+        check_grid_script(html)
         screenshot(html, os.path.join(args.out, "report-images.png"), height=args.height)
     if model:
         screenshot(os.path.join(model, "report.html"), os.path.join(args.out, "report-training.png"),

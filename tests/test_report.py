@@ -219,6 +219,14 @@ def test_page_is_self_contained(hand_audio):
     assert oct(os.stat(hand_audio["html"]).st_mode & 0o044) == oct(0o044)  # readable like any file written
 
 
+def test_decode_column_and_carried_columns_are_shown(tmp_path):
+    rows = [audio_row("a", "one two three", "one two tree", decode="temperature fallback 0.4", speaker="zoe"),
+            audio_row("b", "four", "four", decode="greedy", speaker="yan")]
+    doc = parse(build_report(write_rows(tmp_path / "d.parquet", rows), str(tmp_path / "d.html")))
+    meta = text_of(find_class(detail_row(doc, "a"), "meta", "div")[0])
+    assert "decode: temperature fallback 0.4" in meta and "speaker: zoe" in meta
+
+
 def test_hostile_text_is_escaped(tmp_path):
     rows = [audio_row(HOSTILE, f"say {HOSTILE} now", f"say <b>bold</b> {HOSTILE}", source=f"/x/{HOSTILE}.wav",
                       speaker=HOSTILE),
