@@ -299,6 +299,21 @@ def test_real_audio_report_without_summary_and_from_csv(real_audio, tmp_path):
     assert "No summary JSON" in text_of(doc)
 
 
+def test_compare_real_audio_results_with_players(real_audio, tmp_path):
+    from batchcap.output import read_table
+
+    rows = read_table(real_audio["out"]).to_pylist()
+    ok = [r for r in rows if r["status"] == "ok"]
+    ok[0]["text"] = "please hold the line number 0"  # B gets the first clip right
+    b = write_rows(tmp_path / "b.parquet", rows)
+    doc = parse(build_report(real_audio["out"], str(tmp_path / "cmp.html"), compare=b))
+    (row,) = find_class(doc, "row", "div")
+    assert text_of(find_class(row, "id", "span")[0]) == ok[0]["id"]
+    (source,) = list(row.iter("source"))
+    assert source.get("type") == "audio/wav" and not os.path.isabs(source.get("src"))
+    assert os.path.isfile(os.path.join(tmp_path, source.get("src")))
+
+
 def test_summary_command_and_options_are_shown(real_audio, tmp_path):
     summary = dict(real_audio["summary"], command=["batchcap", "audio", "calls.csv", "-o", "out.parquet",
                                                    "--note", HOSTILE],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -121,11 +122,7 @@ def pick_rows(result: Result, scores: Scores, n: int) -> tuple[list[int], str]:
 def row_detail(result: Result, scores: Scores, i: int, report_dir: str) -> dict[str, Any]:
     """What one row of the detail list shows."""
     source = result.col("source")[i]
-    path = local_file(source, result.base_dir)
-    player = None
-    if path is not None:
-        ext = "." + path.rsplit(".", 1)[-1].lower() if "." in path else ""
-        player = {"src": relative_link(path, report_dir), "type": AUDIO_EXTENSIONS.get(ext, "")}
+    player = player_for(source, result.base_dir, report_dir)
     tokens = align(scores.ref_norm[i] or "", scores.hyp_norm[i] or "") if scores.scored[i] else []
     carried = {c: result.columns[c][i] for c in result.carried if result.columns[c][i] not in (None, "")}
     return {
@@ -146,6 +143,15 @@ def row_detail(result: Result, scores: Scores, i: int, report_dir: str) -> dict[
         "player": player,
         "carried": list(carried.items())[:6],
     }
+
+
+def player_for(source: Any, base_dir: str, report_dir: str) -> dict[str, str] | None:
+    """An ``<audio>`` source for a local file (a link relative to the report), None for URLs and missing files."""
+    path = local_file(source, base_dir)
+    if path is None:
+        return None
+    ext = os.path.splitext(path)[1].lower()
+    return {"src": relative_link(path, report_dir), "type": AUDIO_EXTENSIONS.get(ext, "")}
 
 
 def _decode_text(value: Any) -> str | None:

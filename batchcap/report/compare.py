@@ -5,7 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from .align import Scores, align
-from .data import OK, Result, is_url, local_file, ordered_status_counts, relative_link
+from .audio import player_for
+from .data import OK, Result, is_url, ordered_status_counts
 from .images import SCORE_COLUMNS, Thumbnails, corpus_scores
 
 
@@ -44,11 +45,10 @@ def compare_audio(a: Result, sa: Scores, b: Result, sb: Scores, *, rows: int, re
     shown = sorted(differ, key=change)[:rows]
     detail = []
     for i, j in shown:
-        path = local_file(a.col("source")[i], a.base_dir)
         ref_a = sa.ref_norm[i] if sa.scored[i] else None
         detail.append({
             "id": a.col("id")[i], "source": a.col("source")[i],
-            "player": {"src": relative_link(path, report_dir)} if path else None,
+            "player": player_for(a.col("source")[i], a.base_dir, report_dir),
             "reference": a.col("reference")[i] or b.col("reference")[j],
             "a": _side(a, sa, i), "b": _side(b, sb, j),
             # without references: how B's words differ from A's
