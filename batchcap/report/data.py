@@ -211,8 +211,9 @@ def failure_groups(result: Result, examples: int = 3, limit: int = 40) -> tuple[
     return ordered[:limit], max(0, len(ordered) - limit)
 
 
-def folders_of(sources: Sequence[Any]) -> list[str]:
-    """:func:`folder_of` for every source (computed once per distinct directory)."""
+def folders_of(sources: Sequence[Any], width: int = 44) -> list[str]:
+    """:func:`folder_of` for every source (computed once per distinct directory); labels longer than ``width``
+    keep their first folder and last two (``speech-en/…/sounds/en_US``) unless that makes two alike."""
     common = common_folder(sources)
     cache: dict[str, str] = {}
     out = []
@@ -225,12 +226,23 @@ def folders_of(sources: Sequence[Any]) -> list[str]:
         if label is None:
             label = cache[key] = folder_of(source, common)
         out.append(label)
+    labels = set(out)
+    short = {label: _shorten(label, width) for label in labels}
+    if len(set(short.values())) == len(labels):
+        out = [short[label] for label in out]
     return out
 
 
+def _shorten(label: str, width: int) -> str:
+    parts = label.split("/")
+    if len(label) <= width or len(parts) <= 3:
+        return label
+    return "/".join([parts[0], "…", *parts[-2:]])
+
+
 def folder_of(source: Any, common: str) -> str:
-    """A short folder label: the source's directory from the folder above the one all sources share (so the
-    top folder keeps its name); URLs: host/dir."""
+    """A short folder label: the source's directory relative to the folder all sources share (that folder
+    itself by its name); URLs: host/dir."""
     if not source:
         return "(none)"
     src = str(source)
@@ -239,7 +251,8 @@ def folder_of(source: Any, common: str) -> str:
         return parts.netloc + (os.path.dirname(parts.path) or "/")
     folder = os.path.dirname(src)
     if common and folder:
-        return os.path.relpath(folder, os.path.dirname(common) or common)
+        rel = os.path.relpath(folder, common)
+        return (os.path.basename(common) or common) if rel == "." else rel
     return folder or "."
 
 
