@@ -95,7 +95,8 @@ def groups(result: Result, scores: Scores, group_by: Sequence[str] = ()) -> list
         peak = max((r["wer"] for r in rows if r["wer"] is not None), default=0) or 1
         for r in rows:
             r["bar"] = 0 if r["wer"] is None else min(1.0, r["wer"] / max(peak, 1e-9))
-        tables.append({"name": name, "rows": rows, "scored": any(r["scored"] for r in rows)})
+        tables.append({"name": name, "rows": rows, "scored": any(r["scored"] for r in rows),
+                       "wide": max(len(r["key"]) for r in rows) > 18})
     return tables
 
 

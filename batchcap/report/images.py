@@ -95,7 +95,7 @@ def groups(result: Result, group_by: Sequence[str] = ()) -> list[dict[str, Any]]
         peak = max((r["cider_d"] for r in rows if r["cider_d"] is not None), default=0) or 1
         for r in rows:
             r["bar"] = 0 if r["cider_d"] is None else min(1.0, r["cider_d"] / peak)
-        tables.append({"name": name, "rows": rows})
+        tables.append({"name": name, "rows": rows, "wide": max(len(r["key"]) for r in rows) > 18})
     return tables
 
 
