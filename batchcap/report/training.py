@@ -52,7 +52,7 @@ def training_context(history: Sequence[dict[str, Any]], samples: Sequence[dict[s
         chart_list.append(charts.line_chart(series(unit), title="validation scores per epoch", unit=True))
     best = [r.get("epoch") for r in rows if r.get("best")]
     table_keys = [k for k in keys if k != "best"]
-    table = [[_cell(r.get(k), k in percent) for k in table_keys] for r in rows]
+    table = [[_cell(r.get(k), k in percent, 1 if k == "seconds" else 4) for k in table_keys] for r in rows]
     return {
         "title": title,
         "generated": _dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
@@ -67,11 +67,11 @@ def training_context(history: Sequence[dict[str, Any]], samples: Sequence[dict[s
     }
 
 
-def _cell(value: Any, percent: bool) -> str:
+def _cell(value: Any, percent: bool, digits: int = 4) -> str:
     if value is None:
         return ""
     if _number(value) and isinstance(value, float):
-        return f"{100 * value:.2f}%" if percent else f"{value:.4f}"
+        return f"{100 * value:.2f}%" if percent else f"{value:.{digits}f}"
     return str(value)
 
 
