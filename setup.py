@@ -16,6 +16,8 @@ setup(
     license="MIT",
     python_requires=">=3.10",
     packages=find_packages(include=["batchcap", "batchcap.*"]),
+    package_data={"batchcap.report": ["templates/*.j2", "templates/*.css", "templates/*.js"]},
+    include_package_data=True,
     install_requires=[
         "torch>=2.2",
         "transformers>=5.0,<6",
@@ -30,6 +32,8 @@ setup(
         "soxr>=0.3",
         "av>=11",
         "jiwer>=3.0",
+        "rapidfuzz>=3",  # jiwer's aligner, called directly by batchcap report
+        "jinja2>=3.0",  # batchcap report
     ],
     extras_require={
         "train": ["peft>=0.13", "accelerate>=1.0", "matplotlib>=3.7"],
@@ -38,8 +42,8 @@ setup(
         "bench": ["faster-whisper>=1.0", "psutil>=5"],
         # everything the tests exercise (the Ray engine and both fine-tunes included)
         "dev": ["pytest>=8", "pytest-timeout>=2", "ruff>=0.6", "scikit-image>=0.22", "tifffile>=2023.1",
-                "pycocoevalcap>=1.2", "peft>=0.13", "accelerate>=1.0", "matplotlib>=3.7", "ray[data]>=2.40",
-                "pandas>=2", "vermin>=1.6"],
+                "pycocoevalcap>=1.2", "html5lib>=1.1", "peft>=0.13", "accelerate>=1.0", "matplotlib>=3.7",
+                "ray[data]>=2.40", "pandas>=2", "vermin>=1.6"],
     },
     entry_points={"console_scripts": ["batchcap=batchcap.cli:main"]},
     classifiers=[

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -52,6 +53,8 @@ def job_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--max-bytes", type=click.IntRange(1), default=None,
                      help="Largest file or download accepted, in bytes."),
         click.option("--overwrite", is_flag=True, help="Start over instead of resuming from OUTPUT."),
+        click.option("--report", is_flag=True,
+                     help="Also write OUT.report.html, the run as a page to look at (see batchcap report)."),
         click.option("--retry-failed", is_flag=True, help="Redo items whose earlier row is not ok."),
         click.option("--flush-every", type=click.IntRange(1), default=JobOptions.flush_rows, show_default=True,
                      help="Rows per part file: the most a crash can cost."),
@@ -87,6 +90,8 @@ def _run(job: Callable[[], Any], quiet: bool) -> None:
         for line in summary_lines(result.summary):
             click.echo(line)
         click.echo(f"summary: {result.summary_path}")
+        if result.summary.get("report"):
+            click.echo(f"report: {result.summary['report']}")
     click.get_current_context().exit(EXIT_ITEMS_FAILED if result.failed_this_run else EXIT_OK)
 
 
@@ -109,7 +114,18 @@ def summary_lines(summary: dict[str, Any]) -> list[str]:
     return lines
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+class _Batchcap(click.Group):
+    """The ``batchcap`` group; it remembers the command line it was given (for summaries and reports)."""
+
+    def main(self, args: Any = None, *more: Any, **kwargs: Any) -> Any:
+        _ARGV[:] = ["batchcap", *(sys.argv[1:] if args is None else [str(a) for a in args])]
+        return super().main(args, *more, **kwargs)
+
+
+_ARGV: list[str] = []
+
+
+@click.group(cls=_Batchcap, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="batchcap")
 def main() -> None:
     """Caption images and transcribe recordings in batches, into parquet or CSV tables.
@@ -198,12 +214,16 @@ def _job_options(cli: dict[str, Any], default_max_bytes: int, default_workers: i
     cli["flush_rows"] = cli.pop("flush_every")
     cli["workers"] = cli["workers"] or default_workers
     cli["reference_columns"] = tuple(cli["reference_columns"])
+    cli["command"] = list(_ARGV) or None
     return cli
 
 
 from .train.cli import train  # noqa: E402
 
 main.add_command(train)
+from .report.cli import report  # noqa: E402
+
+main.add_command(report)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -9,6 +9,7 @@ beside it.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections import Counter
@@ -102,8 +103,42 @@ def run_job(items: Iterable[Item], job: Job, output: str, options: JobOptions | 
         summary["skipped_files"] = stats.skipped_files  # files of other types in input directories
     summary.update(extra_summary or {})
     summary.update(job.scorer.summarize(table, wall))
+    if options.command:
+        summary["command"] = list(options.command)
+    summary["options"] = _options_record(options)
+    if options.report:
+        summary["report"] = _write_report(store.path, summary)
     summary_path = write_summary(store.path, summary)
     return RunResult(store.path, summary_path, summary, counts, skipped)
+
+
+def _options_record(options: JobOptions) -> dict[str, Any]:
+    """The run's options as plain JSON values (for the summary and the report)."""
+    record: dict[str, Any] = {}
+    for f in dataclasses.fields(options):
+        if f.name == "command":
+            continue
+        value = getattr(options, f.name)
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            value = {k: v for k, v in dataclasses.asdict(value).items() if isinstance(v, (str, int, float, bool))}
+        elif isinstance(value, (list, tuple)):
+            value = [str(v) for v in value]
+        elif value is not None and not isinstance(value, (str, int, float, bool)):
+            value = str(value)
+        record[f.name] = value
+    return record
+
+
+def _write_report(output: str, summary: dict[str, Any]) -> str | None:
+    """``OUT.report.html``; a report that cannot be built is a warning, never a failed run."""
+    from .report import build_report
+
+    try:
+        return build_report(output, summary=summary)
+    except Exception as exc:  # noqa: BLE001 - the results are written; the page is a bonus
+        log.warning("could not write the report: %s: %s", type(exc).__name__, exc)
+        log.debug("report failed", exc_info=True)
+        return None
 
 
 def _rows(items: Iterable[Item], job: Job, options: JobOptions, predictor: Predictor | None, done: set[str],

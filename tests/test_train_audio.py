@@ -117,6 +117,9 @@ def test_outputs(data, trained):
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     with open(os.path.join(trained, "history.csv")) as f:
         assert len(list(csv.DictReader(f))) == 4
+    with open(os.path.join(trained, "report.html"), encoding="utf-8") as f:  # batchcap report's training page
+        page = f.read()
+    assert page.count("<polyline") == 3 and page.count('class="align mono"') == 6  # loss x2, WER; 6 val clips
     # the adapter, and a plain merged Whisper checkpoint beside it
     assert os.path.isfile(os.path.join(trained, "adapter", "adapter_config.json"))
     for name in ("config.json", "model.safetensors", "generation_config.json", "preprocessor_config.json",

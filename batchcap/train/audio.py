@@ -40,12 +40,13 @@ from ..items import FatalError, Item, ItemError
 from ..metrics import ErrorRate, get_normalizer, load_english_spelling, wer_counts
 from ..models.common import hub_guard, load_error_message
 from .base import FineTuneResult, autocast_dtype, count_parameters, start_run
-from .checkpoints import INFO_FILE, fresh_dir, replace_dir, write_info
+from .checkpoints import INFO_FILE, fresh_dir, jsonable, replace_dir, write_info
 from .data import Example
 from .history import HISTORY_JSON, write_history
 from .options import DEFAULT_AUDIO_MODEL, LANGUAGE_COLUMN, LORA_SCOPES, AudioTrainOptions
 
 __all__ = ["DEFAULT_AUDIO_MODEL", "AudioTrainOptions", "AudioTrainResult", "train_audio", "apply_lora"]
+from ..report import write_training_report
 
 log = logging.getLogger(__name__)
 
@@ -372,6 +373,8 @@ def _metrics(opts: AudioTrainOptions, setup: WhisperSetup, tokenizer: Any) -> An
     spelling = load_english_spelling(opts.model if os.path.isdir(opts.model) else None) or _hub_spelling(opts.model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else setup.eos
 
+    samples: list[dict[str, Any]] = []  # validation predictions of the last evaluation, for report.html
+
     def compute_metrics(pred: Any) -> dict[str, float]:
         preds = np.where(pred.predictions != -100, pred.predictions, pad_id)
         refs = np.where(pred.label_ids != -100, pred.label_ids, pad_id)
@@ -382,8 +385,11 @@ def _metrics(opts: AudioTrainOptions, setup: WhisperSetup, tokenizer: Any) -> An
             language = setup.language_of(int(ref_ids[0])) or setup.language or "en"
             normalizer = get_normalizer(opts.normalize, language, spelling)
             rate.add(*wer_counts(normalizer(ref), normalizer(hyp)))
+        samples[:] = [{"reference": r, "prediction": h, "normalized": (normalizer(r), normalizer(h))}
+                      for r, h in zip(texts[:24], hyps[:24])]
         return {"wer": rate.errors / max(rate.total, 1)}
 
+    compute_metrics.samples = samples  # type: ignore[attr-defined]
     return compute_metrics
 
 
@@ -501,11 +507,13 @@ def train_audio(manifest: str, out_dir: str, options: AudioTrainOptions | None =
     longest = max(len(x) for x in train_labels + val_labels)
     steps_per_epoch = math.ceil(len(train_ex) / (opts.batch_size * opts.grad_accum))
     args = _training_args(opts, ckpt_dir, device, precision, has_val, min(setup.max_target_positions, longest + 8))
+    compute_metrics = _metrics(opts, setup, tokenizer) if has_val else None
+    samples = getattr(compute_metrics, "samples", [])  # the last evaluation's predictions, for report.html
     trainer = _trainer_class(device, precision, setup)(
         model=model, args=args, data_collator=collate_speech,
         train_dataset=SpeechDataset(train_ex, train_labels, feature_extractor),
         eval_dataset=SpeechDataset(val_ex, val_labels, feature_extractor) if has_val else None,
-        processing_class=tokenizer, compute_metrics=_metrics(opts, setup, tokenizer) if has_val else None,
+        processing_class=tokenizer, compute_metrics=compute_metrics,
         callbacks=[_log_callback()])
     trainer.remove_callback(PrinterCallback)  # it prints every log dict to stdout; LogEpochs logs instead
     if last:
@@ -524,11 +532,13 @@ def train_audio(manifest: str, out_dir: str, options: AudioTrainOptions | None =
     best_wer = trainer.state.best_metric if has_val else None
     del trainer, model
     save_merged(opts.model, adapter_dir, out_dir, setup, feature_extractor, tokenizer)
-    write_info(out_dir, {"manifest": manifest, "options": asdict(opts), "device": str(device),
-                         "precision": precision, "gradient_checkpointing": gradient_checkpointing,
-                         "trainable_params": trainable, "total_params": total,
-                         "best_metric": "wer" if has_val else "last_epoch", "best_wer": best_wer,
-                         "best_checkpoint": best_ckpt, "data": data_report})
+    info = {"manifest": manifest, "options": asdict(opts), "device": str(device), "precision": precision,
+            "gradient_checkpointing": gradient_checkpointing, "trainable_params": trainable, "total_params": total,
+            "best_metric": "wer" if has_val else "last_epoch", "best_wer": best_wer,
+            "best_checkpoint": best_ckpt, "data": data_report}
+    write_info(out_dir, info)
+    write_training_report(out_dir, history, samples, title=f"batchcap train audio: {os.path.basename(out_dir)}",
+                          info=jsonable(info), strict=False)
     log.info("adapter in %s, merged model in %s%s", adapter_dir, out_dir,
              f" (best validation WER {best_wer:.2%})" if best_wer is not None else "")
     return AudioTrainResult(out_dir, history, trainable, total, data_report, run.elapsed(), best_wer=best_wer,

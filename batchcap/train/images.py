@@ -35,13 +35,14 @@ from ..metrics import caption_metrics
 from ..models.captioner import Captioner
 from ..models.common import hub_guard, load_error_message
 from .base import FineTuneResult, TrainRun, autocast_dtype, count_parameters, start_run
-from .checkpoints import INFO_FILE, fresh_dir, replace_dir, write_info
+from .checkpoints import INFO_FILE, fresh_dir, jsonable, replace_dir, write_info
 from .data import Example
 from .history import HISTORY_JSON, read_history, write_history
 from .options import BEST_METRICS, DEFAULT_IMAGE_MODEL, ImageTrainOptions
 
 __all__ = ["ImageTrainOptions", "TrainResult", "train_images", "load_captioner_for_training",
            "freeze_for_finetuning"]
+from ..report import write_training_report
 
 log = logging.getLogger(__name__)
 
@@ -391,6 +392,7 @@ def train_images(manifest: str, out_dir: str, options: ImageTrainOptions | None 
     best: tuple[float, float] | None = None
     best_epoch: int | None = None
     history: list[dict[str, Any]] = []
+    samples: list[dict[str, Any]] = []  # validation predictions of the last epoch, for report.html
     if state is not None:
         try:
             optimizer.load_state_dict(state["optimizer"])
@@ -444,6 +446,8 @@ def train_images(manifest: str, out_dir: str, options: ImageTrainOptions | None 
                                          batch_size=opts.batch_size)
             hyps = generate_captions(captioner, val_data.images, opts.batch_size)
             corpus, _ = caption_metrics(hyps, val_data.references)
+            samples = [{"id": it.id, "prediction": h, "references": refs, "image": im} for h, refs, im, it
+                       in zip(hyps[:24], val_data.references, val_data.images, val_data.items)]
             row.update({k: round(v, 5) for k, v in corpus.items()})
             row["exact"] = round(sum(h.lower() in {r.lower() for r in refs}
                                      for h, refs in zip(hyps, val_data.references)) / len(hyps), 5)
@@ -474,10 +478,12 @@ def train_images(manifest: str, out_dir: str, options: ImageTrainOptions | None 
     if best_epoch is None and not os.path.isfile(os.path.join(out_dir, "config.json")):
         saver.publish(out_dir)  # zero epochs: the model as loaded
     best_metric = metric if val_data.images else "last_epoch"
-    write_info(out_dir, {"manifest": manifest, "options": asdict(opts), "device": str(device),
-                         "precision": precision, "trained": trained_parts, "trainable_params": trainable,
-                         "total_params": total, "best_metric": best_metric, "best_epoch": best_epoch,
-                         "data": data_report})
+    info = {"manifest": manifest, "options": asdict(opts), "device": str(device), "precision": precision,
+            "trained": trained_parts, "trainable_params": trainable, "total_params": total,
+            "best_metric": best_metric, "best_epoch": best_epoch, "data": data_report}
+    write_info(out_dir, info)
+    write_training_report(out_dir, history, samples, title=f"batchcap train images: {os.path.basename(out_dir)}",
+                          info=jsonable(info), strict=False)
     if best_epoch is not None:
         log.info("best epoch %d (%s); model in %s", best_epoch, best_metric, out_dir)
     return TrainResult(out_dir, history, trainable, total, data_report, run.elapsed(), best_epoch=best_epoch,
