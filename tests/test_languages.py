@@ -1,0 +1,109 @@
+"""Languages: one for all clips, candidates for detection, one per clip (a manifest column)."""
+
+from __future__ import annotations
+
+import pytest
+
+from batchcap.items import MODEL_ERROR, FatalError, ItemError
+from tests.conftest import tone
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _transcriber(model, **kwargs):
+    from batchcap.models.guard import GuardConfig
+    from batchcap.models.whisper import WhisperTranscriber
+
+    return WhisperTranscriber(model, device="cpu", guard=GuardConfig(fallback=False), **kwargs)
+
+
+def _generate_spy(t):
+    """Record the ``language`` argument of every generate call (the prompt's language tokens)."""
+    seen: list = []
+    original = t.model.generate
+
+    def generate(*args, **kwargs):
+        seen.append(kwargs.get("language"))
+        return original(*args, **kwargs)
+    t.model.generate = generate
+    return seen
+
+
+def test_detection_without_candidates_picks_among_all(tiny_whisper):
+    t = _transcriber(tiny_whisper)
+    rows = t.transcribe([t.prepare(tone(1.0)), t.prepare(tone(2.0, freq=300))])
+    assert {r["language"] for r in rows} <= {"en", "de", "fr", "es"}
+    assert all(0.25 <= r["language_prob"] <= 1.0 for r in rows)  # over four languages
+
+
+def test_candidates_restrict_detection(tiny_whisper):
+    free = _transcriber(tiny_whisper).transcribe
+    t = _transcriber(tiny_whisper, language="fr, es")
+    assert t.language is None and t.candidates == ["fr", "es"]
+    clips = [t.prepare(tone(1.0)), t.prepare(tone(2.0, freq=300))]
+    unrestricted = {r["language"] for r in free(clips)}
+    spy = _generate_spy(t)
+    rows = t.transcribe(clips)
+    assert all(r["language"] in ("fr", "es") for r in rows)
+    assert spy == [[r["language"] for r in rows]]
+    assert all(0.5 <= r["language_prob"] <= 1.0 for r in rows)  # renormalised over the two candidates
+    # the candidates change the answer: unrestricted detection picks a language outside them
+    assert unrestricted - {"fr", "es"}
+    # names work as codes do
+    assert _transcriber(tiny_whisper, language=["French", "german"]).candidates == ["fr", "de"]
+
+
+def test_one_language_for_all(tiny_whisper):
+    t = _transcriber(tiny_whisper, language="Spanish")
+    spy = _generate_spy(t)
+    rows = t.transcribe([t.prepare(tone(1.0)), t.prepare(tone(2.0))])
+    assert spy == [["es", "es"]]
+    assert [(r["language"], r["language_prob"]) for r in rows] == [("es", None), ("es", None)]
+
+
+def test_per_clip_languages_in_one_batch(tiny_whisper):
+    t = _transcriber(tiny_whisper, language="de")
+    spy = _generate_spy(t)
+    clips = [t.prepare(tone(1.0), language="fr"), t.prepare(tone(1.5)), t.prepare(tone(2.0), language="Spanish")]
+    rows = t.transcribe(clips)
+    assert spy == [["fr", "de", "es"]]
+    assert [r["language"] for r in rows] == ["fr", "de", "es"]
+    # without a run language, the clips without their own are detected (and only they get a probability)
+    t = _transcriber(tiny_whisper, language="fr,es")
+    rows = t.transcribe([t.prepare(tone(1.0), language="de"), t.prepare(tone(1.5))])
+    assert rows[0]["language"] == "de" and rows[0]["language_prob"] is None
+    assert rows[1]["language"] in ("fr", "es") and rows[1]["language_prob"] is not None
+
+
+def test_unknown_languages(tiny_whisper, tiny_whisper_en):
+    t = _transcriber(tiny_whisper)
+    with pytest.raises(ItemError) as err:
+        t.prepare(tone(1.0), language="klingon")
+    assert err.value.status == MODEL_ERROR and "klingon" in err.value.message
+    with pytest.raises(FatalError, match="does not know language 'it'"):
+        _transcriber(tiny_whisper, language="fr,it")  # the tiny model knows en, de, fr, es
+    with pytest.raises(FatalError, match="English-only"):
+        _transcriber(tiny_whisper_en, language="es,en")
+    en = _transcriber(tiny_whisper_en, language="en")
+    assert en.prepare(tone(1.0), language="English").language is None
+    with pytest.raises(ItemError, match="English-only"):
+        en.prepare(tone(1.0), language="es")
+    rows = en.transcribe([en.prepare(tone(1.0))])
+    assert rows[0]["language"] == "en" and rows[0]["language_prob"] is None
+
+
+def test_live_window_detects_what_the_full_window_detects(tiny_whisper):
+    live, full = _transcriber(tiny_whisper), _transcriber(tiny_whisper, full_window=True)
+    clips = [tone(d, freq=f) for d, f in [(0.5, 200), (1.0, 440), (3.0, 800), (8.0, 300)]]
+    a = live.transcribe([live.prepare(c) for c in clips])
+    b = full.transcribe([full.prepare(c) for c in clips])
+    assert [r["language"] for r in a] == [r["language"] for r in b]
+    assert [r["language_prob"] for r in a] == pytest.approx([r["language_prob"] for r in b], abs=0.01)
