@@ -20,15 +20,17 @@ from .runner import RunResult
 
 log = logging.getLogger(__name__)
 
-AUDIO_COLUMNS = ("id", "source", "text", "language", "duration_s", "status", "error", "model",
-                 "reference", "wer", "cer")
+AUDIO_COLUMNS = ("id", "source", "text", "language", "language_prob", "decode", "no_speech_prob", "avg_logprob",
+                 "compression_ratio", "duration_s", "status", "error", "model", "reference", "wer", "cer")
+GUARD_COLUMNS = ("language_prob", "decode", "no_speech_prob", "avg_logprob", "compression_ratio")
 DEFAULT_AUDIO_MODEL = "openai/whisper-small"
 
 
 @dataclass
 class AudioOptions(JobOptions):
     model: str = DEFAULT_AUDIO_MODEL
-    language: str | None = None
+    language: str | None = None  # "es": every recording; "es,en": the candidates detection picks from
+    language_column: str | None = None  # manifest column of each recording's language (default: language)
     task: str = "transcribe"
     max_new_tokens: int | None = None
     full_window: bool = False  # run the encoder over all 30 s for every clip (exact, slower)
@@ -37,6 +39,11 @@ class AudioOptions(JobOptions):
     min_duration: float = 0.1
     silence_dbfs: float = -60.0
     workers: int = 4
+    # the hallucination guard (models/guard.py); None switches a check off
+    fallback: bool = True
+    compression_ratio_threshold: float | None = 2.4
+    logprob_threshold: float | None = -1.0
+    no_speech_threshold: float | None = 0.6
     fetch: FetchConfig = field(default_factory=lambda: FetchConfig(max_bytes=2 * 2**30))
 
 
@@ -58,7 +65,7 @@ class AudioTask:
     def load(self, item: Item, data: bytes) -> Any:
         samples = decode_audio(data, min_duration=self.options.min_duration,
                                silence_dbfs=self.options.silence_dbfs)
-        return self.transcriber.prepare(samples)
+        return self.transcriber.prepare(samples, language=item.language)
 
     def size(self, loaded: Any) -> float:
         return loaded.duration_s
@@ -75,6 +82,7 @@ class AudioTask:
             "source": item.source,
             "text": result["text"] if result else None,
             "language": result["language"] if result else None,
+            **{name: result.get(name) if result else None for name in GUARD_COLUMNS},
             "duration_s": round(loaded.duration_s, 3) if loaded is not None else error.fields.get("duration_s")
             if error else None,
             "status": OK if error is None else error.status,
@@ -108,6 +116,13 @@ class AudioTask:
             "audio_s_this_run": round(self.audio_seconds, 2),
             "rtfx_this_run": round(self.audio_seconds / wall, 2) if wall > 0 and self.audio_seconds else None,
         }
+        decodes: dict[str, int] = {}
+        for r in rows:
+            if r.get("decode"):
+                decodes[r["decode"]] = decodes.get(r["decode"], 0) + 1
+        if decodes:
+            summary["decode_counts"] = dict(sorted(decodes.items(), key=lambda kv: -kv[1]))
+            summary["fallbacks"] = sum(n for d, n in decodes.items() if d not in ("greedy", "beam", "long_form"))
         w = [0, 0]
         c = [0, 0]
         scored = 0
@@ -132,12 +147,16 @@ class AudioTask:
 
 
 def load_transcriber(options: AudioOptions) -> Any:
+    from .models.guard import GuardConfig
     from .models.whisper import WhisperTranscriber
 
+    guard = GuardConfig(compression_ratio_threshold=options.compression_ratio_threshold,
+                        logprob_threshold=options.logprob_threshold, no_speech_threshold=options.no_speech_threshold,
+                        fallback=options.fallback)
     return WhisperTranscriber(options.model, device=options.device, dtype=options.dtype,
                               language=options.language, task=options.task, num_beams=options.num_beams,
                               max_new_tokens=options.max_new_tokens, full_window=options.full_window,
-                              window_margin_s=options.window_margin_s)
+                              window_margin_s=options.window_margin_s, guard=guard)
 
 
 def transcribe(inputs: str | Sequence[str], output: str = "transcripts.parquet", *,
@@ -150,7 +169,7 @@ def transcribe(inputs: str | Sequence[str], output: str = "transcripts.parquet",
     """
     options = options or AudioOptions()
     options.update(overrides, "transcribe")
-    spec = audio_spec(options.path_column, options.reference_columns, options.id_column)
+    spec = audio_spec(options.path_column, options.reference_columns, options.id_column, options.language_column)
     spec.reserved = AUDIO_COLUMNS
     make_task = functools.partial(build_task, AudioTask, load_transcriber, options, transcriber)
     # Clips are sorted by duration within windows of batch_size * group items: a wide window keeps

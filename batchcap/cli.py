@@ -95,6 +95,8 @@ def summary_lines(summary: dict[str, Any]) -> list[str]:
     if summary.get("audio_hours") is not None:
         rtfx = summary.get("rtfx_this_run")
         lines.append(f"audio: {summary['audio_hours']:.3f} h" + (f", RTFx {rtfx:.1f} this run" if rtfx else ""))
+    if summary.get("decode_counts"):
+        lines.append("decode: " + ", ".join(f"{n} {kind}" for kind, n in summary["decode_counts"].items()))
     if summary.get("wer") is not None:
         cer = summary.get("cer")
         lines.append(f"WER {summary['wer']:.2%}" + (f", CER {cer:.2%}" if cer is not None else "")
@@ -120,7 +122,11 @@ def main() -> None:
 @click.option("--model", default="openai/whisper-small", show_default=True,
               help="Whisper checkpoint: a Hugging Face hub id or a local directory.")
 @click.option("--language", default=None,
-              help="Spoken language (e.g. en, de). Multilingual models detect it per file when absent.")
+              help="Spoken language of every recording (e.g. es), or the candidates detection picks from "
+                   "(e.g. es,en). Multilingual models detect it per recording when absent.")
+@click.option("--language-column", default=None,
+              help="Manifest column with each recording's language (it wins over --language) "
+                   "[default: language, lang or locale when present].")
 @click.option("--task", type=click.Choice(["transcribe", "translate"]), default="transcribe", show_default=True)
 @click.option("--normalize", type=click.Choice(["auto", "whisper", "basic", "none"]), default="auto",
               show_default=True,
@@ -132,12 +138,21 @@ def main() -> None:
                    "--window-margin seconds and takes the rest of the window from a cached silent one.")
 @click.option("--window-margin", type=click.FloatRange(0.1, 30), default=1.0, show_default=True,
               help="Seconds of padding after each clip that the encoder computes (without --full-window).")
+@click.option("--no-fallback", is_flag=True,
+              help="Do not redo suspect transcripts (full window, then temperatures 0.2-1.0); only flag them "
+                   "(decode = unresolved).")
+@click.option("--compression-ratio-threshold", type=click.FloatRange(0), default=2.4, show_default=True,
+              help="A transcript whose text compresses better than this (zlib) is suspect: a loop.")
+@click.option("--logprob-threshold", type=float, default=-1.0, show_default=True,
+              help="A transcript whose mean token log-probability is below this is suspect.")
+@click.option("--no-speech-threshold", type=click.FloatRange(0, 1), default=0.6, show_default=True,
+              help="Above this no-speech probability, an unconfident transcript is dropped (decode = no_speech).")
 @click.option("--min-duration", type=click.FloatRange(0), default=0.1, show_default=True,
               help="Clips shorter than this (seconds) get status 'empty'.")
 @click.option("--silence-threshold", type=float, default=-60.0, show_default=True,
               help="Clips whose peak is below this (dBFS) get status 'empty'.")
 def audio(inputs: tuple[str, ...], output: str | None, full_window: bool, window_margin: float,
-          silence_threshold: float, **options: Any) -> None:
+          silence_threshold: float, no_fallback: bool, **options: Any) -> None:
     """Transcribe every recording of INPUT... with Whisper.
 
     INPUT: directories (searched recursively for audio files), audio files, http(s) URLs, or
@@ -147,6 +162,7 @@ def audio(inputs: tuple[str, ...], output: str | None, full_window: bool, window
     from .asr import AudioOptions, transcribe
 
     opts = AudioOptions(full_window=full_window, window_margin_s=window_margin, silence_dbfs=silence_threshold,
+                        fallback=not no_fallback,
                         **_job_options(options, default_max_bytes=2 * 2**30, default_workers=4))
     _run(functools.partial(transcribe, list(inputs), output or "transcripts.parquet", options=opts), opts.quiet)
 

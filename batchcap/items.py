@@ -40,6 +40,7 @@ class Item:
     data: bytes | None = None  # embedded bytes (Hugging Face datasets layout)
     references: list[str] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)  # carried manifest columns
+    language: str | None = None  # the recording's language when the manifest says (audio)
 
 
 @dataclass

@@ -192,3 +192,23 @@ def test_long_form_is_guarded(transcriber):
     assert t._long_form_guard()["compression_ratio_threshold"] == pytest.approx(1.35)
     t.guard = g.GuardConfig(fallback=False)
     assert t._long_form_guard() == {}
+
+
+def test_cli_thresholds_and_decode_column(tiny_whisper, tmp_path):
+    import json
+
+    from tests.conftest import write_audio
+    from tests.helpers import rows_of, run_cli
+
+    (tmp_path / "in").mkdir()
+    for i, seconds in enumerate((1.0, 2.0)):
+        write_audio(tmp_path / "in" / f"c{i}.wav", seconds, freq=300 + 100 * i)
+    out = tmp_path / "out.parquet"
+    code, output = run_cli("audio", tmp_path / "in", "-o", out, "--model", tiny_whisper, "--language", "en",
+                           "--compression-ratio-threshold", "3", "--logprob-threshold", "-100")
+    assert code == 0, output
+    rows = rows_of(out)
+    assert [r["decode"] for r in rows] == ["temperature=0.2", "temperature=0.2"]
+    assert all(r["compression_ratio"] < 3 and r["avg_logprob"] < -1 and r["no_speech_prob"] < 0.6 for r in rows)
+    summary = json.loads((tmp_path / "out.summary.json").read_text())
+    assert summary["decode_counts"] == {"temperature=0.2": 2} and summary["fallbacks"] == 2

@@ -107,3 +107,59 @@ def test_live_window_detects_what_the_full_window_detects(tiny_whisper):
     b = full.transcribe([full.prepare(c) for c in clips])
     assert [r["language"] for r in a] == [r["language"] for r in b]
     assert [r["language_prob"] for r in a] == pytest.approx([r["language_prob"] for r in b], abs=0.01)
+
+
+# --- the CLI: a manifest language column -------------------------------------------------------------
+
+def _manifest(tmp_path, column="language", languages=("fr", "es", "", "klingon")):
+    import csv
+
+    from tests.conftest import write_audio
+
+    rows = []
+    for i, lang in enumerate(languages):
+        path = write_audio(tmp_path / f"c{i}.wav", 1.0 + 0.5 * i, freq=300 + 100 * i)
+        rows.append({"path": path, "reference": "hello world", column: lang, "speaker": f"s{i}"})
+    manifest = tmp_path / "m.csv"
+    with open(manifest, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    return str(manifest)
+
+
+def test_manifest_language_column_sets_each_rows_language(tiny_whisper, tmp_path):
+    import json
+
+    from tests.helpers import rows_of, run_cli
+
+    out = tmp_path / "out.parquet"
+    code, output = run_cli("audio", _manifest(tmp_path), "-o", out, "--model", tiny_whisper, "--language", "de",
+                           "--batch-size", "4", "--no-fallback")
+    assert code == 3, output  # the klingon row fails alone
+    rows = rows_of(out)
+    # the manifest's language wins; an empty cell takes --language; no input_language column
+    assert [r["language"] for r in rows[:3]] == ["fr", "es", "de"]
+    assert [r["language_prob"] for r in rows[:3]] == [None, None, None]
+    assert "input_language" not in rows[0] and [r["speaker"] for r in rows] == ["s0", "s1", "s2", "s3"]
+    assert rows[3]["status"] == "model_error" and "klingon" in rows[3]["error"]
+    assert all(r["decode"] == "unresolved" for r in rows[:3])  # the tiny model loops; flagged, not retried
+    summary = json.loads((tmp_path / "out.summary.json").read_text())
+    assert summary["decode_counts"] == {"unresolved": 3} and summary["fallbacks"] == 3
+    assert "decode: 3 unresolved" in output
+
+
+def test_language_column_option_and_candidates(tiny_whisper, tmp_path):
+    from tests.helpers import rows_of, run_cli
+
+    manifest = _manifest(tmp_path, column="lang_code", languages=("es", "", "", ""))
+    out = tmp_path / "out.csv"
+    code, output = run_cli("audio", manifest, "-o", out, "--model", tiny_whisper, "--language-column", "lang_code",
+                           "--language", "fr,es", "--no-fallback")
+    assert code == 0, output
+    rows = rows_of(out)
+    assert rows[0]["language"] == "es" and all(r["language"] in ("fr", "es") for r in rows)
+    assert all(r["language_prob"] >= 0.5 for r in rows[1:]) and "lang_code" not in rows[0]
+    code, output = run_cli("audio", manifest, "-o", tmp_path / "x.csv", "--model", tiny_whisper,
+                           "--language-column", "nope")
+    assert code == 1 and "no column 'nope' (--language-column)" in output

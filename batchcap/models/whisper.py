@@ -137,25 +137,25 @@ class WhisperTranscriber:
 
         name = language.strip().lower()
         if not self.multilingual:
-            if name in ("en", "english"):
+            if name in ("en", "english") or name.replace("_", "-").startswith("en-"):
                 return "en"
             raise ValueError(f"{self.name} is an English-only model; it cannot take language {language!r}")
-        code = TO_LANGUAGE_CODE.get(name, name)
-        if code not in self._lang_to_id:
-            raise ValueError(f"{self.name} does not know language {language!r}")
-        return code
+        for candidate in (name, name.replace("_", "-").split("-")[0]):  # "it", "Italian", "it-IT", "pt_BR"
+            code = TO_LANGUAGE_CODE.get(candidate, candidate)
+            if code in self._lang_to_id:
+                return code
+        raise ValueError(f"{self.name} does not know language {language!r}")
 
     def prepare(self, samples: np.ndarray, language: str | None = None) -> Prepared:
         """Features of one clip; ``language`` (a code or name) is the clip's own, e.g. from a manifest."""
         code = None
         if language is not None and str(language).strip():
             try:
-                code = self.language_code(str(language)) if self.multilingual else None
+                code = self.language_code(str(language))
             except ValueError as exc:
                 raise ItemError(MODEL_ERROR, str(exc)) from None
-            if not self.multilingual and str(language).strip().lower() not in ("en", "english"):
-                raise ItemError(MODEL_ERROR, f"{self.name} is an English-only model; it cannot take language "
-                                             f"{language!r}")
+            if not self.multilingual:
+                code = None  # English, checked; an English-only model takes no language token
         duration = len(samples) / SAMPLE_RATE
         if len(samples) > WINDOW_FRAMES * HOP:
             feats = self.feature_extractor(samples, sampling_rate=SAMPLE_RATE, truncation=False, padding="longest",
