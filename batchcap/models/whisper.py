@@ -267,7 +267,6 @@ class WhisperTranscriber:
         from transformers import LogitsProcessorList
         from transformers.modeling_outputs import BaseModelOutput
 
-        torch = self._torch
         n = states.shape[0]
         kwargs = self._generate_kwargs(languages)
         samples = 1
@@ -289,11 +288,7 @@ class WhisperTranscriber:
         if recorder is not None:
             if samples == 1 and cross is not None:
                 kwargs["cache"] = self._cache(cross)
-        with contextlib.ExitStack() as stack:
-            if temperature > 0:  # the same samples for the same clips, whatever ran before
-                stack.enter_context(torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda"
-                                                          else []))
-                torch.manual_seed(int(temperature * 1000))
+        with self._seeded(int(temperature * 1000)) if temperature > 0 else contextlib.nullcontext():
             tokens = self.model.generate(encoder_outputs=BaseModelOutput(last_hidden_state=states), **kwargs)
         if isinstance(tokens, dict):
             tokens = tokens["sequences"]
@@ -312,6 +307,15 @@ class WhisperTranscriber:
             group = attempts[i * samples:(i + 1) * samples]
             best.append(min(group, key=lambda a: (self._suspect(a, None), -(a.avg_logprob or float("-inf")))))
         return best
+
+    @contextlib.contextmanager
+    def _seeded(self, seed: int) -> Any:
+        """Sampling with a fixed seed (the global generator's state restored after): the same clips
+        give the same samples, whatever ran before."""
+        torch = self._torch
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            yield
 
     def _rescore(self, states: Any, languages: list[str] | None, tokens: Any) -> list[float]:
         """Mean log-probability of each hypothesis' text tokens and end token, by one teacher-forced
@@ -420,8 +424,9 @@ class WhisperTranscriber:
         languages, language_probs, _ = self._first_position(batch, head, None)
         kwargs = self._generate_kwargs(languages)
         kwargs.update(self._long_form_guard())
-        out = self.model.generate(input_features=features, attention_mask=mask, return_timestamps=True,
-                                  condition_on_prev_tokens=False, return_segments=True, **kwargs)
+        with self._seeded(0):
+            out = self.model.generate(input_features=features, attention_mask=mask, return_timestamps=True,
+                                      condition_on_prev_tokens=False, return_segments=True, **kwargs)
         tokens = out["sequences"] if isinstance(out, dict) else out
         segments = out.get("segments") if isinstance(out, dict) else None
         texts = [t.strip() for t in self.tokenizer.batch_decode(tokens, skip_special_tokens=True)]
