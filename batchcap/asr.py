@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import logging
 import math
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -14,9 +13,11 @@ from .audio import decode_audio
 from .fetch import FetchConfig
 from .inputs import audio_spec
 from .items import OK, Item, ItemError
-from .job import JobOptions, build_task, run_pipeline
+from .job import Job, JobOptions, run_pipeline
 from .metrics import cer_counts, get_normalizer, load_english_spelling, wer_counts
+from .predictions import Transcript
 from .runner import RunResult
+from .stages import ModelFreePreprocessor
 
 log = logging.getLogger(__name__)
 
@@ -47,44 +48,58 @@ class AudioOptions(JobOptions):
     fetch: FetchConfig = field(default_factory=lambda: FetchConfig(max_bytes=2 * 2**30))
 
 
-class AudioTask:
-    kind = "audio"
-    reserved_columns = AUDIO_COLUMNS
+class AudioPreprocessor(ModelFreePreprocessor):
+    """Decode, check and compute Whisper's features: no model weights (only the feature extractor)."""
 
-    def __init__(self, transcriber: Any, options: AudioOptions):
-        """``transcriber`` None gives a task that can build rows' scores and summarize, not predict
-        (the Ray engine's driver side)."""
-        self.transcriber = transcriber
-        self.options = options
-        self.model_name = transcriber.name if transcriber is not None else options.model
-        self.audio_seconds = 0.0  # transcribed by this run
-        self.started = time.time()
-        spelling_dir = getattr(transcriber, "english_spelling_dir", None) if transcriber else options.model
-        self._spelling = load_english_spelling(spelling_dir)
+    options: AudioOptions
+
+    def load_features(self) -> Any:
+        from .models.whisper import WhisperFeatures
+
+        return WhisperFeatures(self.options.model, full_window=self.options.full_window,
+                               window_margin_s=self.options.window_margin_s)
 
     def load(self, item: Item, data: bytes) -> Any:
-        samples = decode_audio(data, min_duration=self.options.min_duration,
-                               silence_dbfs=self.options.silence_dbfs)
-        return self.transcriber.prepare(samples, language=item.language)
+        samples = decode_audio(data, min_duration=self.options.min_duration, silence_dbfs=self.options.silence_dbfs)
+        return self.features.prepare(samples, language=item.language)
 
     def size(self, loaded: Any) -> float:
         return loaded.duration_s
 
-    def predict(self, batch: list[Any]) -> list[dict[str, Any]]:
-        results = self.transcriber.transcribe(batch)
-        self.audio_seconds += sum(p.duration_s for p in batch)
-        return results
 
-    def row(self, item: Item, loaded: Any | None, result: dict[str, Any] | None,
+class WhisperPredictor:
+    """The model: batches of prepared clips -> transcripts."""
+
+    def __init__(self, transcriber: Any):
+        self.transcriber = transcriber
+
+    def predict(self, batch: list[Any]) -> list[Transcript]:
+        return [Transcript.from_dict(r) for r in self.transcriber.transcribe(batch)]
+
+
+class AudioScorer:
+    """Rows with WER / CER against references, and the run's figures: no model needed."""
+
+    kind = "audio"
+    reserved_columns = AUDIO_COLUMNS
+
+    def __init__(self, options: AudioOptions):
+        self.options = options
+        self.model_name = options.model
+        self.audio_seconds = 0.0  # transcribed by this run
+        self._spelling = load_english_spelling(options.model)
+
+    def row(self, item: Item, loaded: Any | None, prediction: Transcript | None,
             error: ItemError | None) -> dict[str, Any]:
+        duration = round(loaded.duration_s, 3) if loaded is not None else (error.fields.get("duration_s")
+                                                                          if error else None)
         row: dict[str, Any] = {
             "id": item.id,
             "source": item.source,
-            "text": result["text"] if result else None,
-            "language": result["language"] if result else None,
-            **{name: result.get(name) if result else None for name in GUARD_COLUMNS},
-            "duration_s": round(loaded.duration_s, 3) if loaded is not None else error.fields.get("duration_s")
-            if error else None,
+            "text": prediction.text if prediction else None,
+            "language": prediction.language if prediction else None,
+            **{name: getattr(prediction, name) if prediction else None for name in GUARD_COLUMNS},
+            "duration_s": duration,
             "status": OK if error is None else error.status,
             "error": None if error is None else error.message,
             "model": self.model_name,
@@ -93,48 +108,57 @@ class AudioTask:
             reference = " ".join(item.references)
             row["reference"] = reference
             row["wer"] = row["cer"] = None
-            if result is not None:
-                scores = self._score(reference, result["text"], result["language"])
-                row["wer"], row["cer"] = scores["wer"], scores["cer"]
+            if prediction is not None:
+                scores = self._score(reference, prediction.text, prediction.language)
+                row["wer"], row["cer"] = scores.wer, scores.cer
         return row
 
-    def _score(self, reference: str, text: str, language: str | None) -> dict[str, Any]:
+    def observe(self, row: dict[str, Any]) -> None:
+        if row.get("status") == OK:
+            self.audio_seconds += row.get("duration_s") or 0.0
+
+    def finalize_table(self, table: Any) -> Any:
+        return table
+
+    def _score(self, reference: str, text: str, language: str | None) -> RowScores:
         norm = get_normalizer(self.options.normalize, language, self._spelling)
         ref, hyp = norm(reference), norm(text)
         w_err, w_tot = wer_counts(ref, hyp)
         c_err, c_tot = cer_counts(ref, hyp)
-        return {"wer": w_err / w_tot if w_tot else None, "cer": c_err / c_tot if c_tot else None,
-                "w": (w_err, w_tot), "c": (c_err, c_tot)}
+        return RowScores(w_err, w_tot, c_err, c_tot)
 
-    def summarize(self, table: Any) -> dict[str, Any]:
-        rows = table.to_pylist() if table.num_rows else []
-        audio_s = sum(r.get("duration_s") or 0.0 for r in rows if r.get("status") == OK)
-        wall = time.time() - self.started
+    def summarize(self, table: Any, wall_time_s: float) -> dict[str, Any]:
+        audio_s = 0.0
+        decodes: dict[str, int] = {}
+        w, c = [0, 0], [0, 0]
+        scored = 0
+        wanted = [n for n in ("status", "duration_s", "reference", "text", "language", "decode")
+                  if n in table.column_names]
+        for batch in table.select(wanted).to_batches(max_chunksize=4096):  # never the whole table as Python objects
+            for r in batch.to_pylist():
+                if r.get("status") != OK:
+                    continue
+                if r.get("decode"):
+                    decodes[r["decode"]] = decodes.get(r["decode"], 0) + 1
+                audio_s += r.get("duration_s") or 0.0
+                if not r.get("reference") or r.get("text") is None:
+                    continue
+                s = self._score(r["reference"], r["text"], r.get("language"))
+                w[0] += s.word_errors
+                w[1] += s.reference_words
+                c[0] += s.char_errors
+                c[1] += s.reference_chars
+                scored += 1
         summary: dict[str, Any] = {
             "model": self.model_name,
             "audio_hours": round(audio_s / 3600, 4),
             "audio_s_this_run": round(self.audio_seconds, 2),
-            "rtfx_this_run": round(self.audio_seconds / wall, 2) if wall > 0 and self.audio_seconds else None,
+            "rtfx_this_run": round(self.audio_seconds / wall_time_s, 2)
+            if wall_time_s > 0 and self.audio_seconds else None,
         }
-        decodes: dict[str, int] = {}
-        for r in rows:
-            if r.get("decode"):
-                decodes[r["decode"]] = decodes.get(r["decode"], 0) + 1
         if decodes:
             summary["decode_counts"] = dict(sorted(decodes.items(), key=lambda kv: -kv[1]))
             summary["fallbacks"] = sum(n for d, n in decodes.items() if d not in ("greedy", "beam", "long_form"))
-        w = [0, 0]
-        c = [0, 0]
-        scored = 0
-        for r in rows:
-            if r.get("status") != OK or not r.get("reference") or r.get("text") is None:
-                continue
-            s = self._score(r["reference"], r["text"], r.get("language"))
-            w[0] += s["w"][0]
-            w[1] += s["w"][1]
-            c[0] += s["c"][0]
-            c[1] += s["c"][1]
-            scored += 1
         if scored:
             summary.update({
                 "wer": round(w[0] / w[1], 5) if w[1] else None,
@@ -144,6 +168,22 @@ class AudioTask:
                 "normalize": self.options.normalize,
             })
         return summary
+
+
+@dataclass
+class RowScores:
+    word_errors: int
+    reference_words: int
+    char_errors: int
+    reference_chars: int
+
+    @property
+    def wer(self) -> float | None:
+        return self.word_errors / self.reference_words if self.reference_words else None
+
+    @property
+    def cer(self) -> float | None:
+        return self.char_errors / self.reference_chars if self.reference_chars else None
 
 
 def load_transcriber(options: AudioOptions) -> Any:
@@ -159,6 +199,20 @@ def load_transcriber(options: AudioOptions) -> Any:
                               window_margin_s=options.window_margin_s, guard=guard)
 
 
+def load_predictor(options: AudioOptions) -> WhisperPredictor:
+    return WhisperPredictor(load_transcriber(options))
+
+
+def audio_job(options: AudioOptions) -> Job:
+    """The audio job: its preprocessor and scorer hold no model; the predictor loads where it runs."""
+    # Clips are sorted by duration within windows of batch_size * group items: a wide window keeps
+    # a long clip from setting the encoder length and the decoding steps of a batch of short ones
+    # (on the 563-clip benchmark, 256 items instead of 64 took the run from 88 s to 72 s).
+    group = max(4, math.ceil(256 / max(1, options.batch_size)))
+    return Job(AudioPreprocessor(options), AudioScorer(options), functools.partial(load_predictor, options),
+               group=group)
+
+
 def transcribe(inputs: str | Sequence[str], output: str = "transcripts.parquet", *,
                options: AudioOptions | None = None, transcriber: Any = None, **overrides: Any) -> RunResult:
     """Transcribe every recording of ``inputs`` (directories, files, manifests) into ``output``.
@@ -166,14 +220,13 @@ def transcribe(inputs: str | Sequence[str], output: str = "transcripts.parquet",
     The same pipeline as ``batchcap audio``: resumes from what ``output`` already holds, writes
     the final file atomically and a summary JSON beside it. Keyword overrides set AudioOptions
     fields, e.g. ``transcribe("calls/", "out.parquet", model="/models/whisper-small", batch_size=8)``.
+    ``transcriber``: an already loaded WhisperTranscriber to use instead of loading ``options.model``.
     """
     options = options or AudioOptions()
     options.update(overrides, "transcribe")
+    if transcriber is not None:
+        options.model = transcriber.name  # features, rows and scores follow the model actually used
     spec = audio_spec(options.path_column, options.reference_columns, options.id_column, options.language_column)
     spec.reserved = AUDIO_COLUMNS
-    make_task = functools.partial(build_task, AudioTask, load_transcriber, options, transcriber)
-    # Clips are sorted by duration within windows of batch_size * group items: a wide window keeps
-    # a long clip from setting the encoder length and the decoding steps of a batch of short ones
-    # (on the 563-clip benchmark, 256 items instead of 64 took the run from 88 s to 72 s).
-    group = max(4, math.ceil(256 / max(1, options.batch_size)))
-    return run_pipeline(inputs, output, options, spec, make_task, group=group)
+    predictor = WhisperPredictor(transcriber) if transcriber is not None else None
+    return run_pipeline(inputs, output, options, spec, audio_job(options), predictor=predictor)

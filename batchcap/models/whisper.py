@@ -29,7 +29,7 @@ from ..audio import SAMPLE_RATE
 from ..items import MODEL_ERROR, FatalError, ItemError
 from . import guard as g
 from .attention import use_step_attention
-from .common import announce_load, load_error_message, resolve_device, resolve_precision
+from .common import autocast_context, load_error_message, load_pretrained, resolve_device, resolve_precision
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +49,46 @@ class Prepared:
     language: str | None = None  # the clip's language code when known (manifest column), else detected
 
 
+class WhisperFeatures:
+    """Whisper's log-mel features of a clip (worker threads, Ray CPU tasks): the feature extractor
+    only, no model weights."""
+
+    def __init__(self, model: str, *, full_window: bool = False, window_margin_s: float = 1.0):
+        from transformers import WhisperFeatureExtractor
+
+        if not full_window and window_margin_s <= 0:
+            raise FatalError("the window margin must be positive (it holds the padding the encoder sees)")
+        try:
+            self.feature_extractor = WhisperFeatureExtractor.from_pretrained(model)
+        except Exception as exc:
+            raise FatalError(load_error_message(model, exc)) from exc
+        self.full_window = full_window
+        self.window_margin_s = window_margin_s
+
+    def prepare(self, samples: np.ndarray, language: str | None = None) -> Prepared:
+        """Features of one clip; ``language`` (a code or a name: "it", "Italian", "it-IT") is the clip's
+        own, e.g. from a manifest: one Whisper does not know is the item's error."""
+        code = None
+        if language is not None and str(language).strip():
+            try:
+                code = language_code(str(language))
+            except ValueError as exc:
+                raise ItemError(MODEL_ERROR, str(exc)) from None
+        duration = len(samples) / SAMPLE_RATE
+        if len(samples) > WINDOW_FRAMES * HOP:
+            feats = self.feature_extractor(samples, sampling_rate=SAMPLE_RATE, truncation=False, padding="longest",
+                                           return_tensors="np").input_features[0]
+            return Prepared(feats, duration, True, float(feats.min()), code)
+        frames = WINDOW_FRAMES
+        if not self.full_window:
+            needed = math.ceil((duration + self.window_margin_s) * 100 / FRAME_STEP) * FRAME_STEP
+            frames = min(WINDOW_FRAMES, needed)
+        feats = self.feature_extractor(samples, sampling_rate=SAMPLE_RATE, padding="max_length",
+                                       max_length=frames * HOP, return_tensors="np").input_features[0]
+        # zero samples get the clamp floor (max - 8), normalised like every frame: (x + 4) / 4
+        return Prepared(feats, duration, False, float(feats.min()), code)
+
+
 class WhisperTranscriber:
     def __init__(self, model: str, *, device: str = "auto", dtype: str = "auto",
                  language: str | Sequence[str] | None = None, task: str = "transcribe", num_beams: int = 1,
@@ -57,27 +97,18 @@ class WhisperTranscriber:
         """``language``: one language for every clip ("es"), or the candidates detection picks from
         ("es,en" or ["es", "en"]); None detects among all. A clip's own ``Prepared.language`` wins."""
         import torch
-        from transformers import WhisperFeatureExtractor, WhisperForConditionalGeneration, WhisperTokenizerFast
+        from transformers import WhisperForConditionalGeneration, WhisperTokenizerFast
 
         self.name = model
         self.device = resolve_device(device)
         self.dtype, self.autocast = resolve_precision(dtype, self.device)
-        announce_load(model)
+        self._features = WhisperFeatures(model, full_window=full_window, window_margin_s=window_margin_s)
+        self.feature_extractor = self._features.feature_extractor
         try:
-            self.feature_extractor = WhisperFeatureExtractor.from_pretrained(model)
             self.tokenizer = WhisperTokenizerFast.from_pretrained(model)
-            kwargs: dict[str, Any] = {"dtype": self.dtype}
-            if attn_implementation:
-                kwargs["attn_implementation"] = attn_implementation
-            try:
-                self.model = WhisperForConditionalGeneration.from_pretrained(model, **kwargs)
-            except (ValueError, ImportError):  # an attention implementation this build lacks
-                kwargs.pop("attn_implementation", None)
-                self.model = WhisperForConditionalGeneration.from_pretrained(model, **kwargs)
-        except FatalError:
-            raise
         except Exception as exc:
             raise FatalError(load_error_message(model, exc)) from exc
+        self.model = load_pretrained(WhisperForConditionalGeneration, model, self.dtype, attn_implementation)
         self.model.to(self.device).eval()
         use_step_attention(self.model, self.device)
         self._torch = torch
@@ -102,8 +133,6 @@ class WhisperTranscriber:
         self.task = task
         self.num_beams = num_beams
         self.max_new_tokens = max_new_tokens
-        if not full_window and window_margin_s <= 0:
-            raise FatalError("the window margin must be positive (it holds the padding the encoder sees)")
         self.full_window = full_window
         self.window_margin_s = window_margin_s
         from .whisper_window import LiveWindowEncoder
@@ -130,45 +159,20 @@ class WhisperTranscriber:
     def english_spelling_dir(self) -> str | None:
         return self.name if os.path.isdir(self.name) else getattr(self.tokenizer, "name_or_path", None)
 
-    # --- worker threads ---------------------------------------------------------------------
     def language_code(self, language: str) -> str:
         """The language code this model knows for ``language`` (a code or a name: "es", "Spanish")."""
-        from transformers.models.whisper.tokenization_whisper import TO_LANGUAGE_CODE
-
-        name = language.strip().lower()
         if not self.multilingual:
-            if name in ("en", "english") or name.replace("_", "-").startswith("en-"):
+            if language_code(language) == "en":
                 return "en"
             raise ValueError(f"{self.name} is an English-only model; it cannot take language {language!r}")
-        for candidate in (name, name.replace("_", "-").split("-")[0]):  # "it", "Italian", "it-IT", "pt_BR"
-            code = TO_LANGUAGE_CODE.get(candidate, candidate)
-            if code in self._lang_to_id:
-                return code
-        raise ValueError(f"{self.name} does not know language {language!r}")
+        code = language_code(language)
+        if code not in self._lang_to_id:
+            raise ValueError(f"{self.name} does not know language {language!r}")
+        return code
 
     def prepare(self, samples: np.ndarray, language: str | None = None) -> Prepared:
-        """Features of one clip; ``language`` (a code or name) is the clip's own, e.g. from a manifest."""
-        code = None
-        if language is not None and str(language).strip():
-            try:
-                code = self.language_code(str(language))
-            except ValueError as exc:
-                raise ItemError(MODEL_ERROR, str(exc)) from None
-            if not self.multilingual:
-                code = None  # English, checked; an English-only model takes no language token
-        duration = len(samples) / SAMPLE_RATE
-        if len(samples) > WINDOW_FRAMES * HOP:
-            feats = self.feature_extractor(samples, sampling_rate=SAMPLE_RATE, truncation=False, padding="longest",
-                                           return_tensors="np").input_features[0]
-            return Prepared(feats, duration, True, float(feats.min()), code)
-        frames = WINDOW_FRAMES
-        if not self.full_window:
-            needed = math.ceil((duration + self.window_margin_s) * 100 / FRAME_STEP) * FRAME_STEP
-            frames = min(WINDOW_FRAMES, needed)
-        feats = self.feature_extractor(samples, sampling_rate=SAMPLE_RATE, padding="max_length",
-                                       max_length=frames * HOP, return_tensors="np").input_features[0]
-        # zero samples get the clamp floor (max - 8), normalised like every frame: (x + 4) / 4
-        return Prepared(feats, duration, False, float(feats.min()), code)
+        """Features of one clip for this transcriber's window settings (see WhisperFeatures)."""
+        return self._features.prepare(samples, language)
 
     # --- main thread ------------------------------------------------------------------------
     def transcribe(self, batch: list[Prepared]) -> list[dict[str, Any]]:
@@ -185,9 +189,7 @@ class WhisperTranscriber:
         return [r for r in out if r is not None]
 
     def _autocast(self) -> Any:
-        if self.autocast is None:
-            return contextlib.nullcontext()
-        return self._torch.autocast(self.device.type, dtype=self.autocast)
+        return autocast_context(self.device, self.autocast)
 
     def _pad_stack(self, batch: list[Prepared], width: int | None = None) -> Any:
         """Stack features of different lengths (to ``width`` frames if given); padding frames take each
@@ -236,8 +238,15 @@ class WhisperTranscriber:
         logits = self.model.proj_out(hidden[:, -1]).float()
         no_speech = logits.softmax(-1)[:, self.no_speech_id].tolist()
         if not self.multilingual:
+            if any(p.language not in (None, "en") for p in batch):
+                log.warning("%s is an English-only model: transcribing clips marked %s as English", self.name,
+                            ", ".join(sorted({p.language for p in batch if p.language not in (None, "en")})))
             return None, [None] * len(batch), no_speech
-        languages: list[str | None] = [p.language or self.language for p in batch]
+        languages: list[str | None] = [p.language if p.language in self._lang_to_id else self.language
+                                       for p in batch]
+        for p in batch:
+            if p.language and p.language not in self._lang_to_id:
+                log.warning("%s does not know language %r: detecting it instead", self.name, p.language)
         probs: list[float | None] = [None] * len(batch)
         todo = [i for i, lang in enumerate(languages) if lang is None]
         if todo:
@@ -459,6 +468,18 @@ class WhisperTranscriber:
             if cfg.no_speech_threshold is not None:
                 kwargs["no_speech_threshold"] = cfg.no_speech_threshold
         return kwargs
+
+
+def language_code(language: str) -> str:
+    """Whisper's code for ``language``: a code, a name, or a locale ("it", "Italian", "it-IT", "pt_BR")."""
+    from transformers.models.whisper.tokenization_whisper import LANGUAGES, TO_LANGUAGE_CODE
+
+    name = language.strip().lower()
+    for candidate in (name, name.replace("_", "-").split("-")[0]):
+        code = TO_LANGUAGE_CODE.get(candidate, candidate)
+        if code in LANGUAGES:
+            return code
+    raise ValueError(f"Whisper does not know language {language!r}")
 
 
 def _language_list(language: str | Sequence[str] | None) -> list[str]:
