@@ -150,6 +150,9 @@ class WhisperTranscriber:
         self._text_mask = text.to(self.device)
         self._not_text = ~self._text_mask
         self._not_text[self.eot_id] = False
+        prompt = 4 if self.multilingual else 2  # <|sot|>[<|lang|><|task|>]<|notimestamps|>
+        self._max_new_tokens = min(int(getattr(gen, "max_length", None) or 448),
+                                   int(self.model.config.max_target_positions)) - prompt
         # An explicit language/task replaces the checkpoint's forced_decoder_ids (a v4-era field
         # that conflicts with them in v5 generate).
         if getattr(gen, "forced_decoder_ids", None) is not None and self.multilingual:
@@ -270,14 +273,20 @@ class WhisperTranscriber:
         return kwargs
 
     def _decode(self, states: Any, cross: Any, languages: list[str] | None, no_speech: list[float],
-                label: str, temperature: float = 0.0) -> list[g.Attempt]:
+                durations: list[float], label: str, temperature: float = 0.0) -> list[g.Attempt]:
         """One decoding of every clip of ``states``: greedy or beam search at temperature 0, else the
-        best of ``best_of`` samples per clip (openai-whisper's fallback decoding)."""
+        best of ``best_of`` samples per clip (openai-whisper's fallback decoding).
+
+        Decoding stops one token past the token bound of the batch's longest clip: a longer
+        hypothesis is suspect whatever it says, so a loop costs that many steps, not 448."""
         from transformers import LogitsProcessorList
         from transformers.modeling_outputs import BaseModelOutput
 
         n = states.shape[0]
         kwargs = self._generate_kwargs(languages)
+        cap = g.token_bound(max(durations), self.guard) + 1
+        if cap < kwargs.get("max_new_tokens", self._max_new_tokens):
+            kwargs["max_new_tokens"] = cap
         samples = 1
         if temperature > 0:
             samples = max(1, self.guard.best_of)
@@ -314,7 +323,8 @@ class WhisperTranscriber:
         best = []
         for i in range(n):
             group = attempts[i * samples:(i + 1) * samples]
-            best.append(min(group, key=lambda a: (self._suspect(a, None), -(a.avg_logprob or float("-inf")))))
+            best.append(min(group, key=lambda a: (g.is_suspect(a, durations[i], self.guard),
+                                                  -(a.avg_logprob or float("-inf")))))
         return best
 
     @contextlib.contextmanager
@@ -352,20 +362,21 @@ class WhisperTranscriber:
             out.append(float(picked.mean()))
         return out
 
-    def _suspect(self, attempt: g.Attempt, prepared: Prepared | None) -> bool:
-        duration = prepared.duration_s if prepared is not None else WINDOW_FRAMES * HOP / SAMPLE_RATE
-        return g.is_suspect(attempt, duration, self.guard)
+    def _suspect(self, attempt: g.Attempt, prepared: Prepared) -> bool:
+        return g.is_suspect(attempt, prepared.duration_s, self.guard)
 
     # --- short clips: decode, then redo the suspects --------------------------------------------
     def _short(self, batch: list[Prepared]) -> list[dict[str, Any]]:
         first = g.BEAM if self.num_beams > 1 else g.GREEDY
         states, cross = self._encode(batch, self.full_window)
         languages, language_probs, no_speech = self._first_position(batch, states, cross)
-        history = [[a] for a in self._decode(states, cross, languages, no_speech, first)]
+        durations = [p.duration_s for p in batch]
+        history = [[a] for a in self._decode(states, cross, languages, no_speech, durations, first)]
         pending = [i for i, p in enumerate(batch) if self._suspect(history[i][-1], p)]
         if pending and self.guard.fallback:
             log.debug("%d of %d clips suspect after %s decoding", len(pending), len(batch), first)
             sub = [batch[i] for i in pending]
+            sub_durations = [p.duration_s for p in sub]
             if self.full_window:
                 index = self._torch.tensor(pending, device=self.device)
                 full_states = states.index_select(0, index)
@@ -379,7 +390,7 @@ class WhisperTranscriber:
                         languages[i], language_probs[i] = sub_languages[k], sub_probs[k]
                     no_speech[i] = sub_no_speech[k]
                 for k, attempt in enumerate(self._decode(full_states, full_cross, sub_languages, sub_no_speech,
-                                                         g.FULL_WINDOW)):
+                                                         sub_durations, g.FULL_WINDOW)):
                     history[pending[k]].append(attempt)
             for temperature in self.guard.temperatures:
                 keep = [k for k, i in enumerate(pending) if self._suspect(history[i][-1], batch[i])]
@@ -388,8 +399,8 @@ class WhisperTranscriber:
                 index = self._torch.tensor(keep, device=self.device)
                 attempts = self._decode(full_states.index_select(0, index), None,
                                         [sub_languages[k] for k in keep] if sub_languages else None,
-                                        [sub_no_speech[k] for k in keep], g.temperature_label(temperature),
-                                        temperature)
+                                        [sub_no_speech[k] for k in keep], [sub_durations[k] for k in keep],
+                                        g.temperature_label(temperature), temperature)
                 for k, attempt in zip(keep, attempts):
                     history[pending[k]].append(attempt)
         results = []
