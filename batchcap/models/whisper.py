@@ -151,8 +151,9 @@ class WhisperTranscriber:
         self._not_text = ~self._text_mask
         self._not_text[self.eot_id] = False
         prompt = 4 if self.multilingual else 2  # <|sot|>[<|lang|><|task|>]<|notimestamps|>
+        # what generate allows by default (Whisper's generate counts max_length in new tokens)
         self._max_new_tokens = min(int(getattr(gen, "max_length", None) or 448),
-                                   int(self.model.config.max_target_positions)) - prompt
+                                   int(self.model.config.max_target_positions) - prompt)
         # An explicit language/task replaces the checkpoint's forced_decoder_ids (a v4-era field
         # that conflicts with them in v5 generate).
         if getattr(gen, "forced_decoder_ids", None) is not None and self.multilingual:
