@@ -32,6 +32,8 @@ Systems (all greedy, English):
                                           native bf16, fp16 on CUDA) / float32; the encoder computes the clip
                                           + 1 s, the rest of the window comes from a cached silent window
   batchcap-full, batchcap-full-fp32       the same with full_window=True: the stock encoder over 30 s
+  batchcap-noguard                        batchcap with fallback=False, no_speech_threshold=None: suspects are
+                                          flagged, never redone (the guard's scores are still computed)
   faster-whisper-int8/-fp32/-fp16         WhisperModel(--ct2).transcribe(path) one file at a time, no VAD
                                           (int8 is int8_float16 on CUDA; fp16 runs on CUDA only)
   faster-whisper-batched-int8             BatchedInferencePipeline: batches the Silero-VAD chunks of ONE
@@ -289,6 +291,7 @@ SYSTEMS: dict[str, Runner] = {
     "batchcap": _batchcap({}),
     "batchcap-fp32": _batchcap({"dtype": "float32"}),
     "batchcap-full": _batchcap({"full_window": True}),
+    "batchcap-noguard": _batchcap({"fallback": False, "no_speech_threshold": None}),
     "batchcap-full-fp32": _batchcap({"full_window": True, "dtype": "float32"}),
     "faster-whisper-int8": _faster_whisper("int8", "int8_float16"),
     "faster-whisper-fp32": _faster_whisper("float32", "float32"),
