@@ -164,3 +164,21 @@ def test_language_column_option_and_candidates(tiny_whisper, tmp_path):
     code, output = run_cli("audio", manifest, "-o", tmp_path / "x.csv", "--model", tiny_whisper,
                            "--language-column", "nope")
     assert code == 1 and "no column 'nope' (--language-column)" in output
+
+
+def test_unsure_live_detection_is_redone_on_the_full_window(tiny_whisper):
+    # the tiny model spreads its language probability (about 0.29 each): below 0.5, so every clip's
+    # language is detected again on the full window, in one batch; with candidates it is sure enough
+    t = _transcriber(tiny_whisper)
+    calls: list[int] = []
+    handle = t.model.get_encoder().register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
+    try:
+        rows = t.transcribe([t.prepare(tone(1.0)), t.prepare(tone(2.0, freq=300))])
+        assert calls == [2] and all(r["language_prob"] < 0.5 for r in rows)
+        calls.clear()
+        t2 = _transcriber(tiny_whisper, language="fr,es")
+        t2.model.get_encoder().register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
+        t2.transcribe([t2.prepare(tone(1.0))])
+        assert calls == []
+    finally:
+        handle.remove()
