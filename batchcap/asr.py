@@ -21,15 +21,17 @@ from .stages import ModelFreePreprocessor
 
 log = logging.getLogger(__name__)
 
-AUDIO_COLUMNS = ("id", "source", "text", "language", "duration_s", "status", "error", "model",
-                 "reference", "wer", "cer")
+AUDIO_COLUMNS = ("id", "source", "text", "language", "language_prob", "decode", "no_speech_prob", "avg_logprob",
+                 "compression_ratio", "duration_s", "status", "error", "model", "reference", "wer", "cer")
+GUARD_COLUMNS = ("language_prob", "decode", "no_speech_prob", "avg_logprob", "compression_ratio")
 DEFAULT_AUDIO_MODEL = "openai/whisper-small"
 
 
 @dataclass
 class AudioOptions(JobOptions):
     model: str = DEFAULT_AUDIO_MODEL
-    language: str | None = None
+    language: str | None = None  # "es": every recording; "es,en": the candidates detection picks from
+    language_column: str | None = None  # manifest column of each recording's language (default: language)
     task: str = "transcribe"
     max_new_tokens: int | None = None
     full_window: bool = False  # run the encoder over all 30 s for every clip (exact, slower)
@@ -39,6 +41,11 @@ class AudioOptions(JobOptions):
     silence_dbfs: float = -60.0
     max_duration_s: float | None = DEFAULT_MAX_DURATION_S  # longer recordings: decode_error, found before decoding
     workers: int = 4
+    # the hallucination guard (models/guard.py); None switches a check off
+    fallback: bool = True
+    compression_ratio_threshold: float | None = 2.4
+    logprob_threshold: float | None = -1.0
+    no_speech_threshold: float | None = 0.6
     fetch: FetchConfig = field(default_factory=lambda: FetchConfig(max_bytes=2 * 2**30, deadline=600.0))
 
 
@@ -56,7 +63,7 @@ class AudioPreprocessor(ModelFreePreprocessor):
     def load(self, item: Item, data: bytes) -> Any:
         samples = decode_audio(data, min_duration=self.options.min_duration,
                                silence_dbfs=self.options.silence_dbfs, max_duration_s=self.options.max_duration_s)
-        return self.features.prepare(samples)
+        return self.features.prepare(samples, language=item.language)
 
     def size(self, loaded: Any) -> float:
         return loaded.duration_s
@@ -93,6 +100,7 @@ class AudioScorer:
             "source": item.source,
             "text": prediction.text if prediction else None,
             "language": prediction.language if prediction else None,
+            **{name: getattr(prediction, name) if prediction else None for name in GUARD_COLUMNS},
             "duration_s": duration,
             "status": OK if error is None else error.status,
             "error": None if error is None else error.message,
@@ -123,13 +131,17 @@ class AudioScorer:
 
     def summarize(self, table: Any, wall_time_s: float) -> dict[str, Any]:
         audio_s = 0.0
+        decodes: dict[str, int] = {}
         w, c = [0, 0], [0, 0]
         scored = 0
-        wanted = [n for n in ("status", "duration_s", "reference", "text", "language") if n in table.column_names]
+        wanted = [n for n in ("status", "duration_s", "reference", "text", "language", "decode")
+                  if n in table.column_names]
         for batch in table.select(wanted).to_batches(max_chunksize=4096):  # never the whole table as Python objects
             for r in batch.to_pylist():
                 if r.get("status") != OK:
                     continue
+                if r.get("decode"):
+                    decodes[r["decode"]] = decodes.get(r["decode"], 0) + 1
                 audio_s += r.get("duration_s") or 0.0
                 if not r.get("reference") or r.get("text") is None:
                     continue
@@ -146,6 +158,9 @@ class AudioScorer:
             "rtfx_this_run": round(self.audio_seconds / wall_time_s, 2)
             if wall_time_s > 0 and self.audio_seconds else None,
         }
+        if decodes:
+            summary["decode_counts"] = dict(sorted(decodes.items(), key=lambda kv: -kv[1]))
+            summary["fallbacks"] = sum(n for d, n in decodes.items() if d not in ("greedy", "beam", "long_form"))
         if scored:
             summary.update({
                 "wer": round(w[0] / w[1], 5) if w[1] else None,
@@ -174,12 +189,16 @@ class RowScores:
 
 
 def load_transcriber(options: AudioOptions) -> Any:
+    from .models.guard import GuardConfig
     from .models.whisper import WhisperTranscriber
 
+    guard = GuardConfig(compression_ratio_threshold=options.compression_ratio_threshold,
+                        logprob_threshold=options.logprob_threshold, no_speech_threshold=options.no_speech_threshold,
+                        fallback=options.fallback)
     return WhisperTranscriber(options.model, device=options.device, dtype=options.dtype,
                               language=options.language, task=options.task, num_beams=options.num_beams,
                               max_new_tokens=options.max_new_tokens, full_window=options.full_window,
-                              window_margin_s=options.window_margin_s)
+                              window_margin_s=options.window_margin_s, guard=guard)
 
 
 def load_predictor(options: AudioOptions) -> WhisperPredictor:
@@ -209,7 +228,7 @@ def transcribe(inputs: str | Sequence[str], output: str = "transcripts.parquet",
     options.update(overrides, "transcribe")
     if transcriber is not None:
         options.model = transcriber.name  # features, rows and scores follow the model actually used
-    spec = audio_spec(options.path_column, options.reference_columns, options.id_column)
+    spec = audio_spec(options.path_column, options.reference_columns, options.id_column, options.language_column)
     spec.reserved = AUDIO_COLUMNS
     predictor = WhisperPredictor(transcriber) if transcriber is not None else None
     return run_pipeline(inputs, output, options, spec, audio_job(options), predictor=predictor)

@@ -104,6 +104,8 @@ def summary_lines(summary: dict[str, Any]) -> list[str]:
     if summary.get("audio_hours") is not None:
         rtfx = summary.get("rtfx_this_run")
         lines.append(f"audio: {summary['audio_hours']:.3f} h" + (f", RTFx {rtfx:.1f} this run" if rtfx else ""))
+    if summary.get("decode_counts"):
+        lines.append("decode: " + ", ".join(f"{n} {kind}" for kind, n in summary["decode_counts"].items()))
     if summary.get("wer") is not None:
         cer = summary.get("cer")
         lines.append(f"WER {summary['wer']:.2%}" + (f", CER {cer:.2%}" if cer is not None else "")
@@ -140,7 +142,11 @@ def main() -> None:
 @click.option("--model", default=AudioOptions.model, show_default=True,
               help="Whisper checkpoint: a Hugging Face hub id or a local directory.")
 @click.option("--language", default=None,
-              help="Spoken language (e.g. en, de). Multilingual models detect it per file when absent.")
+              help="Spoken language of every recording (e.g. es), or the candidates detection picks from "
+                   "(e.g. es,en). Multilingual models detect it per recording when absent.")
+@click.option("--language-column", default=None,
+              help="Manifest column with each recording's language (it wins over --language) "
+                   "[default: language, lang or locale when present].")
 @click.option("--task", type=click.Choice(["transcribe", "translate"]), default=AudioOptions.task, show_default=True)
 @click.option("--normalize", type=click.Choice(list(NORMALIZER_MODES)), default=AudioOptions.normalize,
               show_default=True,
@@ -153,6 +159,17 @@ def main() -> None:
 @click.option("--window-margin", type=click.FloatRange(0.1, 30), default=AudioOptions.window_margin_s,
               show_default=True,
               help="Seconds of padding after each clip that the encoder computes (without --full-window).")
+@click.option("--no-fallback", is_flag=True,
+              help="Do not redo suspect transcripts (full window, then temperatures 0.2-1.0); only flag them "
+                   "(decode = unresolved).")
+@click.option("--compression-ratio-threshold", type=click.FloatRange(0),
+              default=AudioOptions.compression_ratio_threshold, show_default=True,
+              help="A transcript whose text compresses better than this (zlib) is suspect: a loop.")
+@click.option("--logprob-threshold", type=float, default=AudioOptions.logprob_threshold, show_default=True,
+              help="A transcript whose mean token log-probability is below this is suspect.")
+@click.option("--no-speech-threshold", type=click.FloatRange(0, 1), default=AudioOptions.no_speech_threshold,
+              show_default=True,
+              help="Above this no-speech probability, an unconfident transcript is dropped (decode = no_speech).")
 @click.option("--min-duration", type=click.FloatRange(0), default=AudioOptions.min_duration, show_default=True,
               help="Clips shorter than this (seconds) get status 'empty'.")
 @click.option("--silence-threshold", type=float, default=AudioOptions.silence_dbfs, show_default=True,
@@ -162,7 +179,7 @@ def main() -> None:
               show_default=True, help="Longer recordings (seconds) are a decode_error, found from the header "
               "before decoding and enforced while decoding (a tiny FLAC or Opus file can hold hours).")
 def audio(inputs: tuple[str, ...], output: str | None, full_window: bool, window_margin: float,
-          silence_threshold: float, **options: Any) -> None:
+          silence_threshold: float, no_fallback: bool, **options: Any) -> None:
     """Transcribe every recording of INPUT... with Whisper.
 
     INPUT: directories (searched recursively for audio files), audio files, http(s) URLs, or
@@ -172,6 +189,7 @@ def audio(inputs: tuple[str, ...], output: str | None, full_window: bool, window
     from .asr import transcribe
 
     opts = AudioOptions(full_window=full_window, window_margin_s=window_margin, silence_dbfs=silence_threshold,
+                        fallback=not no_fallback,
                         **_job_options(options, default_max_bytes=2 * 2**30, default_workers=4,
                                        default_deadline=600.0))
     _run(functools.partial(transcribe, list(inputs), output or "transcripts.parquet", options=opts), opts.quiet)

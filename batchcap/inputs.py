@@ -40,17 +40,20 @@ class InputSpec:
     reference_columns: tuple[str, ...] = ()
     id_column: str | None = None
     reserved: tuple[str, ...] = ()  # output column names; carried columns that clash get an ``input_`` prefix
+    language_column: str | None = None  # a column giving each item's language (audio)
+    language_candidates: tuple[str, ...] = ()  # used when language_column is not given and one is present
 
 
 def audio_spec(path_column: str | None = None, reference_columns: Sequence[str] = (),
-               id_column: str | None = None) -> InputSpec:
+               id_column: str | None = None, language_column: str | None = None) -> InputSpec:
     return InputSpec(
         extensions=AUDIO_EXTENSIONS,
         path_candidates=("path", "audio", "file", "filename", "file_name", "audio_path", "audio_filepath",
                          "url", "audio_url"),
         reference_candidates=("reference", "text", "transcript", "transcription", "sentence",
                               "normalized_text"),
-        path_column=path_column, reference_columns=tuple(reference_columns), id_column=id_column)
+        path_column=path_column, reference_columns=tuple(reference_columns), id_column=id_column,
+        language_column=language_column, language_candidates=("language", "lang", "locale"))
 
 
 def image_spec(path_column: str | None = None, reference_columns: Sequence[str] = (),
@@ -227,6 +230,7 @@ class _Layout:
     path: str
     references: tuple[str, ...]
     id: str | None
+    language: str | None
     carried: tuple[str, ...]
     renamed: dict[str, str]
 
@@ -252,10 +256,11 @@ def _layout(columns: Sequence[str], spec: InputSpec, manifest: str) -> _Layout:
         ref = pick(None, [c for c in spec.reference_candidates if c.lower() != path.lower()], "", "")
         refs = (ref,) if ref else ()
     id_col = pick(spec.id_column, ID_COLUMNS, "id", "--id-column")
-    used = {path, *refs} | ({id_col} if id_col else set())
+    language = pick(spec.language_column, spec.language_candidates, "language", "--language-column")
+    used = {path, *refs} | ({id_col} if id_col else set()) | ({language} if language else set())
     carried = tuple(c for c in columns if c not in used)
     renamed = {c: f"input_{c}" for c in carried if c.lower() in spec.reserved}
-    return _Layout(path, refs, id_col, carried, renamed)
+    return _Layout(path, refs, id_col, language, carried, renamed)
 
 
 def _peek_columns(manifest: str, spec: InputSpec) -> _Layout:
@@ -429,7 +434,15 @@ def _manifest_items(manifest: str, spec: InputSpec) -> Iterator[Item]:
             item_id = source if data is None else f"{name}:{n}"
         extra = {layout.renamed.get(c, c): row.get(c) for c in layout.carried}
         yield Item(0, item_id or f"{name}:{n}", source, data=data,
-                   references=_references(row, layout.references), extra=extra)
+                   references=_references(row, layout.references), extra=extra,
+                   language=_text(row.get(layout.language)) if layout.language else None)
+
+
+def _text(value: Any) -> str | None:
+    """A cell as text; None for empty cells (None, NaN, blank)."""
+    if value is None or (isinstance(value, float) and value != value) or not str(value).strip():
+        return None
+    return str(value).strip()
 
 
 def _resolve(source: str, base: str) -> str:

@@ -44,6 +44,7 @@ class Item:
     # Why no item could be formed from its input (e.g. "manifest line 7: not valid JSON"); the fetch
     # stage turns it into the item's fetch_error row.
     error: str | None = None
+    language: str | None = None  # the recording's language when the manifest says (audio)
 
 
 @dataclass

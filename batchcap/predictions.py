@@ -10,6 +10,12 @@ from typing import Any
 class Transcript:
     text: str
     language: str | None = None
+    # the hallucination guard (models/guard.py): how the text was decoded, and its scores
+    language_prob: float | None = None
+    decode: str | None = None
+    no_speech_prob: float | None = None
+    avg_logprob: float | None = None
+    compression_ratio: float | None = None
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> Transcript:

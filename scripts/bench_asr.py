@@ -8,6 +8,19 @@ model's British -> American spelling map) and the same corpus WER (edit totals /
     python scripts/bench_asr.py --limit 40
     python scripts/bench_asr.py --systems batchcap faster-whisper-int8 --json bench.json
     python scripts/bench_asr.py --model ~/.cache/batchcap-dev/models/whisper-base --device cuda
+    # multilingual: no language given (detection), then each clip's language from the manifest column
+    python scripts/bench_asr.py --manifest ~/.cache/batchcap-dev/speech-it/manifest.csv \
+        --model ~/.cache/batchcap-dev/models/whisper-base --language auto --limit 200 \
+        --systems batchcap batchcap-full faster-whisper-int8
+    python scripts/bench_asr.py --manifest ... --language column --systems batchcap
+
+--language: en (default: every system is told English), auto (no language: each system detects it;
+the table adds language accuracy against the manifest's ``language`` column), column (each clip's
+language from that column), or any code. WER normalizes each clip with its reference language's
+normalizer (Whisper's English one for English, the basic one otherwise). "fallbacks" counts the clips
+a system redid (batchcap: decode column other than greedy; faster-whisper: a segment decoded at a
+temperature above 0); "over bound" counts transcripts with more tokens than the guard's token bound
+(batchcap/models/guard.py) allows for the clip's duration.
 
 RTFx = audio seconds / wall seconds, where the wall time covers reading, decoding and resampling
 the files, feature extraction and decoding, but not loading the model (reported as "load s").
@@ -19,6 +32,8 @@ Systems (all greedy, English):
                                           native bf16, fp16 on CUDA) / float32; the encoder computes the clip
                                           + 1 s, the rest of the window comes from a cached silent window
   batchcap-full, batchcap-full-fp32       the same with full_window=True: the stock encoder over 30 s
+  batchcap-noguard                        batchcap with fallback=False, no_speech_threshold=None: suspects are
+                                          flagged, never redone (the guard's scores are still computed)
   faster-whisper-int8/-fp32/-fp16         WhisperModel(--ct2).transcribe(path) one file at a time, no VAD
                                           (int8 is int8_float16 on CUDA; fp16 runs on CUDA only)
   faster-whisper-batched-int8             BatchedInferencePipeline: batches the Silero-VAD chunks of ONE
@@ -64,6 +79,7 @@ class Clip:
     path: str
     reference: str
     duration_s: float
+    language: str | None = None  # from the manifest's language column
 
 
 @dataclass
@@ -80,6 +96,9 @@ class Outcome:
     walls: list[float] = field(default_factory=list)  # one per --repeat; wall_s is the best
     others_cpu: float | None = None  # cores' worth of CPU other processes used while the worker ran
     notes: list[str] = field(default_factory=list)
+    languages: list[str | None] = field(default_factory=list)  # detected / used, one per clip
+    fallbacks: int | None = None  # clips redone by the system's guard
+    redone: list[dict[str, Any]] = field(default_factory=list)  # batchcap: clips the guard redid, before/after
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -140,10 +159,20 @@ def _batchcap(overrides: dict[str, Any]) -> Runner:
 
         from batchcap.asr import AudioOptions, load_transcriber, transcribe
 
-        options = AudioOptions(model=args.model, device=args.device, language="en", batch_size=args.batch_size,
+        language = None if args.language in ("auto", "column") else args.language
+        options = AudioOptions(model=args.model, device=args.device, language=language, batch_size=args.batch_size,
                                quiet=True, overwrite=True, **overrides)
         with _Timed(outcome, "load_s"):
             transcriber = load_transcriber(options)
+        redone: list[dict[str, Any]] = []
+        plain = transcriber.transcribe
+
+        def transcribe_batch(batch: list[Any]) -> list[dict[str, Any]]:  # keeps the guard's first texts
+            results = plain(batch)
+            redone.extend({"first": r["first_text"], "final": r["text"], "decode": r["decode"]}
+                          for r in results if r.get("first_text") is not None)
+            return results
+        transcriber.transcribe = transcribe_batch
         precision = str(transcriber.dtype).replace("torch.", "")
         if transcriber.autocast is not None:
             precision += f" weights, {str(transcriber.autocast).replace('torch.', '')} autocast"
@@ -153,8 +182,12 @@ def _batchcap(overrides: dict[str, Any]) -> Runner:
             manifest = os.path.join(tmp, "manifest.csv")
             with open(manifest, "w", newline="", encoding="utf-8") as handle:
                 writer = csv.writer(handle)
-                writer.writerow(["id", "path", "reference"])
-                writer.writerows([c.id, c.path, c.reference] for c in clips)
+                if args.language == "column":
+                    writer.writerow(["id", "path", "reference", "language"])
+                    writer.writerows([c.id, c.path, c.reference, c.language or ""] for c in clips)
+                else:
+                    writer.writerow(["id", "path", "reference"])
+                    writer.writerows([c.id, c.path, c.reference] for c in clips)
             result = _repeat(outcome, args, lambda: transcribe(manifest, os.path.join(tmp, "out.parquet"),
                                                                options=options, transcriber=transcriber))
             rows = {str(r["id"]): r for r in pq.read_table(result.output).to_pylist()}
@@ -164,6 +197,17 @@ def _batchcap(overrides: dict[str, Any]) -> Runner:
             why = f"{first.get('status')}: {first.get('error')}"
             outcome.notes.append(f"{len(failed)} failed rows (e.g. {why[:70]})")
         outcome.texts = [(rows.get(c.id, {}).get("text") or "") for c in clips]
+        outcome.languages = [rows.get(c.id, {}).get("language") for c in clips]
+        decodes = [rows.get(c.id, {}).get("decode") for c in clips]
+        outcome.fallbacks = sum(1 for d in decodes if d not in (None, "greedy", "beam", "long_form"))
+        counts: dict[str, int] = {}
+        for d in decodes:
+            counts[str(d)] = counts.get(str(d), 0) + 1
+        outcome.notes.append("decode " + ", ".join(f"{n} {d}" for d, n in sorted(counts.items(), key=lambda x: -x[1])))
+        by_text = {}
+        for c, r in zip(clips, outcome.texts):
+            by_text.setdefault(r, c.id)
+        outcome.redone = [dict(r, id=by_text.get(r["final"])) for r in redone]
         _cuda_peak(args, outcome)
 
     return run
@@ -191,16 +235,22 @@ def _faster_whisper(compute_type_cpu: str, compute_type_cuda: str, batched: bool
         outcome.notes.append(f"compute_type={compute_type}")
 
         def once() -> list[str]:
-            texts = []
+            texts, outcome.languages, fallbacks = [], [], 0
             for clip in clips:
+                language = clip.language if args.language == "column" else \
+                    None if args.language == "auto" else args.language
                 if pipe is not None:  # batches the VAD chunks of one file; files go one at a time
-                    segments, _ = pipe.transcribe(clip.path, language="en", beam_size=1, without_timestamps=True,
-                                                  batch_size=args.batch_size)
-                else:
-                    segments, _ = model.transcribe(clip.path, language="en", beam_size=1,
-                                                   condition_on_previous_text=False, vad_filter=False,
-                                                   without_timestamps=True)
-                texts.append("".join(s.text for s in segments).strip())  # a lazy generator: decodes here
+                    segments, info = pipe.transcribe(clip.path, language=language, beam_size=1,
+                                                     without_timestamps=True, batch_size=args.batch_size)
+                else:  # its default guard: temperatures 0-1, compression 2.4, log-prob -1, no-speech 0.6
+                    segments, info = model.transcribe(clip.path, language=language, beam_size=1,
+                                                      condition_on_previous_text=False, vad_filter=False,
+                                                      without_timestamps=True)
+                segments = list(segments)  # a lazy generator: decodes here
+                texts.append("".join(s.text for s in segments).strip())
+                outcome.languages.append(info.language)
+                fallbacks += any((getattr(s, "temperature", 0.0) or 0.0) > 0 for s in segments)
+            outcome.fallbacks = fallbacks
             return texts
 
         outcome.texts = _repeat(outcome, args, once)
@@ -241,6 +291,7 @@ SYSTEMS: dict[str, Runner] = {
     "batchcap": _batchcap({}),
     "batchcap-fp32": _batchcap({"dtype": "float32"}),
     "batchcap-full": _batchcap({"full_window": True}),
+    "batchcap-noguard": _batchcap({"fallback": False, "no_speech_threshold": None}),
     "batchcap-full-fp32": _batchcap({"full_window": True, "dtype": "float32"}),
     "faster-whisper-int8": _faster_whisper("int8", "int8_float16"),
     "faster-whisper-fp32": _faster_whisper("float32", "float32"),
@@ -288,7 +339,7 @@ def read_clips(manifest: str, limit: int | None, seed: int) -> list[Clip]:
         if path_col is None or ref_col is None:
             raise SystemExit(f"{manifest}: needs a path column ({'/'.join(PATH_COLUMNS)}) and a reference "
                              f"column ({'/'.join(REFERENCE_COLUMNS)}); it has {columns}")
-        rows = [(r[path_col], r[ref_col] or "") for r in reader]
+        rows = [(r[path_col], r[ref_col] or "", r.get("language") or None) for r in reader]
     chosen = list(range(len(rows)))
     if limit is not None and limit < len(rows):
         random.Random(seed).shuffle(chosen)  # a deterministic spread over the whole manifest
@@ -297,7 +348,7 @@ def read_clips(manifest: str, limit: int | None, seed: int) -> list[Clip]:
     for i in chosen:
         path = rows[i][0] if os.path.isabs(rows[i][0]) else os.path.join(base, rows[i][0])
         info = sf.info(path)
-        clips.append(Clip(f"c{i:06d}", path, rows[i][1], info.frames / info.samplerate))
+        clips.append(Clip(f"c{i:06d}", path, rows[i][1], info.frames / info.samplerate, rows[i][2]))
     return clips
 
 
@@ -312,7 +363,8 @@ def run_system(system: str, clips_file: str, args: argparse.Namespace, tmp: str)
     log = os.path.join(tmp, f"{system}.log")
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", system, "--clips", clips_file, "--result", result,
            "--model", args.model, "--ct2", args.ct2 or "", "--batch-size", str(args.batch_size),
-           "--device", args.device, "--threads", str(args.threads), "--repeat", str(args.repeat)]
+           "--device", args.device, "--threads", str(args.threads), "--repeat", str(args.repeat),
+           "--language", args.language]
     threads = str(args.threads)
     env = dict(os.environ, OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads, TOKENIZERS_PARALLELISM="false",
                HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error", PYTHONWARNINGS="ignore")
@@ -355,18 +407,22 @@ def _cpu_busy_s() -> float | None:
     return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
 
-def score(clips: list[Clip], outcome: Outcome, normalize: Callable[[str], str]) -> dict[str, Any]:
+def score(clips: list[Clip], outcome: Outcome, normalize: Callable[[Clip], Callable[[str], str]],
+          bound: Callable[[Clip, str], bool]) -> dict[str, Any]:
     from batchcap.metrics import wer_counts
 
     errors, words, short_errors, short_words = 0, 0, 0, 0
     per_clip = []
     for clip, text in zip(clips, outcome.texts):
-        e, n = wer_counts(normalize(clip.reference), normalize(text or ""))
+        e, n = wer_counts(normalize(clip)(clip.reference), normalize(clip)(text or ""))
         per_clip.append(e)
         errors, words = errors + e, words + n
         if clip.duration_s <= LONG_S:
             short_errors, short_words = short_errors + e, short_words + n
+    known = [(c.language, lang) for c, lang in zip(clips, outcome.languages) if c.language]
+    accuracy = sum(a == b for a, b in known) / len(known) if known and outcome.languages else None
     return {"wer": errors / words if words else None, "wer_le30": short_errors / short_words if short_words else None,
+            "language_accuracy": accuracy, "over_bound": sum(bound(c, t) for c, t in zip(clips, outcome.texts)),
             "word_errors": errors, "reference_words": words, "clip_errors": per_clip,
             "empty": sum(1 for t in outcome.texts if not (t or "").strip())}
 
@@ -423,12 +479,14 @@ def report(clips: list[Clip], outcomes: list[Outcome], scores: dict[str, dict[st
     print()
     base = next((o for o in outcomes if o.ok and o.system == args.agree_with), None)
     agree_head = f"same text as {base.system} %" if base else "same text %"
-    print(f"| system | WER % | WER % (<= {LONG_S:g} s) | RTFx | wall s | load s | peak RSS MB | {agree_head} | notes |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---|")
+    print(f"| system | WER % | WER % (<= {LONG_S:g} s) | language % | fallbacks | over bound | RTFx | wall s | load s "
+          f"| peak RSS MB | {agree_head} | notes |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     for o in outcomes:
         if not o.ok:
             rss = _fmt(o.peak_rss_mb, ".0f")
-            print(f"| {o.system} | - | - | - | - | {_fmt(o.load_s, '.1f')} | {rss} | - | FAILED: {o.error} |")
+            print(f"| {o.system} | - | - | - | - | - | - | - | {_fmt(o.load_s, '.1f')} | {rss} | - | "
+                  f"FAILED: {o.error} |")
             continue
         s = scores[o.system]
         wer = _fmt(s["wer"] * 100 if s["wer"] is not None else None, ".2f")
@@ -442,7 +500,9 @@ def report(clips: list[Clip], outcomes: list[Outcome], scores: dict[str, dict[st
         same = None
         if base is not None:
             same = 100 * sum(a.strip() == b.strip() for a, b in zip(o.texts, base.texts)) / len(clips)
-        print(f"| {o.system} | {wer} | {wer30} | {_fmt(rtfx, '.1f')} | {_fmt(o.wall_s, '.1f')} | "
+        acc = _fmt(s["language_accuracy"] * 100 if s["language_accuracy"] is not None else None, ".1f")
+        print(f"| {o.system} | {wer} | {wer30} | {acc} | {_fmt(o.fallbacks, 'd')} | {s['over_bound']} | "
+              f"{_fmt(rtfx, '.1f')} | {_fmt(o.wall_s, '.1f')} | "
               f"{_fmt(o.load_s, '.1f')} | {_fmt(o.peak_rss_mb, '.0f')} | {_fmt(same, '.1f')} | {'; '.join(notes)} |")
     if args.worst:
         print()
@@ -455,6 +515,12 @@ def report(clips: list[Clip], outcomes: list[Outcome], scores: dict[str, dict[st
             parts = [f"{clips[i].id} {errs[i]}/{len(clips[i].reference.split())} ({clips[i].duration_s:.0f} s)"
                      for i in top if errs[i]]
             print(f"  {o.system}: {', '.join(parts) or 'none'}")
+    for o in outcomes:
+        if o.ok and o.redone:
+            print()
+            print(f"{o.system}: clips the guard redid (first decoding -> kept), {len(o.redone)} in all:")
+            for r in o.redone[: args.worst * 3]:
+                print(f"  {r['id']} [{r['decode']}] {r['first'][:90]!r} -> {r['final'][:90]!r}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -479,6 +545,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--agree-with", default="batchcap-full", metavar="SYSTEM",
                         help="report the share of clips whose transcript is identical to this system's")
     parser.add_argument("--worst", type=int, default=3, help="list each system's N worst clips (0: none)")
+    parser.add_argument("--language", default="en", help="en (default), auto (detect), column (the manifest's "
+                        "language column), or a language code")
     parser.add_argument("--verbose", action="store_true", help="print every worker's output")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--clips", default=None, help=argparse.SUPPRESS)
@@ -503,9 +571,25 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("no clips")
     info = machine(args)
 
-    from batchcap.metrics import get_normalizer, load_english_spelling
+    from transformers import WhisperTokenizerFast
 
-    normalize = get_normalizer("whisper", "en", load_english_spelling(args.model))
+    from batchcap.metrics import get_normalizer, load_english_spelling
+    from batchcap.models.guard import token_bound
+
+    spelling = load_english_spelling(args.model)
+    normalizers: dict[str, Callable[[str], str]] = {}
+
+    def normalize(clip: Clip) -> Callable[[str], str]:
+        language = clip.language or (args.language if args.language not in ("auto", "column") else "en")
+        if language not in normalizers:
+            normalizers[language] = get_normalizer("auto", language, spelling)
+        return normalizers[language]
+
+    tokenizer = WhisperTokenizerFast.from_pretrained(args.model)
+
+    def over_bound(clip: Clip, text: str) -> bool:
+        tokens = len(tokenizer(" " + text, add_special_tokens=False).input_ids) if text else 0
+        return tokens > token_bound(clip.duration_s)
     outcomes: list[Outcome] = []
     scores: dict[str, dict[str, Any]] = {}
     audio_s = sum(c.duration_s for c in clips)
@@ -517,7 +601,7 @@ def main(argv: list[str] | None = None) -> int:
             outcome = run_system(system, clips_file, args, tmp)
             outcomes.append(outcome)
             if outcome.ok:
-                scores[system] = score(clips, outcome, normalize)
+                scores[system] = score(clips, outcome, normalize, over_bound)
                 wer = scores[system]["wer"]
                 print(f"  {system}: WER {_fmt(wer * 100 if wer is not None else None, '.2f')} %, "
                       f"RTFx {_fmt(audio_s / outcome.wall_s if outcome.wall_s else None, '.1f')}",

@@ -353,7 +353,10 @@ def test_cross_attention_cache_projects_only_the_live_positions(tiny_whisper_en)
     handle = layer.register_forward_hook(lambda module, args, output: projected.append(args[0].shape[1]))
     try:
         with torch.inference_mode():
-            encoded, cache = transcriber._encode(batch)
+            from transformers.modeling_outputs import BaseModelOutput
+
+            states, cross = transcriber._encode(batch, False)
+            encoded, cache = BaseModelOutput(last_hidden_state=states), transcriber._cache(cross)
             with_cache = transcriber.model.generate(encoder_outputs=encoded, cache=cache, max_new_tokens=8)
             # the two silent windows (two loudness levels) once each, then the live 2.5 s + 1 s = 175 positions
             assert projected == [1500, 1500, 175]

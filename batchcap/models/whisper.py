@@ -6,20 +6,28 @@ every position still attends over the full window, so checkpoints behave as trai
 ``full_window=True`` runs the stock encoder over 3,000 frames for every clip, exactly as
 openai-whisper and transformers do. Recordings over 30 s go through transformers' sequential
 long-form decoding (timestamps, 30 s windows, full window each) and are never cut.
+
+Every path is guarded against hallucinations (guard.py): a suspect short clip is redone, batched
+with the other suspects of its batch, first on the full window (when the live window produced it),
+then with Whisper's temperature fallback; long recordings use transformers' own fallback with the
+same thresholds. Each result says how it was decoded (``decode``), with its scores.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from ..audio import SAMPLE_RATE
-from ..items import FatalError
+from ..items import MODEL_ERROR, FatalError, ItemError
+from . import guard as g
 from .attention import use_step_attention
 from .common import autocast_context, hub_guard, load_error_message, load_pretrained, resolve_device, resolve_precision
 
@@ -28,6 +36,10 @@ log = logging.getLogger(__name__)
 HOP = 160  # samples per mel frame
 WINDOW_FRAMES = 3000  # 30 s
 FRAME_STEP = 50  # live windows are rounded up to half seconds (fewer distinct shapes)
+# Language detection on the live window agrees with the full window's when it is confident; below
+# this probability (no majority) the clip's language is detected again on the full window. On 39
+# Italian prompts (whisper-base) the one disagreement had 0.28; 11 of the 39 were below 0.5.
+LIVE_DETECTION_MIN_PROB = 0.5
 
 
 @dataclass
@@ -38,6 +50,7 @@ class Prepared:
     duration_s: float
     long_form: bool
     pad_value: float  # what padding frames take: the clip's log-mel floor (Whisper's value for zero samples)
+    language: str | None = None  # the clip's language code when known (manifest column), else detected
 
 
 class WhisperFeatures:
@@ -57,12 +70,20 @@ class WhisperFeatures:
         self.full_window = full_window
         self.window_margin_s = window_margin_s
 
-    def prepare(self, samples: np.ndarray) -> Prepared:
+    def prepare(self, samples: np.ndarray, language: str | None = None) -> Prepared:
+        """Features of one clip; ``language`` (a code or a name: "it", "Italian", "it-IT") is the clip's
+        own, e.g. from a manifest: one Whisper does not know is the item's error."""
+        code = None
+        if language is not None and str(language).strip():
+            try:
+                code = language_code(str(language))
+            except ValueError as exc:
+                raise ItemError(MODEL_ERROR, str(exc)) from None
         duration = len(samples) / SAMPLE_RATE
         if len(samples) > WINDOW_FRAMES * HOP:
             feats = self.feature_extractor(samples, sampling_rate=SAMPLE_RATE, truncation=False, padding="longest",
                                            return_tensors="np").input_features[0]
-            return Prepared(feats, duration, True, float(feats.min()))
+            return Prepared(feats, duration, True, float(feats.min()), code)
         frames = WINDOW_FRAMES
         if not self.full_window:
             needed = math.ceil((duration + self.window_margin_s) * 100 / FRAME_STEP) * FRAME_STEP
@@ -70,14 +91,16 @@ class WhisperFeatures:
         feats = self.feature_extractor(samples, sampling_rate=SAMPLE_RATE, padding="max_length",
                                        max_length=frames * HOP, return_tensors="np").input_features[0]
         # zero samples get the clamp floor (max - 8), normalised like every frame: (x + 4) / 4
-        return Prepared(feats, duration, False, float(feats.min()))
+        return Prepared(feats, duration, False, float(feats.min()), code)
 
 
 class WhisperTranscriber:
-    def __init__(self, model: str, *, device: str = "auto", dtype: str = "auto", language: str | None = None,
-                 task: str = "transcribe", num_beams: int = 1, max_new_tokens: int | None = None,
-                 full_window: bool = False, window_margin_s: float = 1.0,
-                 attn_implementation: str | None = "sdpa"):
+    def __init__(self, model: str, *, device: str = "auto", dtype: str = "auto",
+                 language: str | Sequence[str] | None = None, task: str = "transcribe", num_beams: int = 1,
+                 max_new_tokens: int | None = None, full_window: bool = False, window_margin_s: float = 1.0,
+                 attn_implementation: str | None = "sdpa", guard: g.GuardConfig | None = None):
+        """``language``: one language for every clip ("es"), or the candidates detection picks from
+        ("es,en" or ["es", "en"]); None detects among all. A clip's own ``Prepared.language`` wins."""
         import torch
         from transformers import WhisperForConditionalGeneration, WhisperTokenizerFast
 
@@ -97,13 +120,22 @@ class WhisperTranscriber:
         self._torch = torch
         gen = self.model.generation_config
         self.multilingual = bool(getattr(gen, "is_multilingual", False)) and bool(getattr(gen, "lang_to_id", None))
-        if language and not self.multilingual:
-            if language.lower() not in ("en", "english"):
-                raise FatalError(f"{model} is an English-only model; it cannot take --language {language}")
-            language = None
+        self._id_to_lang = {v: k.strip("<|>") for k, v in (getattr(gen, "lang_to_id", None) or {}).items()}
+        self._lang_to_id = {code: i for i, code in self._id_to_lang.items()}
+        names = _language_list(language)
+        if names and not self.multilingual:
+            if any(n.lower() not in ("en", "english") for n in names):
+                raise FatalError(f"{model} is an English-only model; it cannot take --language {','.join(names)}")
+            names = []
         if task == "translate" and not self.multilingual:
             raise FatalError(f"{model} is an English-only model; it cannot --task translate")
-        self.language = language
+        try:
+            codes = list(dict.fromkeys(self.language_code(n) for n in names))
+        except ValueError as exc:
+            raise FatalError(str(exc)) from None
+        self.language = codes[0] if len(codes) == 1 else None  # every clip's language
+        self.candidates = codes if len(codes) > 1 else list(self._lang_to_id)  # what detection picks from
+        self.guard = guard or g.GuardConfig()
         self.task = task
         self.num_beams = num_beams
         self.max_new_tokens = max_new_tokens
@@ -112,7 +144,22 @@ class WhisperTranscriber:
         from .whisper_window import LiveWindowEncoder
 
         self.live_encoder = LiveWindowEncoder(self.model.get_encoder(), self.model.get_decoder())
-        self._id_to_lang = {v: k.strip("<|>") for k, v in (getattr(gen, "lang_to_id", None) or {}).items()}
+        # the no-speech token sits just before <|notimestamps|> in every Whisper vocabulary
+        # (<|nocaptions|> in v1/v2, <|nospeech|> in v3), as openai-whisper and transformers take it
+        self.no_speech_id = int(gen.no_timestamps_token_id) - 1
+        self.sot_id = int(gen.decoder_start_token_id)
+        self.eot_id = int(gen.eos_token_id if not isinstance(gen.eos_token_id, list) else gen.eos_token_id[0])
+        vocab = self.model.config.vocab_size
+        text = torch.ones(vocab, dtype=torch.bool)
+        text[[i for i in self.tokenizer.all_special_ids if i < vocab]] = False
+        text[int(gen.no_timestamps_token_id):] = False  # timestamps and everything after the specials
+        self._text_mask = text.to(self.device)
+        self._not_text = ~self._text_mask
+        self._not_text[self.eot_id] = False
+        prompt = 4 if self.multilingual else 2  # <|sot|>[<|lang|><|task|>]<|notimestamps|>
+        # what generate allows by default (Whisper's generate counts max_length in new tokens)
+        self._max_new_tokens = min(int(getattr(gen, "max_length", None) or 448),
+                                   int(self.model.config.max_target_positions) - prompt)
         # An explicit language/task replaces the checkpoint's forced_decoder_ids (a v4-era field
         # that conflicts with them in v5 generate).
         if getattr(gen, "forced_decoder_ids", None) is not None and self.multilingual:
@@ -122,9 +169,20 @@ class WhisperTranscriber:
     def english_spelling_dir(self) -> str | None:
         return self.name if os.path.isdir(self.name) else getattr(self.tokenizer, "name_or_path", None)
 
-    def prepare(self, samples: np.ndarray) -> Prepared:
+    def language_code(self, language: str) -> str:
+        """The language code this model knows for ``language`` (a code or a name: "es", "Spanish")."""
+        if not self.multilingual:
+            if language_code(language) == "en":
+                return "en"
+            raise ValueError(f"{self.name} is an English-only model; it cannot take language {language!r}")
+        code = language_code(language)
+        if code not in self._lang_to_id:
+            raise ValueError(f"{self.name} does not know language {language!r}")
+        return code
+
+    def prepare(self, samples: np.ndarray, language: str | None = None) -> Prepared:
         """Features of one clip for this transcriber's window settings (see WhisperFeatures)."""
-        return self._features.prepare(samples)
+        return self._features.prepare(samples, language)
 
     # --- main thread ------------------------------------------------------------------------
     def transcribe(self, batch: list[Prepared]) -> list[dict[str, Any]]:
@@ -143,37 +201,76 @@ class WhisperTranscriber:
     def _autocast(self) -> Any:
         return autocast_context(self.device, self.autocast)
 
-    def _pad_stack(self, batch: list[Prepared]) -> Any:
-        """Stack features of different lengths; padding frames take each clip's own floor value,
-        which is exactly what Whisper's feature extractor gives zero samples."""
-        width = max(p.features.shape[-1] for p in batch)
+    def _pad_stack(self, batch: list[Prepared], width: int | None = None) -> Any:
+        """Stack features of different lengths (to ``width`` frames if given); padding frames take each
+        clip's own floor value, which is exactly what Whisper's feature extractor gives zero samples."""
+        width = max([p.features.shape[-1] for p in batch] + [width or 0])
         rows = [np.pad(p.features, ((0, 0), (0, width - p.features.shape[-1])), constant_values=p.pad_value)
                 for p in batch]
         return self._torch.from_numpy(np.stack(rows)).to(self.device, self.dtype)
 
-    def _encode(self, batch: list[Prepared]) -> tuple[Any, Any]:
-        """Encoder outputs, and for a live window the decoder's cross-attention cache built from it."""
-        from transformers.modeling_outputs import BaseModelOutput
+    # --- encoder ------------------------------------------------------------------------------
+    def _encode(self, batch: list[Prepared], full: bool) -> tuple[Any, Any]:
+        """Encoder states [n, 1500, d] of ``batch`` (its live windows, or the full window when ``full``),
+        and the decoder's cross-attention cache for greedy decoding (None for beam search, which
+        expands the batch and builds its own): filled from the live window's cached padding, or
+        empty, to be filled by the first decoding step."""
+        from transformers.cache_utils import DynamicCache
 
-        features = self._pad_stack(batch)
+        features = self._pad_stack(batch, WINDOW_FRAMES if full else None)
+        greedy = self.num_beams == 1
         if features.shape[-1] >= WINDOW_FRAMES:
-            return self.model.get_encoder()(features), None
+            return self.model.get_encoder()(features).last_hidden_state, DynamicCache() if greedy else None
         pad_values = [p.pad_value for p in batch]
         states = self.live_encoder(features, pad_values)
-        cache = None
-        if self.num_beams == 1:  # beam search expands the batch: it builds its own cache
-            cache = self.live_encoder.cross_attention_cache(states, features.shape[-1] // 2, pad_values)
-        return BaseModelOutput(last_hidden_state=states), cache
+        cross = None
+        if greedy:
+            cross = self.live_encoder.cross_attention_cache(
+                states, features.shape[-1] // 2, pad_values).cross_attention_cache
+        return states, cross
 
-    def _languages(self, n: int, **inputs: Any) -> list[str] | None:
+    def _cache(self, cross: Any) -> Any:
+        from transformers.cache_utils import DynamicCache, EncoderDecoderCache
+
+        return EncoderDecoderCache(DynamicCache(), cross if cross is not None else DynamicCache())
+
+    # --- the first decoding position: language and no-speech ----------------------------------
+    def _first_position(self, batch: list[Prepared], states: Any, cross: Any
+                        ) -> tuple[list[str] | None, list[float | None], list[float]]:
+        """From the decoder's distribution right after <|startoftranscript|> (openai-whisper's
+        ``detect_language`` and no-speech probability): each clip's language (its own, the run's, or
+        the most likely of the candidates), the probability of a detected one among the candidates,
+        and the probability of the no-speech token."""
+        torch = self._torch
+        sot = torch.full((len(batch), 1), self.sot_id, dtype=torch.long, device=self.device)
+        hidden = self.model.get_decoder()(input_ids=sot, encoder_hidden_states=states, cache=self._cache(cross),
+                                          use_cache=True).last_hidden_state
+        logits = self.model.proj_out(hidden[:, -1]).float()
+        no_speech = logits.softmax(-1)[:, self.no_speech_id].tolist()
         if not self.multilingual:
-            return None
-        if self.language:
-            return [self.language] * n
-        ids = self.model.detect_language(**inputs).tolist()
-        return [self._id_to_lang.get(i, "en") for i in ids]
+            if any(p.language not in (None, "en") for p in batch):
+                log.warning("%s is an English-only model: transcribing clips marked %s as English", self.name,
+                            ", ".join(sorted({p.language for p in batch if p.language not in (None, "en")})))
+            return None, [None] * len(batch), no_speech
+        languages: list[str | None] = [p.language if p.language in self._lang_to_id else self.language
+                                       for p in batch]
+        for p in batch:
+            if p.language and p.language not in self._lang_to_id:
+                log.warning("%s does not know language %r: detecting it instead", self.name, p.language)
+        probs: list[float | None] = [None] * len(batch)
+        todo = [i for i, lang in enumerate(languages) if lang is None]
+        if todo:
+            ids = torch.tensor([self._lang_to_id[c] for c in self.candidates], device=self.device)
+            lang_probs = logits[todo][:, ids].softmax(-1)
+            best = lang_probs.max(-1)
+            for i, p, k in zip(todo, best.values.tolist(), best.indices.tolist()):
+                languages[i] = self.candidates[k]
+                probs[i] = p
+        return [lang or "en" for lang in languages], probs, no_speech
 
+    # --- generation ---------------------------------------------------------------------------
     def _generate_kwargs(self, languages: list[str] | None) -> dict[str, Any]:
+        """The keyword arguments of every ``generate`` call (short and long form) in one place."""
         kwargs: dict[str, Any] = {"num_beams": self.num_beams, "do_sample": False}
         if self.max_new_tokens:
             kwargs["max_new_tokens"] = self.max_new_tokens
@@ -182,15 +279,173 @@ class WhisperTranscriber:
             kwargs["task"] = self.task
         return kwargs
 
-    def _short(self, batch: list[Prepared]) -> list[dict[str, Any]]:
-        encoded, cache = self._encode(batch)
-        languages = self._languages(len(batch), encoder_outputs=encoded)
-        kwargs = self._generate_kwargs(languages)
-        if cache is not None:
-            kwargs["cache"] = cache
-        tokens = self.model.generate(encoder_outputs=encoded, **kwargs)
-        return self._results(tokens, languages)
+    def _decode(self, states: Any, cross: Any, languages: list[str] | None, no_speech: list[float],
+                durations: list[float], label: str, temperature: float = 0.0) -> list[g.Attempt]:
+        """One decoding of every clip of ``states``: greedy or beam search at temperature 0, else the
+        best of ``best_of`` samples per clip (openai-whisper's fallback decoding).
 
+        Decoding stops one token past the token bound of the batch's longest clip: a longer
+        hypothesis is suspect whatever it says, so a loop costs that many steps, not 448."""
+        from transformers import LogitsProcessorList
+        from transformers.modeling_outputs import BaseModelOutput
+
+        n = states.shape[0]
+        kwargs = self._generate_kwargs(languages)
+        cap = g.token_bound(max(durations), self.guard) + 1
+        if cap < kwargs.get("max_new_tokens", self._max_new_tokens):
+            kwargs["max_new_tokens"] = cap
+        samples = 1
+        if temperature > 0:
+            samples = max(1, self.guard.best_of)
+            kwargs.update(do_sample=True, temperature=temperature, num_beams=1, top_k=0, top_p=1.0)
+            if samples > 1:
+                states = states.repeat_interleave(samples, 0)
+                if languages is not None:
+                    kwargs["language"] = [lang for lang in languages for _ in range(samples)]
+        # text tokens and the end token only: no timestamp (a sampled one would make generate seek inside
+        # the clip), no special token (text the guard could not see)
+        processors: list[Any] = [_Suppress(self._not_text)]
+        recorder = None
+        if kwargs["num_beams"] == 1:
+            recorder = _TokenLogprobs(self.eot_id)
+            processors.append(recorder)
+        kwargs["logits_processor"] = LogitsProcessorList(processors)
+        if recorder is not None:
+            if samples == 1 and cross is not None:
+                kwargs["cache"] = self._cache(cross)
+        with self._seeded(int(temperature * 1000)) if temperature > 0 else contextlib.nullcontext():
+            tokens = self.model.generate(encoder_outputs=BaseModelOutput(last_hidden_state=states), **kwargs)
+        if isinstance(tokens, dict):
+            tokens = tokens["sequences"]
+        counts = self._text_mask[tokens].sum(-1).tolist()
+        texts = [t.strip() for t in self.tokenizer.batch_decode(tokens, skip_special_tokens=True)]
+        if recorder is not None:
+            logprobs = recorder.finish(tokens)
+        else:
+            logprobs = self._rescore(states, languages, tokens)
+        attempts = [g.Attempt(t, c, lp, no_speech[i // samples], label)
+                    for i, (t, c, lp) in enumerate(zip(texts, counts, logprobs))]
+        if samples == 1:
+            return attempts
+        best = []
+        for i in range(n):
+            group = attempts[i * samples:(i + 1) * samples]
+            best.append(min(group, key=lambda a: (g.is_suspect(a, durations[i], self.guard),
+                                                  -(a.avg_logprob or float("-inf")))))
+        return best
+
+    @contextlib.contextmanager
+    def _seeded(self, seed: int) -> Any:
+        """Sampling with a fixed seed (the global generator's state restored after): the same clips
+        give the same samples, whatever ran before."""
+        torch = self._torch
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            yield
+
+    def _rescore(self, states: Any, languages: list[str] | None, tokens: Any) -> list[float]:
+        """Mean log-probability of each hypothesis' text tokens and end token, by one teacher-forced
+        decoder pass (beam search, whose per-step scores belong to beams, not clips)."""
+        torch = self._torch
+        rows = []
+        for i, seq in enumerate(tokens.tolist()):
+            text = [t for t in seq if bool(self._text_mask[t])]
+            prompt = [self.sot_id]
+            if self.multilingual:
+                prompt += [self._lang_to_id[languages[i] if languages else "en"],
+                           int(self.model.generation_config.task_to_id[self.task])]
+            prompt.append(int(self.model.generation_config.no_timestamps_token_id))
+            rows.append((prompt, text))
+        width = max(len(p) + len(t) + 1 for p, t in rows)
+        ids = torch.full((len(rows), width), self.eot_id, dtype=torch.long, device=self.device)
+        for i, (p, t) in enumerate(rows):
+            ids[i, :len(p) + len(t) + 1] = torch.tensor(p + t + [self.eot_id])
+        hidden = self.model.get_decoder()(input_ids=ids, encoder_hidden_states=states).last_hidden_state
+        logprobs = self.model.proj_out(hidden).float().log_softmax(-1)
+        out = []
+        for i, (p, t) in enumerate(rows):
+            targets = torch.tensor(t + [self.eot_id], device=self.device)
+            picked = logprobs[i, len(p) - 1:len(p) + len(t)].gather(-1, targets[:, None])
+            out.append(float(picked.mean()))
+        return out
+
+    def _suspect(self, attempt: g.Attempt, prepared: Prepared) -> bool:
+        return g.is_suspect(attempt, prepared.duration_s, self.guard)
+
+    # --- short clips: decode, then redo the suspects --------------------------------------------
+    def _short(self, batch: list[Prepared]) -> list[dict[str, Any]]:
+        first = g.BEAM if self.num_beams > 1 else g.GREEDY
+        states, cross = self._encode(batch, self.full_window)
+        languages, language_probs, no_speech = self._first_position(batch, states, cross)
+        unsure = [i for i, p in enumerate(language_probs) if p is not None and p < LIVE_DETECTION_MIN_PROB]
+        if unsure and not self.full_window and languages is not None:
+            sub = [batch[i] for i in unsure]
+            full_states, full_cross = self._encode(sub, True)
+            sub_languages, sub_probs, _ = self._first_position(sub, full_states, full_cross)
+            for k, i in enumerate(unsure):
+                languages[i], language_probs[i] = sub_languages[k], sub_probs[k]
+        durations = [p.duration_s for p in batch]
+        history = [[a] for a in self._decode(states, cross, languages, no_speech, durations, first)]
+        pending = [i for i, p in enumerate(batch) if self._suspect(history[i][-1], p)]
+        if pending and self.guard.fallback:
+            log.debug("%d of %d clips suspect after %s decoding", len(pending), len(batch), first)
+            sub = [batch[i] for i in pending]
+            sub_durations = [p.duration_s for p in sub]
+            if self.full_window:
+                index = self._torch.tensor(pending, device=self.device)
+                full_states = states.index_select(0, index)
+                sub_languages = [languages[i] for i in pending] if languages else None
+                sub_no_speech = [no_speech[i] for i in pending]
+            else:  # redo on the full window, detecting the language there again
+                full_states, full_cross = self._encode(sub, True)
+                sub_languages, sub_probs, sub_no_speech = self._first_position(sub, full_states, full_cross)
+                for k, i in enumerate(pending):
+                    if languages is not None and sub_languages is not None:
+                        languages[i], language_probs[i] = sub_languages[k], sub_probs[k]
+                    no_speech[i] = sub_no_speech[k]
+                for k, attempt in enumerate(self._decode(full_states, full_cross, sub_languages, sub_no_speech,
+                                                         sub_durations, g.FULL_WINDOW)):
+                    history[pending[k]].append(attempt)
+            for temperature in self.guard.temperatures:
+                keep = [k for k, i in enumerate(pending) if self._suspect(history[i][-1], batch[i])]
+                if not keep:
+                    break
+                index = self._torch.tensor(keep, device=self.device)
+                attempts = self._decode(full_states.index_select(0, index), None,
+                                        [sub_languages[k] for k in keep] if sub_languages else None,
+                                        [sub_no_speech[k] for k in keep], [sub_durations[k] for k in keep],
+                                        g.temperature_label(temperature), temperature)
+                for k, attempt in zip(keep, attempts):
+                    history[pending[k]].append(attempt)
+        results = []
+        for i, p in enumerate(batch):
+            attempt = history[i][-1]
+            decode = attempt.decode
+            if self._suspect(attempt, p):
+                attempt = g.least_bad(history[i], p.duration_s, self.guard)
+                decode = g.UNRESOLVED
+                log.info("a %.1f s clip is still suspect after %d decodings (%s); kept: %r", p.duration_s,
+                         len(history[i]), ", ".join(g.problems(attempt, p.duration_s, self.guard)),
+                         attempt.text[:80])
+            text = attempt.text
+            if g.is_no_speech(attempt, self.guard):
+                decode, text = g.NO_SPEECH, ""
+            results.append(self._result(text, languages[i] if languages else "en", language_probs[i], decode,
+                                        attempt, retried_from=history[i][0].text if len(history[i]) > 1 else None))
+        return results
+
+    @staticmethod
+    def _result(text: str, language: str, language_prob: float | None, decode: str, attempt: g.Attempt | None,
+                retried_from: str | None = None) -> dict[str, Any]:
+        def rounded(x: float | None) -> float | None:
+            return None if x is None else round(float(x), 4)
+        return {"text": text, "language": language, "language_prob": rounded(language_prob), "decode": decode,
+                "no_speech_prob": rounded(attempt.no_speech_prob) if attempt else None,
+                "avg_logprob": rounded(attempt.avg_logprob) if attempt else None,
+                "compression_ratio": rounded(attempt.compression_ratio) if attempt else None,
+                "tokens": attempt.tokens if attempt else None, "first_text": retried_from}
+
+    # --- long recordings: transformers' sequential decoding, with its fallback -----------------
     def _long(self, batch: list[Prepared]) -> list[dict[str, Any]]:
         lengths = [p.features.shape[-1] for p in batch]
         width = max(lengths)
@@ -198,14 +453,111 @@ class WhisperTranscriber:
         mask = self._torch.zeros((len(batch), width), dtype=self._torch.long, device=self.device)
         for i, n in enumerate(lengths):
             mask[i, :n] = 1
-        languages = self._languages(len(batch), input_features=features[:, :, :WINDOW_FRAMES])
-        tokens = self.model.generate(input_features=features, attention_mask=mask, return_timestamps=True,
-                                     condition_on_prev_tokens=False, **self._generate_kwargs(languages))
-        if isinstance(tokens, dict):
-            tokens = tokens["sequences"]
-        return self._results(tokens, languages)
+        head, _ = self._encode([Prepared(p.features[:, :WINDOW_FRAMES], 30.0, False, p.pad_value, p.language)
+                                for p in batch], True)
+        languages, language_probs, _ = self._first_position(batch, head, None)
+        kwargs = self._generate_kwargs(languages)
+        kwargs.update(self._long_form_guard())
+        with self._seeded(0):
+            out = self.model.generate(input_features=features, attention_mask=mask, return_timestamps=True,
+                                      condition_on_prev_tokens=False, return_segments=True, **kwargs)
+        tokens = out["sequences"] if isinstance(out, dict) else out
+        segments = out.get("segments") if isinstance(out, dict) else None
+        texts = [t.strip() for t in self.tokenizer.batch_decode(tokens, skip_special_tokens=True)]
+        results = []
+        for i, text in enumerate(texts):
+            decode, worst = g.LONG_FORM, 0.0
+            for seg in (segments[i] if segments else []):
+                seg_text = self.tokenizer.decode(seg["tokens"], skip_special_tokens=True)
+                seg_tokens = int(self._text_mask[seg["tokens"].to(self.device)].sum())
+                attempt = g.Attempt(seg_text, seg_tokens, None, None, g.LONG_FORM)
+                worst = max(worst, attempt.compression_ratio)
+                if g.problems(attempt, float(seg["end"] - seg["start"]), self.guard):
+                    decode = g.UNRESOLVED
+            result = self._result(text, languages[i] if languages else "en", language_probs[i], decode, None)
+            result["compression_ratio"] = round(worst, 4)
+            results.append(result)
+        return results
 
-    def _results(self, tokens: Any, languages: list[str] | None) -> list[dict[str, Any]]:
-        texts = self.tokenizer.batch_decode(tokens, skip_special_tokens=True)
-        langs = languages or ["en"] * len(texts)
-        return [{"text": t.strip(), "language": lang} for t, lang in zip(texts, langs)]
+    def _long_form_guard(self) -> dict[str, Any]:
+        """transformers' long-form fallback with the guard's thresholds. Its compression ratio is taken
+        over token ids rather than text; 1.35 there is its documented counterpart of Whisper's 2.4."""
+        cfg = self.guard
+        if not cfg.fallback:
+            return {}
+        kwargs: dict[str, Any] = {"temperature": (0.0, *cfg.temperatures)}
+        if cfg.compression_ratio_threshold is not None:
+            kwargs["compression_ratio_threshold"] = cfg.compression_ratio_threshold * 1.35 / 2.4
+        if cfg.logprob_threshold is not None:
+            kwargs["logprob_threshold"] = cfg.logprob_threshold
+            if cfg.no_speech_threshold is not None:
+                kwargs["no_speech_threshold"] = cfg.no_speech_threshold
+        return kwargs
+
+
+def language_code(language: str) -> str:
+    """Whisper's code for ``language``: a code, a name, or a locale ("it", "Italian", "it-IT", "pt_BR")."""
+    from transformers.models.whisper.tokenization_whisper import LANGUAGES, TO_LANGUAGE_CODE
+
+    name = language.strip().lower()
+    for candidate in (name, name.replace("_", "-").split("-")[0]):
+        code = TO_LANGUAGE_CODE.get(candidate, candidate)
+        if code in LANGUAGES:
+            return code
+    raise ValueError(f"Whisper does not know language {language!r}")
+
+
+def _language_list(language: str | Sequence[str] | None) -> list[str]:
+    if not language:
+        return []
+    parts = language.split(",") if isinstance(language, str) else list(language)
+    return [p.strip() for p in parts if p and p.strip()]
+
+
+class _Suppress:
+    """A logits processor that rules out the tokens of a boolean mask over the vocabulary."""
+
+    def __init__(self, mask: Any):
+        self.mask = mask
+
+    def __call__(self, input_ids: Any, scores: Any) -> Any:
+        return scores.masked_fill(self.mask[:scores.shape[-1]], float("-inf"))
+
+
+class _TokenLogprobs:
+    """A logits processor that adds up, per row, the log-probability of each chosen token (until and
+    including the end token), from the logits after Whisper's own processors and before any
+    temperature, as openai-whisper scores a hypothesis. Keeps one step of log-probabilities."""
+
+    def __init__(self, eot_id: int):
+        self.eot_id = eot_id
+        self.previous: Any = None
+        self.total: Any = None
+        self.count: Any = None
+        self.done: Any = None
+
+    def _add(self, chosen: Any) -> None:
+        active = ~self.done
+        picked = self.previous.gather(1, chosen[:, None])[:, 0]
+        self.total += picked * active
+        self.count += active
+        self.done |= chosen == self.eot_id
+
+    def __call__(self, input_ids: Any, scores: Any) -> Any:
+        import torch
+
+        if self.previous is None:
+            n = scores.shape[0]
+            self.total = torch.zeros(n, dtype=torch.float32, device=scores.device)
+            self.count = torch.zeros(n, dtype=torch.float32, device=scores.device)
+            self.done = torch.zeros(n, dtype=torch.bool, device=scores.device)
+        else:
+            self._add(input_ids[:, -1])
+        self.previous = scores.float().log_softmax(-1)
+        return scores
+
+    def finish(self, sequences: Any) -> list[float | None]:
+        if self.previous is None:
+            return [None] * sequences.shape[0]
+        self._add(sequences[:, -1].to(self.previous.device))
+        return [float(t / c) if c else None for t, c in zip(self.total.tolist(), self.count.tolist())]

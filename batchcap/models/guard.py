@@ -1,0 +1,128 @@
+"""The hallucination guard's arithmetic: when a Whisper hypothesis is suspect, and which attempt to keep.
+
+Pure functions on numbers and strings (no model), shared by every decoding path.
+
+A hypothesis is suspect when (openai-whisper's and faster-whisper's checks, plus a length bound):
+
+* its text's zlib compression ratio is above ``compression_ratio_threshold`` (Whisper's 2.4): a
+  looping phrase compresses far better than speech;
+* its mean token log-probability (text tokens and the end token, as openai-whisper averages it) is
+  below ``logprob_threshold`` (Whisper's -1.0);
+* it has more tokens than its duration can hold: ``TOKENS_PER_SECOND * duration + TOKEN_SLACK``.
+
+The bound comes from real speech: the reference transcripts of the 1,719 telephone prompts of the
+English, Italian and Russian benchmark sets (scripts/bench_asr.py), tokenized with Whisper's
+multilingual tokenizer, against the clips' durations. The densest clip of 5 s or more carries 12.3
+tokens/s (Italian), the densest of any length 16 tokens/s (a 0.75 s clip whose reference includes an
+annotation); 15 tokens/s plus 10 tokens is above every clip of the three sets, with room for
+Whisper's punctuation and numbers spelled out; a 1.8 s clip may have 37 tokens, a 30 s one 460 (more
+than Whisper's 448-token window, so the bound never cuts a full window of real speech).
+
+A clip is "no speech" (openai-whisper's rule) when the probability of the no-speech token at the
+first decoding position is above ``no_speech_threshold`` AND the hypothesis' mean log-probability is
+below ``logprob_threshold``: its text is dropped rather than retried.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+TOKENS_PER_SECOND = 15.0
+TOKEN_SLACK = 10
+WHISPER_TEMPERATURES = (0.2, 0.4, 0.6, 0.8, 1.0)
+
+# what happened to a clip (the ``decode`` column)
+GREEDY = "greedy"
+BEAM = "beam"
+FULL_WINDOW = "full_window"
+NO_SPEECH = "no_speech"
+UNRESOLVED = "unresolved"
+LONG_FORM = "long_form"
+
+
+def temperature_label(temperature: float) -> str:
+    return f"temperature={temperature:g}"
+
+
+@dataclass(frozen=True)
+class GuardConfig:
+    """Thresholds of the guard; ``None`` switches a check off."""
+
+    compression_ratio_threshold: float | None = 2.4
+    logprob_threshold: float | None = -1.0
+    no_speech_threshold: float | None = 0.6
+    fallback: bool = True  # retry suspects (full window, then temperatures); else only flag them
+    temperatures: tuple[float, ...] = WHISPER_TEMPERATURES
+    best_of: int = 5  # samples per clip at a temperature above 0 (openai-whisper's and faster-whisper's default)
+    tokens_per_second: float = TOKENS_PER_SECOND
+    token_slack: int = TOKEN_SLACK
+
+
+def compression_ratio(text: str) -> float:
+    """Length of the UTF-8 text over its zlib-compressed length (openai-whisper's measure); 0 for ''."""
+    data = text.encode("utf-8")
+    if not data:
+        return 0.0
+    return len(data) / len(zlib.compress(data))
+
+
+def token_bound(duration_s: float, config: GuardConfig = GuardConfig()) -> int:
+    """Most text tokens a clip of ``duration_s`` seconds can plausibly hold."""
+    return int(config.tokens_per_second * max(0.0, duration_s)) + config.token_slack
+
+
+@dataclass
+class Attempt:
+    """One decoding of one clip, with the scores the guard judges it by."""
+
+    text: str
+    tokens: int  # text tokens (no special tokens)
+    avg_logprob: float | None
+    no_speech_prob: float | None
+    decode: str  # how it was decoded: greedy, beam, full_window, temperature=0.4
+    compression_ratio: float = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.compression_ratio = compression_ratio(self.text)
+
+
+def problems(attempt: Attempt, duration_s: float, config: GuardConfig = GuardConfig()) -> list[str]:
+    """The checks ``attempt`` fails: any of compression_ratio, avg_logprob, token_bound ([] = fine)."""
+    found = []
+    if config.compression_ratio_threshold is not None \
+            and attempt.compression_ratio > config.compression_ratio_threshold:
+        found.append("compression_ratio")
+    if config.logprob_threshold is not None and attempt.avg_logprob is not None \
+            and attempt.avg_logprob < config.logprob_threshold:
+        found.append("avg_logprob")
+    if attempt.tokens > token_bound(duration_s, config):
+        found.append("token_bound")
+    return found
+
+
+def is_no_speech(attempt: Attempt, config: GuardConfig = GuardConfig()) -> bool:
+    """openai-whisper's silence rule: a likely no-speech token and an unconfident hypothesis."""
+    if config.no_speech_threshold is None or attempt.no_speech_prob is None:
+        return False
+    if attempt.no_speech_prob <= config.no_speech_threshold:
+        return False
+    return config.logprob_threshold is None or (attempt.avg_logprob is not None
+                                                and attempt.avg_logprob < config.logprob_threshold)
+
+
+def is_suspect(attempt: Attempt, duration_s: float, config: GuardConfig = GuardConfig()) -> bool:
+    return not is_no_speech(attempt, config) and bool(problems(attempt, duration_s, config))
+
+
+def least_bad(attempts: Sequence[Attempt], duration_s: float, config: GuardConfig = GuardConfig()) -> Attempt:
+    """The attempt to keep when none passes: one that does not loop (compression ratio and token
+    bound) before one that does; then the most confident (highest mean log-probability); among
+    looping ones, the shortest, then the least repetitive. Ties: the earliest."""
+    def key(a: Attempt) -> tuple[int, float, int, float]:
+        found = problems(a, duration_s, config)
+        if "compression_ratio" in found or "token_bound" in found:
+            return (1, 0.0, a.tokens, a.compression_ratio)
+        return (0, -(a.avg_logprob if a.avg_logprob is not None else float("-inf")), 0, 0.0)
+    return min(attempts, key=key)

@@ -1,0 +1,184 @@
+"""Languages: one for all clips, candidates for detection, one per clip (a manifest column)."""
+
+from __future__ import annotations
+
+import pytest
+
+from batchcap.items import MODEL_ERROR, FatalError, ItemError
+from tests.conftest import tone
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _transcriber(model, **kwargs):
+    from batchcap.models.guard import GuardConfig
+    from batchcap.models.whisper import WhisperTranscriber
+
+    return WhisperTranscriber(model, device="cpu", guard=GuardConfig(fallback=False), **kwargs)
+
+
+def _generate_spy(t):
+    """Record the ``language`` argument of every generate call (the prompt's language tokens)."""
+    seen: list = []
+    original = t.model.generate
+
+    def generate(*args, **kwargs):
+        seen.append(kwargs.get("language"))
+        return original(*args, **kwargs)
+    t.model.generate = generate
+    return seen
+
+
+def test_detection_without_candidates_picks_among_all(tiny_whisper):
+    t = _transcriber(tiny_whisper)
+    rows = t.transcribe([t.prepare(tone(1.0)), t.prepare(tone(2.0, freq=300))])
+    assert {r["language"] for r in rows} <= {"en", "de", "fr", "es"}
+    assert all(0.25 <= r["language_prob"] <= 1.0 for r in rows)  # over four languages
+
+
+def test_candidates_restrict_detection(tiny_whisper):
+    free = _transcriber(tiny_whisper).transcribe
+    t = _transcriber(tiny_whisper, language="fr, es")
+    assert t.language is None and t.candidates == ["fr", "es"]
+    clips = [t.prepare(tone(1.0)), t.prepare(tone(2.0, freq=300))]
+    unrestricted = {r["language"] for r in free(clips)}
+    spy = _generate_spy(t)
+    rows = t.transcribe(clips)
+    assert all(r["language"] in ("fr", "es") for r in rows)
+    assert spy == [[r["language"] for r in rows]]
+    assert all(0.5 <= r["language_prob"] <= 1.0 for r in rows)  # renormalised over the two candidates
+    # the candidates change the answer: unrestricted detection picks a language outside them
+    assert unrestricted - {"fr", "es"}
+    # names work as codes do
+    assert _transcriber(tiny_whisper, language=["French", "german"]).candidates == ["fr", "de"]
+
+
+def test_one_language_for_all(tiny_whisper):
+    t = _transcriber(tiny_whisper, language="Spanish")
+    spy = _generate_spy(t)
+    rows = t.transcribe([t.prepare(tone(1.0)), t.prepare(tone(2.0))])
+    assert spy == [["es", "es"]]
+    assert [(r["language"], r["language_prob"]) for r in rows] == [("es", None), ("es", None)]
+
+
+def test_per_clip_languages_in_one_batch(tiny_whisper):
+    t = _transcriber(tiny_whisper, language="de")
+    spy = _generate_spy(t)
+    clips = [t.prepare(tone(1.0), language="fr"), t.prepare(tone(1.5)), t.prepare(tone(2.0), language="Spanish")]
+    rows = t.transcribe(clips)
+    assert spy == [["fr", "de", "es"]]
+    assert [r["language"] for r in rows] == ["fr", "de", "es"]
+    # without a run language, the clips without their own are detected (and only they get a probability)
+    t = _transcriber(tiny_whisper, language="fr,es")
+    rows = t.transcribe([t.prepare(tone(1.0), language="de"), t.prepare(tone(1.5))])
+    assert rows[0]["language"] == "de" and rows[0]["language_prob"] is None
+    assert rows[1]["language"] in ("fr", "es") and rows[1]["language_prob"] is not None
+
+
+def test_unknown_languages(tiny_whisper, tiny_whisper_en):
+    t = _transcriber(tiny_whisper)
+    with pytest.raises(ItemError) as err:
+        t.prepare(tone(1.0), language="klingon")
+    assert err.value.status == MODEL_ERROR and "klingon" in err.value.message
+    with pytest.raises(FatalError, match="does not know language 'it'"):
+        _transcriber(tiny_whisper, language="fr,it")  # the tiny model knows en, de, fr, es
+    with pytest.raises(FatalError, match="English-only"):
+        _transcriber(tiny_whisper_en, language="es,en")
+    en = _transcriber(tiny_whisper_en, language="en")
+    assert en.prepare(tone(1.0), language="English").language == "en"
+    rows = en.transcribe([en.prepare(tone(1.0)), en.prepare(tone(1.0), language="es")])
+    assert [(r["language"], r["language_prob"]) for r in rows] == [("en", None), ("en", None)]
+    # a language Whisper knows but this checkpoint lacks: detected instead
+    rows = t.transcribe([t.prepare(tone(1.0), language="it")])
+    assert rows[0]["language"] in ("en", "de", "fr", "es") and rows[0]["language_prob"] is not None
+
+
+def test_live_window_detects_what_the_full_window_detects(tiny_whisper):
+    live, full = _transcriber(tiny_whisper), _transcriber(tiny_whisper, full_window=True)
+    clips = [tone(d, freq=f) for d, f in [(0.5, 200), (1.0, 440), (3.0, 800), (8.0, 300)]]
+    a = live.transcribe([live.prepare(c) for c in clips])
+    b = full.transcribe([full.prepare(c) for c in clips])
+    assert [r["language"] for r in a] == [r["language"] for r in b]
+    assert [r["language_prob"] for r in a] == pytest.approx([r["language_prob"] for r in b], abs=0.01)
+
+
+# --- the CLI: a manifest language column -------------------------------------------------------------
+
+def _manifest(tmp_path, column="language", languages=("fr", "es", "", "klingon")):
+    import csv
+
+    from tests.conftest import write_audio
+
+    rows = []
+    for i, lang in enumerate(languages):
+        path = write_audio(tmp_path / f"c{i}.wav", 1.0 + 0.5 * i, freq=300 + 100 * i)
+        rows.append({"path": path, "reference": "hello world", column: lang, "speaker": f"s{i}"})
+    manifest = tmp_path / "m.csv"
+    with open(manifest, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    return str(manifest)
+
+
+def test_manifest_language_column_sets_each_rows_language(tiny_whisper, tmp_path):
+    import json
+
+    from tests.helpers import rows_of, run_cli
+
+    out = tmp_path / "out.parquet"
+    code, output = run_cli("audio", _manifest(tmp_path), "-o", out, "--model", tiny_whisper, "--language", "de",
+                           "--batch-size", "4", "--no-fallback")
+    assert code == 3, output  # the klingon row fails alone
+    rows = rows_of(out)
+    # the manifest's language wins; an empty cell takes --language; no input_language column
+    assert [r["language"] for r in rows[:3]] == ["fr", "es", "de"]
+    assert [r["language_prob"] for r in rows[:3]] == [None, None, None]
+    assert "input_language" not in rows[0] and [r["speaker"] for r in rows] == ["s0", "s1", "s2", "s3"]
+    assert rows[3]["status"] == "model_error" and "klingon" in rows[3]["error"]
+    assert all(r["decode"] == "unresolved" for r in rows[:3])  # the tiny model loops; flagged, not retried
+    summary = json.loads((tmp_path / "out.summary.json").read_text())
+    assert summary["decode_counts"] == {"unresolved": 3} and summary["fallbacks"] == 3
+    assert "decode: 3 unresolved" in output
+
+
+def test_language_column_option_and_candidates(tiny_whisper, tmp_path):
+    from tests.helpers import rows_of, run_cli
+
+    manifest = _manifest(tmp_path, column="lang_code", languages=("es", "", "", ""))
+    out = tmp_path / "out.csv"
+    code, output = run_cli("audio", manifest, "-o", out, "--model", tiny_whisper, "--language-column", "lang_code",
+                           "--language", "fr,es", "--no-fallback")
+    assert code == 0, output
+    rows = rows_of(out)
+    assert rows[0]["language"] == "es" and all(r["language"] in ("fr", "es") for r in rows)
+    assert all(r["language_prob"] >= 0.5 for r in rows[1:]) and "lang_code" not in rows[0]
+    code, output = run_cli("audio", manifest, "-o", tmp_path / "x.csv", "--model", tiny_whisper,
+                           "--language-column", "nope")
+    assert code == 1 and "no column 'nope' (--language-column)" in output
+
+
+def test_unsure_live_detection_is_redone_on_the_full_window(tiny_whisper):
+    # the tiny model spreads its language probability (about 0.29 each): below 0.5, so every clip's
+    # language is detected again on the full window, in one batch; with candidates it is sure enough
+    t = _transcriber(tiny_whisper)
+    calls: list[int] = []
+    handle = t.model.get_encoder().register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
+    try:
+        rows = t.transcribe([t.prepare(tone(1.0)), t.prepare(tone(2.0, freq=300))])
+        assert calls == [2] and all(r["language_prob"] < 0.5 for r in rows)
+        calls.clear()
+        t2 = _transcriber(tiny_whisper, language="fr,es")
+        t2.model.get_encoder().register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
+        t2.transcribe([t2.prepare(tone(1.0))])
+        assert calls == []
+    finally:
+        handle.remove()
