@@ -189,9 +189,11 @@ def _job_options(cli: dict[str, Any], default_max_bytes: int, default_workers: i
     return cli
 
 
+from .export import export  # noqa: E402
 from .train.cli import train  # noqa: E402
 
 main.add_command(train)
+main.add_command(export)
 
 
 if __name__ == "__main__":  # pragma: no cover
