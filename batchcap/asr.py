@@ -13,14 +13,14 @@ from typing import Any
 from .audio import decode_audio
 from .fetch import FetchConfig
 from .inputs import audio_spec
-from .items import OK, Item, ItemError
+from .items import EMPTY, OK, FatalError, Item, ItemError
 from .job import JobOptions, build_task, run_pipeline
 from .metrics import cer_counts, get_normalizer, load_english_spelling, wer_counts
 from .runner import RunResult
 
 log = logging.getLogger(__name__)
 
-AUDIO_COLUMNS = ("id", "source", "text", "language", "duration_s", "status", "error", "model",
+AUDIO_COLUMNS = ("id", "source", "text", "language", "duration_s", "segments", "status", "error", "model",
                  "reference", "wer", "cer")
 DEFAULT_AUDIO_MODEL = "openai/whisper-small"
 
@@ -38,6 +38,13 @@ class AudioOptions(JobOptions):
     silence_dbfs: float = -60.0
     workers: int = 4
     fetch: FetchConfig = field(default_factory=lambda: FetchConfig(max_bytes=2 * 2**30))
+    # recordings over 30 s: "batched" (VAD windows batched with the clips) or "sequential" (transformers)
+    long_form: str = "batched"
+    vad: str = "energy"  # energy | silero
+    write: Sequence[str] = ()  # subtitle / text formats written per item: srt, vtt, txt, tsv, json
+    write_dir: str | None = None  # default: OUTPUT without extension + ".subtitles"
+    max_line_width: int | None = None
+    max_line_count: int | None = None
 
 
 class AudioTask:
@@ -54,17 +61,37 @@ class AudioTask:
         self.started = time.time()
         spelling_dir = getattr(transcriber, "english_spelling_dir", None) if transcriber else options.model
         self._spelling = load_english_spelling(spelling_dir)
+        self._vad: Any = None
+        self.subtitles = _subtitle_writer(options)
 
     def load(self, item: Item, data: bytes) -> Any:
         samples = decode_audio(data, min_duration=self.options.min_duration,
                                silence_dbfs=self.options.silence_dbfs)
+        if self.options.long_form == "batched" and len(samples) > LONG_SAMPLES:
+            return self._split(samples)
         return self.transcriber.prepare(samples)
+
+    def _split(self, samples: Any) -> Any:
+        """A long recording as VAD windows; its features are computed when its windows reach the model."""
+        from .longform import LongRecording
+        from .vad import make_vad, split_recording
+
+        if self._vad is None:
+            self._vad = make_vad(self.options.vad)
+        windows = split_recording(samples, self._vad)
+        duration = len(samples) / 16_000
+        if not windows:
+            raise ItemError(EMPTY, f"no speech found in {duration:.0f} s (--vad {self.options.vad})",
+                            fields={"duration_s": round(duration, 3)})
+        return LongRecording(samples, windows, duration)
 
     def size(self, loaded: Any) -> float:
         return loaded.duration_s
 
     def predict(self, batch: list[Any]) -> list[dict[str, Any]]:
-        results = self.transcriber.transcribe(batch)
+        from .longform import transcribe_units
+
+        results = transcribe_units(self.transcriber, batch, max(1, self.options.batch_size))
         self.audio_seconds += sum(p.duration_s for p in batch)
         return results
 
@@ -77,10 +104,13 @@ class AudioTask:
             "language": result["language"] if result else None,
             "duration_s": round(loaded.duration_s, 3) if loaded is not None else error.fields.get("duration_s")
             if error else None,
+            "segments": _segment_rows(result) if result is not None and error is None else None,
             "status": OK if error is None else error.status,
             "error": None if error is None else error.message,
             "model": self.model_name,
         }
+        if self.subtitles is not None and error is None and result is not None:
+            self.subtitles.write(item.id, row["text"], row["segments"] or [], row["language"])
         if item.references:
             reference = " ".join(item.references)
             row["reference"] = reference
@@ -97,6 +127,18 @@ class AudioTask:
         c_err, c_tot = cer_counts(ref, hyp)
         return {"wer": w_err / w_tot if w_tot else None, "cer": c_err / c_tot if c_tot else None,
                 "w": (w_err, w_tot), "c": (c_err, c_tot)}
+
+    def finalize_table(self, table: Any) -> Any:
+        """Subtitle files missing for ok rows of earlier runs (e.g. --write added on a rerun)."""
+        if self.subtitles is not None and table.num_rows:
+            from .subtitles import row_segments
+
+            for batch in table.to_batches(max_chunksize=1024):
+                for r in batch.to_pylist():
+                    if r.get("status") == OK and r.get("text") is not None:
+                        self.subtitles.write(str(r["id"]), r["text"], row_segments(r), r.get("language"),
+                                             overwrite=False)
+        return table
 
     def summarize(self, table: Any) -> dict[str, Any]:
         rows = table.to_pylist() if table.num_rows else []
@@ -131,6 +173,46 @@ class AudioTask:
         return summary
 
 
+LONG_SAMPLES = 30 * 16_000  # recordings longer than one Whisper window
+
+
+def _segment_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
+    segments = result.get("segments")
+    if segments is None:
+        return []
+    return [s if isinstance(s, dict) else {"start": s.start, "end": s.end, "text": s.text} for s in segments]
+
+
+def _subtitle_writer(options: AudioOptions) -> Any:
+    if not options.write:
+        return None
+    from .subtitles import SubtitleOptions, SubtitleWriter, parse_formats
+
+    formats = parse_formats(options.write if isinstance(options.write, str) else list(options.write))
+    return SubtitleWriter(options.write_dir or "subtitles", formats,
+                          SubtitleOptions(options.max_line_width, options.max_line_count), overwrite=True)
+
+
+def _check_long_form_options(options: AudioOptions, output: str) -> None:
+    from .export import default_subtitle_dir
+    from .subtitles import parse_formats
+
+    if options.long_form not in ("batched", "sequential"):
+        raise FatalError(f"unknown long-form mode {options.long_form!r}: batched or sequential")
+    if options.vad not in ("energy", "silero"):
+        raise FatalError(f"unknown VAD {options.vad!r}: energy or silero")
+    if options.long_form == "batched" and options.vad == "silero":
+        from .vad import find_silero_model
+
+        find_silero_model()
+    try:
+        options.write = parse_formats(options.write if isinstance(options.write, str) else list(options.write or ()))
+    except ValueError as exc:
+        raise FatalError(str(exc)) from None
+    if options.write and not options.write_dir:
+        options.write_dir = default_subtitle_dir(output)
+
+
 def load_transcriber(options: AudioOptions) -> Any:
     from .models.whisper import WhisperTranscriber
 
@@ -150,6 +232,7 @@ def transcribe(inputs: str | Sequence[str], output: str = "transcripts.parquet",
     """
     options = options or AudioOptions()
     options.update(overrides, "transcribe")
+    _check_long_form_options(options, output)
     spec = audio_spec(options.path_column, options.reference_columns, options.id_column)
     spec.reserved = AUDIO_COLUMNS
     make_task = functools.partial(build_task, AudioTask, load_transcriber, options, transcriber)

@@ -136,6 +136,20 @@ def main() -> None:
               help="Clips shorter than this (seconds) get status 'empty'.")
 @click.option("--silence-threshold", type=float, default=-60.0, show_default=True,
               help="Clips whose peak is below this (dBFS) get status 'empty'.")
+@click.option("--long-form", type=click.Choice(["batched", "sequential"]), default="batched", show_default=True,
+              help="Recordings over 30 s: cut at pauses into windows batched with the other clips, or "
+                   "transformers' sequential decoding (30 s windows one after another).")
+@click.option("--vad", type=click.Choice(["energy", "silero"]), default="energy", show_default=True,
+              help="How --long-form batched finds pauses: frame energy, or Silero VAD "
+                   "(pip install faster-whisper onnxruntime).")
+@click.option("--write", "write", default=None, metavar="FORMATS",
+              help="Also write one file per recording: comma-separated srt, vtt, txt, tsv, json, or all.")
+@click.option("--write-dir", default=None, metavar="DIR",
+              help="Folder for --write files [default: OUTPUT without extension + .subtitles].")
+@click.option("--max-line-width", type=click.IntRange(1), default=None,
+              help="--write srt/vtt: wrap lines at this many characters.")
+@click.option("--max-line-count", type=click.IntRange(1), default=None,
+              help="--write srt/vtt: start a new cue after this many lines (with --max-line-width).")
 def audio(inputs: tuple[str, ...], output: str | None, full_window: bool, window_margin: float,
           silence_threshold: float, **options: Any) -> None:
     """Transcribe every recording of INPUT... with Whisper.

@@ -224,7 +224,8 @@ def test_bad_inputs_each_get_a_row(tiny_whisper, tmp_path, http_server):
 
 
 def test_long_recording_is_transcribed_in_full(tiny_whisper, tmp_path):
-    """A 45 s recording goes through long-form decoding over all its frames, not a cut at 30 s."""
+    """With --long-form sequential, a 45 s recording goes through transformers' long-form decoding over
+    all its frames, not a cut at 30 s (the batched default is tested in test_longform.py)."""
     from batchcap.asr import AudioOptions, load_transcriber
 
     write_audio(tmp_path / "long.wav", 45.0)
@@ -247,9 +248,11 @@ def test_long_recording_is_transcribed_in_full(tiny_whisper, tmp_path):
 
     transcriber.model.generate = recording_generate
     transcriber.live_encoder = RecordingLive()
-    result = transcribe([str(tmp_path)], str(tmp_path / "out.parquet"), transcriber=transcriber, quiet=True)
+    result = transcribe([str(tmp_path)], str(tmp_path / "out.parquet"), transcriber=transcriber, quiet=True,
+                        long_form="sequential")
     rows = rows_of(result.output)
     assert [r["duration_s"] for r in rows] == [45.0, 2.0] and {r["status"] for r in rows} == {"ok"}
+    assert all(0 <= s["start"] <= s["end"] <= 45.0 for s in rows[0]["segments"])
     assert (1, 80, 4500) in seen  # all 45 s of features reach long-form generate
     # the 2 s clip: its encoder computes 2 s + 1 s margin = 300 frames; the decoder sees all 1,500 positions
     assert ("live", 300) in seen and ("encoder", 1500) in seen

@@ -166,7 +166,8 @@ class WhisperTranscriber:
         return [self._id_to_lang.get(i, "en") for i in ids]
 
     def _generate_kwargs(self, languages: list[str] | None) -> dict[str, Any]:
-        kwargs: dict[str, Any] = {"num_beams": self.num_beams, "do_sample": False}
+        # timestamp tokens give every transcript its segments (parsed in whisper_timestamps)
+        kwargs: dict[str, Any] = {"num_beams": self.num_beams, "do_sample": False, "return_timestamps": True}
         if self.max_new_tokens:
             kwargs["max_new_tokens"] = self.max_new_tokens
         if self.multilingual:
@@ -178,10 +179,11 @@ class WhisperTranscriber:
         encoded, cache = self._encode(batch)
         languages = self._languages(len(batch), encoder_outputs=encoded)
         kwargs = self._generate_kwargs(languages)
+        kwargs["force_unique_generate_call"] = True  # one pass: no seeking past the last timestamp of a clip
         if cache is not None:
             kwargs["cache"] = cache
         tokens = self.model.generate(encoder_outputs=encoded, **kwargs)
-        return self._results(tokens, languages)
+        return self._results(tokens, languages, batch)
 
     def _long(self, batch: list[Prepared]) -> list[dict[str, Any]]:
         lengths = [p.features.shape[-1] for p in batch]
@@ -191,13 +193,16 @@ class WhisperTranscriber:
         for i, n in enumerate(lengths):
             mask[i, :n] = 1
         languages = self._languages(len(batch), input_features=features[:, :, :WINDOW_FRAMES])
-        tokens = self.model.generate(input_features=features, attention_mask=mask, return_timestamps=True,
-                                     condition_on_prev_tokens=False, **self._generate_kwargs(languages))
-        if isinstance(tokens, dict):
-            tokens = tokens["sequences"]
-        return self._results(tokens, languages)
+        out = self.model.generate(input_features=features, attention_mask=mask, return_segments=True,
+                                  condition_on_prev_tokens=False, **self._generate_kwargs(languages))
+        return self._results(out, languages, batch)
 
-    def _results(self, tokens: Any, languages: list[str] | None) -> list[dict[str, Any]]:
-        texts = self.tokenizer.batch_decode(tokens, skip_special_tokens=True)
-        langs = languages or ["en"] * len(texts)
-        return [{"text": t.strip(), "language": lang} for t, lang in zip(texts, langs)]
+    def _results(self, out: Any, languages: list[str] | None, batch: list[Prepared]) -> list[dict[str, Any]]:
+        """Text, language and segments (times from the clip's start) of each clip."""
+        from .whisper_timestamps import parse_generate_output
+
+        langs = languages or ["en"] * len(batch)
+        parsed = parse_generate_output(out, self.tokenizer, self.model.generation_config,
+                                       [p.duration_s for p in batch])
+        return [{"text": text, "language": lang, "segments": segments}
+                for (text, segments), lang in zip(parsed, langs)]

@@ -7,7 +7,7 @@ This module is pure (token ids in, dataclasses out) so it can be tested without 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -121,3 +121,35 @@ def stitch(windows: Sequence[WindowResult]) -> tuple[str, list[Segment]]:
 
 def segments_to_rows(segments: Sequence[Segment]) -> list[dict[str, Any]]:
     return [s.to_dict() for s in segments]
+
+
+def parse_generate_output(out: Any, tokenizer: Any, generation_config: Any,
+                          durations: Sequence[float]) -> list[tuple[str, list[Segment]]]:
+    """``(text, segments)`` per clip from ``WhisperForConditionalGeneration.generate`` run with
+    ``return_timestamps=True``: a tensor of token ids (clips up to 30 s), or the dict that
+    sequential long-form decoding returns with ``return_segments=True`` (times already absolute)."""
+    timestamp_begin = int(generation_config.no_timestamps_token_id) + 1
+    eot = int(generation_config.eos_token_id if not isinstance(generation_config.eos_token_id, list)
+              else min(generation_config.eos_token_id))
+
+    def decode(ids: list[int]) -> str:
+        return tokenizer.decode(ids, skip_special_tokens=True)
+
+    if isinstance(out, Mapping) and out.get("segments") is not None:
+        results = []
+        for segs, duration in zip(out["segments"], durations):
+            found: list[Segment] = []
+            for seg in segs:
+                ids = [int(t) for t in seg["tokens"].tolist()]
+                text, inner = parse_timestamped(ids, timestamp_begin=timestamp_begin, eot=eot, decode=decode)
+                if not text:
+                    continue
+                start, end = float(seg["start"]), float(seg["end"])
+                found.append(Segment(round(start, 3), round(min(max(end, start), duration), 3), text))
+            stitched = stitch([WindowResult(0.0, duration, " ".join(s.text for s in found), found)])
+            results.append(stitched)
+        return results
+    tokens = out["sequences"] if isinstance(out, Mapping) else out
+    return [parse_timestamped([int(t) for t in row], timestamp_begin=timestamp_begin, eot=eot, decode=decode,
+                              duration_s=duration)
+            for row, duration in zip(tokens.tolist(), durations)]
