@@ -40,6 +40,7 @@ class AudioOptions(JobOptions):
     fetch: FetchConfig = field(default_factory=lambda: FetchConfig(max_bytes=2 * 2**30))
     # recordings over 30 s: "batched" (VAD windows batched with the clips) or "sequential" (transformers)
     long_form: str = "batched"
+    timestamps: bool = True  # Whisper timestamp tokens: segments with times (False: one segment per clip/window)
     vad: str = "energy"  # energy | silero
     write: Sequence[str] = ()  # subtitle / text formats written per item: srt, vtt, txt, tsv, json
     write_dir: str | None = None  # default: OUTPUT without extension + ".subtitles"
@@ -219,7 +220,7 @@ def load_transcriber(options: AudioOptions) -> Any:
     return WhisperTranscriber(options.model, device=options.device, dtype=options.dtype,
                               language=options.language, task=options.task, num_beams=options.num_beams,
                               max_new_tokens=options.max_new_tokens, full_window=options.full_window,
-                              window_margin_s=options.window_margin_s)
+                              window_margin_s=options.window_margin_s, timestamps=options.timestamps)
 
 
 def transcribe(inputs: str | Sequence[str], output: str = "transcripts.parquet", *,

@@ -136,7 +136,8 @@ def test_parse_formats():
 
 
 # --- timestamp tokens -------------------------------------------------------------------------
-TB, EOT = 1000, 900  # timestamp_begin, end of text (special tokens sit between)
+TB, EOT = 1000, 900  # timestamp_begin, end of text
+SPECIAL = {EOT, 950, 951}  # end of text, start of transcript, a language
 VOCAB = {1: " Hello", 2: " there.", 3: " How", 4: " are", 5: " you?"}
 
 
@@ -150,21 +151,22 @@ def ts(seconds: float) -> int:
 
 def test_parse_timestamped_segments_with_offset():
     tokens = [950, 951, ts(0), 1, 2, ts(2.4), ts(2.4), 3, 4, 5, ts(5.0), EOT]
-    text, segs = parse_timestamped(tokens, timestamp_begin=TB, eot=EOT, decode=decode, offset_s=60.0, duration_s=8.0)
+    text, segs = parse_timestamped(tokens, timestamp_begin=TB, special=SPECIAL, decode=decode, offset_s=60.0,
+                                   duration_s=8.0)
     assert text == "Hello there. How are you?"
     assert [(s.start, s.end, s.text) for s in segs] == [(60.0, 62.4, "Hello there."), (62.4, 65.0, "How are you?")]
 
 
 def test_parse_timestamped_unfinished_and_untimed():
     # the last segment has no end (the window ran out): it ends with the window
-    text, segs = parse_timestamped([ts(1.0), 1, 2, ts(3.0), ts(3.2), 3, 4], timestamp_begin=TB, eot=EOT,
+    text, segs = parse_timestamped([ts(1.0), 1, 2, ts(3.0), ts(3.2), 3, 4], timestamp_begin=TB, special=SPECIAL,
                                    decode=decode, duration_s=6.5)
     assert [(s.start, s.end) for s in segs] == [(1.0, 3.0), (3.2, 6.5)]
     # no times at all (e.g. a model that skipped them): one segment over the window
-    text, segs = parse_timestamped([1, 2, EOT], timestamp_begin=TB, eot=EOT, decode=decode, duration_s=4.0)
+    text, segs = parse_timestamped([1, 2, EOT], timestamp_begin=TB, special=SPECIAL, decode=decode, duration_s=4.0)
     assert text == "Hello there." and [(s.start, s.end) for s in segs] == [(0.0, 4.0)]
     # times past the window are clamped; times going backwards are made monotonic
-    _, segs = parse_timestamped([ts(3.0), 1, ts(9.0), ts(1.0), 2, ts(2.0)], timestamp_begin=TB, eot=EOT,
+    _, segs = parse_timestamped([ts(3.0), 1, ts(9.0), ts(1.0), 2, ts(2.0)], timestamp_begin=TB, special=SPECIAL,
                                 decode=decode, duration_s=5.0)
     assert [(s.start, s.end) for s in segs] == [(3.0, 5.0), (5.0, 5.0)]
 

@@ -45,7 +45,7 @@ class WhisperTranscriber:
     def __init__(self, model: str, *, device: str = "auto", dtype: str = "auto", language: str | None = None,
                  task: str = "transcribe", num_beams: int = 1, max_new_tokens: int | None = None,
                  full_window: bool = False, window_margin_s: float = 1.0,
-                 attn_implementation: str | None = "sdpa"):
+                 attn_implementation: str | None = "sdpa", timestamps: bool = True):
         import torch
         from transformers import WhisperFeatureExtractor, WhisperForConditionalGeneration, WhisperTokenizerFast
 
@@ -86,6 +86,7 @@ class WhisperTranscriber:
         if not full_window and window_margin_s <= 0:
             raise FatalError("the window margin must be positive (it holds the padding the encoder sees)")
         self.full_window = full_window
+        self.timestamps = timestamps  # timestamp tokens: segments with times (else one segment per clip)
         self.window_margin_s = window_margin_s
         from .whisper_window import LiveWindowEncoder
 
@@ -167,7 +168,8 @@ class WhisperTranscriber:
 
     def _generate_kwargs(self, languages: list[str] | None) -> dict[str, Any]:
         # timestamp tokens give every transcript its segments (parsed in whisper_timestamps)
-        kwargs: dict[str, Any] = {"num_beams": self.num_beams, "do_sample": False, "return_timestamps": True}
+        kwargs: dict[str, Any] = {"num_beams": self.num_beams, "do_sample": False,
+                                  "return_timestamps": self.timestamps}
         if self.max_new_tokens:
             kwargs["max_new_tokens"] = self.max_new_tokens
         if self.multilingual:
@@ -193,8 +195,10 @@ class WhisperTranscriber:
         for i, n in enumerate(lengths):
             mask[i, :n] = 1
         languages = self._languages(len(batch), input_features=features[:, :, :WINDOW_FRAMES])
+        kwargs = self._generate_kwargs(languages)
+        kwargs["return_timestamps"] = True  # sequential long-form needs them to move its window
         out = self.model.generate(input_features=features, attention_mask=mask, return_segments=True,
-                                  condition_on_prev_tokens=False, **self._generate_kwargs(languages))
+                                  condition_on_prev_tokens=False, **kwargs)
         return self._results(out, languages, batch)
 
     def _results(self, out: Any, languages: list[str] | None, batch: list[Prepared]) -> list[dict[str, Any]]:

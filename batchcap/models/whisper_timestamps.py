@@ -7,7 +7,7 @@ This module is pure (token ids in, dataclasses out) so it can be tested without 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -46,14 +46,14 @@ class WindowResult:
     segments: list[Segment]
 
 
-def parse_timestamped(tokens: Sequence[int], *, timestamp_begin: int, eot: int,
+def parse_timestamped(tokens: Sequence[int], *, timestamp_begin: int, special: Collection[int],
                       decode: Callable[[list[int]], str], offset_s: float = 0.0,
                       duration_s: float | None = None,
                       precision: float = TIME_PRECISION) -> tuple[str, list[Segment]]:
     """``(text, segments)`` of one window's generated tokens.
 
-    Ids at or above ``timestamp_begin`` are times; ids at or above ``eot`` (and below the times) are
-    special tokens and are skipped. Text with no closing time (the window ended first) ends at
+    Ids at or above ``timestamp_begin`` are times; ids in ``special`` (start of transcript, language,
+    task, end of text) carry no text and are skipped. Text with no closing time (the window ended first) ends at
     ``duration_s``; text before any time starts at 0. Times are clamped to ``[0, duration_s]``,
     made non-decreasing, shifted by ``offset_s`` and rounded to milliseconds.
     """
@@ -71,9 +71,8 @@ def parse_timestamped(tokens: Sequence[int], *, timestamp_begin: int, eot: int,
             else:
                 start = time
             last_time = time
-        elif t < eot:
+        elif t not in special:
             pending.append(t)
-        # other special tokens (start of transcript, language, task, end of text) carry no text
     if pending:
         begin = start if start is not None else last_time
         segments.append((begin, max(begin, duration_s if duration_s is not None else last_time), pending))
@@ -103,7 +102,8 @@ def whole_clip(text: str, duration_s: float, offset_s: float = 0.0) -> list[Segm
 
 def stitch(windows: Sequence[WindowResult]) -> tuple[str, list[Segment]]:
     """A recording's text and segments from its windows (in any order): sorted by time, texts
-    joined with single spaces, segments kept inside their window and non-overlapping."""
+    joined with single spaces, segments kept inside their window (one that starts after the window's
+    end is dropped) and non-overlapping."""
     texts: list[str] = []
     segments: list[Segment] = []
     previous_end = 0.0
@@ -112,6 +112,8 @@ def stitch(windows: Sequence[WindowResult]) -> tuple[str, list[Segment]]:
             texts.append(w.text.strip())
         limit = w.offset_s + w.duration_s
         for s in w.segments:
+            if s.start >= limit and limit > w.offset_s:  # past the window's audio: nothing was said there
+                continue
             start = max(s.start, previous_end)
             end = max(min(s.end, limit), start)
             segments.append(Segment(round(start, 3), round(end, 3), s.text, s.words))
@@ -129,8 +131,8 @@ def parse_generate_output(out: Any, tokenizer: Any, generation_config: Any,
     ``return_timestamps=True``: a tensor of token ids (clips up to 30 s), or the dict that
     sequential long-form decoding returns with ``return_segments=True`` (times already absolute)."""
     timestamp_begin = int(generation_config.no_timestamps_token_id) + 1
-    eot = int(generation_config.eos_token_id if not isinstance(generation_config.eos_token_id, list)
-              else min(generation_config.eos_token_id))
+    eos = generation_config.eos_token_id
+    special = set(tokenizer.all_special_ids) | set(eos if isinstance(eos, list) else [eos])
 
     def decode(ids: list[int]) -> str:
         return tokenizer.decode(ids, skip_special_tokens=True)
@@ -141,15 +143,15 @@ def parse_generate_output(out: Any, tokenizer: Any, generation_config: Any,
             found: list[Segment] = []
             for seg in segs:
                 ids = [int(t) for t in seg["tokens"].tolist()]
-                text, inner = parse_timestamped(ids, timestamp_begin=timestamp_begin, eot=eot, decode=decode)
+                text, inner = parse_timestamped(ids, timestamp_begin=timestamp_begin, special=special, decode=decode)
                 if not text:
                     continue
                 start, end = float(seg["start"]), float(seg["end"])
                 found.append(Segment(round(start, 3), round(min(max(end, start), duration), 3), text))
-            stitched = stitch([WindowResult(0.0, duration, " ".join(s.text for s in found), found)])
-            results.append(stitched)
+            _, kept = stitch([WindowResult(0.0, duration, "", found)])
+            results.append((" ".join(s.text for s in kept), kept))
         return results
     tokens = out["sequences"] if isinstance(out, Mapping) else out
-    return [parse_timestamped([int(t) for t in row], timestamp_begin=timestamp_begin, eot=eot, decode=decode,
+    return [parse_timestamped([int(t) for t in row], timestamp_begin=timestamp_begin, special=special, decode=decode,
                               duration_s=duration)
             for row, duration in zip(tokens.tolist(), durations)]
