@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import logging
 import math
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -14,14 +13,17 @@ from .audio import decode_audio
 from .fetch import FetchConfig
 from .inputs import audio_spec
 from .items import EMPTY, OK, FatalError, Item, ItemError
-from .job import JobOptions, build_task, run_pipeline
+from .job import Job, JobOptions, run_pipeline
 from .metrics import cer_counts, get_normalizer, load_english_spelling, wer_counts
+from .predictions import Transcript
 from .runner import RunResult
+from .stages import ModelFreePreprocessor
 
 log = logging.getLogger(__name__)
 
 AUDIO_COLUMNS = ("id", "source", "text", "language", "duration_s", "segments", "status", "error", "model",
                  "reference", "wer", "cer")
+LONG_SAMPLES = 30 * 16_000  # recordings longer than one Whisper window
 DEFAULT_AUDIO_MODEL = "openai/whisper-small"
 
 
@@ -48,38 +50,32 @@ class AudioOptions(JobOptions):
     max_line_count: int | None = None
 
 
-class AudioTask:
-    kind = "audio"
-    reserved_columns = AUDIO_COLUMNS
+class AudioPreprocessor(ModelFreePreprocessor):
+    """Decode, check and compute Whisper's features: no model weights (only the feature extractor)."""
 
-    def __init__(self, transcriber: Any, options: AudioOptions):
-        """``transcriber`` None gives a task that can build rows' scores and summarize, not predict
-        (the Ray engine's driver side)."""
-        self.transcriber = transcriber
-        self.options = options
-        self.model_name = transcriber.name if transcriber is not None else options.model
-        self.audio_seconds = 0.0  # transcribed by this run
-        self.started = time.time()
-        spelling_dir = getattr(transcriber, "english_spelling_dir", None) if transcriber else options.model
-        self._spelling = load_english_spelling(spelling_dir)
-        self._vad: Any = None
-        self.subtitles = _subtitle_writer(options)
+    options: AudioOptions
+
+    def load_features(self) -> Any:
+        from .models.whisper import WhisperFeatures
+
+        return WhisperFeatures(self.options.model, full_window=self.options.full_window,
+                               window_margin_s=self.options.window_margin_s)
 
     def load(self, item: Item, data: bytes) -> Any:
-        samples = decode_audio(data, min_duration=self.options.min_duration,
-                               silence_dbfs=self.options.silence_dbfs)
+        samples = decode_audio(data, min_duration=self.options.min_duration, silence_dbfs=self.options.silence_dbfs)
         if self.options.long_form == "batched" and len(samples) > LONG_SAMPLES:
             return self._split(samples)
-        return self.transcriber.prepare(samples)
+        return self.features.prepare(samples)
 
     def _split(self, samples: Any) -> Any:
-        """A long recording as VAD windows; its features are computed when its windows reach the model."""
+        """A long recording as VAD windows; their features are computed when they reach the model."""
         from .longform import LongRecording
         from .vad import make_vad, split_recording
 
-        if self._vad is None:
-            self._vad = make_vad(self.options.vad)
-        windows = split_recording(samples, self._vad)
+        vad = getattr(self, "_vad", None)
+        if vad is None:
+            vad = self._vad = make_vad(self.options.vad)
+        windows = split_recording(samples, vad)
         duration = len(samples) / 16_000
         if not windows:
             raise ItemError(EMPTY, f"no speech found in {duration:.0f} s (--vad {self.options.vad})",
@@ -89,45 +85,63 @@ class AudioTask:
     def size(self, loaded: Any) -> float:
         return loaded.duration_s
 
-    def predict(self, batch: list[Any]) -> list[dict[str, Any]]:
+
+class WhisperPredictor:
+    """The model: batches of prepared clips -> transcripts."""
+
+    def __init__(self, transcriber: Any, batch_size: int = 16):
+        self.transcriber = transcriber
+        self.batch_size = batch_size
+
+    def predict(self, batch: list[Any]) -> list[Transcript]:
+        """Clips and the windows of long recordings, batched together (longform.transcribe_units)."""
         from .longform import transcribe_units
 
-        results = transcribe_units(self.transcriber, batch, max(1, self.options.batch_size))
-        self.audio_seconds += sum(p.duration_s for p in batch)
-        return results
+        return [Transcript.from_dict(r) for r in transcribe_units(self.transcriber, batch, self.batch_size)]
 
-    def row(self, item: Item, loaded: Any | None, result: dict[str, Any] | None,
+
+class AudioScorer:
+    """Rows with WER / CER against references, and the run's figures: no model needed."""
+
+    kind = "audio"
+    reserved_columns = AUDIO_COLUMNS
+
+    def __init__(self, options: AudioOptions):
+        self.options = options
+        self.model_name = options.model
+        self.audio_seconds = 0.0  # transcribed by this run
+        self._spelling = load_english_spelling(options.model)
+        self.subtitles = _subtitle_writer(options)
+
+    def row(self, item: Item, loaded: Any | None, prediction: Transcript | None,
             error: ItemError | None) -> dict[str, Any]:
+        duration = round(loaded.duration_s, 3) if loaded is not None else (error.fields.get("duration_s")
+                                                                          if error else None)
         row: dict[str, Any] = {
             "id": item.id,
             "source": item.source,
-            "text": result["text"] if result else None,
-            "language": result["language"] if result else None,
-            "duration_s": round(loaded.duration_s, 3) if loaded is not None else error.fields.get("duration_s")
-            if error else None,
-            "segments": _segment_rows(result) if result is not None and error is None else None,
+            "text": prediction.text if prediction else None,
+            "language": prediction.language if prediction else None,
+            "duration_s": duration,
+            "segments": _segment_rows(prediction.segments) if prediction is not None and error is None else None,
             "status": OK if error is None else error.status,
             "error": None if error is None else error.message,
             "model": self.model_name,
         }
-        if self.subtitles is not None and error is None and result is not None:
+        if self.subtitles is not None and error is None and prediction is not None:
             self.subtitles.write(item.id, row["text"], row["segments"] or [], row["language"])
         if item.references:
             reference = " ".join(item.references)
             row["reference"] = reference
             row["wer"] = row["cer"] = None
-            if result is not None:
-                scores = self._score(reference, result["text"], result["language"])
-                row["wer"], row["cer"] = scores["wer"], scores["cer"]
+            if prediction is not None:
+                scores = self._score(reference, prediction.text, prediction.language)
+                row["wer"], row["cer"] = scores.wer, scores.cer
         return row
 
-    def _score(self, reference: str, text: str, language: str | None) -> dict[str, Any]:
-        norm = get_normalizer(self.options.normalize, language, self._spelling)
-        ref, hyp = norm(reference), norm(text)
-        w_err, w_tot = wer_counts(ref, hyp)
-        c_err, c_tot = cer_counts(ref, hyp)
-        return {"wer": w_err / w_tot if w_tot else None, "cer": c_err / c_tot if c_tot else None,
-                "w": (w_err, w_tot), "c": (c_err, c_tot)}
+    def observe(self, row: dict[str, Any]) -> None:
+        if row.get("status") == OK:
+            self.audio_seconds += row.get("duration_s") or 0.0
 
     def finalize_table(self, table: Any) -> Any:
         """Subtitle files missing for ok rows of earlier runs (e.g. --write added on a rerun)."""
@@ -141,28 +155,38 @@ class AudioTask:
                                              overwrite=False)
         return table
 
-    def summarize(self, table: Any) -> dict[str, Any]:
-        rows = table.to_pylist() if table.num_rows else []
-        audio_s = sum(r.get("duration_s") or 0.0 for r in rows if r.get("status") == OK)
-        wall = time.time() - self.started
+    def _score(self, reference: str, text: str, language: str | None) -> RowScores:
+        norm = get_normalizer(self.options.normalize, language, self._spelling)
+        ref, hyp = norm(reference), norm(text)
+        w_err, w_tot = wer_counts(ref, hyp)
+        c_err, c_tot = cer_counts(ref, hyp)
+        return RowScores(w_err, w_tot, c_err, c_tot)
+
+    def summarize(self, table: Any, wall_time_s: float) -> dict[str, Any]:
+        audio_s = 0.0
+        w, c = [0, 0], [0, 0]
+        scored = 0
+        wanted = [n for n in ("status", "duration_s", "reference", "text", "language") if n in table.column_names]
+        for batch in table.select(wanted).to_batches(max_chunksize=4096):  # never the whole table as Python objects
+            for r in batch.to_pylist():
+                if r.get("status") != OK:
+                    continue
+                audio_s += r.get("duration_s") or 0.0
+                if not r.get("reference") or r.get("text") is None:
+                    continue
+                s = self._score(r["reference"], r["text"], r.get("language"))
+                w[0] += s.word_errors
+                w[1] += s.reference_words
+                c[0] += s.char_errors
+                c[1] += s.reference_chars
+                scored += 1
         summary: dict[str, Any] = {
             "model": self.model_name,
             "audio_hours": round(audio_s / 3600, 4),
             "audio_s_this_run": round(self.audio_seconds, 2),
-            "rtfx_this_run": round(self.audio_seconds / wall, 2) if wall > 0 and self.audio_seconds else None,
+            "rtfx_this_run": round(self.audio_seconds / wall_time_s, 2)
+            if wall_time_s > 0 and self.audio_seconds else None,
         }
-        w = [0, 0]
-        c = [0, 0]
-        scored = 0
-        for r in rows:
-            if r.get("status") != OK or not r.get("reference") or r.get("text") is None:
-                continue
-            s = self._score(r["reference"], r["text"], r.get("language"))
-            w[0] += s["w"][0]
-            w[1] += s["w"][1]
-            c[0] += s["c"][0]
-            c[1] += s["c"][1]
-            scored += 1
         if scored:
             summary.update({
                 "wer": round(w[0] / w[1], 5) if w[1] else None,
@@ -174,14 +198,38 @@ class AudioTask:
         return summary
 
 
-LONG_SAMPLES = 30 * 16_000  # recordings longer than one Whisper window
+@dataclass
+class RowScores:
+    word_errors: int
+    reference_words: int
+    char_errors: int
+    reference_chars: int
+
+    @property
+    def wer(self) -> float | None:
+        return self.word_errors / self.reference_words if self.reference_words else None
+
+    @property
+    def cer(self) -> float | None:
+        return self.char_errors / self.reference_chars if self.reference_chars else None
 
 
-def _segment_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
-    segments = result.get("segments")
-    if segments is None:
-        return []
-    return [s if isinstance(s, dict) else {"start": s.start, "end": s.end, "text": s.text} for s in segments]
+def load_transcriber(options: AudioOptions) -> Any:
+    from .models.whisper import WhisperTranscriber
+
+    return WhisperTranscriber(options.model, device=options.device, dtype=options.dtype,
+                              language=options.language, task=options.task, num_beams=options.num_beams,
+                              max_new_tokens=options.max_new_tokens, full_window=options.full_window,
+                              window_margin_s=options.window_margin_s, timestamps=options.timestamps)
+
+
+def load_predictor(options: AudioOptions) -> WhisperPredictor:
+    return WhisperPredictor(load_transcriber(options), max(1, options.batch_size))
+
+
+def _segment_rows(segments: Any) -> list[dict[str, Any]]:
+    return [s if isinstance(s, dict) else {"start": s.start, "end": s.end, "text": s.text}
+            for s in segments or []]
 
 
 def _subtitle_writer(options: AudioOptions) -> Any:
@@ -214,13 +262,14 @@ def _check_long_form_options(options: AudioOptions, output: str) -> None:
         options.write_dir = default_subtitle_dir(output)
 
 
-def load_transcriber(options: AudioOptions) -> Any:
-    from .models.whisper import WhisperTranscriber
-
-    return WhisperTranscriber(options.model, device=options.device, dtype=options.dtype,
-                              language=options.language, task=options.task, num_beams=options.num_beams,
-                              max_new_tokens=options.max_new_tokens, full_window=options.full_window,
-                              window_margin_s=options.window_margin_s, timestamps=options.timestamps)
+def audio_job(options: AudioOptions) -> Job:
+    """The audio job: its preprocessor and scorer hold no model; the predictor loads where it runs."""
+    # Clips are sorted by duration within windows of batch_size * group items: a wide window keeps
+    # a long clip from setting the encoder length and the decoding steps of a batch of short ones
+    # (on the 563-clip benchmark, 256 items instead of 64 took the run from 88 s to 72 s).
+    group = max(4, math.ceil(256 / max(1, options.batch_size)))
+    return Job(AudioPreprocessor(options), AudioScorer(options), functools.partial(load_predictor, options),
+               group=group)
 
 
 def transcribe(inputs: str | Sequence[str], output: str = "transcripts.parquet", *,
@@ -230,15 +279,14 @@ def transcribe(inputs: str | Sequence[str], output: str = "transcripts.parquet",
     The same pipeline as ``batchcap audio``: resumes from what ``output`` already holds, writes
     the final file atomically and a summary JSON beside it. Keyword overrides set AudioOptions
     fields, e.g. ``transcribe("calls/", "out.parquet", model="/models/whisper-small", batch_size=8)``.
+    ``transcriber``: an already loaded WhisperTranscriber to use instead of loading ``options.model``.
     """
     options = options or AudioOptions()
     options.update(overrides, "transcribe")
     _check_long_form_options(options, output)
+    if transcriber is not None:
+        options.model = transcriber.name  # features, rows and scores follow the model actually used
     spec = audio_spec(options.path_column, options.reference_columns, options.id_column)
     spec.reserved = AUDIO_COLUMNS
-    make_task = functools.partial(build_task, AudioTask, load_transcriber, options, transcriber)
-    # Clips are sorted by duration within windows of batch_size * group items: a wide window keeps
-    # a long clip from setting the encoder length and the decoding steps of a batch of short ones
-    # (on the 563-clip benchmark, 256 items instead of 64 took the run from 88 s to 72 s).
-    group = max(4, math.ceil(256 / max(1, options.batch_size)))
-    return run_pipeline(inputs, output, options, spec, make_task, group=group)
+    predictor = WhisperPredictor(transcriber, max(1, options.batch_size)) if transcriber is not None else None
+    return run_pipeline(inputs, output, options, spec, audio_job(options), predictor=predictor)

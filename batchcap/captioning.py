@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -12,9 +11,11 @@ from typing import Any
 from .images import DEFAULT_MAX_PIXELS, decode_image
 from .inputs import image_spec
 from .items import OK, Item, ItemError
-from .job import JobOptions, build_task, run_pipeline
+from .job import Job, JobOptions, run_pipeline
 from .metrics import caption_metrics
+from .predictions import Caption
 from .runner import RunResult
+from .stages import ModelFreePreprocessor
 
 log = logging.getLogger(__name__)
 
@@ -41,41 +42,54 @@ class LoadedImage:
     height: int
 
 
-class ImageTask:
-    kind = "images"
-    reserved_columns = IMAGE_COLUMNS
+class ImagePreprocessor(ModelFreePreprocessor):
+    """Decode, check and preprocess one image: the model's image processor only, no weights."""
 
-    def __init__(self, captioner: Any, options: ImageOptions):
-        """``captioner`` None gives a driver-side task (rows' metrics, summary) without a model."""
-        self.captioner = captioner
-        self.options = options
-        self.model_name = captioner.name if captioner is not None else options.model
-        self.images = 0
-        self.started = time.time()
-        self.corpus: dict[str, float] = {}
-        self.scored_rows = 0
+    options: ImageOptions
+
+    def load_features(self) -> Any:
+        from .models.captioner import CaptionFeatures
+
+        return CaptionFeatures(self.options.model)
 
     def load(self, item: Item, data: bytes) -> LoadedImage:
         image = decode_image(data, max_pixels=self.options.max_pixels)
-        return LoadedImage(self.captioner.prepare(image), image.width, image.height)
+        return LoadedImage(self.features.prepare(image), image.width, image.height)
 
     def size(self, loaded: LoadedImage) -> float:
         return 0.0  # every image becomes the same tensor shape
 
-    def predict(self, batch: list[LoadedImage]) -> list[dict[str, Any]]:
-        captions = self.captioner.caption_prepared([b.pixels for b in batch])
-        self.images += len(batch)
-        return [{"caption": c} for c in captions]
 
-    def row(self, item: Item, loaded: LoadedImage | None, result: dict[str, Any] | None,
+class CaptionPredictor:
+    def __init__(self, captioner: Any):
+        self.captioner = captioner
+
+    def predict(self, batch: list[LoadedImage]) -> list[Caption]:
+        return [Caption(c) for c in self.captioner.caption_prepared([b.pixels for b in batch])]
+
+
+class ImageScorer:
+    """Rows, per-row and corpus caption metrics over the final set, the run's figures: no model needed."""
+
+    kind = "images"
+    reserved_columns = IMAGE_COLUMNS
+
+    def __init__(self, options: ImageOptions):
+        self.options = options
+        self.model_name = options.model
+        self.images = 0
+        self.corpus: dict[str, float] = {}
+        self.scored_rows = 0
+
+    def row(self, item: Item, loaded: LoadedImage | None, prediction: Caption | None,
             error: ItemError | None) -> dict[str, Any]:
         row: dict[str, Any] = {
             "id": item.id,
             "source": item.source,
-            "caption": result["caption"] if result else None,
+            "caption": prediction.caption if prediction else None,
             "status": OK if error is None else error.status,
             "error": None if error is None else error.message,
-            "http_status": None,  # filled by the runner from the fetch
+            "http_status": None,  # filled from the fetch
             "width": loaded.width if loaded is not None else None,
             "height": loaded.height if loaded is not None else None,
             "model": self.model_name,
@@ -83,6 +97,10 @@ class ImageTask:
         if item.references:
             row["references"] = list(item.references)
         return row
+
+    def observe(self, row: dict[str, Any]) -> None:
+        if row.get("status") == OK:
+            self.images += 1
 
     def finalize_table(self, table: Any) -> Any:
         """Per-row BLEU-4 / ROUGE-L / CIDEr-D over the whole final set (CIDEr-D's IDF needs it)."""
@@ -111,8 +129,8 @@ class ImageTask:
                 table = table.append_column(name, column)
         return table
 
-    def summarize(self, table: Any) -> dict[str, Any]:
-        wall = time.time() - self.started
+    def summarize(self, table: Any, wall_time_s: float) -> dict[str, Any]:
+        wall = wall_time_s
         summary: dict[str, Any] = {"model": self.model_name, "images_this_run": self.images,
                                    "images_per_s_this_run": round(self.images / wall, 3) if wall > 0 else None}
         if self.corpus:
@@ -139,16 +157,28 @@ def load_captioner(options: ImageOptions) -> Any:
                      num_beams=options.num_beams, prompt=options.prompt, min_new_tokens=options.min_new_tokens)
 
 
+def load_predictor(options: ImageOptions) -> CaptionPredictor:
+    return CaptionPredictor(load_captioner(options))
+
+
+def image_job(options: ImageOptions) -> Job:
+    """The captioning job: its preprocessor and scorer hold no model; the predictor loads where it runs."""
+    return Job(ImagePreprocessor(options), ImageScorer(options), functools.partial(load_predictor, options), group=1)
+
+
 def caption_images(inputs: str | Sequence[str], output: str = "captions.parquet", *,
                    options: ImageOptions | None = None, captioner: Any = None, **overrides: Any) -> RunResult:
     """Caption every image of ``inputs`` (directories, files, URLs, manifests) into ``output``.
 
     The same pipeline as ``batchcap images``: resumes from what ``output`` holds, writes the final
     file atomically and a summary JSON beside it. Keyword overrides set ImageOptions fields.
+    ``captioner``: an already loaded Captioner to use instead of loading ``options.model``.
     """
     options = options or ImageOptions()
     options.update(overrides, "caption_images")
+    if captioner is not None:
+        options.model = captioner.name
     spec = image_spec(options.path_column, options.reference_columns, options.id_column)
     spec.reserved = IMAGE_COLUMNS
-    make_task = functools.partial(build_task, ImageTask, load_captioner, options, captioner)
-    return run_pipeline(inputs, output, options, spec, make_task, group=1)
+    predictor = CaptionPredictor(captioner) if captioner is not None else None
+    return run_pipeline(inputs, output, options, spec, image_job(options), predictor=predictor)

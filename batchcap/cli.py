@@ -14,9 +14,15 @@ from typing import Any
 import click
 
 from . import __version__
+from .asr import AudioOptions
+from .captioning import ImageOptions
 from .cli_common import EXIT_INTERRUPTED, EXIT_ITEMS_FAILED, EXIT_OK, CommandError, setup_logging
 from .cli_options import apply, http_options, logging_options, manifest_options
+from .fetch import FetchConfig
 from .items import FatalError
+from .job import JobOptions
+from .metrics.asr import NORMALIZER_MODES
+from .runner import ENGINES
 
 log = logging.getLogger("batchcap")
 
@@ -27,11 +33,11 @@ def job_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         click.argument("inputs", nargs=-1, required=True, metavar="INPUT..."),
         click.option("-o", "--output", default=None, metavar="FILE",
                      help="Result file, .parquet or .csv (format from the extension)."),
-        click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps."),
-        click.option("--dtype", default="auto", show_default=True,
+        click.option("--device", default=JobOptions.device, show_default=True, help="auto, cpu, cuda, cuda:N or mps."),
+        click.option("--dtype", default=JobOptions.dtype, show_default=True,
                      help="auto (float16 on CUDA, float32 elsewhere), float32, float16 or bfloat16."),
-        click.option("--batch-size", type=click.IntRange(1), default=16, show_default=True),
-        click.option("--beam-size", type=click.IntRange(1), default=1, show_default=True,
+        click.option("--batch-size", type=click.IntRange(1), default=JobOptions.batch_size, show_default=True),
+        click.option("--beam-size", type=click.IntRange(1), default=JobOptions.num_beams, show_default=True,
                      help="Beams for generation (1 = greedy)."),
         click.option("--max-new-tokens", type=click.IntRange(1), default=None,
                      help="Cap on generated tokens per item."),
@@ -39,7 +45,7 @@ def job_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                      help="Threads decoding and preprocessing while the model runs [default: 4 audio, 16 images]."),
         click.option("--fetch-workers", type=click.IntRange(1), default=None,
                      help="Threads reading files and downloading URLs [default: 4 x --workers]."),
-        click.option("--per-host", type=click.IntRange(1), default=32, show_default=True,
+        click.option("--per-host", type=click.IntRange(1), default=FetchConfig.per_host, show_default=True,
                      help="Most concurrent HTTP requests to one host."),
         *manifest_options(),
         *http_options(),
@@ -47,15 +53,16 @@ def job_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                      help="Largest file or download accepted, in bytes."),
         click.option("--overwrite", is_flag=True, help="Start over instead of resuming from OUTPUT."),
         click.option("--retry-failed", is_flag=True, help="Redo items whose earlier row is not ok."),
-        click.option("--flush-every", type=click.IntRange(1), default=256, show_default=True,
+        click.option("--flush-every", type=click.IntRange(1), default=JobOptions.flush_rows, show_default=True,
                      help="Rows per part file: the most a crash can cost."),
-        click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+        click.option("--engine", type=click.Choice(list(ENGINES)), default=JobOptions.engine, show_default=True,
                      help="Run here, or on Ray Data (pip install 'batchcap[ray]')."),
         click.option("--ray-address", default=None,
                      help="Ray cluster address (default: a running cluster, else a local instance)."),
-        click.option("--concurrency", type=click.IntRange(1), default=1, show_default=True,
+        click.option("--concurrency", type=click.IntRange(1), default=JobOptions.concurrency, show_default=True,
                      help="Ray engine: model replicas."),
-        click.option("--num-gpus-per-replica", type=click.FloatRange(0), default=0.0, show_default=True,
+        click.option("--num-gpus-per-replica", type=click.FloatRange(0), default=JobOptions.num_gpus_per_replica,
+                     show_default=True,
                      help="Ray engine: GPUs each model replica reserves."),
         *logging_options("No progress, no summary; errors only."),
     ]
@@ -117,12 +124,12 @@ def main() -> None:
 
 @main.command()
 @job_options
-@click.option("--model", default="openai/whisper-small", show_default=True,
+@click.option("--model", default=AudioOptions.model, show_default=True,
               help="Whisper checkpoint: a Hugging Face hub id or a local directory.")
 @click.option("--language", default=None,
               help="Spoken language (e.g. en, de). Multilingual models detect it per file when absent.")
-@click.option("--task", type=click.Choice(["transcribe", "translate"]), default="transcribe", show_default=True)
-@click.option("--normalize", type=click.Choice(["auto", "whisper", "basic", "none"]), default="auto",
+@click.option("--task", type=click.Choice(["transcribe", "translate"]), default=AudioOptions.task, show_default=True)
+@click.option("--normalize", type=click.Choice(list(NORMALIZER_MODES)), default=AudioOptions.normalize,
               show_default=True,
               help="Text normalization before WER: Whisper's English normalizer (auto for English), "
                    "a basic one for other languages, or none.")
@@ -130,11 +137,12 @@ def main() -> None:
               help="Run Whisper's encoder over its whole 30 s window for every clip, exactly as transformers "
                    "and openai-whisper do (slower). By default a clip's encoder computes the clip plus "
                    "--window-margin seconds and takes the rest of the window from a cached silent one.")
-@click.option("--window-margin", type=click.FloatRange(0.1, 30), default=1.0, show_default=True,
+@click.option("--window-margin", type=click.FloatRange(0.1, 30), default=AudioOptions.window_margin_s,
+              show_default=True,
               help="Seconds of padding after each clip that the encoder computes (without --full-window).")
-@click.option("--min-duration", type=click.FloatRange(0), default=0.1, show_default=True,
+@click.option("--min-duration", type=click.FloatRange(0), default=AudioOptions.min_duration, show_default=True,
               help="Clips shorter than this (seconds) get status 'empty'.")
-@click.option("--silence-threshold", type=float, default=-60.0, show_default=True,
+@click.option("--silence-threshold", type=float, default=AudioOptions.silence_dbfs, show_default=True,
               help="Clips whose peak is below this (dBFS) get status 'empty'.")
 @click.option("--long-form", type=click.Choice(["batched", "sequential"]), default="batched", show_default=True,
               help="Recordings over 30 s: cut at pauses into windows batched with the other clips, or "
@@ -158,7 +166,7 @@ def audio(inputs: tuple[str, ...], output: str | None, full_window: bool, window
     CSV / TSV / parquet / JSONL manifests with a path or URL column and optional reference
     transcripts (WER and CER are then reported). Rerunning the same command resumes.
     """
-    from .asr import AudioOptions, transcribe
+    from .asr import transcribe
 
     opts = AudioOptions(full_window=full_window, window_margin_s=window_margin, silence_dbfs=silence_threshold,
                         **_job_options(options, default_max_bytes=2 * 2**30, default_workers=4))
@@ -167,10 +175,10 @@ def audio(inputs: tuple[str, ...], output: str | None, full_window: bool, window
 
 @main.command()
 @job_options
-@click.option("--model", default="nlpconnect/vit-gpt2-image-captioning", show_default=True,
+@click.option("--model", default=ImageOptions.model, show_default=True,
               help="Image-to-text checkpoint (ViT+GPT-2, BLIP, GIT): a hub id or a local directory.")
 @click.option("--prompt", default=None, help="Text the caption starts from (conditional models: BLIP, GIT).")
-@click.option("--max-pixels", type=click.IntRange(1), default=89_478_485, show_default=True,
+@click.option("--max-pixels", type=click.IntRange(1), default=ImageOptions.max_pixels, show_default=True,
               help="Larger images are refused before decoding (decompression-bomb guard).")
 @click.option("--url-column", "url_column", default=None, help="Manifest column with the URL or path.")
 def images(inputs: tuple[str, ...], output: str | None, url_column: str | None, **options: Any) -> None:
@@ -181,12 +189,12 @@ def images(inputs: tuple[str, ...], output: str | None, url_column: str | None, 
     optional reference captions (BLEU-4, ROUGE-L and CIDEr-D are then reported). Rerunning the
     same command resumes.
     """
-    from .captioning import ImageOptions, caption_images
+    from .captioning import caption_images
 
     if url_column:
         options["path_column"] = url_column
     if options["max_new_tokens"] is None:
-        options["max_new_tokens"] = 32
+        options["max_new_tokens"] = ImageOptions.max_new_tokens
     opts = ImageOptions(**_job_options(options, default_max_bytes=50 * 2**20, default_workers=16))
     _run(functools.partial(caption_images, list(inputs), output or "captions.parquet", options=opts), opts.quiet)
 

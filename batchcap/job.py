@@ -1,9 +1,8 @@
-"""What ``transcribe`` and ``caption_images`` share: options common to every job and the one
-way a job is set up (inputs checked, output name checked, model loaded here or in Ray replicas)."""
+"""What ``transcribe`` and ``caption_images`` share: the options of every job, the job's three parts
+(model-free preprocessor, predictor, scorer) and the one way a job is started."""
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -11,7 +10,7 @@ from typing import Any
 from .fetch import FetchConfig
 from .inputs import Inputs, InputSpec
 from .output import output_format
-from .runner import RunConfig, RunResult, Task, run_job
+from .stages import Predictor, Preprocessor, Scorer
 
 
 def apply_overrides(options: Any, overrides: dict[str, Any], caller: str) -> None:
@@ -39,47 +38,44 @@ class JobOptions:
     id_column: str | None = None
     overwrite: bool = False
     retry_failed: bool = False
-    flush_rows: int = 256
+    flush_rows: int = 256  # rows per part file (what a crash can cost at most)
     engine: str = "local"  # local | ray
-    ray_address: str | None = None
-    concurrency: int = 1  # ray: model replicas
-    num_gpus_per_replica: float = 0.0
+    ray_address: str | None = None  # None/"auto": a running cluster if there is one, else a local instance
+    concurrency: int = 1  # ray: model replicas (actors)
+    num_gpus_per_replica: float = 0.0  # ray: GPUs each replica reserves
     quiet: bool = False
-    progress: bool | None = None
+    progress: bool | None = None  # a bar; None: when stderr is a terminal
+    log_every: float = 30.0  # seconds between progress log lines when there is no bar
 
     def update(self, overrides: dict[str, Any], caller: str) -> None:
         apply_overrides(self, overrides, caller)
 
-    def run_config(self, group: int) -> RunConfig:
-        return RunConfig(batch_size=self.batch_size, workers=self.workers, fetch_workers=self.fetch_workers,
-                         group=group, quiet=self.quiet,
-                         progress=self.progress, flush_rows=self.flush_rows, engine=self.engine,
-                         ray_address=self.ray_address, concurrency=self.concurrency,
-                         num_gpus_per_replica=self.num_gpus_per_replica)
 
+@dataclass
+class Job:
+    """One kind of work: what the engines need to run it.
 
-def build_task(task_cls: Callable[[Any, Any], Task], load_model: Callable[[Any], Any], options: JobOptions,
-               model: Any, with_model: bool) -> Task:
-    """A job's task around ``model`` (loaded with ``load_model`` when None and wanted); the Ray
-    driver gets one without a model, only to score rows and summarize."""
-    if model is None and with_model:
-        model = load_model(options)
-    return task_cls(model, options)
-
-
-def run_pipeline(inputs: str | Sequence[str], output: str, options: JobOptions, spec: InputSpec,
-                 make_task: Callable[[bool], Task], group: int) -> RunResult:
-    """Check inputs and output, then run; ``make_task(with_model)`` builds the job's task.
-
-    The local engine loads the model here; the Ray engine gives the driver a task without a
-    model and each replica builds its own from ``make_task`` (so it must be picklable).
+    ``preprocessor`` and ``scorer`` hold no model and are pickled to Ray workers; ``load_predictor``
+    (picklable too) loads the model where it runs: once in this process for the local engine,
+    once per replica for the Ray engine.
     """
+
+    preprocessor: Preprocessor
+    scorer: Scorer
+    load_predictor: Callable[[], Predictor]
+    group: int = 4  # items are sorted by size in windows of batch_size * group
+
+    @property
+    def kind(self) -> str:
+        return self.scorer.kind
+
+
+def run_pipeline(inputs: str | Sequence[str], output: str, options: JobOptions, spec: InputSpec, job: Job,
+                 predictor: Predictor | None = None) -> Any:
+    """Check inputs and output, then run ``job`` (with ``predictor`` if given, else the job's own)."""
+    from .runner import run_job
+
     output_format(output)  # a bad output name fails before the model loads
     items = Inputs([inputs] if isinstance(inputs, str) else list(inputs), spec)
     items.check()
-    if options.engine == "ray":
-        task, factory = make_task(False), functools.partial(make_task, True)
-    else:
-        task, factory = make_task(True), None
-    return run_job(items, task, output, fetch=options.fetch, config=options.run_config(group),
-                   overwrite=options.overwrite, retry_failed=options.retry_failed, task_factory=factory)
+    return run_job(items, job, output, options, predictor=predictor)

@@ -1,7 +1,7 @@
 """Scale benchmark: the local engine's memory on big manifests, and ``--engine ray`` vs local speed.
 
 1. Peak RSS of the local engine on manifests of 1,000 and 100,000 rows (by default). A fast stand-in
-   transcriber (real decoding, real AudioTask rows and WER scoring, no model) keeps it short: the
+   transcriber (real decoding, real AudioScorer rows and WER scoring, no model) keeps it short: the
    figure is memory, not speed. Every row points at the same short wav under a unique id. Peak RSS
    is reported while rows stream (before the final merge) and overall: ``ResultStore.finalize``
    reads every row back to sort the final file by input order, which is O(rows) by design.
@@ -71,17 +71,26 @@ class _FakePrepared:
         self.duration_s = duration_s
 
 
-class FakeTranscriber:
-    """What AudioTask needs of a transcriber, without a model."""
+class FakePreprocessor:
+    """Real decoding (the audio job's decode_audio), no feature extractor."""
 
-    name = "fake"
-    english_spelling_dir = None
+    def setup(self) -> None:
+        pass
 
-    def prepare(self, samples: Any) -> _FakePrepared:
-        return _FakePrepared(len(samples) / 16000)
+    def load(self, item: Any, data: bytes) -> _FakePrepared:
+        from batchcap.audio import decode_audio
 
-    def transcribe(self, batch: list[_FakePrepared]) -> list[dict[str, Any]]:
-        return [{"text": "hello world", "language": "en"} for _ in batch]
+        return _FakePrepared(len(decode_audio(data)) / 16000)
+
+    def size(self, loaded: _FakePrepared) -> float:
+        return loaded.duration_s
+
+
+class FakePredictor:
+    def predict(self, batch: list[_FakePrepared]) -> list[Any]:
+        from batchcap.predictions import Transcript
+
+        return [Transcript("hello world", "en") for _ in batch]
 
 
 def _write_manifest(path: str, rows: int, wav: str) -> None:
@@ -92,10 +101,11 @@ def _write_manifest(path: str, rows: int, wav: str) -> None:
 
 
 def memory_worker(rows: int, workdir: str) -> dict[str, Any]:
-    from batchcap.asr import AUDIO_COLUMNS, AudioOptions, AudioTask
+    from batchcap.asr import AUDIO_COLUMNS, AudioOptions, AudioScorer
     from batchcap.inputs import Inputs, audio_spec
+    from batchcap.job import Job
     from batchcap.output import ResultStore
-    from batchcap.runner import RunConfig, run_job
+    from batchcap.runner import run_job
 
     manifest = os.path.join(workdir, f"manifest-{rows}.csv")
     _write_manifest(manifest, rows, os.path.join(workdir, "clip.wav"))
@@ -112,12 +122,11 @@ def memory_worker(rows: int, workdir: str) -> dict[str, Any]:
     ResultStore.finalize = timed_finalize  # type: ignore[method-assign]
     spec = audio_spec()
     spec.reserved = AUDIO_COLUMNS
-    options = AudioOptions(model="fake")
-    task = AudioTask(FakeTranscriber(), options)
+    options = AudioOptions(model="fake", batch_size=16, workers=4, quiet=True, overwrite=True)
+    job = Job(FakePreprocessor(), AudioScorer(options), FakePredictor, group=16)
     started = time.monotonic()
     sampler.start()
-    result = run_job(Inputs([manifest], spec), task, os.path.join(workdir, f"out-{rows}.parquet"),
-                     config=RunConfig(batch_size=16, workers=4, quiet=True), overwrite=True)
+    result = run_job(Inputs([manifest], spec), job, os.path.join(workdir, f"out-{rows}.parquet"), options)
     wall = time.monotonic() - started
     return {"rows": result.summary["rows"], "base_mb": round(base, 1),
             "stream_peak_mb": round(phases["stream_peak_mb"], 1), "peak_mb": round(_peak_mb(), 1),
@@ -128,7 +137,6 @@ def memory_worker(rows: int, workdir: str) -> dict[str, Any]:
 # --- part 2: ray vs local ----------------------------------------------------------------------
 
 def speed_worker(engine: str, items: int, workdir: str, model: str) -> dict[str, Any]:
-    from batchcap import runner
     from batchcap.asr import transcribe
 
     stamps: list[float] = []
@@ -142,11 +150,10 @@ def speed_worker(engine: str, items: int, workdir: str, model: str) -> dict[str,
         return wrapper
 
     if engine == "ray":
-        from batchcap.engines import ray_engine
-
-        ray_engine.stream_rows_ray = timed(ray_engine.stream_rows_ray)
+        from batchcap.engines import ray as module
     else:
-        runner._stream = timed(runner._stream)
+        from batchcap.engines import local as module
+    module.stream_rows = timed(module.stream_rows)
     manifest = os.path.join(workdir, f"speed-{items}.csv")
     if not os.path.exists(manifest):
         with open(manifest, "w") as f:
@@ -215,7 +222,7 @@ def main() -> None:
             memory.append(_sub(["--worker", "memory", str(rows), workdir]))
         if memory:
             figures["memory"] = memory
-            print("\nLocal engine memory (fake model, real decode + AudioTask rows; RSS in MiB)")
+            print("\nLocal engine memory (fake model, real decode + AudioScorer rows; RSS in MiB)")
             print(_table(memory, ["rows", "base_mb", "stream_peak_mb", "peak_mb", "stream_s", "wall_s",
                                   "items_per_s"]))
 

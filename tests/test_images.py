@@ -318,10 +318,16 @@ def test_step_attention_keeps_sdpa_captions(tiny_captioner, beams):
 
 
 def test_auto_precision_on_cpu(tiny_captioner):
+    import torch
+
     from batchcap.models.captioner import Captioner
+    from batchcap.models.common import cpu_has_fast_bf16
 
     auto = Captioner(tiny_captioner, device="cpu", max_new_tokens=6)  # bf16 autocast where the CPU has it
-    assert str(auto.dtype) == "torch.float32"
+    assert auto.dtype == torch.float32  # the weights stay fp32 on a CPU ...
+    assert auto.autocast == (torch.bfloat16 if cpu_has_fast_bf16() else None)  # ... matmuls in bf16 where native
+    plain = Captioner(tiny_captioner, device="cpu", dtype="float32", max_new_tokens=6)
+    assert plain.dtype == torch.float32 and plain.autocast is None
     assert len(auto.caption(caption_images())) == 5
 
 

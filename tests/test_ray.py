@@ -21,10 +21,11 @@ from PIL import Image
 ray = pytest.importorskip("ray")
 
 from batchcap.audio import decode_audio  # noqa: E402
-from batchcap.engines import ray_engine  # noqa: E402
+from batchcap.engines import ray as ray_engine  # noqa: E402
 from batchcap.items import OK, FatalError, Item, ItemError  # noqa: E402
+from batchcap.job import Job, JobOptions  # noqa: E402
 from batchcap.output import read_table  # noqa: E402
-from batchcap.runner import RunConfig, run_job  # noqa: E402
+from batchcap.runner import run_job  # noqa: E402
 from tests.conftest import write_audio  # noqa: E402
 from tests.helpers import rows_of, run_cli  # noqa: E402,F401
 
@@ -120,20 +121,11 @@ def test_images_ray_matches_local(tiny_captioner, tmp_path):
 
 # --- replicas that die, drivers that are killed -------------------------------------------------
 
-class EchoTask:
-    """A fast stand-in model whose text names its input (so a row given to the wrong item shows).
+class EchoPreprocessor:
+    """Decodes for real, loads no model."""
 
-    With ``marker`` set, the replica's process dies (os._exit) on its ``kill_on``-th predict call,
-    once: the marker file records that it happened.
-    """
-
-    kind = "audio"
-    reserved_columns = ("id", "source", "text", "duration_s", "status", "error")
-
-    def __init__(self, marker: str | None = None, kill_on: int = 2):
-        self.marker = marker
-        self.kill_on = kill_on
-        self.calls = 0
+    def setup(self) -> None:
+        pass
 
     def load(self, item: Item, data: bytes) -> dict[str, float]:
         return {"duration_s": len(decode_audio(data)) / 16000}
@@ -141,30 +133,61 @@ class EchoTask:
     def size(self, loaded: dict[str, float]) -> float:
         return loaded["duration_s"]
 
-    def predict(self, batch: list[dict[str, float]]) -> list[dict[str, Any]]:
+
+class EchoPredictor:
+    """A fast stand-in model whose text names its input (so a row given to the wrong item shows).
+
+    With ``marker`` set, the replica's process dies (os._exit) on its ``kill_on``-th predict call,
+    once: the marker file records that it happened.
+    """
+
+    def __init__(self, marker: str | None = None, kill_on: int = 2):
+        self.marker = marker
+        self.kill_on = kill_on
+        self.calls = 0
+
+    def predict(self, batch: list[dict[str, float]]) -> list[str]:
         self.calls += 1
         if self.marker and self.calls == self.kill_on and not os.path.exists(self.marker):
             with open(self.marker, "w") as f:
                 f.write(str(os.getpid()))
             os._exit(1)  # the replica's process dies mid-batch
-        return [{"text": f"{p['duration_s']:.2f}s"} for p in batch]
+        return [f"{p['duration_s']:.2f}s" for p in batch]
 
-    def row(self, item: Item, loaded: Any, result: dict[str, Any] | None, error: ItemError | None) -> dict[str, Any]:
-        return {"id": item.id, "source": item.source, "text": result["text"] if result else None,
+
+class EchoScorer:
+    kind = "audio"
+    reserved_columns = ("id", "source", "text", "duration_s", "status", "error")
+
+    def row(self, item: Item, loaded: Any, prediction: str | None, error: ItemError | None) -> dict[str, Any]:
+        return {"id": item.id, "source": item.source, "text": prediction,
                 "duration_s": round(loaded["duration_s"], 2) if loaded else None,
                 "status": OK if error is None else error.status, "error": error.message if error else None}
 
-    def summarize(self, table: Any) -> dict[str, Any]:
+    def observe(self, row: dict[str, Any]) -> None:
+        pass
+
+    def finalize_table(self, table: Any) -> Any:
+        return table
+
+    def summarize(self, table: Any, wall_time_s: float) -> dict[str, Any]:
         return {}
 
 
-class EchoFactory:
+class EchoLoader:
     def __init__(self, marker: str | None = None, kill_on: int = 2):
         self.marker = marker
         self.kill_on = kill_on
 
-    def __call__(self) -> EchoTask:
-        return EchoTask(self.marker, self.kill_on)
+    def __call__(self) -> EchoPredictor:
+        return EchoPredictor(self.marker, self.kill_on)
+
+
+def echo_job(marker: str | None = None, kill_on: int = 2, loader: Any = None) -> Job:
+    return Job(EchoPreprocessor(), EchoScorer(), loader or EchoLoader(marker, kill_on), group=2)
+
+
+RAY_OPTIONS = dict(engine="ray", batch_size=2, workers=2, quiet=True)
 
 
 def test_killed_replica_loses_and_duplicates_nothing(tmp_path):
@@ -174,11 +197,10 @@ def test_killed_replica_loses_and_duplicates_nothing(tmp_path):
         items.append(Item(i, path, path))
     items.append(Item(24, "nope", str(tmp_path / "missing.wav")))
     marker = str(tmp_path / "killed")
-    config = RunConfig(engine="ray", batch_size=2, group=2, workers=2, quiet=True)
+    options = JobOptions(**RAY_OPTIONS)
     yielded: list[dict[str, Any]] = []
     order: dict[str, int] = {}
-    for row in ray_engine.stream_rows_ray(items, EchoFactory(marker, kill_on=3), ray_engine.FetchConfig(),
-                                          set(), config, order):
+    for row in ray_engine.stream_rows(items, echo_job(marker, kill_on=3), options, set(), order):
         assert row is not None
         yielded.append(row)
     assert os.path.exists(marker), "the replica was never killed"
@@ -190,35 +212,47 @@ def test_killed_replica_loses_and_duplicates_nothing(tmp_path):
     assert order == {item.id: item.index for item in items}
 
     # the same through run_job: the final file has one row per item, in input order
-    result = run_job(items, EchoTask(), str(tmp_path / "out.parquet"), config=config,
-                     task_factory=EchoFactory(str(tmp_path / "killed2"), kill_on=2))
+    result = run_job(items, echo_job(str(tmp_path / "killed2"), kill_on=2), str(tmp_path / "out.parquet"), options)
     rows = read_table(result.output).to_pylist()
     assert [r["id"] for r in rows] == [item.id for item in items]
     assert os.path.exists(tmp_path / "killed2")
 
 
+def test_each_replica_loads_the_model_once_for_the_whole_run(tmp_path, monkeypatch, caplog):
+    items = []
+    for i in range(20):
+        path = write_audio(tmp_path / f"c{i:02d}.wav", 0.2 + 0.01 * i)
+        items.append(Item(i, path, path))
+    monkeypatch.setattr(ray_engine, "CHUNK_ITEMS", 4)  # five chunks
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="batchcap"):
+        rows = list(ray_engine.stream_rows(items, echo_job(), JobOptions(**RAY_OPTIONS), set(), {}))
+    assert sorted(r["id"] for r in rows) == sorted(item.id for item in items)
+    assert "ray engine: 1 model load(s) in 1 replica(s) for the whole run" in caplog.text
+
+
 def test_done_items_are_skipped_and_ray_missing_is_one_line(tmp_path, monkeypatch):
     items = [Item(i, f"id{i}", str(tmp_path / f"x{i}.wav")) for i in range(3)]
     order: dict[str, int] = {}
-    rows = list(ray_engine.stream_rows_ray(items, EchoFactory(), ray_engine.FetchConfig(), {"id0", "id1", "id2"},
-                                           RunConfig(engine="ray"), order))
+    rows = list(ray_engine.stream_rows(items, echo_job(), JobOptions(engine="ray"), {"id0", "id1", "id2"}, order))
     assert rows == [None, None, None] and order == {"id0": 0, "id1": 1, "id2": 2}
 
     monkeypatch.setitem(sys.modules, "ray", None)  # as if Ray were not installed
     with pytest.raises(FatalError, match=r"^the ray engine needs Ray: pip install 'batchcap\[ray\]'$"):
-        list(ray_engine.stream_rows_ray(items, EchoFactory(), ray_engine.FetchConfig(), set(), RunConfig(), {}))
+        list(ray_engine.stream_rows(items, echo_job(), JobOptions(), set(), {}))
 
 
-class BrokenFactory:
-    def __call__(self) -> EchoTask:
+class BrokenLoader:
+    def __call__(self) -> EchoPredictor:
         raise FatalError("model directory not found: /models/nope")
 
 
 def test_model_that_will_not_load_is_one_line(tmp_path):
     path = write_audio(tmp_path / "a.wav", 0.5)
     with pytest.raises(FatalError) as err:
-        list(ray_engine.stream_rows_ray([Item(0, path, path)], BrokenFactory(), ray_engine.FetchConfig(), set(),
-                                        RunConfig(engine="ray", quiet=True), {}))
+        list(ray_engine.stream_rows([Item(0, path, path)], echo_job(loader=BrokenLoader()), JobOptions(**RAY_OPTIONS),
+                                    set(), {}))
     assert str(err.value) == "model directory not found: /models/nope"
 
 
@@ -226,7 +260,7 @@ def test_driver_drops_duplicate_rows_and_resends_lost_items(monkeypatch):
     """The guard behind Ray's own retries: a row seen twice is yielded once, an item without a row is redone."""
     sent: list[list[str]] = []
 
-    def fake_pipeline(ray_module, chunk, factory, fetch_config, config, run):
+    def fake_pipeline(ray_module, chunk, job, options, run, replicas):
         sent.append([item.id for item in chunk])
         for item in chunk[:-1] if len(sent) == 1 else chunk:  # the first pass loses its last item
             for _ in range(2):  # ... and returns every other row twice
@@ -234,16 +268,16 @@ def test_driver_drops_duplicate_rows_and_resends_lost_items(monkeypatch):
 
     monkeypatch.setattr(ray_engine, "_pipeline", fake_pipeline)
     items = [Item(i, f"id{i}", f"s{i}") for i in range(5)]
-    rows = list(ray_engine._run_chunk(ray, items, EchoFactory(), ray_engine.FetchConfig(), RunConfig(), "run"))
+    rows = list(ray_engine._run_chunk(ray, items, echo_job(), JobOptions(), "run", None))
     assert [r["id"] for r in rows] == ["id0", "id1", "id2", "id3", "id4"]
     assert sent == [["id0", "id1", "id2", "id3", "id4"], ["id4"]]
 
-    def losing_pipeline(ray_module, chunk, factory, fetch_config, config, run):
+    def losing_pipeline(ray_module, chunk, job, options, run, replicas):
         yield from ()
 
     monkeypatch.setattr(ray_engine, "_pipeline", losing_pipeline)
     with pytest.raises(FatalError, match="5 item"):
-        list(ray_engine._run_chunk(ray, items, EchoFactory(), ray_engine.FetchConfig(), RunConfig(), "run"))
+        list(ray_engine._run_chunk(ray, items, echo_job(), JobOptions(), "run", None))
 
 
 def test_resume_after_driver_killed(tiny_whisper, tmp_path, ray_instance):

@@ -1,1 +1,2 @@
-"""Optional engines that run a job's stages elsewhere than this process (``--engine ray``)."""
+"""Engines drive the stages of :mod:`batchcap.stages`: ``local`` (threads + the model in this
+process) and ``ray`` (Ray Data CPU tasks + model replicas). They are peers: neither imports the other."""

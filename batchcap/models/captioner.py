@@ -8,7 +8,6 @@ BLIP and GIT. In transformers v5 they all load through ``AutoModelForImageTextTo
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 from typing import Any
@@ -17,7 +16,7 @@ from PIL import Image
 
 from ..items import FatalError
 from .attention import use_step_attention
-from .common import announce_load, load_error_message, resolve_device, resolve_precision
+from .common import autocast_context, load_error_message, load_pretrained, resolve_device, resolve_precision
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +40,23 @@ def _beam_cache_class() -> type:
     return EncoderDecoderCacheForBeams
 
 
+class CaptionFeatures:
+    """An image-to-text model's preprocessing (resize, normalize) without its weights: what decode
+    threads and Ray CPU tasks need."""
+
+    def __init__(self, model: str):
+        from transformers import AutoImageProcessor
+
+        try:
+            self.image_processor = AutoImageProcessor.from_pretrained(model)
+        except Exception as exc:
+            raise FatalError(load_error_message(model, exc)) from exc
+
+    def prepare(self, image: Image.Image) -> Any:
+        """Resize and normalize one image: a float32 CPU tensor [C, H, W] for :meth:`Captioner.caption_prepared`."""
+        return self.image_processor(images=[image], return_tensors="pt")["pixel_values"][0]
+
+
 class Captioner:
     """Caption PIL images with a Hugging Face image-to-text model (hub id or local directory)."""
 
@@ -60,27 +76,13 @@ class Captioner:
         self.share_cross_attention = share_cross_attention  # beam search: one cross-attention K/V per image
         self.prompt = prompt.strip() if prompt and prompt.strip() else None
         self._torch = torch
-        announce_load(model)
         try:
             config = AutoConfig.from_pretrained(model)
             self.image_processor = AutoImageProcessor.from_pretrained(model)
             self.tokenizer = AutoTokenizer.from_pretrained(model)
-            kwargs: dict[str, Any] = {"dtype": self.dtype}
-            if attn_implementation:
-                kwargs["attn_implementation"] = attn_implementation
-            try:
-                self.model = AutoModelForImageTextToText.from_pretrained(model, config=config, **kwargs)
-            except (ValueError, ImportError) as exc:  # maybe an attention implementation this model lacks
-                if "attn_implementation" not in kwargs:
-                    raise
-                log.debug("loading %s with %s attention failed (%s); using the default", model,
-                          attn_implementation, exc)
-                kwargs.pop("attn_implementation")
-                self.model = AutoModelForImageTextToText.from_pretrained(model, config=config, **kwargs)
-        except FatalError:
-            raise
         except Exception as exc:
             raise FatalError(load_error_message(model, exc)) from exc
+        self.model = load_pretrained(AutoModelForImageTextToText, model, self.dtype, attn_implementation, config=config)
         self.model.to(self.device).eval()
         use_step_attention(self.model, self.device)
         self.model_type = config.model_type
@@ -198,9 +200,7 @@ class Captioner:
         return inputs
 
     def _autocast(self) -> Any:
-        if self.autocast is None:
-            return contextlib.nullcontext()
-        return self._torch.autocast(self.device.type, dtype=self.autocast)
+        return autocast_context(self.device, self.autocast)
 
     def _strip_prompt(self, text: str) -> str:
         """Drop the prompt if the model echoes it (BLIP, GIT and VED outputs start with their inputs)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from typing import Any
@@ -62,6 +63,35 @@ def load_error_message(model: str, exc: BaseException) -> str:
     return (f"cannot load model {model!r}: it is not in the local cache ({home}) and the Hugging Face hub could "
             f"not be reached or does not have it ({type(exc).__name__}). Download it where there is network "
             "(huggingface-cli download), or pass --model /path/to/a/local/model/dir")
+
+
+def load_pretrained(model_class: Any, model: str, dtype: Any, attn_implementation: str | None = "sdpa",
+                    **kwargs: Any) -> Any:
+    """``model_class.from_pretrained`` with ``attn_implementation`` where the model has it (else the
+    default attention), and one actionable line (FatalError) when the checkpoint will not load."""
+    kwargs["dtype"] = dtype
+    announce_load(model)
+    try:
+        if attn_implementation:
+            try:
+                return model_class.from_pretrained(model, attn_implementation=attn_implementation, **kwargs)
+            except (ValueError, ImportError) as exc:  # an attention implementation this model or build lacks
+                log.debug("loading %s with %s attention failed (%s); using the default", model,
+                          attn_implementation, exc)
+        return model_class.from_pretrained(model, **kwargs)
+    except FatalError:
+        raise
+    except Exception as exc:
+        raise FatalError(load_error_message(model, exc)) from exc
+
+
+def autocast_context(device: Any, autocast: Any) -> Any:
+    """``torch.autocast`` to ``autocast`` on ``device``, or a no-op when it is None."""
+    if autocast is None:
+        return contextlib.nullcontext()
+    import torch
+
+    return torch.autocast(device.type, dtype=autocast)
 
 
 def cpu_has_fast_bf16() -> bool:

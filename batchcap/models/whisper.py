@@ -10,7 +10,6 @@ long-form decoding (timestamps, 30 s windows, full window each) and are never cu
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import os
@@ -22,7 +21,7 @@ import numpy as np
 from ..audio import SAMPLE_RATE
 from ..items import FatalError
 from .attention import use_step_attention
-from .common import announce_load, load_error_message, resolve_device, resolve_precision
+from .common import autocast_context, load_error_message, load_pretrained, resolve_device, resolve_precision
 
 log = logging.getLogger(__name__)
 
@@ -41,33 +40,56 @@ class Prepared:
     pad_value: float  # what padding frames take: the clip's log-mel floor (Whisper's value for zero samples)
 
 
+class WhisperFeatures:
+    """Whisper's log-mel features of a clip (worker threads, Ray CPU tasks): the feature extractor
+    only, no model weights."""
+
+    def __init__(self, model: str, *, full_window: bool = False, window_margin_s: float = 1.0):
+        from transformers import WhisperFeatureExtractor
+
+        if not full_window and window_margin_s <= 0:
+            raise FatalError("the window margin must be positive (it holds the padding the encoder sees)")
+        try:
+            self.feature_extractor = WhisperFeatureExtractor.from_pretrained(model)
+        except Exception as exc:
+            raise FatalError(load_error_message(model, exc)) from exc
+        self.full_window = full_window
+        self.window_margin_s = window_margin_s
+
+    def prepare(self, samples: np.ndarray) -> Prepared:
+        duration = len(samples) / SAMPLE_RATE
+        if len(samples) > WINDOW_FRAMES * HOP:
+            feats = self.feature_extractor(samples, sampling_rate=SAMPLE_RATE, truncation=False, padding="longest",
+                                           return_tensors="np").input_features[0]
+            return Prepared(feats, duration, True, float(feats.min()))
+        frames = WINDOW_FRAMES
+        if not self.full_window:
+            needed = math.ceil((duration + self.window_margin_s) * 100 / FRAME_STEP) * FRAME_STEP
+            frames = min(WINDOW_FRAMES, needed)
+        feats = self.feature_extractor(samples, sampling_rate=SAMPLE_RATE, padding="max_length",
+                                       max_length=frames * HOP, return_tensors="np").input_features[0]
+        # zero samples get the clamp floor (max - 8), normalised like every frame: (x + 4) / 4
+        return Prepared(feats, duration, False, float(feats.min()))
+
+
 class WhisperTranscriber:
     def __init__(self, model: str, *, device: str = "auto", dtype: str = "auto", language: str | None = None,
                  task: str = "transcribe", num_beams: int = 1, max_new_tokens: int | None = None,
                  full_window: bool = False, window_margin_s: float = 1.0,
                  attn_implementation: str | None = "sdpa", timestamps: bool = True):
         import torch
-        from transformers import WhisperFeatureExtractor, WhisperForConditionalGeneration, WhisperTokenizerFast
+        from transformers import WhisperForConditionalGeneration, WhisperTokenizerFast
 
         self.name = model
         self.device = resolve_device(device)
         self.dtype, self.autocast = resolve_precision(dtype, self.device)
-        announce_load(model)
+        self._features = WhisperFeatures(model, full_window=full_window, window_margin_s=window_margin_s)
+        self.feature_extractor = self._features.feature_extractor
         try:
-            self.feature_extractor = WhisperFeatureExtractor.from_pretrained(model)
             self.tokenizer = WhisperTokenizerFast.from_pretrained(model)
-            kwargs: dict[str, Any] = {"dtype": self.dtype}
-            if attn_implementation:
-                kwargs["attn_implementation"] = attn_implementation
-            try:
-                self.model = WhisperForConditionalGeneration.from_pretrained(model, **kwargs)
-            except (ValueError, ImportError):  # an attention implementation this build lacks
-                kwargs.pop("attn_implementation", None)
-                self.model = WhisperForConditionalGeneration.from_pretrained(model, **kwargs)
-        except FatalError:
-            raise
         except Exception as exc:
             raise FatalError(load_error_message(model, exc)) from exc
+        self.model = load_pretrained(WhisperForConditionalGeneration, model, self.dtype, attn_implementation)
         self.model.to(self.device).eval()
         use_step_attention(self.model, self.device)
         self._torch = torch
@@ -83,8 +105,6 @@ class WhisperTranscriber:
         self.task = task
         self.num_beams = num_beams
         self.max_new_tokens = max_new_tokens
-        if not full_window and window_margin_s <= 0:
-            raise FatalError("the window margin must be positive (it holds the padding the encoder sees)")
         self.full_window = full_window
         self.timestamps = timestamps  # timestamp tokens: segments with times (else one segment per clip)
         self.window_margin_s = window_margin_s
@@ -101,21 +121,9 @@ class WhisperTranscriber:
     def english_spelling_dir(self) -> str | None:
         return self.name if os.path.isdir(self.name) else getattr(self.tokenizer, "name_or_path", None)
 
-    # --- worker threads ---------------------------------------------------------------------
     def prepare(self, samples: np.ndarray) -> Prepared:
-        duration = len(samples) / SAMPLE_RATE
-        if len(samples) > WINDOW_FRAMES * HOP:
-            feats = self.feature_extractor(samples, sampling_rate=SAMPLE_RATE, truncation=False, padding="longest",
-                                           return_tensors="np").input_features[0]
-            return Prepared(feats, duration, True, float(feats.min()))
-        frames = WINDOW_FRAMES
-        if not self.full_window:
-            needed = math.ceil((duration + self.window_margin_s) * 100 / FRAME_STEP) * FRAME_STEP
-            frames = min(WINDOW_FRAMES, needed)
-        feats = self.feature_extractor(samples, sampling_rate=SAMPLE_RATE, padding="max_length",
-                                       max_length=frames * HOP, return_tensors="np").input_features[0]
-        # zero samples get the clamp floor (max - 8), normalised like every frame: (x + 4) / 4
-        return Prepared(feats, duration, False, float(feats.min()))
+        """Features of one clip for this transcriber's window settings (see WhisperFeatures)."""
+        return self._features.prepare(samples)
 
     # --- main thread ------------------------------------------------------------------------
     def transcribe(self, batch: list[Prepared]) -> list[dict[str, Any]]:
@@ -132,9 +140,7 @@ class WhisperTranscriber:
         return [r for r in out if r is not None]
 
     def _autocast(self) -> Any:
-        if self.autocast is None:
-            return contextlib.nullcontext()
-        return self._torch.autocast(self.device.type, dtype=self.autocast)
+        return autocast_context(self.device, self.autocast)
 
     def _pad_stack(self, batch: list[Prepared]) -> Any:
         """Stack features of different lengths; padding frames take each clip's own floor value,

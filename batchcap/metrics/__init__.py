@@ -1,0 +1,19 @@
+"""Scoring against references, by kind: :mod:`.asr` (WER, CER, text normalization) and
+:mod:`.captions` (BLEU, ROUGE-L, CIDEr-D as pycocoevalcap computes them)."""
+
+from .asr import (
+    NORMALIZER_MODES,
+    ErrorRate,
+    TextNormalizer,
+    cer_counts,
+    get_normalizer,
+    is_english,
+    load_english_spelling,
+    score_transcript,
+    wer_counts,
+)
+from .captions import CAPTION_METRICS, caption_metrics, coco_tokenize
+
+__all__ = ["CAPTION_METRICS", "NORMALIZER_MODES", "ErrorRate", "TextNormalizer", "caption_metrics", "cer_counts",
+           "coco_tokenize", "get_normalizer", "is_english", "load_english_spelling", "score_transcript",
+           "wer_counts"]
