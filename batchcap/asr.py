@@ -12,7 +12,7 @@ from typing import Any
 from .audio import DEFAULT_MAX_DURATION_S, decode_audio
 from .fetch import FetchConfig
 from .inputs import audio_spec
-from .items import OK, Item, ItemError
+from .items import EMPTY, OK, FatalError, Item, ItemError
 from .job import Job, JobOptions, run_pipeline
 from .metrics import cer_counts, get_normalizer, load_english_spelling, wer_counts
 from .predictions import Transcript
@@ -22,8 +22,9 @@ from .stages import ModelFreePreprocessor
 log = logging.getLogger(__name__)
 
 AUDIO_COLUMNS = ("id", "source", "text", "language", "language_prob", "decode", "no_speech_prob", "avg_logprob",
-                 "compression_ratio", "duration_s", "status", "error", "model", "reference", "wer", "cer")
+                 "compression_ratio", "duration_s", "segments", "status", "error", "model", "reference", "wer", "cer")
 GUARD_COLUMNS = ("language_prob", "decode", "no_speech_prob", "avg_logprob", "compression_ratio")
+LONG_SAMPLES = 30 * 16_000  # recordings longer than one Whisper window
 DEFAULT_AUDIO_MODEL = "openai/whisper-small"
 
 
@@ -47,6 +48,13 @@ class AudioOptions(JobOptions):
     logprob_threshold: float | None = -1.0
     no_speech_threshold: float | None = 0.6
     fetch: FetchConfig = field(default_factory=lambda: FetchConfig(max_bytes=2 * 2**30, deadline=600.0))
+    # recordings over 30 s: "batched" (VAD windows batched with the clips) or "sequential" (transformers)
+    long_form: str = "batched"
+    vad: str = "energy"  # energy | silero
+    write: Sequence[str] = ()  # subtitle / text formats written per item: srt, vtt, txt, tsv, json
+    write_dir: str | None = None  # default: OUTPUT without extension + ".subtitles"
+    max_line_width: int | None = None
+    max_line_count: int | None = None
 
 
 class AudioPreprocessor(ModelFreePreprocessor):
@@ -63,7 +71,24 @@ class AudioPreprocessor(ModelFreePreprocessor):
     def load(self, item: Item, data: bytes) -> Any:
         samples = decode_audio(data, min_duration=self.options.min_duration,
                                silence_dbfs=self.options.silence_dbfs, max_duration_s=self.options.max_duration_s)
+        if self.options.long_form == "batched" and len(samples) > LONG_SAMPLES:
+            return self._split(samples, language=item.language)
         return self.features.prepare(samples, language=item.language)
+
+    def _split(self, samples: Any, language: str | None = None) -> Any:
+        """A long recording as VAD windows; their features are computed when they reach the model."""
+        from .longform import LongRecording
+        from .vad import make_vad, split_recording
+
+        vad = getattr(self, "_vad", None)
+        if vad is None:
+            vad = self._vad = make_vad(self.options.vad)
+        windows = split_recording(samples, vad)
+        duration = len(samples) / 16_000
+        if not windows:
+            raise ItemError(EMPTY, f"no speech found in {duration:.0f} s (--vad {self.options.vad})",
+                            fields={"duration_s": round(duration, 3)})
+        return LongRecording(samples, windows, duration, language=language)
 
     def size(self, loaded: Any) -> float:
         return loaded.duration_s
@@ -72,11 +97,17 @@ class AudioPreprocessor(ModelFreePreprocessor):
 class WhisperPredictor:
     """The model: batches of prepared clips -> transcripts."""
 
-    def __init__(self, transcriber: Any):
+    def __init__(self, transcriber: Any, batch_size: int = 16):
         self.transcriber = transcriber
+        self.batch_size = batch_size
 
     def predict(self, batch: list[Any]) -> list[Transcript]:
-        return [Transcript.from_dict(r) for r in self.transcriber.transcribe(batch)]
+        """Clips and the windows of long recordings, batched together (longform.transcribe_units)."""
+        from .longform import transcribe_units
+        from .models.guard import worst_decode
+
+        return [Transcript.from_dict(r)
+                for r in transcribe_units(self.transcriber, batch, self.batch_size, worst_decode=worst_decode)]
 
 
 class AudioScorer:
@@ -90,6 +121,7 @@ class AudioScorer:
         self.model_name = options.model
         self.audio_seconds = 0.0  # transcribed by this run
         self._spelling = load_english_spelling(options.model)
+        self.subtitles = _subtitle_writer(options)
 
     def row(self, item: Item, loaded: Any | None, prediction: Transcript | None,
             error: ItemError | None) -> dict[str, Any]:
@@ -102,10 +134,13 @@ class AudioScorer:
             "language": prediction.language if prediction else None,
             **{name: getattr(prediction, name) if prediction else None for name in GUARD_COLUMNS},
             "duration_s": duration,
+            "segments": _segment_rows(prediction.segments) if prediction is not None and error is None else None,
             "status": OK if error is None else error.status,
             "error": None if error is None else error.message,
             "model": self.model_name,
         }
+        if self.subtitles is not None and error is None and prediction is not None:
+            self.subtitles.write(item.id, row["text"], row["segments"] or [], row["language"])
         if item.references:
             reference = " ".join(item.references)
             row["reference"] = reference
@@ -120,6 +155,15 @@ class AudioScorer:
             self.audio_seconds += row.get("duration_s") or 0.0
 
     def finalize_table(self, table: Any) -> Any:
+        """Subtitle files missing for ok rows of earlier runs (e.g. --write added on a rerun)."""
+        if self.subtitles is not None and table.num_rows:
+            from .subtitles import row_segments
+
+            for batch in table.to_batches(max_chunksize=1024):
+                for r in batch.to_pylist():
+                    if r.get("status") == OK and r.get("text") is not None:
+                        self.subtitles.write(str(r["id"]), r["text"], row_segments(r), r.get("language"),
+                                             overwrite=False)
         return table
 
     def _score(self, reference: str, text: str, language: str | None) -> RowScores:
@@ -202,7 +246,42 @@ def load_transcriber(options: AudioOptions) -> Any:
 
 
 def load_predictor(options: AudioOptions) -> WhisperPredictor:
-    return WhisperPredictor(load_transcriber(options))
+    return WhisperPredictor(load_transcriber(options), max(1, options.batch_size))
+
+
+def _segment_rows(segments: Any) -> list[dict[str, Any]]:
+    return [s if isinstance(s, dict) else {"start": s.start, "end": s.end, "text": s.text}
+            for s in segments or []]
+
+
+def _subtitle_writer(options: AudioOptions) -> Any:
+    if not options.write:
+        return None
+    from .subtitles import SubtitleOptions, SubtitleWriter, parse_formats
+
+    formats = parse_formats(options.write if isinstance(options.write, str) else list(options.write))
+    return SubtitleWriter(options.write_dir or "subtitles", formats,
+                          SubtitleOptions(options.max_line_width, options.max_line_count), overwrite=True)
+
+
+def _check_long_form_options(options: AudioOptions, output: str) -> None:
+    from .export import default_subtitle_dir
+    from .subtitles import parse_formats
+
+    if options.long_form not in ("batched", "sequential"):
+        raise FatalError(f"unknown long-form mode {options.long_form!r}: batched or sequential")
+    if options.vad not in ("energy", "silero"):
+        raise FatalError(f"unknown VAD {options.vad!r}: energy or silero")
+    if options.long_form == "batched" and options.vad == "silero":
+        from .vad import find_silero_model
+
+        find_silero_model()
+    try:
+        options.write = parse_formats(options.write if isinstance(options.write, str) else list(options.write or ()))
+    except ValueError as exc:
+        raise FatalError(str(exc)) from None
+    if options.write and not options.write_dir:
+        options.write_dir = default_subtitle_dir(output)
 
 
 def audio_job(options: AudioOptions) -> Job:
@@ -226,9 +305,10 @@ def transcribe(inputs: str | Sequence[str], output: str = "transcripts.parquet",
     """
     options = options or AudioOptions()
     options.update(overrides, "transcribe")
+    _check_long_form_options(options, output)
     if transcriber is not None:
         options.model = transcriber.name  # features, rows and scores follow the model actually used
     spec = audio_spec(options.path_column, options.reference_columns, options.id_column, options.language_column)
     spec.reserved = AUDIO_COLUMNS
-    predictor = WhisperPredictor(transcriber) if transcriber is not None else None
+    predictor = WhisperPredictor(transcriber, max(1, options.batch_size)) if transcriber is not None else None
     return run_pipeline(inputs, output, options, spec, audio_job(options), predictor=predictor)

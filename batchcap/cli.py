@@ -178,6 +178,21 @@ def main() -> None:
               default=AudioOptions.max_duration_s,
               show_default=True, help="Longer recordings (seconds) are a decode_error, found from the header "
               "before decoding and enforced while decoding (a tiny FLAC or Opus file can hold hours).")
+@click.option("--long-form", type=click.Choice(["batched", "sequential"]), default=AudioOptions.long_form,
+              show_default=True,
+              help="Recordings over 30 s: cut at pauses into windows batched with the other clips, or "
+                   "transformers' sequential decoding (30 s windows one after another).")
+@click.option("--vad", type=click.Choice(["energy", "silero"]), default=AudioOptions.vad, show_default=True,
+              help="How --long-form batched finds pauses: frame energy, or Silero VAD "
+                   "(pip install faster-whisper onnxruntime).")
+@click.option("--write", "write", default=None, metavar="FORMATS",
+              help="Also write one file per recording: comma-separated srt, vtt, txt, tsv, json, or all.")
+@click.option("--write-dir", default=None, metavar="DIR",
+              help="Folder for --write files [default: OUTPUT without extension + .subtitles].")
+@click.option("--max-line-width", type=click.IntRange(1), default=None,
+              help="--write srt/vtt: wrap lines at this many characters.")
+@click.option("--max-line-count", type=click.IntRange(1), default=None,
+              help="--write srt/vtt: start a new cue after this many lines (with --max-line-width).")
 def audio(inputs: tuple[str, ...], output: str | None, full_window: bool, window_margin: float,
           silence_threshold: float, no_fallback: bool, **options: Any) -> None:
     """Transcribe every recording of INPUT... with Whisper.
@@ -236,12 +251,14 @@ def _job_options(cli: dict[str, Any], default_max_bytes: int, default_workers: i
     return cli
 
 
+from .export import export  # noqa: E402
 from .train.cli import train  # noqa: E402
 
 main.add_command(train)
 from .report.cli import report  # noqa: E402
 
 main.add_command(report)
+main.add_command(export)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -16,6 +16,7 @@ class Transcript:
     no_speech_prob: float | None = None
     avg_logprob: float | None = None
     compression_ratio: float | None = None
+    segments: list[Any] | None = None  # whisper_timestamps.Segment, times from the recording's start
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> Transcript:

@@ -215,3 +215,12 @@ def test_cli_thresholds_and_decode_column(tiny_whisper, tmp_path):
     assert all(r["compression_ratio"] < 3 and r["avg_logprob"] < -1 and r["no_speech_prob"] < 0.6 for r in rows)
     summary = json.loads((tmp_path / "out.summary.json").read_text())
     assert summary["decode_counts"] == {"temperature=0.2": 2} and summary["fallbacks"] == 2
+
+
+def test_a_recording_reports_its_worst_window():
+    from batchcap.models.guard import worst_decode
+
+    assert worst_decode(["greedy", "full_window", "greedy"]) == "full_window"
+    assert worst_decode(["temperature=0.2", "full_window", "temperature=0.6"]) == "temperature=0.6"
+    assert worst_decode(["no_speech", "unresolved", "temperature=1"]) == "unresolved"
+    assert worst_decode(["greedy", "no_speech"]) == "no_speech"

@@ -46,6 +46,21 @@ def temperature_label(temperature: float) -> str:
     return f"temperature={temperature:g}"
 
 
+def severity(decode: str) -> float:
+    """How far the guard had to go for a text: first-pass decoding < no speech < the full window <
+    each higher fallback temperature < unresolved (for a recording, the worst of its windows)."""
+    if decode == UNRESOLVED:
+        return 100.0
+    if decode.startswith("temperature="):
+        return 10.0 + float(decode.split("=", 1)[1])
+    return {FULL_WINDOW: 3.0, NO_SPEECH: 1.0}.get(decode, 0.0)
+
+
+def worst_decode(decodes: list[str]) -> str:
+    """The ``decode`` value of a recording decoded in windows: its worst window's."""
+    return max(decodes, key=severity)
+
+
 @dataclass(frozen=True)
 class GuardConfig:
     """Thresholds of the guard; ``None`` switches a check off."""

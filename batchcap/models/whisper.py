@@ -30,6 +30,7 @@ from ..items import MODEL_ERROR, FatalError, ItemError
 from . import guard as g
 from .attention import use_step_attention
 from .common import autocast_context, hub_guard, load_error_message, load_pretrained, resolve_device, resolve_precision
+from .whisper_timestamps import parse_generate_output, whole_clip
 
 log = logging.getLogger(__name__)
 
@@ -430,8 +431,10 @@ class WhisperTranscriber:
             text = attempt.text
             if g.is_no_speech(attempt, self.guard):
                 decode, text = g.NO_SPEECH, ""
-            results.append(self._result(text, languages[i] if languages else "en", language_probs[i], decode,
-                                        attempt, retried_from=history[i][0].text if len(history[i]) > 1 else None))
+            result = self._result(text, languages[i] if languages else "en", language_probs[i], decode, attempt,
+                                  retried_from=history[i][0].text if len(history[i]) > 1 else None)
+            result["segments"] = whole_clip(text, p.duration_s)  # no timestamp tokens in the guarded decoding
+            results.append(result)
         return results
 
     @staticmethod
@@ -461,9 +464,10 @@ class WhisperTranscriber:
         with self._seeded(0):
             out = self.model.generate(input_features=features, attention_mask=mask, return_timestamps=True,
                                       condition_on_prev_tokens=False, return_segments=True, **kwargs)
-        tokens = out["sequences"] if isinstance(out, dict) else out
         segments = out.get("segments") if isinstance(out, dict) else None
-        texts = [t.strip() for t in self.tokenizer.batch_decode(tokens, skip_special_tokens=True)]
+        parsed = parse_generate_output(out, self.tokenizer, self.model.generation_config,
+                                       [p.duration_s for p in batch])  # segments past the audio dropped
+        texts = [text for text, _ in parsed]
         results = []
         for i, text in enumerate(texts):
             decode, worst = g.LONG_FORM, 0.0
@@ -476,6 +480,7 @@ class WhisperTranscriber:
                     decode = g.UNRESOLVED
             result = self._result(text, languages[i] if languages else "en", language_probs[i], decode, None)
             result["compression_ratio"] = round(worst, 4)
+            result["segments"] = parsed[i][1]
             results.append(result)
         return results
 

@@ -1,0 +1,175 @@
+"""Batched long-form transcription: recordings over 30 s as VAD windows batched with short clips.
+
+A long recording is decoded and split into windows of at most 30 s at pauses (``vad.py``) in a
+worker thread; its features are NOT computed there. :func:`transcribe_units` then treats every
+short clip and every window of every long recording in a model batch as one unit, sorts the
+units by duration, and runs them through the model ``batch_size`` at a time; a window's log-mel
+features are computed just before its sub-batch runs (the next sub-batch's in a helper thread
+while the model works) and dropped right after, so at most two sub-batches of window features
+are alive, whatever the recordings' lengths. Each recording's text and segments are stitched
+back from its windows in time order.
+
+:data:`FEATURES` counts the window feature arrays alive (and the peak), for tests and logs.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import Counter
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .models.whisper_timestamps import Segment, WindowResult, stitch
+from .vad import SAMPLE_RATE, Window
+
+log = logging.getLogger(__name__)
+
+
+class FeatureCounter:
+    """Window feature arrays alive now, the most alive at once, and how many were made."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.alive = 0
+        self.peak = 0
+        self.made = 0
+
+    def acquire(self, n: int = 1) -> None:
+        with self._lock:
+            self.alive += n
+            self.made += n
+            self.peak = max(self.peak, self.alive)
+
+    def release(self, n: int = 1) -> None:
+        with self._lock:
+            self.alive -= n
+
+    def reset(self) -> None:
+        with self._lock:
+            self.peak = self.alive
+            self.made = 0
+
+
+FEATURES = FeatureCounter()
+
+
+@dataclass
+class LongRecording:
+    """A recording over 30 s, decoded and split, waiting for the model (no features yet)."""
+
+    samples: np.ndarray
+    windows: list[Window]
+    duration_s: float
+    long_form: bool = False  # not transformers' sequential long-form: windows are short clips
+    language: str | None = None  # the recording's language when the manifest gives it
+
+    @property
+    def speech_s(self) -> float:
+        return sum(w.duration_s for w in self.windows)
+
+
+@dataclass
+class _Unit:
+    owner: int  # index in the model batch
+    window: Window | None  # None: a short clip, prepared already
+    prepared: Any = None
+    duration_s: float = 0.0
+
+
+@dataclass
+class _Assembly:
+    windows: list[WindowResult] = field(default_factory=list)
+    languages: Counter = field(default_factory=Counter)
+    decodes: list[Any] = field(default_factory=list)
+
+
+def transcribe_units(transcriber: Any, batch: Sequence[Any], batch_size: int,
+                     worst_decode: Callable[[Sequence[Any]], Any] | None = None) -> list[dict[str, Any]]:
+    """One result per item of ``batch`` (prepared clips and :class:`LongRecording`), in order."""
+    units: list[_Unit] = []
+    sequential: list[int] = []
+    for i, item in enumerate(batch):
+        if isinstance(item, LongRecording):
+            units.extend(_Unit(i, w, duration_s=w.duration_s) for w in item.windows)
+        elif getattr(item, "long_form", False):
+            sequential.append(i)  # transformers' sequential long-form (--long-form sequential)
+        else:
+            units.append(_Unit(i, None, item, item.duration_s))
+    results: list[dict[str, Any] | None] = [None] * len(batch)
+    for start in range(0, len(sequential), batch_size):
+        idx = sequential[start:start + batch_size]
+        for i, res in zip(idx, transcriber.transcribe([batch[i] for i in idx])):
+            results[i] = res
+    units.sort(key=lambda u: u.duration_s)
+    chunks = [units[s:s + batch_size] for s in range(0, len(units), batch_size)]
+    assemblies: dict[int, _Assembly] = {i: _Assembly() for i, item in enumerate(batch)
+                                        if isinstance(item, LongRecording)}
+    with ThreadPoolExecutor(1, thread_name_prefix="batchcap-features") as pool:
+        pending: Future | None = pool.submit(_prepare, transcriber, batch, chunks[0]) if chunks else None
+        for n, chunk in enumerate(chunks):
+            prepared = pending.result() if pending is not None else []
+            pending = pool.submit(_prepare, transcriber, batch, chunks[n + 1]) if n + 1 < len(chunks) else None
+            try:
+                outputs = transcriber.transcribe(prepared)
+            except BaseException:
+                if pending is not None:  # the next sub-batch's features die with this call
+                    pending.cancel() or pending.exception()
+                    if not pending.cancelled() and pending.exception() is None:
+                        FEATURES.release(sum(1 for u in chunks[n + 1] if u.window is not None))
+                raise
+            finally:
+                del prepared
+                FEATURES.release(sum(1 for u in chunk if u.window is not None))
+            for unit, res in zip(chunk, outputs):
+                if unit.window is None:
+                    results[unit.owner] = res
+                    continue
+                a = assemblies[unit.owner]
+                w = unit.window
+                segs = [Segment(round(s.start + w.start_s, 3), round(s.end + w.start_s, 3), s.text, s.words)
+                        for s in res.get("segments") or []]
+                a.windows.append(WindowResult(w.start_s, w.duration_s, res["text"], segs))
+                if res.get("language"):
+                    a.languages[res["language"]] += w.duration_s
+                if "decode" in res:
+                    a.decodes.append(res["decode"])
+    for i, a in assemblies.items():
+        text, segments = stitch(a.windows)
+        result: dict[str, Any] = {"text": text, "segments": segments,
+                                  "language": a.languages.most_common(1)[0][0] if a.languages else None,
+                                  "windows": len(a.windows)}
+        if a.decodes:
+            result["decode"] = (worst_decode or _first_unusual)(a.decodes)
+        results[i] = result
+    return [r if r is not None else {"text": "", "segments": [], "language": None} for r in results]
+
+
+def _prepare(transcriber: Any, batch: Sequence[Any], chunk: list[_Unit]) -> list[Any]:
+    """The model inputs of one sub-batch: window features computed here (counted), clips as they are."""
+    out = []
+    for unit in chunk:
+        if unit.window is None:
+            out.append(unit.prepared)
+            continue
+        recording = batch[unit.owner]
+        out.append(transcriber.prepare(recording.samples[unit.window.start:unit.window.end],
+                                       language=recording.language))
+        FEATURES.acquire()
+    return out
+
+
+def _first_unusual(values: Sequence[Any]) -> Any:
+    """Without a ranking from the decoding guard: the most common value unless another occurs."""
+    counts = Counter(values)
+    common = counts.most_common(1)[0][0]
+    return next((v for v in values if v != common), common)
+
+
+def windows_summary(recording: LongRecording) -> str:
+    return (f"{len(recording.windows)} windows, {recording.speech_s:.0f} s of "
+            f"{len(recording.samples) / SAMPLE_RATE:.0f} s")

@@ -1,0 +1,157 @@
+"""Whisper's timestamp tokens -> segments, and the windows of one recording -> its text and segments.
+
+With timestamps, Whisper writes ``<|0.00|> text <|2.40|><|2.40|> more text <|5.00|>``: each
+segment's text sits between a start and an end token (steps of 20 ms from the window's start).
+This module is pure (token ids in, dataclasses out) so it can be tested without a model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+TIME_PRECISION = 0.02  # seconds per timestamp token step
+
+
+@dataclass
+class Word:
+    start: float
+    end: float
+    word: str
+    probability: float | None = None
+
+
+@dataclass
+class Segment:
+    start: float
+    end: float
+    text: str
+    words: list[Word] | None = field(default=None)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        if self.words is None:
+            d.pop("words")
+        return d
+
+
+@dataclass
+class WindowResult:
+    """One window's transcript: times in seconds from the recording's start."""
+
+    offset_s: float
+    duration_s: float
+    text: str
+    segments: list[Segment]
+
+
+def parse_timestamped(tokens: Sequence[int], *, timestamp_begin: int, special: Collection[int],
+                      decode: Callable[[list[int]], str], offset_s: float = 0.0,
+                      duration_s: float | None = None,
+                      precision: float = TIME_PRECISION) -> tuple[str, list[Segment]]:
+    """``(text, segments)`` of one window's generated tokens.
+
+    Ids at or above ``timestamp_begin`` are times; ids in ``special`` (start of transcript, language,
+    task, end of text) carry no text and are skipped. Text with no closing time (the window ended first) ends at
+    ``duration_s``; text before any time starts at 0. Times are clamped to ``[0, duration_s]``,
+    made non-decreasing, shifted by ``offset_s`` and rounded to milliseconds.
+    """
+    segments: list[tuple[float, float, list[int]]] = []
+    pending: list[int] = []
+    start: float | None = None
+    last_time = 0.0
+    for t in (int(x) for x in tokens):
+        if t >= timestamp_begin:
+            time = (t - timestamp_begin) * precision
+            if pending:
+                segments.append((start if start is not None else last_time, time, pending))
+                pending = []
+                start = None
+            else:
+                start = time
+            last_time = time
+        elif t not in special:
+            pending.append(t)
+    if pending:
+        begin = start if start is not None else last_time
+        segments.append((begin, max(begin, duration_s if duration_s is not None else last_time), pending))
+    out: list[Segment] = []
+    previous_end = 0.0
+    for begin, end, ids in segments:
+        text = decode(ids)
+        if not text.strip():
+            continue
+        if duration_s is not None:
+            begin, end = min(begin, duration_s), min(end, duration_s)
+        begin = max(begin, previous_end)
+        end = max(end, begin)
+        previous_end = end
+        out.append(Segment(round(offset_s + begin, 3), round(offset_s + end, 3), text))
+    text = "".join(s.text for s in out).strip()
+    for s in out:
+        s.text = s.text.strip()
+    return text, out
+
+
+def whole_clip(text: str, duration_s: float, offset_s: float = 0.0) -> list[Segment]:
+    """One segment for a transcript that came without times (e.g. sequential long-form text)."""
+    text = text.strip()
+    return [Segment(round(offset_s, 3), round(offset_s + duration_s, 3), text)] if text else []
+
+
+def stitch(windows: Sequence[WindowResult]) -> tuple[str, list[Segment]]:
+    """A recording's text and segments from its windows (in any order): sorted by time, texts
+    joined with single spaces, segments kept inside their window (one that starts after the window's
+    end is dropped) and non-overlapping."""
+    texts: list[str] = []
+    segments: list[Segment] = []
+    previous_end = 0.0
+    for w in sorted(windows, key=lambda w: w.offset_s):
+        if w.text.strip():
+            texts.append(w.text.strip())
+        limit = w.offset_s + w.duration_s
+        for s in w.segments:
+            if s.start >= limit and limit > w.offset_s:  # past the window's audio: nothing was said there
+                continue
+            start = max(s.start, previous_end)
+            end = max(min(s.end, limit), start)
+            segments.append(Segment(round(start, 3), round(end, 3), s.text, s.words))
+            previous_end = end
+    return " ".join(texts), segments
+
+
+def segments_to_rows(segments: Sequence[Segment]) -> list[dict[str, Any]]:
+    return [s.to_dict() for s in segments]
+
+
+def parse_generate_output(out: Any, tokenizer: Any, generation_config: Any,
+                          durations: Sequence[float]) -> list[tuple[str, list[Segment]]]:
+    """``(text, segments)`` per clip from ``WhisperForConditionalGeneration.generate`` run with
+    ``return_timestamps=True``: a tensor of token ids (clips up to 30 s), or the dict that
+    sequential long-form decoding returns with ``return_segments=True`` (times already absolute)."""
+    timestamp_begin = int(generation_config.no_timestamps_token_id) + 1
+    eos = generation_config.eos_token_id
+    special = set(tokenizer.all_special_ids) | set(eos if isinstance(eos, list) else [eos])
+
+    def decode(ids: list[int]) -> str:
+        return tokenizer.decode(ids, skip_special_tokens=True)
+
+    if isinstance(out, Mapping) and out.get("segments") is not None:
+        results = []
+        for segs, duration in zip(out["segments"], durations):
+            found: list[Segment] = []
+            for seg in segs:
+                ids = [int(t) for t in seg["tokens"].tolist()]
+                text, inner = parse_timestamped(ids, timestamp_begin=timestamp_begin, special=special, decode=decode)
+                if not text:
+                    continue
+                start, end = float(seg["start"]), float(seg["end"])
+                found.append(Segment(round(start, 3), round(min(max(end, start), duration), 3), text))
+            _, kept = stitch([WindowResult(0.0, duration, "", found)])
+            results.append((" ".join(s.text for s in kept), kept))
+        return results
+    tokens = out["sequences"] if isinstance(out, Mapping) else out
+    return [parse_timestamped([int(t) for t in row], timestamp_begin=timestamp_begin, special=special, decode=decode,
+                              duration_s=duration)
+            for row, duration in zip(tokens.tolist(), durations)]

@@ -1,0 +1,152 @@
+"""Batched long-form through the real pipeline with a tiny Whisper: windows, batches, order, subtitles,
+resume, and flat feature memory on a 2-hour file."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import soundfile as sf
+
+from batchcap import longform
+from batchcap.asr import AudioOptions, load_transcriber, transcribe
+from tests.conftest import write_audio
+from tests.helpers import rows_of, run_cli
+from tests.test_subtitles import parse_srt, parse_vtt
+from tests.test_vad import tones_and_silences
+
+SR = 16_000
+
+
+def long_file(path, minutes: float, seed: int = 0) -> tuple[str, list[tuple[float, float]]]:
+    pattern: list[tuple[str, float]] = [("silence", 0.5)]
+    total = 0.5
+    while total < minutes * 60 - 8:
+        pattern += [("tone", 5.0), ("silence", 1.5)]
+        total += 6.5
+    samples, spans = tones_and_silences(pattern, seed=seed)
+    sf.write(str(path), samples, SR, subtype="PCM_16")
+    return str(path), spans
+
+
+def count_batches(transcriber):
+    """Wrap transcribe() to record, per model batch, how many units it had and their durations. The
+    random tiny model often says nothing on tones: each unit then gets the text "u<seconds>" over its
+    whole span, so that stitching has something to put in order."""
+    from batchcap.models.whisper_timestamps import whole_clip
+
+    seen: list[list[float]] = []
+    inner = transcriber.transcribe
+
+    def recording(batch):
+        seen.append([p.duration_s for p in batch])
+        results = inner(batch)
+        for p, r in zip(batch, results):
+            if not r["text"]:
+                r["text"] = f"u{p.duration_s:.2f}"
+                r["segments"] = whole_clip(r["text"], p.duration_s)
+        return results
+    transcriber.transcribe = recording
+    return seen
+
+
+def test_long_files_are_windowed_batched_and_stitched(tiny_whisper, tmp_path):
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    a, spans_a = long_file(inputs / "a.wav", 3.0)
+    b, _ = long_file(inputs / "b.wav", 1.5, seed=1)
+    write_audio(inputs / "c.wav", 2.0)
+    transcriber = load_transcriber(AudioOptions(model=tiny_whisper))
+    seen = count_batches(transcriber)
+    result = transcribe([str(inputs)], str(tmp_path / "out.parquet"), transcriber=transcriber, quiet=True,
+                        batch_size=4)
+    rows = rows_of(result.output)
+    assert [os.path.basename(r["id"]) for r in rows] == ["a.wav", "b.wav", "c.wav"]  # input order
+    assert [r["status"] for r in rows] == ["ok"] * 3
+    # every model batch holds at most 4 units, all windows of at most 30 s; windows of the two long
+    # files and the short clip were batched together (3 + 1 minutes of tones need more than 10 windows)
+    assert all(len(batch) <= 4 and max(batch) <= 30.0 for batch in seen)
+    assert sum(len(batch) for batch in seen) >= 10 and len(seen) >= 3
+    assert any(2.0 in batch and len(batch) > 1 for batch in seen)  # the clip shares a batch with windows
+    for row in rows[:2]:
+        segs = row["segments"]
+        assert segs and all(s["start"] < s["end"] for s in segs)
+        assert all(x["end"] <= y["start"] for x, y in zip(segs, segs[1:]))  # in time order, no overlap
+        assert 0 <= segs[0]["start"] and segs[-1]["end"] <= row["duration_s"]
+    # without timestamp tokens each window is one segment: every tone lies inside one of them
+    segs_a = rows[0]["segments"]
+    assert all(any(s["start"] <= lo and hi <= s["end"] for s in segs_a) for lo, hi in spans_a)
+    assert all(s["end"] - s["start"] <= 30.0 for s in segs_a)
+    assert rows[0]["text"] == " ".join(s["text"] for s in segs_a)
+    assert rows[2]["segments"] == [{"start": 0.0, "end": 2.0, "text": rows[2]["text"]}]
+
+
+def test_two_hour_file_keeps_only_a_few_windows_of_features(tiny_whisper, tmp_path):
+    # 2 hours: a 1 s tone every 30 s (so that the tiny model's time stays small), 240 windows
+    samples, _ = tones_and_silences([("silence", 14.5)] + [("tone", 1.0), ("silence", 29.0)] * 240)
+    path = str(tmp_path / "two-hours.wav")
+    sf.write(path, samples, SR, subtype="PCM_16")
+    del samples
+    transcriber = load_transcriber(AudioOptions(model=tiny_whisper, max_new_tokens=2))
+    count_batches(transcriber)
+    longform.FEATURES.reset()
+    result = transcribe([path], str(tmp_path / "out.parquet"), transcriber=transcriber, quiet=True, batch_size=16)
+    (row,) = rows_of(result.output)
+    assert row["status"] == "ok" and row["duration_s"] > 7100
+    assert longform.FEATURES.made == 240  # one window per tone
+    assert longform.FEATURES.peak <= 2 * 16  # the sub-batch running and the one being prepared
+    assert longform.FEATURES.alive == 0
+    assert len(row["segments"]) == 240 and row["segments"][-1]["end"] > 7000
+
+
+def test_write_subtitles_resume_keeps_them_overwrite_redoes(tiny_whisper, tmp_path):
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    long_file(inputs / "talk.wav", 1.0)
+    write_audio(inputs / "short.wav", 1.5)
+    model_args = ["--model", tiny_whisper]
+    out = tmp_path / "out.parquet"
+    code, text = run_cli("audio", inputs, "-o", out, *model_args, "--write", "srt,vtt", "-q")
+    assert code == 0, text
+    subs = tmp_path / "out.subtitles"
+    names = sorted(os.listdir(subs))
+    assert len(names) == 4 and all(n.split("~")[0] in ("talk", "short") for n in names)
+    srt_path = next(subs / n for n in names if n.startswith("talk") and n.endswith(".srt"))
+    cues = parse_srt(srt_path.read_text())
+    assert [c[0] for c in cues] == list(range(1, len(cues) + 1))
+    assert all(c[1] <= c[2] for c in cues) and [c[1] for c in cues] == sorted(c[1] for c in cues)
+    vtt = next(subs / n for n in names if n.startswith("talk") and n.endswith(".vtt"))
+    assert parse_vtt(vtt.read_text()) == [(a, b, t) for _, a, b, t in cues]
+    # a rerun resumes: nothing to do, the files stay as they are (even edited by hand)
+    srt_path.write_text("kept\n")
+    code, text = run_cli("audio", inputs, "-o", out, *model_args, "--write", "srt,vtt", "-q")
+    assert code == 0 and srt_path.read_text() == "kept\n"
+    # a file removed meanwhile is written again from the table; txt added on a rerun is written for all
+    os.unlink(vtt)
+    code, text = run_cli("audio", inputs, "-o", out, *model_args, "--write", "srt,vtt,txt", "-q")
+    assert vtt.exists() and len(os.listdir(subs)) == 6 and srt_path.read_text() == "kept\n"
+    code, text = run_cli("audio", inputs, "-o", out, *model_args, "--write", "srt", "--overwrite", "-q")
+    assert code == 0 and srt_path.read_text() != "kept\n"
+    # export from the finished table gives the same SRT
+    code, text = run_cli("export", out, "--format", "srt", "-o", tmp_path / "exported")
+    assert code == 0, text
+    assert (tmp_path / "exported" / srt_path.name).read_text() == srt_path.read_text()
+
+
+def test_sequential_long_form_and_no_speech(tiny_whisper, tmp_path):
+    path, _ = long_file(tmp_path / "a.wav", 0.75)
+    quiet = tmp_path / "hum.wav"
+    rng = np.random.default_rng(0)
+    hum = (0.01 * rng.standard_normal(40 * SR)).astype(np.float32)
+    sf.write(str(quiet), hum, SR)
+    transcriber = load_transcriber(AudioOptions(model=tiny_whisper))
+    result = transcribe([path, str(quiet)], str(tmp_path / "seq.parquet"), transcriber=transcriber, quiet=True,
+                        long_form="sequential")
+    rows = rows_of(result.output)
+    assert rows[0]["status"] == "ok" and all(s["end"] <= rows[0]["duration_s"] for s in rows[0]["segments"])
+    # steady noise without pauses is speech for the energy VAD only if it is loud; this hum is a quiet floor
+    result = transcribe([str(quiet)], str(tmp_path / "b.parquet"), transcriber=transcriber, quiet=True)
+    (row,) = rows_of(result.output)
+    assert row["status"] in ("ok", "empty")
+    code, text = run_cli("audio", path, "-o", tmp_path / "x.parquet", "--model", tiny_whisper, "--write", "doc")
+    assert code == 1 and "unknown subtitle format 'doc'" in text

@@ -1,0 +1,106 @@
+"""The splitter: speech regions -> windows of at most 30 s cut at pauses."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from batchcap.vad import SAMPLE_RATE, EnergyVad, FrameScores, VadConfig, plan_windows, split_recording
+from tests.conftest import tone
+
+SR = SAMPLE_RATE
+
+
+def tones_and_silences(pattern: list[tuple[str, float]], seed: int = 0) -> tuple[np.ndarray, list[tuple[float, float]]]:
+    """Audio from ("tone"|"silence", seconds) pieces; returns the samples and the tone spans (s)."""
+    pieces, spans, t = [], [], 0.0
+    rng = np.random.default_rng(seed)
+    for i, (kind, seconds) in enumerate(pattern):
+        n = int(seconds * SR)
+        if kind == "tone":
+            pieces.append(tone(seconds, freq=300 + 40 * (i % 7), seed=i))
+            spans.append((t, t + seconds))
+        else:
+            pieces.append((1e-4 * rng.standard_normal(n)).astype(np.float32))  # a quiet room, not zeros
+        t += seconds
+    return np.concatenate(pieces), spans
+
+
+def three_minutes() -> tuple[np.ndarray, list[tuple[float, float]]]:
+    pattern: list[tuple[str, float]] = [("silence", 1.0)]
+    for _ in range(24):  # 24 x (5.5 s tone + 1.8 s pause) + 1 s = 176.2 s
+        pattern += [("tone", 5.5), ("silence", 1.8)]
+    pattern.append(("silence", 3.0))
+    return tones_and_silences(pattern)
+
+
+def test_three_minute_file_is_cut_at_the_silences():
+    samples, spans = three_minutes()
+    assert 170 < len(samples) / SR < 190
+    windows = split_recording(samples, EnergyVad())
+    assert len(windows) >= 6
+    for w in windows:
+        assert 0 < w.duration_s <= 30.0
+        # every window edge lies in a pause: never inside a tone
+        for edge in (w.start_s, w.end_s):
+            assert not any(a + 0.01 < edge < b - 0.01 for a, b in spans), (edge, w)
+    # windows are in order, do not overlap, and together cover every tone completely
+    assert all(a.end <= b.start for a, b in zip(windows, windows[1:]))
+    for a, b in spans:
+        assert any(w.start_s <= a and b <= w.end_s for w in windows), (a, b)
+    # pauses are padded, not swallowed: the leading second of silence is mostly skipped
+    assert windows[0].start_s >= 0.7
+    # packed: each window holds several tones (4 x 7.3 s fit in 30 s)
+    assert max(w.duration_s for w in windows) > 20
+
+
+def test_speech_longer_than_a_window_is_cut_at_its_quietest_point():
+    # 50 s of tone with a short dip (0.15 s, shorter than a pause) at 21 s
+    samples = tone(50.0, seed=3)
+    dip = slice(int(21.0 * SR), int(21.15 * SR))
+    samples[dip] *= 0.05
+    windows = split_recording(samples, EnergyVad())
+    assert len(windows) == 2
+    assert all(w.duration_s <= 30.0 for w in windows)
+    assert 20.9 <= windows[0].end_s <= 21.25
+    assert windows[0].end == windows[1].start  # a forced cut: the windows touch
+
+
+def test_long_pauses_end_a_window_even_when_it_would_fit():
+    samples, spans = tones_and_silences([("tone", 3.0), ("silence", 6.0), ("tone", 3.0)])
+    windows = split_recording(samples, EnergyVad(), VadConfig(max_merge_gap_s=3.0))
+    assert len(windows) == 2
+    windows = split_recording(samples, EnergyVad(), VadConfig(max_merge_gap_s=10.0))
+    assert len(windows) == 1
+
+
+def test_silence_and_clicks_give_no_windows():
+    rng = np.random.default_rng(0)
+    quiet = (1e-4 * rng.standard_normal(40 * SR)).astype(np.float32)
+    assert split_recording(quiet, EnergyVad()) == []
+    click = quiet.copy()
+    click[10 * SR:10 * SR + 160] = 0.5  # 10 ms
+    assert split_recording(click, EnergyVad()) == []
+
+
+def test_plan_windows_from_scores():
+    # 1 = speech, 10 ms frames: 2 s speech, 0.5 s pause, 2 s speech, 0.1 s pause, 1 s speech
+    frames = np.concatenate([np.ones(200), np.zeros(50), np.ones(200), np.zeros(10), np.ones(100)]).astype(np.float32)
+    scores = FrameScores(frames, 160, 0.5, 0.5)
+    windows = plan_windows(scores, len(frames) * 160, VadConfig(max_window_s=4.0, pad_s=0.0))
+    # the 0.1 s pause is bridged; the 0.5 s one is a cut because 2 + 0.5 + 3.1 > 4 s
+    assert [(w.start_s, w.end_s) for w in windows] == [(0.0, 2.0), (2.5, 5.6)]
+
+
+def test_silero_vad_when_installed():
+    pytest.importorskip("onnxruntime")
+    from batchcap.vad import SileroVad, find_silero_model
+
+    try:
+        find_silero_model()
+    except Exception:
+        pytest.skip("faster-whisper (which ships the Silero model) is not installed")
+    samples, spans = tones_and_silences([("silence", 1.0), ("tone", 2.0), ("silence", 1.0)])
+    scores = SileroVad().score(samples)
+    assert scores.hop == 512 and len(scores.scores) == -(-len(samples) // 512)
+    assert np.all((scores.scores >= 0) & (scores.scores <= 1))
