@@ -157,6 +157,7 @@ class WhisperTranscriber:
         self._text_mask = text.to(self.device)
         self._not_text = ~self._text_mask
         self._not_text[self.eot_id] = False
+        self._not_text_ids = self._not_text.nonzero()[:, 0]  # ~1,600 ids: cheaper to index than a full mask
         prompt = 4 if self.multilingual else 2  # <|sot|>[<|lang|><|task|>]<|notimestamps|>
         # what generate allows by default (Whisper's generate counts max_length in new tokens)
         self._max_new_tokens = min(int(getattr(gen, "max_length", None) or 448),
@@ -305,7 +306,7 @@ class WhisperTranscriber:
                     kwargs["language"] = [lang for lang in languages for _ in range(samples)]
         # text tokens and the end token only: no timestamp (a sampled one would make generate seek inside
         # the clip), no special token (text the guard could not see)
-        processors: list[Any] = [_Suppress(self._not_text)]
+        processors: list[Any] = [_Suppress(self._not_text_ids)]
         recorder = None
         if kwargs["num_beams"] == 1:
             recorder = _TokenLogprobs(self.eot_id)
@@ -520,13 +521,14 @@ def _language_list(language: str | Sequence[str] | None) -> list[str]:
 
 
 class _Suppress:
-    """A logits processor that rules out the tokens of a boolean mask over the vocabulary."""
+    """A logits processor that rules out the tokens ``ids`` (in place: generate hands it a copy)."""
 
-    def __init__(self, mask: Any):
-        self.mask = mask
+    def __init__(self, ids: Any):
+        self.ids = ids
 
     def __call__(self, input_ids: Any, scores: Any) -> Any:
-        return scores.masked_fill(self.mask[:scores.shape[-1]], float("-inf"))
+        scores[:, self.ids[self.ids < scores.shape[-1]]] = float("-inf")
+        return scores
 
 
 class _TokenLogprobs:
@@ -540,10 +542,11 @@ class _TokenLogprobs:
         self.total: Any = None
         self.count: Any = None
         self.done: Any = None
+        self.norm: Any = None
 
     def _add(self, chosen: Any) -> None:
         active = ~self.done
-        picked = self.previous.gather(1, chosen[:, None])[:, 0]
+        picked = self.previous.gather(1, chosen[:, None])[:, 0].float() - self.norm
         self.total += picked * active
         self.count += active
         self.done |= chosen == self.eot_id
@@ -558,7 +561,9 @@ class _TokenLogprobs:
             self.done = torch.zeros(n, dtype=torch.bool, device=scores.device)
         else:
             self._add(input_ids[:, -1])
-        self.previous = scores.float().log_softmax(-1)
+        # log-probability of a token = its logit - logsumexp: one reduction per step, no [batch, vocab] copy
+        self.previous = scores
+        self.norm = scores.float().logsumexp(-1)
         return scores
 
     def finish(self, sequences: Any) -> list[float | None]:
