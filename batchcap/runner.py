@@ -19,7 +19,7 @@ from typing import Any
 from .items import CRASHED, EMPTY, OK, FatalError, Item, ItemError
 from .job import Job, JobOptions
 from .journal import CRASH_LIMIT, Journal
-from .output import ResultStore, write_summary
+from .output import result_store, write_summary
 from .progress import Progress
 from .stages import Loaded, Predictor, make_row
 
@@ -61,7 +61,7 @@ def run_job(items: Iterable[Item], job: Job, output: str, options: JobOptions | 
     started = time.time()
     if options.engine == "local" and predictor is None:
         predictor = job.load_predictor()  # before the store: a model that won't load leaves nothing behind
-    store = ResultStore(output, overwrite=options.overwrite, retry_failed=options.retry_failed,
+    store = result_store(output, overwrite=options.overwrite, retry_failed=options.retry_failed,
                         flush_rows=options.flush_rows)
     order: dict[str, int] = {}
     counts: Counter = Counter()
