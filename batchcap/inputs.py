@@ -378,4 +378,6 @@ def _manifest_items(manifest: str, spec: InputSpec, base: str | None = None) -> 
 def _resolve(source: str, base: str) -> str:
     if is_url(source) or os.path.isabs(source):
         return source
+    if storage.is_remote(base):  # a relative key in a manifest in object storage
+        return storage.resolve(base, source)
     return os.path.join(base, os.path.expanduser(source))

@@ -27,6 +27,7 @@ import contextlib
 import errno
 import logging
 import os
+import posixpath
 import re
 import threading
 from collections.abc import Iterator
@@ -83,6 +84,15 @@ def join(base: str, *names: str) -> str:
     for name in names:
         out += "/" + name.strip("/")
     return out
+
+
+def resolve(base: str, relative: str) -> str:
+    """A manifest's relative path against its remote prefix, ``..`` as in paths (never above the bucket)."""
+    head, _, rest = base.partition("://")
+    joined = posixpath.normpath(posixpath.join(rest.rstrip("/"), relative))
+    if joined.startswith("..") or joined.startswith("/"):
+        return f"{head}://{rest.rstrip('/')}/{relative}"
+    return f"{head}://{joined}"
 
 
 def parent(url: str) -> str:
@@ -160,6 +170,8 @@ def filesystem(url: str) -> tuple[Any, str]:
 def reset() -> None:
     """Forget the filesystems of this process (tests that change credentials or endpoints)."""
     with _FS_LOCK:
+        for fs in _FS.values():
+            type(fs).clear_instance_cache()  # fsspec keeps its own instances, keyed by arguments only
         _FS.clear()
 
 
