@@ -288,21 +288,14 @@ def _fsync(path: str) -> None:
 
 
 def write_summary(path: str, summary: dict[str, Any]) -> str:
-    """The run summary as JSON beside the output (``out.parquet`` -> ``out.summary.json``)."""
+    """The run summary as JSON beside the output (``out.parquet`` -> ``out.summary.json``; a remote output's
+    summary is an object beside it)."""
+    from .fsutil import atomic_write
+
     base, _ = os.path.splitext(path)
     target = base + ".summary.json"
-    from . import storage
-
-    if storage.is_remote(target):  # one PUT beside the remote output
-        storage.write_bytes(target, json.dumps(summary, indent=2, default=str) + "\n")
-        return target
-    tmp = target + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(summary, f, indent=2, default=str)
-        f.write("\n")
-    os.replace(tmp, target)
+    atomic_write(target, json.dumps(summary, indent=2, default=str) + "\n")
     return target
-
 
 
 # --- outputs in object storage (s3://, gs://, az://, hf://: batchcap/storage.py) -------------------

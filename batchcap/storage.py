@@ -49,8 +49,9 @@ _BACKENDS = {"s3": "s3fs", "gcs": "gcsfs", "azure": "adlfs"}
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*)://")
 
 
-class StorageError(Exception):
-    """An object-store operation failed; ``message`` is one line, safe to log (no credentials)."""
+class StorageError(OSError):
+    """An object-store operation failed (an OSError, like a local I/O failure); ``message`` is one line,
+    safe to log (no credentials)."""
 
     def __init__(self, message: str, *, retryable: bool = False, auth: bool = False, missing: bool = False):
         super().__init__(message)

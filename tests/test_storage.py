@@ -200,6 +200,24 @@ def test_prefix_walk_and_manifest_in_memory_store(memory):
         Inputs([f"{url}/bad.csv"], image_spec(path_column=None)).check()
 
 
+def test_files_written_through_fsutil_go_to_the_store(memory):
+    """Subtitles, reports and summaries are written with fsutil: a URL target becomes one object."""
+    from batchcap.fsutil import atomic_path, atomic_write
+
+    fs, root = memory
+    url = f"memory:/{root}/subs/a.srt"
+    assert atomic_write(url, "1\n00:00:00,000 --> 00:00:01,000\nhello\n") == url
+    assert fs.cat_file(f"{root}/subs/a.srt").startswith(b"1\n00:00:00,000")
+    with pytest.raises(RuntimeError), atomic_path(f"memory:/{root}/t.parquet") as tmp:
+        pq.write_table(pa.table({"a": [1]}), tmp)
+        raise RuntimeError("a writer that fails uploads nothing")
+    assert not fs.exists(f"{root}/t.parquet")
+    with atomic_path(f"memory:/{root}/t.parquet") as tmp:
+        pq.write_table(pa.table({"a": [1]}), tmp)
+    assert pq.read_table(io.BytesIO(fs.cat_file(f"{root}/t.parquet"))).num_rows == 1
+    assert not os.path.exists(tmp)
+
+
 def test_remote_store_resumes_from_the_store_not_the_cache(memory, tmp_path):
     fs, root = memory
     url = f"memory:/{root}/out/res.parquet"
