@@ -143,7 +143,7 @@ class Fetcher:
             scheme = _SCHEME.match(source)
             if scheme or source.lower().startswith("data:"):
                 name = scheme.group(1).lower() if scheme else "data"
-                return _error(f"unsupported URL scheme '{name}' (only http and https are fetched)")
+                return _error(f"unsupported URL scheme '{name}' (http, https and object stores: s3, gs, az, hf)")
             return self._fetch_local(source)
         except Exception as exc:  # never raise for one item
             log.debug("unexpected error fetching %s", source, exc_info=True)
