@@ -218,12 +218,11 @@ class Inputs:
         kind = self._remote_kind(url)
         if kind == "manifest":
             self.stats.manifests += 1
-            items = self._remote_manifest(url, lambda copy: _manifest_items(copy, self.spec, storage.parent(url)))
-            while True:  # FatalErrors raised while reading rows name the URL too
-                item = self._remote_manifest(url, lambda _: next(items, None))
-                if item is None:
-                    return
-                yield item
+            copy = self._remote_manifest(url, lambda local: local)
+            try:
+                yield from _manifest_items(copy, self.spec, storage.parent(url))
+            except FatalError as exc:  # e.g. a corrupt row group: name the URL, not the copy
+                raise FatalError(str(exc).replace(copy, url)) from None
         elif kind == "prefix":
             try:
                 for obj in storage.walk(url):
