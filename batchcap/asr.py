@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .audio import decode_audio
+from .audio import DEFAULT_MAX_DURATION_S, decode_audio
 from .fetch import FetchConfig
 from .inputs import audio_spec
 from .items import OK, Item, ItemError
@@ -37,8 +37,9 @@ class AudioOptions(JobOptions):
     normalize: str = "auto"  # auto | whisper | basic | none
     min_duration: float = 0.1
     silence_dbfs: float = -60.0
+    max_duration_s: float | None = DEFAULT_MAX_DURATION_S  # longer recordings: decode_error, found before decoding
     workers: int = 4
-    fetch: FetchConfig = field(default_factory=lambda: FetchConfig(max_bytes=2 * 2**30))
+    fetch: FetchConfig = field(default_factory=lambda: FetchConfig(max_bytes=2 * 2**30, deadline=600.0))
 
 
 class AudioPreprocessor(ModelFreePreprocessor):
@@ -53,7 +54,8 @@ class AudioPreprocessor(ModelFreePreprocessor):
                                window_margin_s=self.options.window_margin_s)
 
     def load(self, item: Item, data: bytes) -> Any:
-        samples = decode_audio(data, min_duration=self.options.min_duration, silence_dbfs=self.options.silence_dbfs)
+        samples = decode_audio(data, min_duration=self.options.min_duration,
+                               silence_dbfs=self.options.silence_dbfs, max_duration_s=self.options.max_duration_s)
         return self.features.prepare(samples)
 
     def size(self, loaded: Any) -> float:

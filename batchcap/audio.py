@@ -1,10 +1,19 @@
-"""Decode and validate audio: any container libsndfile or FFmpeg (PyAV) reads -> mono float32 at 16 kHz."""
+"""Decode and validate audio: any container libsndfile or FFmpeg (PyAV) reads -> mono float32 at 16 kHz.
+
+Length cap (``max_duration_s``, ``--max-duration``): a small file can hold hours of audio (FLAC or Opus
+compress near-silence to almost nothing: 3 hours of it is a few hundred KB), and decoded samples cost
+4 bytes a sample at the source rate. The cap is checked from the header / container before any sample is
+decoded, and again while decoding (libsndfile is read in blocks, PyAV frame by frame), so a header that
+lies, or says nothing, never lets more than the cap plus one block into memory.
+"""
 
 from __future__ import annotations
 
 import io
 import logging
 import math
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -13,26 +22,65 @@ from .items import DECODE_ERROR, EMPTY, ItemError
 log = logging.getLogger(__name__)
 
 SAMPLE_RATE = 16_000
+# 4 hours: longer than the meetings, lectures, hearings and podcast episodes batch transcription sees, and
+# the most one item may cost: 0.9 GB of 16 kHz float32 samples once decoded (2.8 GB while a 48 kHz source is
+# decoded). Longer recordings need an explicit --max-duration.
+DEFAULT_MAX_DURATION_S = 4 * 3600.0
+BLOCK_FRAMES = 1 << 16  # libsndfile reads this many frames at a time
+_UNKNOWN_FRAMES = 2**62  # libsndfile reports SF_COUNT_MAX when a stream does not say its length
+
+
+@dataclass
+class _Budget:
+    """Seconds decoded so far against ``--max-duration``; raises the item's decode_error past it."""
+
+    limit_s: float | None
+    decoded_s: float = 0.0
+
+    def check_header(self, seconds: float | None) -> None:
+        if self.limit_s and seconds and seconds > self.limit_s:
+            raise self._error(f"recording is {_human(seconds)} long, longer than --max-duration "
+                              f"({_human(self.limit_s)})", seconds)
+
+    def add(self, frames: int, rate: int) -> None:
+        self.decoded_s += frames / rate
+        if self.limit_s and self.decoded_s > self.limit_s:
+            raise self._error(f"recording is longer than --max-duration ({_human(self.limit_s)}): decoding stopped "
+                              f"after {_human(self.decoded_s)}", None)
+
+    def _error(self, message: str, seconds: float | None) -> ItemError:
+        return ItemError(DECODE_ERROR, message, fields={"duration_s": round(seconds, 3) if seconds else None,
+                                                        "max_duration_s": self.limit_s,
+                                                        "decoded_s": round(self.decoded_s, 3)})
+
+
+def _human(seconds: float) -> str:
+    if seconds >= 3600:
+        return f"{seconds / 3600:.1f} h"
+    if seconds >= 120:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds:.1f} s" if seconds % 1 else f"{seconds:.0f} s"
 
 
 def decode_audio(data: bytes, *, sample_rate: int = SAMPLE_RATE, min_duration: float = 0.1,
-                 silence_dbfs: float = -60.0) -> np.ndarray:
-    """Mono float32 samples at ``sample_rate``; ItemError for anything a model should not see."""
+                 silence_dbfs: float = -60.0, max_duration_s: float | None = DEFAULT_MAX_DURATION_S) -> np.ndarray:
+    """Mono float32 samples at ``sample_rate``; ItemError for anything a model should not see.
+
+    ``max_duration_s`` (None: no cap): longer recordings are a decode_error, found without decoding them.
+    """
     if not data:
         raise ItemError(DECODE_ERROR, "empty file (0 bytes)")
-    samples, rate = _read(data)
+    samples, rate = _read(data, _Budget(max_duration_s))
     if samples.size == 0:
         raise ItemError(EMPTY, "the file holds no audio samples", fields={"duration_s": 0.0})
-    if not np.isfinite(samples).all():
+    if not np.isfinite(samples.sum(dtype=np.float64)):  # NaN / inf propagate; no temporary array of flags
         bad = int((~np.isfinite(samples)).sum())
         raise ItemError(DECODE_ERROR, f"audio contains {bad} NaN or infinite samples")
-    if samples.ndim == 2:
-        samples = samples.mean(axis=1, dtype=np.float32)
     duration = samples.shape[0] / rate
     if duration < min_duration:
         raise ItemError(EMPTY, f"clip is {duration * 1000:.0f} ms long, shorter than the {min_duration:g} s "
                         "minimum (--min-duration)", fields={"duration_s": round(duration, 3)})
-    peak = float(np.abs(samples).max())
+    peak = max(float(samples.max()), -float(samples.min()))  # no temporary copy of hours of samples
     peak_db = 20 * math.log10(peak) if peak > 0 else -math.inf
     if peak_db < silence_dbfs:
         raise ItemError(EMPTY, f"audio is silent (peak {peak_db:.0f} dBFS, below the {silence_dbfs:g} dBFS "
@@ -44,20 +92,63 @@ def decode_audio(data: bytes, *, sample_rate: int = SAMPLE_RATE, min_duration: f
     return np.ascontiguousarray(samples, dtype=np.float32)
 
 
-def _read(data: bytes) -> tuple[np.ndarray, int]:
-    """(samples as float32 [frames] or [frames, channels], sample rate)."""
+def _mono(block: np.ndarray) -> np.ndarray:
+    """[frames, channels] -> [frames]: the mean of the channels."""
+    return block[:, 0] if block.shape[1] == 1 else block.mean(axis=1, dtype=np.float32)
+
+
+def _joined(chunks: list[np.ndarray]) -> np.ndarray:
+    return np.concatenate(chunks).astype(np.float32, copy=False) if chunks else np.zeros(0, np.float32)
+
+
+def _read_blocks(f: Any, budget: _Budget) -> np.ndarray:
+    """Mono samples of an open ``soundfile.SoundFile``, block by block into one array sized from the header
+    (frames the header did not announce, or all of them when it announced none, are gathered apart)."""
+    rate = int(f.samplerate)
+    declared = f.frames if 0 < f.frames < _UNKNOWN_FRAMES else 0
+    if declared:
+        budget.check_header(declared / rate)
+    out = np.empty(declared, np.float32)
+    block = np.empty((BLOCK_FRAMES, f.channels), np.float32)
+    extra: list[np.ndarray] = []
+    filled = 0
+    while True:
+        got = f.read(dtype="float32", always_2d=True, out=block)
+        if not len(got):
+            break
+        budget.add(len(got), rate)
+        mono = _mono(got)
+        fit = min(len(mono), declared - filled)
+        out[filled:filled + fit] = mono[:fit]
+        filled += fit
+        if fit < len(mono):
+            extra.append(mono[fit:].copy())  # ``block`` is reused
+    return np.concatenate([out[:filled], *extra]) if extra else out[:filled]
+
+
+def _read(data: bytes, budget: _Budget) -> tuple[np.ndarray, int]:
+    """(mono float32 samples, sample rate), through libsndfile, else FFmpeg."""
     import soundfile as sf
 
     try:
-        samples, rate = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
-        return (samples[:, 0] if samples.shape[1] == 1 else samples), int(rate)
+        with sf.SoundFile(io.BytesIO(data)) as f:
+            return _read_blocks(f, budget), int(f.samplerate)
     except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as exc:
         # "Error opening <_io.BytesIO object at 0x...>: Format not recognised." -> "Format not recognised"
         first_error = str(exc).rsplit(">: ", 1)[-1].rstrip(".") or type(exc).__name__
-    return _read_av(data, first_error)
+    return _read_av(data, first_error, _Budget(budget.limit_s))
 
 
-def _read_av(data: bytes, first_error: str) -> tuple[np.ndarray, int]:
+def _container_seconds(container: Any, stream: Any) -> float | None:
+    """The duration the container or the stream declares (None when neither does)."""
+    if stream.duration is not None and stream.time_base is not None:
+        return float(stream.duration * stream.time_base)
+    if container.duration is not None:
+        return container.duration / 1_000_000  # AV_TIME_BASE units
+    return None
+
+
+def _read_av(data: bytes, first_error: str, budget: _Budget) -> tuple[np.ndarray, int]:
     """FFmpeg through PyAV, for what libsndfile does not read (m4a, aac, webm, ...)."""
     try:
         import av
@@ -70,9 +161,11 @@ def _read_av(data: bytes, first_error: str) -> tuple[np.ndarray, int]:
                 raise ItemError(DECODE_ERROR, "no audio stream in the file")
             stream = container.streams.audio[0]
             rate = stream.rate or SAMPLE_RATE
+            budget.check_header(_container_seconds(container, stream))
             resampler = av.AudioResampler(format="flt", layout="mono", rate=rate)
             chunks = []
             for frame in container.decode(stream):
+                budget.add(frame.samples, frame.sample_rate or rate)
                 for out in resampler.resample(frame):
                     chunks.append(out.to_ndarray().reshape(-1))
             for out in resampler.resample(None):
@@ -81,5 +174,4 @@ def _read_av(data: bytes, first_error: str) -> tuple[np.ndarray, int]:
         raise
     except Exception as exc:  # PyAV raises many error types (av.error.*, ValueError, ...)
         raise ItemError(DECODE_ERROR, f"not a readable audio file ({first_error})") from exc
-    samples = np.concatenate(chunks).astype(np.float32) if chunks else np.zeros(0, np.float32)
-    return samples, int(rate)
+    return _joined(chunks), int(rate)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -34,7 +35,8 @@ def job_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                      help="Result file, .parquet or .csv (format from the extension)."),
         click.option("--device", default=JobOptions.device, show_default=True, help="auto, cpu, cuda, cuda:N or mps."),
         click.option("--dtype", default=JobOptions.dtype, show_default=True,
-                     help="auto (float16 on CUDA, float32 elsewhere), float32, float16 or bfloat16."),
+                     help="auto (float16 on CUDA; on CPUs with native bfloat16, float32 weights with bfloat16 "
+                     "autocast; float32 elsewhere), float32, float16 or bfloat16."),
         click.option("--batch-size", type=click.IntRange(1), default=JobOptions.batch_size, show_default=True),
         click.option("--beam-size", type=click.IntRange(1), default=JobOptions.num_beams, show_default=True,
                      help="Beams for generation (1 = greedy)."),
@@ -51,6 +53,8 @@ def job_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--max-bytes", type=click.IntRange(1), default=None,
                      help="Largest file or download accepted, in bytes."),
         click.option("--overwrite", is_flag=True, help="Start over instead of resuming from OUTPUT."),
+        click.option("--report", is_flag=True,
+                     help="Also write OUT.report.html, the run as a page to look at (see batchcap report)."),
         click.option("--retry-failed", is_flag=True, help="Redo items whose earlier row is not ok."),
         click.option("--flush-every", type=click.IntRange(1), default=JobOptions.flush_rows, show_default=True,
                      help="Rows per part file: the most a crash can cost."),
@@ -69,11 +73,13 @@ def job_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _fetch_config(default_max_bytes: int, timeout: float, retries: int, max_bytes: int | None,
-                  per_host: int) -> Any:
+                  per_host: int, default_deadline: float = 120.0, fetch_deadline: float | None = None,
+                  block_private_addresses: bool = False, root: str | None = None) -> Any:
     from .fetch import FetchConfig
 
     return FetchConfig(read_timeout=timeout, retries=retries, max_bytes=max_bytes or default_max_bytes,
-                       per_host=per_host)
+                       per_host=per_host, deadline=fetch_deadline or default_deadline,
+                       block_private=block_private_addresses, root=root)
 
 
 def _run(job: Callable[[], Any], quiet: bool) -> None:
@@ -84,6 +90,8 @@ def _run(job: Callable[[], Any], quiet: bool) -> None:
         for line in summary_lines(result.summary):
             click.echo(line)
         click.echo(f"summary: {result.summary_path}")
+        if result.summary.get("report"):
+            click.echo(f"report: {result.summary['report']}")
     click.get_current_context().exit(EXIT_ITEMS_FAILED if result.failed_this_run else EXIT_OK)
 
 
@@ -106,7 +114,18 @@ def summary_lines(summary: dict[str, Any]) -> list[str]:
     return lines
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+class _Batchcap(click.Group):
+    """The ``batchcap`` group; it remembers the command line it was given (for summaries and reports)."""
+
+    def main(self, args: Any = None, *more: Any, **kwargs: Any) -> Any:
+        _ARGV[:] = ["batchcap", *(sys.argv[1:] if args is None else [str(a) for a in args])]
+        return super().main(args, *more, **kwargs)
+
+
+_ARGV: list[str] = []
+
+
+@click.group(cls=_Batchcap, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="batchcap")
 def main() -> None:
     """Caption images and transcribe recordings in batches, into parquet or CSV tables.
@@ -138,6 +157,10 @@ def main() -> None:
               help="Clips shorter than this (seconds) get status 'empty'.")
 @click.option("--silence-threshold", type=float, default=AudioOptions.silence_dbfs, show_default=True,
               help="Clips whose peak is below this (dBFS) get status 'empty'.")
+@click.option("--max-duration", "max_duration_s", type=click.FloatRange(0, min_open=True),
+              default=AudioOptions.max_duration_s,
+              show_default=True, help="Longer recordings (seconds) are a decode_error, found from the header "
+              "before decoding and enforced while decoding (a tiny FLAC or Opus file can hold hours).")
 def audio(inputs: tuple[str, ...], output: str | None, full_window: bool, window_margin: float,
           silence_threshold: float, **options: Any) -> None:
     """Transcribe every recording of INPUT... with Whisper.
@@ -149,7 +172,8 @@ def audio(inputs: tuple[str, ...], output: str | None, full_window: bool, window
     from .asr import transcribe
 
     opts = AudioOptions(full_window=full_window, window_margin_s=window_margin, silence_dbfs=silence_threshold,
-                        **_job_options(options, default_max_bytes=2 * 2**30, default_workers=4))
+                        **_job_options(options, default_max_bytes=2 * 2**30, default_workers=4,
+                                       default_deadline=600.0))
     _run(functools.partial(transcribe, list(inputs), output or "transcripts.parquet", options=opts), opts.quiet)
 
 
@@ -179,21 +203,27 @@ def images(inputs: tuple[str, ...], output: str | None, url_column: str | None, 
     _run(functools.partial(caption_images, list(inputs), output or "captions.parquet", options=opts), opts.quiet)
 
 
-def _job_options(cli: dict[str, Any], default_max_bytes: int, default_workers: int) -> dict[str, Any]:
+def _job_options(cli: dict[str, Any], default_max_bytes: int, default_workers: int,
+                 default_deadline: float = 120.0) -> dict[str, Any]:
     """CLI option values -> option-dataclass fields (the names differ where the CLI follows habit)."""
     setup_logging(cli.pop("verbose"), cli["quiet"])
     cli["fetch"] = _fetch_config(default_max_bytes, cli.pop("timeout"), cli.pop("retries"), cli.pop("max_bytes"),
-                                 cli.pop("per_host"))
+                                 cli.pop("per_host"), default_deadline, cli.pop("fetch_deadline"),
+                                 cli.pop("block_private_addresses"), cli.pop("root"))
     cli["num_beams"] = cli.pop("beam_size")
     cli["flush_rows"] = cli.pop("flush_every")
     cli["workers"] = cli["workers"] or default_workers
     cli["reference_columns"] = tuple(cli["reference_columns"])
+    cli["command"] = list(_ARGV) or None
     return cli
 
 
 from .train.cli import train  # noqa: E402
 
 main.add_command(train)
+from .report.cli import report  # noqa: E402
+
+main.add_command(report)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -16,6 +16,9 @@ def manifest_options(text: str = "reference text") -> list[Decorator]:
         click.option("--reference-column", "reference_columns", multiple=True,
                      help=f"Manifest column(s) with the {text} (repeat for several)."),
         click.option("--id-column", default=None, help="Manifest column with a stable item id."),
+        click.option("--root", default=None, metavar="DIR", type=click.Path(exists=True, file_okay=False),
+                     help="Read local files only inside DIR (after resolving symlinks and ..); other paths "
+                          "become fetch_error rows. Use it for manifests you did not write."),
     ]
 
 
@@ -25,6 +28,13 @@ def http_options() -> list[Decorator]:
                      help="HTTP read timeout, seconds."),
         click.option("--retries", type=click.IntRange(0), default=3, show_default=True,
                      help="HTTP retries on connection errors, timeouts, 5xx and 429."),
+        click.option("--fetch-deadline", type=click.FloatRange(0.1), default=None, metavar="SECONDS",
+                     help="Longest one URL may take, retries and redirects included; a server that "
+                          "drips its body is cut off there [default: 120 images, 600 audio]."),
+        click.option("--block-private-addresses", is_flag=True,
+                     help="Refuse URLs (and redirects) to hosts that resolve to loopback, private, link-local "
+                          "(cloud metadata), multicast or reserved addresses. Use it for manifests you did not "
+                          "write; proxy settings from the environment are then ignored."),
     ]
 
 

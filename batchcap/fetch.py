@@ -9,21 +9,26 @@ from __future__ import annotations
 
 import email.utils
 import http
+import ipaddress
 import logging
 import os
 import random
 import re
+import socket
 import stat
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as dist_version
-from typing import Self
-from urllib.parse import urlsplit
+from typing import Any
+from urllib.parse import urljoin, urlsplit
 
 import requests
+import urllib3
+from requests.adapters import HTTPAdapter
 
 from batchcap import storage
 from batchcap.items import FETCH_ERROR, Fetched, Item
@@ -33,6 +38,8 @@ log = logging.getLogger(__name__)
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*)://")
 _CHUNK = 64 * 1024
 _RETRY_STATUSES = frozenset({408, 429})
+_REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
+_DIGITS = re.compile(r"[0-9]{1,12}")  # ASCII digits only: str.isdigit() also takes "²" and "٣"
 
 
 def _version() -> str:
@@ -63,6 +70,14 @@ class FetchConfig:
     max_redirects: int = 5
     user_agent: str = field(default_factory=_default_user_agent)
     allow_local: bool = True  # local paths allowed; schemes other than http(s) are always refused
+    # Longest one URL may take, from its first request to its last body byte: redirects, retries and
+    # backoff waits included (a server that drips a byte per read timeout never ends otherwise).
+    # None: no limit. Images default to 120 s, audio to 600 s (see asr.AudioOptions).
+    deadline: float | None = 120.0
+    slot_timeout: float | None = None  # longest wait for a per-host slot; None: 10 x deadline (1 h without one)
+    block_private: bool = False  # refuse hosts resolving to loopback/private/link-local/... addresses
+    allow_networks: Sequence[str] = ()  # networks allowed despite block_private, e.g. ("10.1.2.0/24",)
+    root: str | None = None  # local files must lie inside this folder (symlinks and .. resolved)
 
 
 def _fmt_size(n: int) -> str:
@@ -82,15 +97,17 @@ def parse_retry_after(value: str | None) -> float | None:
     if not value:
         return None
     value = value.strip()
-    if value.isdigit():
+    if _DIGITS.fullmatch(value):
         return float(value)
+    if not value.isascii() or not value[:1].isalpha():  # an HTTP date starts with the day's name
+        return None
     try:
         when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, IndexError, OverflowError):
         return None
     if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return max(0.0, (when - datetime.now(UTC)).total_seconds())
+        when = when.replace(tzinfo=timezone.utc)
+    return max(0.0, (when - datetime.now(timezone.utc)).total_seconds())
 
 
 class _Fail(Exception):
@@ -100,6 +117,14 @@ class _Fail(Exception):
         super().__init__(message)
         self.message = message
         self.http_status = http_status
+
+
+class BlockedAddress(Exception):
+    """A host that resolves to an address ``block_private`` refuses (raised where the socket would connect)."""
+
+    def __init__(self, host: str):
+        super().__init__(f"refused: {host} resolves to a private address (--block-private-addresses)")
+        self.host = host
 
 
 def _is_read_timeout(exc: BaseException) -> bool:
@@ -119,6 +144,140 @@ def _connection_reason(exc: BaseException) -> str:
     return "connection failed"
 
 
+# -- private-address guard ----------------------------------------------------------------------
+
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+
+
+def address_allowed(address: str, allow: Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network] = ()) -> bool:
+    """Whether ``block_private`` lets a connection go to ``address`` (an IP literal).
+
+    Only globally routable unicast addresses pass: loopback, private (RFC 1918, ULA fc00::/7), link-local
+    (169.254/16 with the cloud metadata service 169.254.169.254, fe80::/10), shared (100.64/10),
+    multicast, reserved, unspecified and documentation ranges are refused, also when wrapped in an
+    IPv4-mapped, 6to4 or NAT64 IPv6 address (so fd00:ec2::254 and ::ffff:127.0.0.1 are refused too).
+    ``allow`` lists networks let through anyway.
+    """
+    try:
+        ip: ipaddress.IPv4Address | ipaddress.IPv6Address = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return False
+    if any(ip in net for net in allow):
+        return True
+    if isinstance(ip, ipaddress.IPv6Address):
+        inner = ip.ipv4_mapped or ip.sixtofour
+        if inner is None and ip in _NAT64:
+            inner = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+        if inner is not None:
+            return address_allowed(str(inner), allow)
+    return ip.is_global and not (ip.is_multicast or ip.is_reserved or ip.is_unspecified or ip.is_loopback)
+
+
+class _Guard:
+    """Resolves a connection's host, checks EVERY address, and connects to a checked one.
+
+    It runs where urllib3 opens a socket, so the address checked is the address connected to: a DNS
+    answer that changes between a check and the connect (DNS rebinding) cannot slip a private address
+    through, and each redirect hop to a new host opens (and checks) its own connection.
+    """
+
+    def __init__(self, allow: Sequence[str]):
+        self.allow = tuple(ipaddress.ip_network(a, strict=False) for a in allow)
+
+    def connect(self, conn: Any) -> socket.socket:
+        from urllib3.exceptions import ConnectTimeoutError, NameResolutionError, NewConnectionError
+        from urllib3.util.connection import create_connection
+
+        host = getattr(conn, "_dns_host", None) or conn.host
+        try:
+            infos = socket.getaddrinfo(host, conn.port, type=socket.SOCK_STREAM)
+        except socket.gaierror as exc:
+            raise NameResolutionError(conn.host, conn, exc) from exc
+        addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
+        if not addresses or not all(address_allowed(a, self.allow) for a in addresses):
+            raise BlockedAddress(conn.host)
+        last: OSError | None = None
+        for address in addresses:
+            try:
+                return create_connection((address, conn.port), conn.timeout, source_address=conn.source_address,
+                                         socket_options=conn.socket_options)
+            except TimeoutError as exc:
+                raise ConnectTimeoutError(
+                    conn, f"Connection to {conn.host} timed out. (connect timeout={conn.timeout})") from exc
+            except OSError as exc:
+                last = exc
+        raise NewConnectionError(conn, f"Failed to establish a new connection: {last}")
+
+
+def _guarded_adapter(guard: _Guard) -> HTTPAdapter:
+    from urllib3.connection import HTTPConnection, HTTPSConnection
+    from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
+
+    class Conn(HTTPConnection):
+        def _new_conn(self) -> socket.socket:
+            return guard.connect(self)
+
+    class TLSConn(HTTPSConnection):
+        def _new_conn(self) -> socket.socket:
+            return guard.connect(self)
+
+    class Pool(HTTPConnectionPool):
+        ConnectionCls = Conn
+
+    class TLSPool(HTTPSConnectionPool):
+        ConnectionCls = TLSConn
+
+    class Adapter(HTTPAdapter):
+        def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+            super().init_poolmanager(*args, **kwargs)
+            self.poolmanager.pool_classes_by_scheme = {"http": Pool, "https": TLSPool}
+
+    return Adapter()
+
+
+# -- time limits --------------------------------------------------------------------------------
+
+class _Clock:
+    """The download deadline of one item: it starts with its first request."""
+
+    def __init__(self, config: FetchConfig):
+        self.config = config
+        self.ends: float | None = None
+
+    def start(self) -> None:
+        if self.ends is None and self.config.deadline is not None:
+            self.ends = time.monotonic() + self.config.deadline
+
+    def remaining(self) -> float | None:
+        return None if self.ends is None else self.ends - time.monotonic()
+
+    def expired(self) -> bool:
+        left = self.remaining()
+        return left is not None and left <= 0
+
+    def limit(self, timeout: float) -> float:
+        """``timeout`` cut to what is left of the deadline (at least a moment, so a socket call can fail)."""
+        left = self.remaining()
+        return timeout if left is None else max(0.001, min(timeout, left))
+
+    def slot_wait(self) -> float:
+        cfg = self.config
+        if self.ends is not None:  # later hops and retries: within the deadline
+            return max(0.0, self.remaining() or 0.0)
+        if cfg.slot_timeout is not None:
+            return cfg.slot_timeout
+        return 10 * cfg.deadline if cfg.deadline is not None else 3600.0
+
+    def message(self, received: int | None = None) -> str:
+        got = f"; {_fmt_size_any(received)} received" if received else ""
+        return f"timed out: not finished within the {_fmt_seconds(self.config.deadline or 0)} deadline " \
+               f"(--fetch-deadline){got}"
+
+
+def _fmt_size_any(n: int) -> str:
+    return f"{n} bytes" if n < 2**10 else f"{n / 2**10:.0f} KiB" if n < 2**20 else f"{n / 2**20:.1f} MiB"
+
+
 class Fetcher:
     def __init__(self, config: FetchConfig | None = None):
         self.config = config or FetchConfig()
@@ -128,10 +287,15 @@ class Fetcher:
         self._lock = threading.Lock()
         self._sessions: list[requests.Session] = []
         self._host_slots: dict[str, threading.BoundedSemaphore] = {}
+        self._guard = _Guard(self.config.allow_networks) if self.config.block_private else None
+        root = self.config.root
+        self._root = os.path.realpath(os.path.expanduser(root)) if root else None
 
     # -- public ---------------------------------------------------------------------------------
 
     def fetch(self, item: Item) -> Fetched:
+        if item.error:  # the item could not be formed (e.g. an unreadable manifest line)
+            return _error(item.error)
         if item.data is not None:
             return Fetched(data=item.data)
         source = item.source
@@ -156,7 +320,7 @@ class Fetcher:
         for session in sessions:
             session.close()
 
-    def __enter__(self) -> Self:
+    def __enter__(self) -> Fetcher:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -168,15 +332,22 @@ class Fetcher:
         cfg = self.config
         if not cfg.allow_local:
             return _error("local paths are not allowed")
+        if self._root is not None:
+            real = os.path.realpath(path)  # symlinks and .. resolved; the file read is this one
+            if os.path.commonpath([real, self._root]) != self._root:
+                return _error(f"outside --root {cfg.root}: {path}")
+            path_to_read = real
+        else:
+            path_to_read = path
         try:
-            st = os.stat(path)
+            st = os.stat(path_to_read)
             if stat.S_ISDIR(st.st_mode):
                 return _error(f"is a directory, not a file: {path}")
             if not stat.S_ISREG(st.st_mode):  # a FIFO or device would block or never end
                 return _error(f"not a regular file: {path}")
             if st.st_size > cfg.max_bytes:
                 return _error(f"file larger than {_fmt_size(cfg.max_bytes)} cap (--max-bytes): {path}")
-            with open(path, "rb") as fh:
+            with open(path_to_read, "rb") as fh:
                 data = fh.read(cfg.max_bytes + 1)
         except FileNotFoundError:
             return _error(f"file not found: {path}")
@@ -227,93 +398,187 @@ class Fetcher:
         if session is None:
             session = requests.Session()
             session.headers["User-Agent"] = self.config.user_agent
-            session.max_redirects = self.config.max_redirects
+            if self._guard is not None:
+                adapter = _guarded_adapter(self._guard)
+                session.mount("http://", adapter)
+                session.mount("https://", adapter)
+                # A proxy would be the one connecting: the check must see the real destination.
+                session.trust_env = False
             with self._lock:
                 self._sessions.append(session)
                 self._local.session = session
         return session
 
-    def _slot(self, url: str) -> threading.BoundedSemaphore:
+    def _slot(self, url: str) -> tuple[str, threading.BoundedSemaphore]:
         parts = urlsplit(url)
-        key = f"{parts.scheme}://{(parts.hostname or '').lower()}:{parts.port or ''}"
+        host = (parts.hostname or "").lower()
+        key = f"{parts.scheme}://{host}:{parts.port or ''}"
         with self._lock:
             slot = self._host_slots.get(key)
             if slot is None:
                 slot = self._host_slots[key] = threading.BoundedSemaphore(max(1, self.config.per_host))
-            return slot
+            return host, slot
 
     def _fetch_http(self, url: str) -> Fetched:
         cfg = self.config
         attempts = max(0, cfg.retries) + 1
+        clock = _Clock(cfg)
         try:
-            slot = self._slot(url)
+            urlsplit(url).port  # noqa: B018 - raises on a bad port / IPv6 literal
         except ValueError as exc:  # e.g. "Invalid IPv6 URL"
             return _error(f"invalid URL: {exc}")
         for attempt in range(attempts):
             retry_after: float | None = None
             http_status: int | None = None
             try:
-                with slot:
-                    http_status, data, retry_after = self._attempt(url)
+                http_status, data, retry_after = self._attempt(url, clock)
                 if data is not None:
                     return Fetched(data=data, http_status=http_status)
                 reason = f"HTTP {http_status}"
             except _Fail as fail:
                 return _error(fail.message, fail.http_status)
-            except requests.exceptions.ConnectTimeout:
+            except BlockedAddress as exc:
+                return _error(str(exc))
+            except (requests.exceptions.ConnectTimeout, urllib3.exceptions.ConnectTimeoutError):
+                if clock.expired():
+                    return _error(clock.message())
                 reason = f"timed out (connect timeout {_fmt_seconds(cfg.connect_timeout)})"
-            except (requests.exceptions.ConnectionError, requests.exceptions.Timeout) as exc:
-                if _is_read_timeout(exc):
+            except (requests.exceptions.ConnectionError, requests.exceptions.Timeout,
+                    urllib3.exceptions.ReadTimeoutError) as exc:
+                if clock.expired():
+                    return _error(clock.message())
+                if isinstance(exc, urllib3.exceptions.ReadTimeoutError) or _is_read_timeout(exc):
                     reason = f"timed out (read timeout {_fmt_seconds(cfg.read_timeout)})"
                 else:
                     reason = _connection_reason(exc)
-            except requests.exceptions.ChunkedEncodingError:
+            except (requests.exceptions.ChunkedEncodingError, urllib3.exceptions.ProtocolError):
                 reason = "connection reset"
-            if attempt + 1 >= attempts:
-                if attempts > 1:
-                    word, _, rest = reason.partition(" (")
-                    reason = f"{word} after {attempts} attempts" + (f" ({rest}" if rest else "")
-                elif http_status is not None:
-                    reason = _http_reason(http_status)
-                return _error(reason, http_status)
             delay = cfg.backoff * 2**attempt
             delay += random.uniform(0, delay * 0.1)
             if retry_after is not None:
                 delay = min(retry_after, cfg.max_retry_after)
+            left = clock.remaining()
+            out_of_time = left is not None and delay >= left
+            if attempt + 1 >= attempts or out_of_time:
+                if attempt > 0:
+                    word, _, rest = reason.partition(" (")
+                    reason = f"{word} after {attempt + 1} attempts" + (f" ({rest}" if rest else "")
+                elif http_status is not None:
+                    reason = _http_reason(http_status)
+                if out_of_time and attempt + 1 < attempts:
+                    reason += " (no time left for a retry within --fetch-deadline)"
+                return _error(reason, http_status)
             log.debug("fetch %s: %s, retry %d/%d in %.2fs", url, reason, attempt + 1, cfg.retries, delay)
             if delay > 0:
                 time.sleep(delay)
         raise AssertionError("unreachable")
 
-    def _attempt(self, url: str) -> tuple[int, bytes | None, float | None]:
-        """One GET. Returns (status, body, retry_after); body None means retryable HTTP status."""
+    def _attempt(self, url: str, clock: _Clock) -> tuple[int, bytes | None, float | None]:
+        """One GET, redirects followed hop by hop, each hop holding the slot of the host it asks.
+
+        Returns (status, body, retry_after); body None means a retryable HTTP status.
+        """
         cfg = self.config
+        code: int | None = None
+        for _hop in range(max(0, cfg.max_redirects) + 1):
+            scheme = urlsplit(url).scheme.lower()
+            if scheme not in ("http", "https"):
+                raise _Fail(f"redirect to unsupported URL scheme '{scheme}' (only http and https are fetched)",
+                            code)
+            try:
+                host, slot = self._slot(url)
+            except ValueError as exc:
+                raise _Fail(f"invalid URL: {exc}", code) from None
+            wait = clock.slot_wait()
+            if not slot.acquire(timeout=wait):
+                if clock.expired():
+                    raise _Fail(clock.message())
+                raise _Fail(f"no free connection slot for {host} within {_fmt_seconds(wait)} "
+                            f"(--per-host {cfg.per_host})")
+            try:
+                clock.start()
+                code, body, retry_after, location = self._get(url, clock)
+            finally:
+                slot.release()
+            if location is None:
+                return code, body, retry_after
+            url = urljoin(url, location)
+        raise _Fail(f"too many redirects (>{cfg.max_redirects})", code)
+
+    def _get(self, url: str, clock: _Clock) -> tuple[int, bytes | None, float | None, str | None]:
+        """(status, body, retry_after, redirect location) of one request, without following redirects."""
+        cfg = self.config
+        timeout = (clock.limit(cfg.connect_timeout), clock.limit(cfg.read_timeout))
         try:
-            resp = self._session().get(url, stream=True, timeout=(cfg.connect_timeout, cfg.read_timeout))
-        except requests.exceptions.TooManyRedirects as exc:
-            code = exc.response.status_code if exc.response is not None else None
-            raise _Fail(f"too many redirects (>{cfg.max_redirects})", code) from None
-        except (requests.exceptions.InvalidURL, requests.exceptions.MissingSchema) as exc:
+            resp = self._session().get(url, stream=True, timeout=timeout, allow_redirects=False)
+        except (requests.exceptions.InvalidURL, requests.exceptions.MissingSchema,
+                requests.exceptions.InvalidSchema) as exc:
             raise _Fail(f"invalid URL: {exc}") from None
         with resp:
             code = resp.status_code
+            if code in _REDIRECT_STATUSES and resp.headers.get("Location"):
+                return code, None, None, resp.headers["Location"]
             if code >= 500 or code in _RETRY_STATUSES:
                 after = parse_retry_after(resp.headers.get("Retry-After")) if code in (429, 503) else None
-                return code, None, after
+                return code, None, after, None
             if not 200 <= code < 300:
                 raise _Fail(_http_reason(code, resp.reason), code)
-            cap_msg = f"response larger than {_fmt_size(cfg.max_bytes)} cap (--max-bytes)"
-            length = resp.headers.get("Content-Length", "")
-            if length.isdigit() and int(length) > cfg.max_bytes:
+            return code, self._body(resp, clock), None, None
+
+    def _body(self, resp: requests.Response, clock: _Clock) -> bytes:
+        """The body, streamed: never more than ``max_bytes`` (+ one read) held, the deadline checked per read."""
+        cfg = self.config
+        code = resp.status_code
+        cap_msg = f"response larger than {_fmt_size(cfg.max_bytes)} cap (--max-bytes)"
+        length = resp.headers.get("Content-Length", "").strip()
+        if _DIGITS.fullmatch(length) and int(length) > cfg.max_bytes:
+            raise _Fail(cap_msg, code)
+        sock = _socket_of(resp.raw)
+        chunks: list[bytes] = []
+        try:
+            self._read_body(resp, clock, sock, chunks)
+        finally:
+            if sock is not None and clock.ends is not None:
+                try:
+                    sock.settimeout(cfg.read_timeout)  # a kept-alive connection starts its next request as usual
+                except OSError:
+                    pass
+        return b"".join(chunks)
+
+    def _read_body(self, resp: requests.Response, clock: _Clock, sock: socket.socket | None,
+                   chunks: list[bytes]) -> None:
+        cfg = self.config
+        code = resp.status_code
+        cap_msg = f"response larger than {_fmt_size(cfg.max_bytes)} cap (--max-bytes)"
+        raw = resp.raw
+        total = 0
+        while True:
+            if clock.expired():
+                raise _Fail(clock.message(total), code)
+            if sock is not None and clock.ends is not None:
+                sock.settimeout(clock.limit(cfg.read_timeout))  # a stalled read ends at the deadline too
+            try:
+                chunk = raw.read1(_CHUNK, decode_content=True)
+            except urllib3.exceptions.ReadTimeoutError:
+                if clock.expired():
+                    raise _Fail(clock.message(total), code) from None
+                raise
+            except urllib3.exceptions.DecodeError as exc:
+                encoding = resp.headers.get("Content-Encoding", "?")
+                raise _Fail(f"cannot decode the response body (Content-Encoding: {encoding}): {exc}", code) from None
+            if not chunk:
+                return
+            total += len(chunk)
+            if total > cfg.max_bytes:
                 raise _Fail(cap_msg, code)
-            chunks: list[bytes] = []
-            total = 0
-            for chunk in resp.iter_content(_CHUNK):
-                total += len(chunk)
-                if total > cfg.max_bytes:
-                    raise _Fail(cap_msg, code)
-                chunks.append(chunk)
-            return code, b"".join(chunks), None
+            chunks.append(chunk)
+
+
+def _socket_of(raw: Any) -> socket.socket | None:
+    """The socket under a urllib3 response (to bound each read by the deadline), if it can be found."""
+    conn = getattr(raw, "connection", None) or getattr(raw, "_connection", None)
+    sock = getattr(conn, "sock", None)
+    return sock if isinstance(sock, socket.socket) else None
 
 
 def _http_reason(code: int, reason: str | None = None) -> str:

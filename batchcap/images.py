@@ -57,16 +57,62 @@ def _bomb_message(exc: Exception, max_pixels: int) -> str:
 
 def _to_8bit(im: Image.Image) -> Image.Image:
     """Grayscale with more than 8 bits (I;16*, I, F) -> L, keeping the contrast."""
-    arr = np.asarray(im).astype(np.float64)
+    return Image.fromarray(_array_to_8bit(np.asarray(im), sixteen_bit=im.mode.startswith("I;16")), mode="L")
+
+
+def _array_to_8bit(values: np.ndarray, sixteen_bit: bool = False) -> np.ndarray:
+    """Samples of any numeric type -> uint8: floats in [0, 1] scaled, 16-bit ranges divided, anything else
+    signed or wider stretched to the full range."""
+    if values.dtype == np.uint8:
+        return values
+    arr = np.nan_to_num(values.astype(np.float64))
     hi = float(arr.max()) if arr.size else 0.0
     lo = float(arr.min()) if arr.size else 0.0
-    if im.mode == "F" and lo >= 0.0 and hi <= 1.0:
+    if values.dtype.kind == "f" and lo >= 0.0 and hi <= 1.0:
         arr = arr * 255.0
-    elif im.mode.startswith("I;16") or (lo >= 0 and 255 < hi <= 65535):
+    elif sixteen_bit or (lo >= 0 and 255 < hi <= 65535):
         arr = arr / 257.0
     elif lo < 0 or hi > 255:  # signed or wider than 16 bits: stretch to the full range
         arr = (arr - lo) * (255.0 / (hi - lo)) if hi > lo else arr * 0.0
-    return Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), mode="L")
+    return np.clip(np.rint(arr), 0, 255).astype(np.uint8)
+
+
+_TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")  # classic and BigTIFF, both byte orders
+
+
+def _decode_tiff(data: bytes, max_pixels: int) -> Image.Image:
+    """The first page of a TIFF Pillow cannot open (float samples, planar layouts, ...), through tifffile."""
+    try:
+        import tifffile
+    except ImportError:
+        raise ItemError(DECODE_ERROR, "TIFF that Pillow cannot decode (float samples, a planar layout or a "
+                        "compression it lacks); pip install tifffile to read it") from None
+    try:
+        with tifffile.TiffFile(io.BytesIO(data)) as tif:
+            page = tif.pages.first
+            axes, shape = page.axes, page.shape
+            if "Y" not in axes or "X" not in axes:
+                raise ItemError(DECODE_ERROR, "TIFF that Pillow cannot decode, whose first page holds no image "
+                                f"(axes {axes!r})")
+            height, width = shape[axes.index("Y")], shape[axes.index("X")]
+            if width * height > max_pixels:
+                raise ItemError(DECODE_ERROR, f"image too large: {width}x{height} = {_mp(width * height)} "
+                                f"exceeds --max-pixels {_mp(max_pixels)}")
+            arr = page.asarray()
+    except ItemError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - tifffile raises many kinds (TiffFileError, ValueError, codecs...)
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ItemError(DECODE_ERROR, f"TIFF that Pillow cannot decode, nor tifffile: {first}") from None
+    # to [Y, X, S]: samples last, any other axis (pages of a volume, ...) at its first index
+    order = [axes.index("Y"), axes.index("X")] + ([axes.index("S")] if "S" in axes else [])
+    arr = arr.transpose(order + [i for i in range(arr.ndim) if i not in order])
+    arr = arr.reshape(arr.shape[:len(order)] + (-1,))[..., 0] if arr.ndim > len(order) else arr
+    if arr.ndim == 3 and arr.shape[2] == 1:
+        arr = arr[:, :, 0]
+    elif arr.ndim == 3 and arr.shape[2] > 4:
+        arr = arr[:, :, :3]
+    return _to_rgb(Image.fromarray(_array_to_8bit(arr)))  # L, LA, RGB or RGBA by the number of samples
 
 
 def _to_rgb(im: Image.Image) -> Image.Image:
@@ -96,6 +142,8 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.
     try:
         im = Image.open(io.BytesIO(data))  # reads the header only
     except UnidentifiedImageError:
+        if data.startswith(_TIFF_MAGIC):
+            return _decode_tiff(data, max_pixels)
         raise ItemError(DECODE_ERROR, _not_an_image(data)) from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ItemError(DECODE_ERROR, _bomb_message(exc, max_pixels)) from None

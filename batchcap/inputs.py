@@ -112,15 +112,14 @@ class Inputs:
     def estimate(self) -> int:
         """How many items there are, cheaply (directory walk, parquet metadata, line counts)."""
         total = 0
+        seen = _Seen()
         for src in self.sources:
             if storage.is_remote(src):
                 total += self._remote_estimate(src)
             elif is_url(src) or not os.path.exists(src):
                 total += 1
             elif os.path.isdir(src):
-                total += sum(1 for dirpath, _, names in os.walk(src, followlinks=True)
-                             for name in names if name.lower().endswith(self.spec.extensions)
-                             and not name.startswith("."))
+                total += sum(1 for path in walk_files(src, seen) if path.lower().endswith(self.spec.extensions))
             elif is_manifest(src) and src.lower().endswith(".parquet"):
                 import pyarrow.parquet as pq
 
@@ -135,21 +134,22 @@ class Inputs:
 
     def __iter__(self) -> Iterator[Item]:
         seen: set[str] = set()
+        walked = _Seen()  # folders and files reached through several links (or inputs) are read once
         index = 0
         for src in self.sources:
-            for item in self._items(src):
+            for item in self._items(src, walked):
                 item.id = _unique(item.id, seen)
                 item.index = index
                 index += 1
                 yield item
 
-    def _items(self, src: str) -> Iterator[Item]:
+    def _items(self, src: str, walked: _Seen) -> Iterator[Item]:
         if storage.is_remote(src):
             yield from self._remote_items(src)
         elif is_url(src):
             yield Item(0, src, src)
         elif os.path.isdir(src):
-            yield from self._walk(src)
+            yield from self._walk(src, walked)
         elif is_manifest(src):
             self.stats.manifests += 1
             yield from _manifest_items(src, self.spec)
@@ -157,18 +157,13 @@ class Inputs:
             self.stats.files += 1
             yield Item(0, src, src)
 
-    def _walk(self, root: str) -> Iterator[Item]:
-        for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-            for name in sorted(filenames):
-                if name.startswith("."):
-                    continue
-                if not name.lower().endswith(self.spec.extensions):
-                    self.stats.skipped_files += 1
-                    continue
-                self.stats.files += 1
-                path = os.path.join(dirpath, name)
-                yield Item(0, path, path)
+    def _walk(self, root: str, walked: _Seen) -> Iterator[Item]:
+        for path in walk_files(root, walked):
+            if not path.lower().endswith(self.spec.extensions):
+                self.stats.skipped_files += 1
+                continue
+            self.stats.files += 1
+            yield Item(0, path, path)
 
     # --- object stores (s3://, gs://, az://, hf://: batchcap/storage.py) ---------------------------
     # A URL is a manifest (an object with a manifest extension), a prefix walked like a folder, or one
@@ -238,6 +233,58 @@ class Inputs:
             yield Item(0, url, url)
 
 
+@dataclass
+class _Seen:
+    """(st_dev, st_ino) of the folders and files a walk has reached."""
+
+    dirs: set[tuple[int, int]] = field(default_factory=set)
+    files: set[tuple[int, int]] = field(default_factory=set)
+
+
+def _identity(path: str) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)  # follows symlinks: the identity of what the link points to
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def walk_files(root: str, seen: _Seen | None = None) -> Iterator[str]:
+    """Files under ``root`` (hidden ones skipped), sorted, following symlinks, each real folder visited once
+    and each real file yielded once: a symlink loop (a link to a parent) ends instead of repeating the tree
+    until the path is too long, and a file reached through two links is one item. A broken link is yielded
+    (its row says the file is missing)."""
+    seen = seen if seen is not None else _Seen()
+    top = _identity(root)
+    if top is not None:
+        if top in seen.dirs:
+            return
+        seen.dirs.add(top)
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        kept = []
+        for name in sorted(dirnames):
+            if name.startswith("."):
+                continue
+            ident = _identity(os.path.join(dirpath, name))
+            if ident is not None and ident in seen.dirs:
+                log.debug("not walking %s again (reached through a link)", os.path.join(dirpath, name))
+                continue
+            if ident is not None:
+                seen.dirs.add(ident)
+            kept.append(name)
+        dirnames[:] = kept
+        for name in sorted(filenames):
+            if name.startswith("."):
+                continue
+            path = os.path.join(dirpath, name)
+            ident = _identity(path)
+            if ident is not None:
+                if ident in seen.files:
+                    continue
+                seen.files.add(ident)
+            yield path
+
+
 def _unique(item_id: str, seen: set[str]) -> str:
     if item_id not in seen:
         seen.add(item_id)
@@ -303,34 +350,117 @@ def _read_columns(manifest: str) -> list[str]:
             import pyarrow.parquet as pq
             return list(pq.ParquetFile(manifest).schema_arrow.names)
         if low.endswith((".jsonl", ".ndjson")):
-            with open(manifest, encoding="utf-8") as f:
-                for line in f:
-                    if line.strip():
-                        return list(json.loads(line).keys())
-            return []
-        with open(manifest, newline="", encoding="utf-8-sig") as f:
-            return next(csv.reader(f, delimiter="\t" if low.endswith(".tsv") else ","), [])
-    except (OSError, ValueError) as exc:
+            # the first line that is a JSON object names the columns; bad lines before it are rows of their own
+            return next((list(row) for _, row, _ in _jsonl_records(manifest) if row is not None), [])
+        with _open_csv(manifest) as f:
+            header = next(csv.reader(f, delimiter=_delimiter(manifest)), [])
+        if any(_bad_byte(c) is not None for c in header):
+            raise FatalError(f"cannot read manifest {manifest}: its header line is not valid UTF-8 "
+                             "(save the manifest as UTF-8)")
+        return header
+    except (OSError, ValueError, csv.Error) as exc:
         raise FatalError(f"cannot read manifest {manifest}: {exc}") from exc
 
 
-def _rows(manifest: str) -> Iterator[dict[str, Any]]:
+# A manifest record: (line number, row, error). A row that cannot be read has row None and an error
+# naming its line; it becomes that item's fetch_error row instead of ending the run.
+_Record = tuple[int, dict[Any, Any] | None, str | None]
+
+
+def _delimiter(manifest: str) -> str:
+    return "\t" if manifest.lower().endswith(".tsv") else ","
+
+
+def _open_csv(manifest: str) -> Any:
+    """A CSV manifest as text: UTF-8 (a BOM dropped), any line ending; bytes that are not UTF-8 are kept as
+    lone surrogates (``surrogateescape``) so that the one row holding them can be told apart and refused."""
+    return open(manifest, newline="", encoding="utf-8-sig", errors="surrogateescape")
+
+
+def _bad_byte(value: str) -> int | None:
+    """The first byte of ``value`` that was not UTF-8 (see :func:`_open_csv`), if any."""
+    for ch in value:
+        if "\udc80" <= ch <= "\udcff":
+            return ord(ch) - 0xDC00
+    return None
+
+
+def _csv_records(manifest: str) -> Iterator[_Record]:
+    with _open_csv(manifest) as f:
+        reader = csv.reader(f, delimiter=_delimiter(manifest))
+        header = next(reader, None)
+        if header is None:
+            return
+        while True:
+            line = reader.line_num + 1
+            try:
+                values = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as exc:  # e.g. a field larger than the csv module takes
+                yield line, None, f"not valid CSV: {exc}"
+                continue
+            if not values:  # a blank line, as csv.DictReader skips it
+                continue
+            bad = next(((col, b) for col, b in zip(header, (_bad_byte(v) for v in values)) if b is not None), None)
+            if bad is None and len(values) > len(header):
+                bad = next((("(extra field)", b) for b in map(_bad_byte, values[len(header):]) if b is not None),
+                           None)
+            if bad is not None:
+                yield line, None, (f"not valid UTF-8 (byte 0x{bad[1]:02X} in column {bad[0]!r}); "
+                                   "save the manifest as UTF-8")
+                continue
+            row: dict[Any, Any] = dict(zip(header, values))
+            if len(values) > len(header):  # as csv.DictReader: the surplus under the key None
+                row[None] = values[len(header):]
+            yield line, row, None
+
+
+def _jsonl_records(manifest: str) -> Iterator[_Record]:
+    with open(manifest, "rb") as f:
+        for line, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                yield line, None, (f"not valid UTF-8 (byte 0x{raw[exc.start]:02X} at column {exc.start + 1}); "
+                                   "save the manifest as UTF-8")
+                continue
+            try:
+                row = json.loads(text)
+            except json.JSONDecodeError as exc:
+                yield line, None, f"not valid JSON ({exc.msg} at column {exc.colno})"
+                continue
+            except ValueError as exc:  # e.g. an integer too long to convert
+                yield line, None, f"not valid JSON ({exc})"
+                continue
+            if not isinstance(row, dict):
+                yield line, None, f"not a JSON object (a {type(row).__name__})"
+                continue
+            yield line, row, None
+
+
+def _parquet_records(manifest: str) -> Iterator[_Record]:
+    import pyarrow.parquet as pq
+
+    n = 0
+    try:
+        for batch in pq.ParquetFile(manifest).iter_batches(batch_size=1024):
+            for row in batch.to_pylist():
+                n += 1
+                yield n, row, None
+    except (OSError, ValueError) as exc:  # pyarrow's errors derive from these: a corrupt row group
+        raise FatalError(f"cannot read manifest {manifest} after row {n}: {exc}") from exc
+
+
+def _records(manifest: str) -> Iterator[_Record]:
     low = manifest.lower()
     if low.endswith(".parquet"):
-        import pyarrow.parquet as pq
-        for batch in pq.ParquetFile(manifest).iter_batches(batch_size=1024):
-            yield from batch.to_pylist()
-    elif low.endswith((".jsonl", ".ndjson")):
-        with open(manifest, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        yield json.loads(line)
-                    except ValueError as exc:
-                        raise FatalError(f"{manifest}:{n}: not valid JSON: {exc}") from exc
-    else:
-        with open(manifest, newline="", encoding="utf-8-sig") as f:
-            yield from csv.DictReader(f, delimiter="\t" if low.endswith(".tsv") else ",")
+        return _parquet_records(manifest)
+    if low.endswith((".jsonl", ".ndjson")):
+        return _jsonl_records(manifest)
+    return _csv_records(manifest)
 
 
 def _references(row: dict[str, Any], columns: Sequence[str]) -> list[str]:
@@ -353,7 +483,17 @@ def _manifest_items(manifest: str, spec: InputSpec, base: str | None = None) -> 
     layout = _peek_columns(manifest, spec)
     base = base or os.path.dirname(os.path.abspath(manifest))
     name = os.path.basename(manifest)
-    for n, row in enumerate(_rows(manifest)):
+    warned = False
+    for n, (line, row, error) in enumerate(_records(manifest)):
+        if row is None:
+            where = f"{name} line {line}"
+            if not warned:
+                log.warning("manifest %s: %s (the row is reported as fetch_error; further bad lines only in rows)",
+                            where, error)
+                warned = True
+            extra = {layout.renamed.get(c, c): None for c in layout.carried}
+            yield Item(0, where, where, extra=extra, error=f"manifest {where}: {error}")
+            continue
         value = row.get(layout.path)
         data = None
         if isinstance(value, dict):  # Hugging Face datasets layout: {"bytes": ..., "path": ...}

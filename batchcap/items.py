@@ -41,6 +41,9 @@ class Item:
     data: bytes | None = None  # embedded bytes (Hugging Face datasets layout)
     references: list[str] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)  # carried manifest columns
+    # Why no item could be formed from its input (e.g. "manifest line 7: not valid JSON"); the fetch
+    # stage turns it into the item's fetch_error row.
+    error: str | None = None
 
 
 @dataclass
@@ -51,3 +54,8 @@ class Fetched:
     http_status: int | None = None
     error: str | None = None
     status: str = OK
+
+    @property
+    def size(self) -> int:
+        """Bytes held (for budgeting bytes in flight); never more than the fetcher's ``max_bytes``."""
+        return len(self.data) if self.data is not None else 0

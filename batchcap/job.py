@@ -46,6 +46,8 @@ class JobOptions:
     quiet: bool = False
     progress: bool | None = None  # a bar; None: when stderr is a terminal
     log_every: float = 30.0  # seconds between progress log lines when there is no bar
+    report: bool = False  # write OUT.report.html (batchcap report) at the end
+    command: Sequence[str] | None = None  # the command line, for the summary and the report (the CLI sets it)
 
     def update(self, overrides: dict[str, Any], caller: str) -> None:
         apply_overrides(self, overrides, caller)

@@ -1,6 +1,7 @@
 """Crash-loop protection: which items were in flight when a run died, and how often.
 
-A run appends ``+id`` when an item enters the engine and ``-id`` when its row comes back, to
+A run appends ``+id`` when an item starts being decoded or predicted (the work that can take a
+process down) and ``-id`` when that is over, to
 ``OUT.parts/inflight-<run>.log`` (flushed to the OS after each line, so ``kill -9`` and the OOM
 killer lose nothing), and deletes the file when it ends by any Python path (done, error, Ctrl-C,
 SIGTERM). A log still there when the next run starts belongs to a run that died (OOM, a segfault in
@@ -19,6 +20,7 @@ import contextlib
 import json
 import logging
 import os
+import threading
 import uuid
 from typing import IO
 
@@ -36,6 +38,7 @@ class Journal:
         self.path = os.path.join(parts_dir, f"inflight-{uuid.uuid4().hex[:12]}.log")
         self.suspects: dict[str, int] = {}  # id -> deaths of earlier runs with it in flight
         self._file: IO[str] | None = None
+        self._lock = threading.Lock()  # decode threads and the main thread write
 
     def open(self, reset: bool = False) -> None:
         """Count the deaths of earlier runs (``reset``: forget them, e.g. ``--retry-failed``)."""
@@ -74,12 +77,17 @@ class Journal:
         self._write("-" + json.dumps(item_id) + "\n")
 
     def _write(self, line: str) -> None:
-        if self._file is not None:
-            self._file.write(line)
-            self._file.flush()
+        with self._lock:
+            if self._file is not None:
+                self._file.write(line)
+                self._file.flush()
 
     def close(self) -> None:
         """This run did not die: its log goes."""
+        with self._lock:
+            self._close()
+
+    def _close(self) -> None:
         if self._file is not None:
             self._file.close()
             self._file = None

@@ -3,34 +3,48 @@
 Layout while a run is going (for ``-o out.parquet``)::
 
     out.parquet.lock         held (flock) by the running process
-    out.parquet.parts/       part-<run>-<n>.parquet, each written to a temp name then renamed
+    out.parquet.parts/       part-<seq>-<run>.parquet, each written to a temp name then renamed
 
 Every ``flush_rows`` rows (or ``flush_seconds``) the buffered rows become one part file, so a
 crash, Ctrl-C or ``kill -9`` loses at most the rows of the current buffer, which the next run
-redoes. ``finalize`` merges the previous final file and all parts, keeps one row per id (the
-newest), orders rows by input order, writes the result to a temp file beside the output and
-renames it into place, then removes the parts. A rerun reads the ids already in the output and
-in the parts and skips them.
+redoes. ``seq`` continues after the highest part already there, so the parts of several
+interrupted runs sort oldest first. ``finalize`` merges the previous final file and all parts
+into one schema, keeps one row per id (the newest), orders rows by input order, writes the
+result atomically, then removes the parts. A rerun reads the ids (only that column, and
+``status`` for ``--retry-failed``) already in the output and in the parts and skips them.
+
+A CSV output is accompanied by ``out.schema.json``, the Arrow schema of the table it holds, so a
+resume reads it back as written: text stays text (``007``), list columns come back as lists.
 """
 
 from __future__ import annotations
 
+import base64
+import contextlib
 import csv
+import errno
 import fcntl
 import json
 import logging
 import os
+import re
 import shutil
+import stat
 import time
 import uuid
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Iterator
 from typing import Any
 
+from .fsutil import atomic_path, atomic_write
 from .items import FatalError
 
 log = logging.getLogger(__name__)
 
 ORDER = "_order"  # hidden column: input position of the row in the run that wrote it
+SCHEMA_FORMAT = "batchcap-csv-schema"
+
+_PART = re.compile(r"^part-(\d{10})-([0-9a-zA-Z]+)\.parquet$")
 
 
 def output_format(path: str) -> str:
@@ -42,8 +56,42 @@ def output_format(path: str) -> str:
     raise FatalError(f"output {path}: use a .parquet or .csv file name")
 
 
+def schema_path(path: str) -> str:
+    """Where the Arrow schema of a CSV output is kept (``out.csv`` -> ``out.schema.json``)."""
+    return os.path.splitext(path)[0] + ".schema.json"
+
+
+def _reason(exc: BaseException) -> str:
+    """The errno text of an OSError ("No space left on device"), else its message's first line."""
+    code = getattr(exc, "errno", None)
+    if not isinstance(code, int):  # pyarrow's IO errors carry the errno in their text only
+        match = re.search(r"\[errno (\d+)\]", str(exc), re.IGNORECASE)
+        code = int(match.group(1)) if match else None
+    if code:
+        return os.strerror(code)
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+@contextlib.contextmanager
+def writing(target: str) -> Iterator[str]:
+    """``atomic_path(target)``, with any OSError turned into one ``FatalError`` line naming ``target``."""
+    try:
+        with atomic_path(target) as tmp:
+            yield tmp
+    except FatalError:
+        raise
+    except OSError as exc:
+        raise FatalError(f"cannot write {target}: {_reason(exc)}") from None
+
+
 class ResultStore:
-    """Collects rows of one run into ``path``; one row per item id."""
+    """Collects rows of one run into ``path``; one row per item id.
+
+    Besides the final table, a caller can tell this run's rows from the whole table's:
+    ``counts_this_run`` (statuses of the rows added by this run) and, after ``finalize``,
+    ``status_counts`` (statuses of every row of the final table); ``summary_counts()`` gives both.
+    """
 
     def __init__(self, path: str, *, overwrite: bool = False, retry_failed: bool = False,
                  flush_rows: int = 256, flush_seconds: float = 30.0):
@@ -51,6 +99,7 @@ class ResultStore:
         self.format = output_format(path)
         self.parts_dir = self.path + ".parts"
         self.lock_path = self.path + ".lock"
+        self.schema_path = schema_path(self.path)
         self.overwrite = overwrite
         self.retry_failed = retry_failed
         self.flush_rows = flush_rows
@@ -58,10 +107,12 @@ class ResultStore:
         self._buffer: list[dict[str, Any]] = []
         self._last_flush = time.monotonic()
         self._run = uuid.uuid4().hex[:8]
-        self._parts = 0
+        self._next_seq = 0
         self._lock_fd: int | None = None
         self.done: set[str] = set()
         self.written = 0
+        self.counts_this_run: Counter = Counter()
+        self.status_counts: Counter | None = None  # of the final table, set by finalize
 
     # --- lifecycle ----------------------------------------------------------------------------
     def open(self) -> None:
@@ -69,19 +120,28 @@ class ResultStore:
         if not os.path.isdir(parent):
             raise FatalError(f"output folder does not exist: {parent}")
         self._lock()
-        if self.overwrite:
-            shutil.rmtree(self.parts_dir, ignore_errors=True)
-            if os.path.exists(self.path):
-                os.remove(self.path)
-        os.makedirs(self.parts_dir, exist_ok=True)
-        self.done = self._done_ids()
+        try:
+            if self.overwrite:
+                shutil.rmtree(self.parts_dir, ignore_errors=True)
+                for old in (self.path, self.schema_path if self.format == "csv" else None):
+                    if old and os.path.exists(old):
+                        _remove(old)
+            self._remove_stale_temp_files()
+            self._make_parts_dir()
+            self._next_seq = max((seq for seq, _ in self._part_files() if seq >= 0), default=-1) + 1
+            self.done = self._done_ids()
+        except BaseException:
+            self._unlock()
+            raise
         if self.done:
             log.info("resuming: %d items already done in %s", len(self.done), os.path.basename(self.path))
 
     def close(self) -> None:
         """Flush what is buffered and release the lock (the parts stay for a later run)."""
-        self.flush()
-        self._unlock()
+        try:
+            self.flush()
+        finally:
+            self._unlock()
 
     def __enter__(self) -> ResultStore:
         self.open()
@@ -90,77 +150,189 @@ class ResultStore:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def _remove_stale_temp_files(self) -> None:
+        """Temp files of the final file or its schema left by a run killed while writing them (only a
+        run holding the lock writes those, so none belongs to a live run)."""
+        folder = os.path.dirname(self.path)
+        prefixes = tuple(f".{os.path.basename(p)}." for p in (self.path, self.schema_path))
+        with contextlib.suppress(OSError):
+            for name in os.listdir(folder):
+                if name.startswith(prefixes) and name.endswith(".tmp"):
+                    log.debug("removing %s, left by an interrupted run", name)
+                    with contextlib.suppress(OSError):
+                        os.remove(os.path.join(folder, name))
+
+    def _make_parts_dir(self) -> None:
+        try:
+            os.makedirs(self.parts_dir, exist_ok=True)
+        except OSError as exc:
+            raise FatalError(f"cannot create {self.parts_dir}: {_reason(exc)}") from None
+
+    # --- the lock -----------------------------------------------------------------------------
     def _lock(self) -> None:
-        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        """flock ``path.lock``: never through a symlink, never a file with other names (a hard link),
+        and always the file that is at that path once locked (a run that ends removes it)."""
+        for _ in range(20):
+            try:
+                fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+                             | os.O_NONBLOCK, 0o644)
+            except OSError as exc:
+                if exc.errno == errno.ELOOP:
+                    raise FatalError(f"{self.lock_path} is a symbolic link; remove it "
+                                     "(batchcap writes a plain lock file there)") from None
+                raise FatalError(f"cannot create {self.lock_path}: {_reason(exc)}") from None
+            try:
+                if self._locked(fd):
+                    self._lock_fd = fd
+                    return
+            except BaseException:
+                os.close(fd)
+                raise
+            os.close(fd)  # the file was removed or replaced between open and lock: lock the new one
+        raise FatalError(f"cannot lock {self.lock_path}: it keeps being replaced")
+
+    def _locked(self, fd: int) -> bool:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise FatalError(f"{self.lock_path} is not a plain file; remove it")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            try:
-                other = os.read(fd, 64).decode(errors="replace").strip() or "?"
-            finally:
-                os.close(fd)
+            other = os.read(fd, 64).decode(errors="replace").strip() or "?"
             raise FatalError(f"another batchcap run (pid {other}) is writing {self.path}; "
                              "wait for it to finish") from None
-        os.ftruncate(fd, 0)
-        os.write(fd, str(os.getpid()).encode())
-        self._lock_fd = fd
+        mine = os.fstat(fd)
+        try:
+            there = os.stat(self.lock_path, follow_symlinks=False)
+        except FileNotFoundError:
+            return False
+        if (there.st_dev, there.st_ino) != (mine.st_dev, mine.st_ino):
+            return False
+        if mine.st_nlink != 1:
+            raise FatalError(f"{self.lock_path} has other names (a hard link); remove it "
+                             "(batchcap writes a plain lock file there)")
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, str(os.getpid()).encode())
+        except OSError as exc:
+            raise FatalError(f"cannot write {self.lock_path}: {_reason(exc)}") from None
+        return True
 
     def _unlock(self) -> None:
-        if self._lock_fd is not None:
-            try:
-                os.remove(self.lock_path)
-            except FileNotFoundError:
-                pass
-            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
-            os.close(self._lock_fd)
-            self._lock_fd = None
+        """Remove the lock file while still holding it, then release it (closing the file). A run
+        that opened the old file meanwhile sees, once it has locked it, that it is gone, and retries."""
+        fd, self._lock_fd = self._lock_fd, None
+        if fd is None:
+            return
+        try:
+            mine = os.fstat(fd)
+            there = os.stat(self.lock_path, follow_symlinks=False)
+            if (there.st_dev, there.st_ino) == (mine.st_dev, mine.st_ino):
+                os.unlink(self.lock_path)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
 
-    # --- resume -------------------------------------------------------------------------------
-    def _existing_tables(self) -> list[Any]:
+    # --- reading what is there ----------------------------------------------------------------
+    def _part_files(self) -> list[tuple[int, str]]:
+        """(seq, path) of the part files, oldest first; parts named by older versions (seq -1) first."""
+        try:
+            names = os.listdir(self.parts_dir)
+        except FileNotFoundError:
+            return []
+        except OSError as exc:
+            raise FatalError(f"cannot read {self.parts_dir}: {_reason(exc)}") from None
+        parts: list[tuple[int, int, str]] = []
+        for name in names:
+            if not name.endswith(".parquet") or name.startswith("."):
+                continue
+            path = os.path.join(self.parts_dir, name)
+            match = _PART.match(name)
+            if match:
+                parts.append((int(match.group(1)), 0, path))
+            else:
+                with contextlib.suppress(OSError):
+                    parts.append((-1, os.stat(path).st_mtime_ns, path))
+        parts.sort()
+        return [(seq, path) for seq, _, path in parts]
+
+    def _read_part(self, path: str, columns: list[str] | None = None) -> Any:
         import pyarrow as pa
 
-        tables = []
-        if os.path.exists(self.path):
-            tables.append(read_table(self.path))
-        if os.path.isdir(self.parts_dir):
-            for name in sorted(os.listdir(self.parts_dir)):
-                if name.endswith(".parquet"):
-                    try:
-                        tables.append(read_table(os.path.join(self.parts_dir, name)))
-                    except (OSError, pa.ArrowInvalid) as exc:  # a part cut short by a crash
-                        log.warning("ignoring unreadable part %s: %s", name, exc)
-        return tables
+        try:
+            return read_parquet(path, columns)
+        except (OSError, pa.ArrowInvalid) as exc:  # a part cut short by a crash
+            log.warning("ignoring unreadable part %s: %s", os.path.basename(path), exc)
+            return None
+
+    def _read_final(self, columns: list[str] | None = None, hint: Any = None) -> Any:
+        import pyarrow as pa
+
+        if not os.path.exists(self.path):
+            return None
+        try:
+            return read_table(self.path, columns=columns, hint=hint)
+        except (OSError, pa.ArrowInvalid, ValueError) as exc:
+            raise FatalError(f"cannot read the existing output {self.path} ({_reason(exc)}); "
+                             "move it away or use --overwrite") from None
 
     def _done_ids(self) -> set[str]:
+        """Ids already written: only the id (and status) columns are read."""
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        columns = ["id", "status"] if self.retry_failed else ["id"]
         done: set[str] = set()
-        for table in self._existing_tables():
-            ids = table.column("id").to_pylist()
+        tables = [self._read_final(columns)] + [self._read_part(p, columns) for _, p in self._part_files()]
+        for table in tables:
+            if table is None or "id" not in table.column_names:
+                continue
+            ids = table.column("id")
             if self.retry_failed and "status" in table.column_names:
-                ids = [i for i, s in zip(ids, table.column("status").to_pylist()) if s == "ok"]
-            done.update(str(i) for i in ids)
+                ids = ids.filter(pc.equal(table.column("status"), "ok").fill_null(False))
+            done.update(str(i) for i in ids.cast(pa.string()).to_pylist() if i is not None)
         return done
+
+    def _merged_table(self) -> Any:
+        """The final file and every part as one table of one schema (oldest rows first)."""
+        import pyarrow as pa
+
+        parts = [t for t in (self._read_part(p) for _, p in self._part_files()) if t is not None]
+        hint = unify_schemas([t.schema for t in parts]) if parts else None
+        final = self._read_final(hint=hint)
+        tables = ([final] if final is not None else []) + parts
+        if not tables:
+            return pa.table({"id": pa.array([], pa.string())})
+        return concat_unified(tables)
 
     # --- writing ------------------------------------------------------------------------------
     def add(self, row: dict[str, Any]) -> None:
         self._buffer.append(row)
         self.written += 1
+        self.counts_this_run[row.get("status")] += 1
         if len(self._buffer) >= self.flush_rows or time.monotonic() - self._last_flush > self.flush_seconds:
             self.flush()
 
     def flush(self) -> None:
+        """Write the buffered rows as one part file. Safe to call at any point of the main thread
+        (a signal handler included): the buffer is taken before anything is written, so a flush
+        that interrupts another writes only the rows the other one did not take."""
         self._last_flush = time.monotonic()
-        if not self._buffer:
+        if not self._buffer or self._lock_fd is None:  # nothing to write, or not open (or closed)
             return
-        import pyarrow.parquet as pq
+        rows, self._buffer = self._buffer, []
+        seq, self._next_seq = self._next_seq, self._next_seq + 1
+        try:
+            import pyarrow.parquet as pq
 
-        table = rows_to_table(self._buffer)
-        name = f"part-{self._run}-{self._parts:06d}.parquet"
-        tmp = os.path.join(self.parts_dir, f".{name}.tmp")
-        pq.write_table(table, tmp)
-        _fsync(tmp)
-        os.replace(tmp, os.path.join(self.parts_dir, name))
-        self._parts += 1
-        self._buffer = []
+            table = rows_to_table(rows)
+            if not os.path.isdir(self.parts_dir):  # rows added after finalize removed it
+                self._make_parts_dir()
+            with writing(os.path.join(self.parts_dir, f"part-{seq:010d}-{self._run}.parquet")) as tmp:
+                pq.write_table(table, tmp)
+        except BaseException:
+            self._buffer[:0] = rows  # not written: keep them for a later flush
+            raise
 
     def finalize(self, order: dict[str, int] | None = None,
                  transform: Callable[[Any], Any] | None = None) -> Any:
@@ -171,46 +343,153 @@ class ResultStore:
         table before it is written (e.g. metrics that depend on the whole set). The merge runs in
         Arrow, so its memory is that of the table, not of Python rows.
         """
-        import pyarrow as pa
-
         self.flush()
-        tables = self._existing_tables()
-        if not tables:
-            table = pa.table({"id": pa.array([], pa.string())})
-        else:
-            table = pa.concat_tables(tables, promote_options="permissive")
-        final = merge_rows(table, order or {})
+        final = merge_rows(self._merged_table(), order or {})
         if transform is not None:
             final = transform(final)
-        tmp = os.path.join(os.path.dirname(self.path), f".{os.path.basename(self.path)}.{self._run}.tmp")
-        write_table(final, tmp, self.format)
-        _fsync(tmp)
-        os.replace(tmp, self.path)
+        if self.format == "csv":  # the schema first: it describes the old file as well as the new
+            write_schema(self.schema_path, final.schema)
+        with writing(self.path) as tmp:
+            write_table(final, tmp, self.format)
         shutil.rmtree(self.parts_dir, ignore_errors=True)
+        self.status_counts = count_statuses(final)
         return final
+
+    def summary_counts(self) -> dict[str, Any]:
+        """Per-status counts of the whole final table and of this run's rows (call after finalize)."""
+        return {
+            "status_counts": dict(sorted((self.status_counts or Counter()).items())),
+            "status_counts_this_run": dict(sorted((str(k), v) for k, v in self.counts_this_run.items())),
+            "processed_this_run": sum(self.counts_this_run.values()),
+        }
+
+
+def _remove(path: str) -> None:
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        raise FatalError(f"cannot remove {path}: {_reason(exc)}") from None
+
+
+def count_statuses(table: Any) -> Counter:
+    """Rows per status of a table, counted in Arrow."""
+    if table.num_rows == 0 or "status" not in table.column_names:
+        return Counter()
+    counts = table.column("status").value_counts()
+    return Counter({str(v["values"]): int(v["counts"]) for v in counts.to_pylist()})
 
 
 def merge_rows(table: Any, order: dict[str, int]) -> Any:
-    """One row per id (the last one: later parts are newer), in input order, without ORDER."""
+    """One row per id (the last one: later parts are newer), in input order, without ORDER.
+
+    The row order is worked out on the id column alone (numpy and Arrow kernels, no query engine);
+    the table is gathered once.
+    """
     import numpy as np
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    ids = table.column("id").cast(pa.string())
-    table = table.set_column(table.column_names.index("id"), "id", ids)
-    seq = pa.table({"id": ids, "_seq": np.arange(table.num_rows)})
-    last = seq.group_by("id", use_threads=False).aggregate([("_seq", "max")]).column("_seq_max")
-    table = table.take(np.sort(last.to_numpy()))  # the newest row of each id, in write order
-    ranks = pa.table({"id": pa.array(list(order), pa.string()),
-                      "_rank": pa.array(list(order.values()), pa.int64())})
-    position = pa.table({"id": table.column("id"), "_pos": np.arange(table.num_rows)})
-    joined = position.join(ranks, "id", join_type="left outer").sort_by("_pos")
+    ids = table.column("id").cast(pa.string()).combine_chunks()
+    codes = ids.dictionary_encode().indices.to_numpy(zero_copy_only=False)
+    _, first_from_end = np.unique(codes[::-1], return_index=True)
+    last = np.sort(len(codes) - 1 - first_from_end)  # the newest row of each id, in write order
+    kept = ids.take(last)
+    keys = pa.array(list(order), pa.string())
+    ranks = pa.array(list(order.values()), pa.int64())
+    rank = pc.take(ranks, pc.index_in(kept, value_set=keys))
     # ids no longer in the input go after the others, keeping their relative order
-    rank = pc.coalesce(joined.column("_rank"), pc.add(joined.column("_pos"), len(order)))
-    table = table.take(pc.sort_indices(rank))
+    rank = pc.coalesce(rank, pa.array(np.arange(len(last), dtype=np.int64) + len(order)))
+    rows = last[pc.sort_indices(rank).to_numpy()]
+    table = table.set_column(table.column_names.index("id"), "id", ids)
     if ORDER in table.column_names:
         table = table.drop_columns([ORDER])
-    return table
+    return table.take(pa.array(rows, pa.int64()))
+
+
+# --- one schema -------------------------------------------------------------------------------
+
+def unify_types(types: list[Any]) -> Any:
+    """One type that holds every value of ``types`` without loss: null fits anything, integers widen
+    to int64, integers and floats to float64, anything else that disagrees becomes text."""
+    import pyarrow as pa
+
+    distinct: list[Any] = []
+    for t in types:
+        if not pa.types.is_null(t) and t not in distinct:
+            distinct.append(t)
+    if not distinct:
+        return pa.null()
+    if len(distinct) == 1:
+        return distinct[0]
+    if all(pa.types.is_integer(t) for t in distinct):
+        return pa.int64()
+    if all(pa.types.is_integer(t) or pa.types.is_floating(t) for t in distinct):
+        return pa.float64()
+    return pa.string()
+
+
+def unify_schemas(schemas: list[Any]) -> Any:
+    """Columns in order of first appearance, each of the type from :func:`unify_types`."""
+    import pyarrow as pa
+
+    names: list[str] = []
+    for schema in schemas:
+        names += [n for n in schema.names if n not in names]
+    fields = []
+    for name in names:
+        types = [s.field(name).type for s in schemas if name in s.names]
+        target = unify_types(types)
+        if len({str(t) for t in types if not pa.types.is_null(t)}) > 1:
+            log.debug("column %s is %s in different parts: stored as %s", name,
+                      " / ".join(sorted({str(t) for t in types})), target)
+        fields.append(pa.field(name, target))
+    return pa.schema(fields)
+
+
+def conform(table: Any, schema: Any) -> Any:
+    """``table`` with the columns and types of ``schema`` (missing columns are null)."""
+    import pyarrow as pa
+
+    columns = []
+    for field in schema:
+        if field.name in table.column_names:
+            columns.append(_cast(table.column(field.name), field.type))
+        else:
+            columns.append(pa.nulls(table.num_rows, field.type))
+    return pa.table(columns, schema=schema)
+
+
+def concat_unified(tables: list[Any]) -> Any:
+    """Tables whose schemas may disagree, as one table of their unified schema."""
+    import pyarrow as pa
+
+    schema = unify_schemas([t.schema for t in tables])
+    conformed = [conform(t, schema) for t in tables]
+    try:
+        return pa.concat_tables(conformed)
+    except (pa.ArrowInvalid, pa.ArrowTypeError):  # a cast that changed a type after all: make it text
+        schema = pa.schema([pa.field(f.name, pa.string()) if len({str(t.schema.field(f.name).type)
+                                                                   for t in conformed}) > 1 else f for f in schema])
+        return pa.concat_tables([conform(t, schema) for t in conformed])
+
+
+def _cast(column: Any, target: Any) -> Any:
+    import pyarrow as pa
+
+    if column.type == target:
+        return column
+    if pa.types.is_null(column.type):
+        return pa.nulls(len(column), target)
+    if pa.types.is_string(target) and (pa.types.is_nested(column.type) or pa.types.is_binary(column.type)):
+        return pa.array([None if v is None else _text(v) for v in column.to_pylist()], pa.string())
+    try:
+        return column.cast(target)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
+        if pa.types.is_string(target):
+            return pa.array([None if v is None else _text(v) for v in column.to_pylist()], pa.string())
+        raise
 
 
 def rows_to_table(rows: list[dict[str, Any]], like: Any = None) -> Any:
@@ -218,12 +497,14 @@ def rows_to_table(rows: list[dict[str, Any]], like: Any = None) -> Any:
     import pyarrow as pa
 
     columns: list[str] = []
+    seen: set[str] = set()
     for row in rows:
         for c in row:
-            if c not in columns:
+            if c not in seen:
+                seen.add(c)
                 columns.append(c)
     if like is not None:
-        columns = [c for c in like.column_names if c in columns and c != ORDER] + \
+        columns = [c for c in like.column_names if c in seen and c != ORDER] + \
                   [c for c in columns if c not in like.column_names]
     arrays = {}
     for c in columns:
@@ -231,7 +512,8 @@ def rows_to_table(rows: list[dict[str, Any]], like: Any = None) -> Any:
         field_type = like.schema.field(c).type if like is not None and c in like.column_names else None
         try:
             arrays[c] = pa.array(values, type=field_type) if field_type is not None else pa.array(values)
-        except (pa.ArrowInvalid, pa.ArrowTypeError):
+        except (ValueError, TypeError, OverflowError) as exc:  # Arrow's errors included: mixed types
+            log.debug("column %s holds values of several types (%s): stored as text", c, exc)
             arrays[c] = pa.array([None if v is None else _text(v) for v in values], pa.string())
     return pa.table(arrays)
 
@@ -239,26 +521,130 @@ def rows_to_table(rows: list[dict[str, Any]], like: Any = None) -> Any:
 def _text(value: Any) -> str:
     if isinstance(value, (list, dict, tuple)):
         return json.dumps(value, ensure_ascii=False, default=str)
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, bytes):
+        return value.decode("utf-8", errors="replace")
     return str(value)
 
 
-def read_table(path: str) -> Any:
-    import pyarrow as pa
+# --- files ------------------------------------------------------------------------------------
+
+def read_table(path: str, columns: list[str] | None = None, hint: Any = None) -> Any:
+    """A result table (parquet, or CSV written by batchcap) with the types it was written with.
+
+    A CSV is read as text and converted to the types of its ``.schema.json``; columns the schema
+    does not know take their type from ``hint`` (e.g. the parts of a run), else stay text, except
+    for a CSV without any schema (written by an older batchcap), whose types are guessed.
+    """
+    if not path.lower().endswith(".csv"):
+        return read_parquet(path, columns)
+    schema = read_schema(schema_path(path))
+    if schema is None and hint is None:
+        return _read_csv_guessing(path, columns)
+    return _read_csv_typed(path, columns, schema, hint)
+
+
+def read_parquet(path: str, columns: list[str] | None = None) -> Any:
+    """One parquet file (only ``columns`` that it has, when given), without pyarrow's dataset layer,
+    whose libraries alone add some 50 MB to the process."""
     import pyarrow.parquet as pq
 
-    if path.lower().endswith(".csv"):
-        import pyarrow.csv as pacsv
+    with pq.ParquetFile(path) as f:
+        if columns is not None:
+            columns = [c for c in columns if c in f.schema_arrow.names]
+        return f.read(columns=columns)
 
-        # Read text columns as text: ids like "007" must stay "007".
-        with open(path, newline="", encoding="utf-8") as f:
-            names = next(csv.reader(f), [])
-        convert = pacsv.ConvertOptions(column_types={c: pa.string() for c in names if c in _TEXT_COLUMNS},
-                                       strings_can_be_null=True)
-        return pacsv.read_csv(path, convert_options=convert)
-    return pq.read_table(path)
+
+def _csv_header(path: str) -> list[str]:
+    with open(path, newline="", encoding="utf-8") as f:
+        return next(csv.reader(f), [])
+
+
+def _read_csv_text(path: str, columns: list[str] | None) -> Any:
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+
+    names = _csv_header(path)
+    wanted = [c for c in names if columns is None or c in columns]
+    convert = pacsv.ConvertOptions(column_types={c: pa.string() for c in names}, include_columns=wanted,
+                                   strings_can_be_null=True, quoted_strings_can_be_null=False)
+    return pacsv.read_csv(path, convert_options=convert)
+
+
+def _read_csv_typed(path: str, columns: list[str] | None, schema: Any, hint: Any) -> Any:
+    import pyarrow as pa
+
+    table = _read_csv_text(path, columns)
+    out = []
+    for name in table.column_names:
+        target = None
+        if schema is not None and name in schema.names:
+            target = schema.field(name).type
+        elif hint is not None and name in hint.names:
+            target = hint.field(name).type
+        out.append(_from_text(name, table.column(name), target))
+    return pa.table(out, names=table.column_names)
+
+
+def _from_text(name: str, column: Any, target: Any) -> Any:
+    """A CSV column read as text, as ``target`` (lists and structs are JSON); text when it won't fit."""
+    import pyarrow as pa
+
+    if target is None or pa.types.is_string(target):
+        return column
+    try:
+        if pa.types.is_null(target):
+            return pa.nulls(len(column)) if column.null_count == len(column) else column
+        if pa.types.is_nested(target):
+            return pa.array([None if v is None else json.loads(v) for v in column.to_pylist()], type=target)
+        return column.cast(target)
+    except (ValueError, TypeError, pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) as exc:
+        log.debug("CSV column %s does not read as %s (%s): kept as text", name, target, exc)
+        return column
 
 
 _TEXT_COLUMNS = {"id", "source", "text", "caption", "error", "reference", "language", "model", "status"}
+
+
+def _read_csv_guessing(path: str, columns: list[str] | None) -> Any:
+    """A CSV without a schema: the known text columns as text, the others' types guessed."""
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+
+    names = _csv_header(path)
+    convert = pacsv.ConvertOptions(column_types={c: pa.string() for c in names if c in _TEXT_COLUMNS},
+                                   include_columns=[c for c in names if columns is None or c in columns],
+                                   strings_can_be_null=True)
+    return pacsv.read_csv(path, convert_options=convert)
+
+
+def read_schema(path: str) -> Any:
+    """The Arrow schema kept in a ``.schema.json``; None when there is none or it is unreadable."""
+    import pyarrow as pa
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+        if data.get("format") != SCHEMA_FORMAT:
+            return None
+        return pa.ipc.read_schema(pa.py_buffer(base64.b64decode(data["arrow_schema"])))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, pa.ArrowInvalid) as exc:
+        log.warning("ignoring %s: %s", path, exc)
+        return None
+
+
+def write_schema(path: str, schema: Any) -> None:
+    """The Arrow schema of a CSV output, beside it (readable: the columns' types; exact: Arrow IPC)."""
+    data = {
+        "format": SCHEMA_FORMAT,
+        "version": 1,
+        "columns": {f.name: str(f.type) for f in schema},
+        "arrow_schema": base64.b64encode(schema.serialize().to_pybytes()).decode("ascii"),
+    }
+    _atomic_text(path, json.dumps(data, indent=2) + "\n")
 
 
 def write_table(table: Any, path: str, fmt: str) -> None:
@@ -279,22 +665,19 @@ def write_table(table: Any, path: str, fmt: str) -> None:
     pacsv.write_csv(pa.table(cols), path)
 
 
-def _fsync(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
+def _atomic_text(path: str, text: str) -> None:
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        atomic_write(path, text)
+    except OSError as exc:
+        raise FatalError(f"cannot write {path}: {_reason(exc)}") from None
 
 
 def write_summary(path: str, summary: dict[str, Any]) -> str:
     """The run summary as JSON beside the output (``out.parquet`` -> ``out.summary.json``; a remote output's
     summary is an object beside it)."""
-    from .fsutil import atomic_write
-
     base, _ = os.path.splitext(path)
     target = base + ".summary.json"
-    atomic_write(target, json.dumps(summary, indent=2, default=str) + "\n")
+    _atomic_text(target, json.dumps(summary, indent=2, default=str) + "\n")
     return target
 
 

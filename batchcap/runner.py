@@ -9,6 +9,7 @@ beside it.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections import Counter
@@ -102,8 +103,47 @@ def run_job(items: Iterable[Item], job: Job, output: str, options: JobOptions | 
         summary["skipped_files"] = stats.skipped_files  # files of other types in input directories
     summary.update(extra_summary or {})
     summary.update(job.scorer.summarize(table, wall))
+    if options.command:
+        summary["command"] = list(options.command)
+    summary["options"] = _options_record(options)
+    if options.report:
+        summary["report"] = _write_report(store.path, summary, getattr(store, "local", None))
     summary_path = write_summary(store.path, summary)
     return RunResult(store.path, summary_path, summary, counts, skipped)
+
+
+def _options_record(options: JobOptions) -> dict[str, Any]:
+    """The run's options as plain JSON values (for the summary and the report)."""
+    record: dict[str, Any] = {}
+    for f in dataclasses.fields(options):
+        if f.name == "command":
+            continue
+        value = getattr(options, f.name)
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            value = {k: v for k, v in dataclasses.asdict(value).items() if isinstance(v, (str, int, float, bool))}
+        elif isinstance(value, (list, tuple)):
+            value = [str(v) for v in value]
+        elif value is not None and not isinstance(value, (str, int, float, bool)):
+            value = str(value)
+        record[f.name] = value
+    return record
+
+
+def _write_report(output: str, summary: dict[str, Any], local: Any = None) -> str | None:
+    """``OUT.report.html``; a report that cannot be built is a warning, never a failed run. ``local``: a
+    remote output's working copy (output.RemoteResultStore): the page is built from it and uploaded."""
+    from .report import build_report, default_report_path
+
+    try:
+        if local is not None:
+            from . import storage
+
+            return storage.upload(build_report(local.path, summary=summary), default_report_path(output))
+        return build_report(output, summary=summary)
+    except Exception as exc:  # noqa: BLE001 - the results are written; the page is a bonus
+        log.warning("could not write the report: %s: %s", type(exc).__name__, exc)
+        log.debug("report failed", exc_info=True)
+        return None
 
 
 def _rows(items: Iterable[Item], job: Job, options: JobOptions, predictor: Predictor | None, done: set[str],
@@ -125,31 +165,24 @@ def _rows(items: Iterable[Item], job: Job, options: JobOptions, predictor: Predi
                 order[item.id] = item.index
                 (crashed if deaths >= CRASH_LIMIT else alone).append(item)
                 continue
-            if item.id not in done:
-                journal.enter(item.id)
             yield item
 
-    for row in _engine_rows(admitted(), job, options, predictor, done, order):
-        if row is not None:
-            journal.leave(row["id"])
-        yield row
+    yield from _engine_rows(admitted(), job, options, predictor, done, order, journal)
     for item in crashed:
-        message = (f"the process died {journal.deaths(item.id)} times while this item was in flight (out of "
-                   "memory? a crash in a decoder? kill -9?); it was not tried again. Check the file on its "
-                   "own; --retry-failed tries it once more")
+        message = (f"the process died {journal.deaths(item.id)} times while this item was being decoded or "
+                   "transcribed (out of memory? a crash in a decoder? kill -9?); it was not tried again. Check "
+                   "the file on its own; --retry-failed tries it once more")
         yield make_row(job.scorer, Loaded(item, error=ItemError(CRASHED, message)))
     if alone:
-        log.warning("doing %d item(s) that were in flight when an earlier run died, one at a time", len(alone))
+        log.warning("doing %d item(s) that were being processed when an earlier run died, one at a time",
+                    len(alone))
     for item in alone:
-        journal.enter(item.id)
-        for row in _engine_rows([item], job, options, predictor, done, order):
-            if row is not None:
-                journal.leave(row["id"])
-            yield row
+        yield from _engine_rows([item], job, options, predictor, done, order, journal)
 
 
 def _engine_rows(items: Iterable[Item], job: Job, options: JobOptions, predictor: Predictor | None,
-                 done: set[str], order: dict[str, int]) -> Iterator[dict[str, Any] | None]:
+                 done: set[str], order: dict[str, int], journal: Journal | None = None
+                 ) -> Iterator[dict[str, Any] | None]:
     if options.engine == "ray":
         from .engines import ray
 
@@ -157,4 +190,4 @@ def _engine_rows(items: Iterable[Item], job: Job, options: JobOptions, predictor
     from .engines import local
 
     assert predictor is not None
-    return local.stream_rows(items, job, predictor, options, done, order)
+    return local.stream_rows(items, job, predictor, options, done, order, watch=journal)

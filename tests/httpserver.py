@@ -13,6 +13,7 @@ Built-in routes (hits are counted per path, query string excluded):
 - ``/slow?delay=3&body=...``                sleeps (at most 30 s) before answering
 - ``/slow?delay=3&stage=body``              sends headers and half the body, then sleeps
 - ``/big?mb=60&length=1``                   streams ``mb`` MiB of zeros; ``length=0`` omits Content-Length
+- ``/drip?bytes=20&interval=0.25``          sends the body one byte per ``interval`` seconds (at most 30 s)
 - ``/redirect-loop``                        302 to itself
 - ``/redirect?to=/img/1.png``               302 to ``to``
 - ``/html``                                 a text/html page
@@ -31,7 +32,6 @@ from collections import Counter
 from collections.abc import Iterator
 from email.message import Message
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Self
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
@@ -113,6 +113,8 @@ class _Handler(BaseHTTPRequestHandler):
         elif path == "/slow":
             time.sleep(min(float(query.get("delay", "1")), MAX_DELAY))
             self._send_body(owner, query, default=b"slow")
+        elif path == "/drip":
+            self._drip(int(query.get("bytes", "20")), float(query.get("interval", "0.25")))
         elif path == "/big":
             self._send_big(float(query.get("mb", "1")), query.get("length", "1") != "0")
         elif path == "/redirect-loop":
@@ -144,6 +146,21 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
+    def _drip(self, size: int, interval: float) -> None:
+        self._leave()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Content-Length", str(size))
+        self.end_headers()
+        self.wfile.flush()
+        started = time.monotonic()
+        for _ in range(size):
+            if time.monotonic() - started > MAX_DELAY:
+                break
+            self.wfile.write(b"x")
+            self.wfile.flush()
+            time.sleep(interval)
+
     def _send_big(self, mb: float, with_length: bool) -> None:
         total = int(mb * 2**20)
         self._leave()
@@ -164,9 +181,10 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 class LoopbackServer:
-    """ThreadingHTTPServer on 127.0.0.1 (free port) in a daemon thread."""
+    """ThreadingHTTPServer on 127.0.0.1 (or another loopback address: ``host``; free port) in a daemon thread."""
 
-    def __init__(self) -> None:
+    def __init__(self, host: str = "127.0.0.1") -> None:
+        self.host = host
         self.routes: dict[str, tuple[bytes, str, dict[str, str]]] = {}
         self.hits: Counter[str] = Counter()
         self.headers: dict[str, Message] = {}
@@ -195,7 +213,7 @@ class LoopbackServer:
         return int(self._httpd.server_address[1])
 
     def url(self, path: str = "/") -> str:
-        return f"http://127.0.0.1:{self.port}{path}"
+        return f"http://{self.host}:{self.port}{path}"
 
     def reset(self) -> None:
         """Forget hits and concurrency peaks (routes stay)."""
@@ -205,7 +223,7 @@ class LoopbackServer:
             self.max_in_flight = self.in_flight
 
     def start(self) -> LoopbackServer:
-        httpd = _Server(("127.0.0.1", 0), _Handler)
+        httpd = _Server((self.host, 0), _Handler)
         httpd.owner = self
         self._httpd = httpd
         self._thread = threading.Thread(
@@ -223,7 +241,7 @@ class LoopbackServer:
             self._thread.join(timeout=5)
             self._thread = None
 
-    def __enter__(self) -> Self:
+    def __enter__(self) -> LoopbackServer:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

@@ -7,13 +7,13 @@ import socket
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from email.utils import format_datetime
 from pathlib import Path
 
 import pytest
 
-from batchcap.fetch import FetchConfig, Fetcher, parse_retry_after
+from batchcap.fetch import FetchConfig, Fetcher, address_allowed, parse_retry_after
 from batchcap.items import FETCH_ERROR, OK, Item
 from tests.httpserver import LoopbackServer, http_server  # noqa: F401 - fixture
 
@@ -96,9 +96,9 @@ def test_retry_after_capped(server: LoopbackServer) -> None:
 def test_parse_retry_after() -> None:
     assert parse_retry_after("3") == 3.0
     assert parse_retry_after(None) is None and parse_retry_after("soon") is None
-    later = format_datetime(datetime.now(UTC) + timedelta(seconds=20), usegmt=True)
+    later = format_datetime(datetime.now(timezone.utc) + timedelta(seconds=20), usegmt=True)
     assert 15 < (parse_retry_after(later) or 0) <= 20
-    earlier = format_datetime(datetime.now(UTC) - timedelta(seconds=20), usegmt=True)
+    earlier = format_datetime(datetime.now(timezone.utc) - timedelta(seconds=20), usegmt=True)
     assert parse_retry_after(earlier) == 0.0
 
 
@@ -246,3 +246,197 @@ def test_thread_safety(server: LoopbackServer) -> None:
     assert [r.data for r in results] == list(bodies.values())
     assert all(r.status == OK and r.http_status == 200 for r in results)
     assert sum(server.hits[p] for p in bodies) == 100
+
+
+# -- hostile servers: deadlines, slots, headers, redirects, private addresses (issue #11) ----------
+
+
+def test_drip_feeding_server_hits_the_deadline(server: LoopbackServer) -> None:
+    # One byte every 0.25 s never trips a 5 s read timeout; only a deadline on the whole download ends it.
+    with make(deadline=1.0, retries=2) as f:
+        res = f.fetch(item(server.url("/drip?bytes=40&interval=0.25")))
+    assert (res.status, res.http_status, res.data) == (FETCH_ERROR, 200, None)
+    assert res.error is not None
+    assert res.error.startswith("timed out: not finished within the 1s deadline (--fetch-deadline); ")
+    assert res.error.endswith(" bytes received")
+    assert server.hits["/drip"] == 1  # the deadline is for the whole item: no retry
+
+
+def test_stalled_body_ends_at_the_deadline_not_the_read_timeout(server: LoopbackServer) -> None:
+    with make(deadline=0.5, read_timeout=20.0, retries=0) as f:
+        res = f.fetch(item(server.url("/slow?delay=3&stage=body")))
+    assert (res.status, res.error) == (
+        FETCH_ERROR, "timed out: not finished within the 0.5s deadline (--fetch-deadline); 4 bytes received")
+
+
+def test_body_within_the_deadline_is_fetched(server: LoopbackServer) -> None:
+    with make(deadline=30.0) as f:
+        res = f.fetch(item(server.url("/drip?bytes=4&interval=0.05")))
+    assert (res.status, res.data, res.size) == (OK, b"xxxx", 4)
+
+
+def test_slot_wait_is_bounded(server: LoopbackServer) -> None:
+    # per_host=1: while a dripping download holds the host's only slot, another item waits at most
+    # slot_timeout for it, then fails with a row of its own instead of blocking its thread forever.
+    with make(per_host=1, deadline=1.0, slot_timeout=0.2) as f, ThreadPoolExecutor(2) as pool:
+        holder = pool.submit(f.fetch, item(server.url("/drip?bytes=100&interval=0.1")))
+        while server.hits["/drip"] == 0:
+            time.sleep(0.01)
+        waiter = f.fetch(item(server.url("/img/1.png")))
+        assert holder.result().status == FETCH_ERROR
+    assert (waiter.status, waiter.error) == (
+        FETCH_ERROR, "no free connection slot for 127.0.0.1 within 0.2s (--per-host 1)")
+    assert server.hits["/img/1.png"] == 0
+
+
+@pytest.mark.parametrize("value", ["\u00b2", "\u0663", "1.5", "soon", "-1", "Sat, 99 Foo 2020 99:99:99 GMT"])
+def test_odd_retry_after_means_normal_backoff(server: LoopbackServer, value: str) -> None:
+    # "²" and "٣" pass str.isdigit() and then fail float(): the item used to fail with a ValueError.
+    assert parse_retry_after(value) is None
+    assert parse_retry_after(" 12 ") == 12.0
+    with make() as f:
+        res = f.fetch(item(server.url(f"/ratelimit/odd?body=/img/1.png&retry_after={value}")))
+    assert (res.status, res.data) == (OK, PNG)
+    assert server.hits["/ratelimit/odd"] == 2
+
+
+@pytest.fixture
+def more_servers() -> Iterator[list[LoopbackServer]]:
+    servers = [LoopbackServer().start() for _ in range(4)]
+    yield servers
+    for s in servers:
+        s.stop()
+
+
+def test_per_host_cap_counts_the_redirect_target(more_servers: list[LoopbackServer]) -> None:
+    # Three origins redirect to one target: the target's slots limit the requests it gets,
+    # not the origins' (which used to let 3 requests at once reach a per_host=1 target).
+    *origins, target = more_servers
+    to = target.url("/slow?delay=0.2")
+    urls = [o.url(f"/redirect?to={to}") for o in origins for _ in range(2)]
+    with make(per_host=1) as f, ThreadPoolExecutor(6) as pool:
+        results = list(pool.map(f.fetch, map(item, urls)))
+    assert [r.status for r in results] == [OK] * 6
+    assert target.hits["/slow"] == 6
+    assert target.max_in_flight == 1
+
+
+def test_redirect_to_another_scheme_is_refused(server: LoopbackServer, fetcher: Fetcher) -> None:
+    res = fetcher.fetch(item(server.url("/redirect?to=file:///etc/passwd")))
+    assert (res.status, res.http_status, res.data) == (FETCH_ERROR, 302, None)
+    assert res.error == "redirect to unsupported URL scheme 'file' (only http and https are fetched)"
+
+
+@pytest.mark.parametrize(("address", "allowed"), [
+    ("8.8.8.8", True), ("2606:4700:4700::1111", True), ("127.0.0.1", False), ("127.3.2.1", False),
+    ("10.1.2.3", False), ("172.16.0.1", False), ("192.168.1.1", False), ("169.254.169.254", False),
+    ("100.64.0.1", False), ("0.0.0.0", False), ("224.0.0.1", False), ("240.0.0.1", False),
+    ("255.255.255.255", False), ("::1", False), ("::", False), ("fe80::1", False), ("fe80::1%eth0", False),
+    ("fd00:ec2::254", False), ("ff02::1", False), ("::ffff:127.0.0.1", False), ("::ffff:8.8.8.8", True),
+    ("2002:7f00:1::", False), ("64:ff9b::a00:1", False), ("192.0.2.1", False), ("not-an-ip", False),
+])
+def test_address_policy(address: str, allowed: bool) -> None:
+    assert address_allowed(address) is allowed
+
+
+def test_block_private_refuses_loopback(server: LoopbackServer) -> None:
+    with make(block_private=True) as f:
+        res = f.fetch(item(server.url("/img/1.png")))
+        by_name = f.fetch(item(f"http://localhost:{server.port}/img/1.png"))
+    refused = "refused: 127.0.0.1 resolves to a private address (--block-private-addresses)"
+    assert (res.status, res.http_status, res.data, res.error) == (FETCH_ERROR, None, None, refused)
+    assert by_name.error == "refused: localhost resolves to a private address (--block-private-addresses)"
+    assert server.hits["/img/1.png"] == 0  # nothing was asked: nothing of the answer can show in the row
+
+
+@pytest.fixture
+def private_server() -> Iterator[LoopbackServer]:
+    """A server on 127.0.0.2: a loopback address the tests' allowlist does not cover."""
+    try:
+        server = LoopbackServer("127.0.0.2").start()
+    except OSError:
+        pytest.skip("127.0.0.2 cannot be bound here")
+    server.add("/secret", b"metadata credentials")
+    yield server
+    server.stop()
+
+
+def test_block_private_checks_every_redirect_hop(server: LoopbackServer, private_server: LoopbackServer) -> None:
+    hop = server.url(f"/redirect?to={private_server.url('/secret')}")
+    with make() as f:  # without the guard the redirect reaches the private server
+        assert f.fetch(item(hop)).data == b"metadata credentials"
+    private_server.reset()
+    with make(block_private=True, allow_networks=("127.0.0.1/32",)) as f:
+        assert f.fetch(item(server.url("/img/1.png"))).data == PNG  # the allowlisted host still works
+        res = f.fetch(item(hop))
+    assert (res.status, res.data, res.http_status) == (FETCH_ERROR, None, None)
+    assert res.error == "refused: 127.0.0.2 resolves to a private address (--block-private-addresses)"
+    assert private_server.hits["/secret"] == 0
+
+
+def test_block_private_connects_to_the_checked_address(server: LoopbackServer, private_server: LoopbackServer,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    # DNS rebinding: the name answers an allowed address first, a private one after. The guard
+    # checks what it connects to, so a second lookup can never swap the address under it.
+    real = socket.getaddrinfo
+    answers: list[str] = []
+
+    def rebinding(host: object, *args: object, **kwargs: object) -> object:
+        if host == "rebind.test":
+            answers.append("127.0.0.1" if not answers else "127.0.0.2")
+            host = answers[-1]
+        return real(host, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(socket, "getaddrinfo", rebinding)
+    private_server.add("/img/1.png", b"from the private server")
+    with make(block_private=True, allow_networks=("127.0.0.1/32",)) as f:
+        res = f.fetch(item(f"http://rebind.test:{server.port}/img/1.png"))
+    assert (res.status, res.data) == (OK, PNG)
+    assert answers == ["127.0.0.1"] and private_server.hits["/img/1.png"] == 0
+
+
+def test_root_confines_local_files(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    (root / "sub").mkdir(parents=True)
+    inside = root / "sub" / "a.png"
+    inside.write_bytes(PNG)
+    outside = tmp_path / "secret.png"
+    outside.write_bytes(b"secret")
+    (root / "link.png").symlink_to(outside)
+    (root / "inner-link.png").symlink_to(inside)
+    with make(root=str(root)) as f:
+        assert f.fetch(item(str(inside))).data == PNG
+        assert f.fetch(item(str(root / "inner-link.png"))).data == PNG
+        assert f.fetch(item(str(root / "sub" / ".." / "sub" / "a.png"))).data == PNG
+        for path in (str(outside), str(root / "link.png"), str(root / "sub" / ".." / ".." / "secret.png"),
+                     "/etc/hostname", str(tmp_path / "root-sibling.png")):
+            res = f.fetch(item(path))
+            assert (res.status, res.error, res.data) == (FETCH_ERROR, f"outside --root {root}: {path}", None)
+    with make() as f:  # without --root, the same paths are read
+        assert f.fetch(item(str(root / "link.png"))).data == b"secret"
+
+
+def test_item_error_becomes_a_fetch_error(fetcher: Fetcher) -> None:
+    bad = Item(index=0, id="m.jsonl line 3", source="m.jsonl line 3", error="manifest line 3: not valid JSON")
+    res = fetcher.fetch(bad)
+    assert (res.status, res.error, res.data, res.size) == (FETCH_ERROR, "manifest line 3: not valid JSON", None, 0)
+
+
+def test_gzip_body_is_decoded_and_capped_decoded(server: LoopbackServer) -> None:
+    import gzip
+
+    server.add("/img/z.png", gzip.compress(PNG), "image/png", {"Content-Encoding": "gzip"})
+    server.add("/bomb", gzip.compress(bytes(3 * 2**20)), headers={"Content-Encoding": "gzip"})  # ~3 KiB on the wire
+    with make(max_bytes=2**20) as f:
+        assert f.fetch(item(server.url("/img/z.png"))).data == PNG
+        bomb = f.fetch(item(server.url("/bomb")))
+    assert (bomb.status, bomb.error) == (FETCH_ERROR, "response larger than 1 MiB cap (--max-bytes)")
+
+
+
+def test_retry_after_beyond_the_deadline_gives_up(server: LoopbackServer) -> None:
+    with make(deadline=2.0) as f:
+        res = f.fetch(item(server.url("/ratelimit/late?body=/img/1.png&retry_after=30")))
+    assert (res.status, res.http_status) == (FETCH_ERROR, 429)
+    assert res.error == "HTTP 429 Too Many Requests (no time left for a retry within --fetch-deadline)"
+    assert server.hits["/ratelimit/late"] == 1

@@ -167,6 +167,43 @@ def test_multipage_tiff_first_page():
     assert out.size == (30, 20) and out.getpixel((3, 3)) == (0, 0, 255)
 
 
+def _skimage_file(name: str) -> bytes:
+    import os
+
+    from skimage import data
+
+    with open(os.path.join(os.path.dirname(data.__file__), name), "rb") as f:
+        return f.read()
+
+
+def test_float64_planar_multipage_tiff():
+    """scikit-image's multipage_rgb.tif: two pages of float64 samples in [0, 1], stored planar (SYX), which
+    Pillow cannot open; the first page is decoded (tifffile) with its colours."""
+    tifffile = pytest.importorskip("tifffile")
+    data = _skimage_file("multipage_rgb.tif")
+    from PIL import UnidentifiedImageError
+
+    with pytest.raises(UnidentifiedImageError):
+        Image.open(io.BytesIO(data))
+    out = decode_image(data)
+    first = tifffile.imread(io.BytesIO(data))[0]  # [3, 10, 10] float64
+    assert out.mode == "RGB" and out.size == (10, 10)
+    assert np.array_equal(np.asarray(out), np.rint(np.moveaxis(first, 0, -1) * 255).astype(np.uint8))
+    assert "too large" in decode_error(data, max_pixels=99)  # --max-pixels checked from the page header
+
+
+def test_tiff_pillow_cannot_decode_without_tifffile(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "tifffile", None)  # not installed
+    message = decode_error(_skimage_file("multipage_rgb.tif"))
+    assert message.startswith("TIFF that Pillow cannot decode") and "tifffile" in message
+    corrupt = _skimage_file("multipage_rgb.tif")[:8] + b"\x00" * 64  # the header, then no valid IFD
+    monkeypatch.delitem(sys.modules, "tifffile")
+    pytest.importorskip("tifffile")
+    assert decode_error(corrupt).startswith("TIFF that Pillow cannot decode")  # nor tifffile: a row, no crash
+
+
 def test_truncated_files():
     photo = Image.fromarray(photos()["astronaut"])
     for fmt in ("JPEG", "PNG"):

@@ -245,6 +245,21 @@ def test_remote_store_resumes_from_the_store_not_the_cache(memory, tmp_path):
     assert pq.read_table(io.BytesIO(fs.cat_file(f"{root}/out/res.parquet"))).num_rows == 0
 
 
+def test_remote_csv_output_keeps_its_schema_beside_it(memory, tmp_path):
+    fs, root = memory
+    url = f"memory:/{root}/out.csv"
+    with RemoteResultStore(url, cache=str(tmp_path / "a")) as store:
+        store.add({"id": "007", "status": "ok", "references": ["a", "b"], "_order": 0})
+        store.finalize({"007": 0})
+    assert fs.exists(f"{root}/out.schema.json") and fs.cat_file(f"{root}/out.csv").startswith(b'"id"')
+    with RemoteResultStore(url, cache=str(tmp_path / "b")) as store:  # another machine
+        assert store.done == {"007"}
+        store.add({"id": "8", "status": "ok", "references": ["c"], "_order": 1})
+        table = store.finalize({"007": 0, "8": 1})
+    assert table.column("id").to_pylist() == ["007", "8"]
+    assert table.column("references").to_pylist() == [["a", "b"], ["c"]]
+
+
 def test_lock_object_refuses_a_live_run_and_takes_over_a_dead_one(memory, tmp_path, caplog):
     fs, root = memory
     url = f"memory:/{root}/res.parquet"
@@ -283,7 +298,7 @@ def test_parquet_manifest_items_and_output_in_the_bucket(s3, tiny_captioner):
     s3.put("in/imgs/2.png", png(2))
     out = s3.url("results/caps.parquet")
     code, output = run_cli("images", manifest, s3.url("imgs/3.png"), "-o", out, "--model", tiny_captioner,
-                           "--batch-size", "2", "--flush-every", "2")
+                           "--batch-size", "2", "--flush-every", "2", "--report")
     assert code == 3, output  # the missing object: its row is written, the run reports it
     got = s3.rows("results/caps.parquet")
     assert [r["source"] for r in got] == [s3.url("in/imgs/0.png"), s3.url("imgs/1.png"), s3.url("in/imgs/2.png"),
@@ -294,7 +309,9 @@ def test_parquet_manifest_items_and_output_in_the_bucket(s3, tiny_captioner):
     summary = json.loads(s3.get("results/caps.summary.json"))
     assert summary["output"] == out and summary["rows"] == 5
     assert f"wrote 5 rows to {out}" in output
-    assert s3.keys("results") == ["results/caps.parquet", "results/caps.summary.json"]  # no parts, no lock
+    assert summary["report"] == s3.url("results/caps.report.html") and b"<html" in s3.get("results/caps.report.html")
+    assert s3.keys("results") == ["results/caps.parquet", "results/caps.report.html",
+                                  "results/caps.summary.json"]  # no parts, no lock
 
 
 def test_csv_manifest_and_prefix_in_the_bucket_to_a_local_csv(s3, tiny_captioner, tmp_path):

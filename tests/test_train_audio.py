@@ -12,39 +12,17 @@ from __future__ import annotations
 import csv
 import json
 import os
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
 import soundfile as sf
 
-from tests import helpers
 from tests.helpers import rows_of  # noqa: F401
 from tests.tiny_whisper import make_tiny_whisper
+from tests.train_helpers import TRAIN_DEVICE, one_thread, run_cli, write_manifest  # noqa: F401
 
 WORDS = {300.0: "red", 1000.0: "blue", 3000.0: "square"}
 RATES = (8000, 16000, 22050)  # decode_audio resamples them all to 16 kHz
-
-# The main training runs on the CPU; BATCHCAP_TEST_DEVICE=cuda runs them on a GPU instead (autocast, gradient
-# scaler, gradient checkpointing paths), e.g. on a GPU machine: BATCHCAP_TEST_DEVICE=cuda pytest tests/test_train_*
-TRAIN_DEVICE = os.environ.get("BATCHCAP_TEST_DEVICE", "cpu")
-
-
-def run_cli(*args: object) -> tuple[int, str]:
-    return helpers.run_cli(*args, raise_errors=True)
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny models run faster on one thread, above all on a CPU other jobs share."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 
 
 def make_base(directory: str, multilingual: bool = True) -> str:
@@ -81,12 +59,7 @@ def make_tones(directory, n: int, seed: int, extra_rows: list[dict] | None = Non
                  subtype="PCM_16")
         rows.append({"path": name, "text": WORDS[freq]})
     rows += extra_rows or []
-    manifest = os.path.join(directory, "manifest.csv")
-    with open(manifest, "w", newline="") as f:
-        writer = csv.DictWriter(f, ["path", "text"])
-        writer.writeheader()
-        writer.writerows(rows)
-    return manifest
+    return write_manifest(os.path.join(directory, "manifest.csv"), rows)
 
 
 def transcribe_wer(model: str, manifest: str, out, exit_code: int = 0) -> tuple[float, list[dict]]:
@@ -144,6 +117,9 @@ def test_outputs(data, trained):
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     with open(os.path.join(trained, "history.csv")) as f:
         assert len(list(csv.DictReader(f))) == 4
+    with open(os.path.join(trained, "report.html"), encoding="utf-8") as f:  # batchcap report's training page
+        page = f.read()
+    assert page.count("<polyline") == 3 and page.count('class="align mono"') == 6  # loss x2, WER; 6 val clips
     # the adapter, and a plain merged Whisper checkpoint beside it
     assert os.path.isfile(os.path.join(trained, "adapter", "adapter_config.json"))
     for name in ("config.json", "model.safetensors", "generation_config.json", "preprocessor_config.json",
@@ -177,7 +153,7 @@ def test_unfreeze_last_counts(tmp_path, n):
     from transformers import WhisperForConditionalGeneration
 
     from batchcap.train.audio import AudioTrainOptions, apply_lora
-    from batchcap.train.common import count_parameters
+    from batchcap.train.base import count_parameters
 
     model = WhisperForConditionalGeneration.from_pretrained(make_tiny_whisper(str(tmp_path / "w")))
     layers = model.model.decoder.layers
@@ -264,3 +240,79 @@ def test_usage_errors(data, tmp_path):
     assert code == 1 and "qkv" in output
     code, output = run_cli("train", "audio", tmp_path / "none.csv", "-o", tmp_path / "c", "--device", "cpu")
     assert code == 1 and "input not found" in output
+
+
+def with_languages(manifest: str, languages: list[str], column: str = "language") -> str:
+    """``manifest`` with a ``column`` of per-row languages (cycled)."""
+    with open(manifest, newline="") as f:
+        rows = list(csv.DictReader(f))
+    for i, row in enumerate(rows):
+        row[column] = languages[i % len(languages)]
+    return write_manifest(manifest, rows)
+
+
+def test_labels_carry_each_rows_language(data):
+    from transformers import WhisperForConditionalGeneration, WhisperTokenizerFast
+
+    from batchcap.items import Item, ItemError
+    from batchcap.train.audio import _labelled, row_language, whisper_setup
+    from batchcap.train.data import Example
+
+    model = WhisperForConditionalGeneration.from_pretrained(data["base"])
+    tokenizer = WhisperTokenizerFast.from_pretrained(data["base"])
+    setup = whisper_setup(model, tokenizer, None, "transcribe", "tiny", per_row_language=True)
+    items = [Item(i, f"r{i}", f"{i}.wav", references=["red"], extra={"Language": lang})
+             for i, lang in enumerate(["en", "german", "fr", "de"])]
+    kept, labels = _labelled([Example(item, None) for item in items], tokenizer, setup, "language", {})
+    token = tokenizer.convert_tokens_to_ids
+    assert [ids[0] for ids in labels] == [token("<|en|>"), token("<|de|>"), token("<|fr|>"), token("<|de|>")]
+    assert all(ids[1:3] == [token("<|transcribe|>"), token("<|notimestamps|>")] for ids in labels)
+    assert labels[0][3:] == labels[1][3:]  # the same text after the prefix
+    for value, status in ((None, "no_language"), ("", "no_language"), ("klingon", "unsupported_language")):
+        with pytest.raises(ItemError) as err:
+            setup.check_language(row_language(Item(0, "x", "x", extra={"language": value}), "language"))
+        assert err.value.status == status
+    with_default = whisper_setup(model, tokenizer, "fr", "transcribe", "tiny", per_row_language=True)
+    assert with_default.check_language(None) == "fr" and with_default.check_language("de") == "de"
+
+
+def test_mixed_language_manifest(data, tmp_path, monkeypatch):
+    """A multilingual checkpoint, no --language: each row's language comes from its column; rows whose
+    language is missing or unknown are skipped with that reason; validation generates in each row's language."""
+    from transformers import WhisperForConditionalGeneration
+
+    languages = ["en", "de", "fr", "de", "en", "fr", "", "klingon"]
+    manifest = with_languages(make_tones(tmp_path / "mixed", 8, seed=5), languages)
+    asked: list = []
+    generate = WhisperForConditionalGeneration.generate
+
+    def spy(self, *args, **kwargs):
+        asked.append(kwargs.get("language"))
+        return generate(self, *args, **kwargs)
+
+    monkeypatch.setattr(WhisperForConditionalGeneration, "generate", spy)
+    out = tmp_path / "out"
+    code, output = run_cli("train", "audio", manifest, "-o", out, "--model", data["base"], "--max-steps", "1",
+                           "--batch-size", "2", "--val-fraction", "0.34", "--device", "cpu", "-q")
+    assert code == 0, output
+    with open(out / "training.json") as f:
+        info = json.load(f)
+    report = info["data"]["train_manifest"]
+    assert report["kept"] == 6 and report["skipped"] == {"no_language": 1, "unsupported_language": 1}
+    assert info["best_metric"] == "wer" and info["best_wer"] is not None  # validation ran
+    val_languages = sorted(lang for batch in asked for lang in batch)  # one per validation clip, its row's
+    assert len(val_languages) == 2 and set(val_languages) <= {"en", "de", "fr"}
+    with open(out / "generation_config.json") as f:
+        assert json.load(f).get("language") is None  # mixed: the merged model detects the language
+
+    # --language fills the empty row; --language-column names another column; a missing one is an error
+    renamed = with_languages(make_tones(tmp_path / "renamed", 4, seed=6), ["de", ""], column="lang")
+    code, output = run_cli("train", "audio", renamed, "-o", tmp_path / "out2", "--model", data["base"],
+                           "--language-column", "lang", "--language", "es", "--max-steps", "1", "--batch-size", "2",
+                           "--val-fraction", "0", "--device", "cpu", "-q")
+    assert code == 0, output
+    with open(tmp_path / "out2" / "training.json") as f:
+        assert json.load(f)["data"]["train_manifest"]["kept"] == 4
+    code, output = run_cli("train", "audio", renamed, "-o", tmp_path / "out3", "--model", data["base"],
+                           "--language-column", "lingua", "--device", "cpu")
+    assert code == 1 and "lingua" in output and output.count("\n") == 1

@@ -12,38 +12,17 @@ import csv
 import json
 import os
 import random
-from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from PIL import Image, ImageDraw
 
-from tests import helpers
 from tests.helpers import rows_of  # noqa: F401
+from tests.train_helpers import TRAIN_DEVICE, one_thread, run_cli, write_manifest  # noqa: F401
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 170, 40), "blue": (30, 60, 220)}
 SHAPES = ("circle", "square", "triangle")
 WORDS = ("a", *COLOURS, *SHAPES)
-
-# The main training runs on the CPU; BATCHCAP_TEST_DEVICE=cuda runs them on a GPU instead (autocast, gradient
-# scaler, gradient checkpointing paths), e.g. on a GPU machine: BATCHCAP_TEST_DEVICE=cuda pytest tests/test_train_*
-TRAIN_DEVICE = os.environ.get("BATCHCAP_TEST_DEVICE", "cpu")
-
-
-def run_cli(*args: object) -> tuple[int, str]:
-    return helpers.run_cli(*args, raise_errors=True)
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny models run faster on one thread, above all on a CPU other jobs share."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 
 
 def draw(colour: str, shape: str, rng: random.Random, size: int = 64) -> Image.Image:
@@ -72,12 +51,7 @@ def make_shapes(directory, n: int, seed: int, extra_rows: list[dict] | None = No
         draw(colour, shape, rng).save(os.path.join(directory, name))
         rows.append({"path": name, "caption": f"a {colour} {shape}"})
     rows += extra_rows or []
-    manifest = os.path.join(directory, "manifest.csv")
-    with open(manifest, "w", newline="") as f:
-        writer = csv.DictWriter(f, ["path", "caption"])
-        writer.writeheader()
-        writer.writerows(rows)
-    return manifest
+    return write_manifest(os.path.join(directory, "manifest.csv"), rows)
 
 
 def make_pair(root) -> tuple[str, str]:
@@ -207,7 +181,7 @@ def test_outputs(trained):
 
 @pytest.mark.parametrize("n", [1, 2])
 def test_unfreeze_last_trains_exactly_the_top_blocks(tmp_path, n):
-    from batchcap.train.common import count_parameters
+    from batchcap.train.base import count_parameters
     from batchcap.train.images import ImageTrainOptions, freeze_for_finetuning, load_captioner_for_training
     from tests.tiny_models import make_tiny_captioner
 
@@ -228,13 +202,31 @@ def test_unfreeze_last_trains_exactly_the_top_blocks(tmp_path, n):
     assert count_parameters(model)[0] == total
 
 
-def test_resume_continues_from_the_last_epoch(data, tmp_path):
+class _Payload:
+    """Unpickling this creates a directory: what a malicious checkpoint would do with a worse call."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.mkdir, (self.marker,))
+
+
+@pytest.fixture()
+def one_epoch(data, tmp_path) -> tuple[list[str], str, str]:
+    """(common args, manifest, OUT_DIR) of a finished 1-epoch run on 27 shapes."""
     manifest = make_shapes(tmp_path / "small", 27, seed=3)
     common = ["--encoder", data["encoder"], "--decoder", data["decoder"], "--lr", "3e-3", "--val-fraction", "0.2",
               "--device", "cpu", "-q", "--unfreeze-last", "2"]
-    once = tmp_path / "once"
-    code, output = run_cli("train", "images", manifest, "-o", once, "--epochs", "1", *common)
+    out = tmp_path / "out"
+    code, output = run_cli("train", "images", manifest, "-o", out, "--epochs", "1", *common)
     assert code == 0, output
+    return common, manifest, str(out)
+
+
+def test_resume_continues_from_the_last_epoch(one_epoch, tmp_path):
+    common, manifest, out = one_epoch
+    once = Path(out)
     # a second run into the same directory must choose: --resume or --overwrite
     code, output = run_cli("train", "images", manifest, "-o", once, "--epochs", "2", *common)
     assert code == 1 and "--resume" in output and "--overwrite" in output
@@ -320,3 +312,35 @@ def test_usage_errors(data, tmp_path):
     code, output = run_cli("train", "images", data["train"], "-o", tmp_path / "z", "--model",
                            str(tmp_path / "no-such-model"))
     assert code == 1 and output.count("\n") == 1
+
+
+def test_resume_refuses_a_checkpoint_that_would_run_code(one_epoch, tmp_path):
+    import torch
+
+    common, manifest, out = one_epoch
+    marker = tmp_path / "payload-ran"
+    state = os.path.join(out, "checkpoint-last", "training_state.pt")
+    torch.save({"epoch": 1, "optimizer": _Payload(str(marker))}, state)
+    code, output = run_cli("train", "images", manifest, "-o", out, "--epochs", "2", "--resume", *common)
+    assert not marker.exists()  # never unpickled
+    assert code == 1 and output.count("\n") == 1 and "refused" in output and "training_state.pt" in output
+
+
+def test_resume_after_a_crash_between_the_checkpoint_renames(one_epoch):
+    """A kill after checkpoint-last -> checkpoint-last.old and before checkpoint-last.tmp -> checkpoint-last:
+    --resume finds the checkpoint in .old and continues after epoch 1."""
+    common, manifest, out = one_epoch
+    final = os.path.join(out, "checkpoint-last")
+    os.replace(final, final + ".old")
+    os.makedirs(final + ".tmp")  # the half-written new one
+    with open(os.path.join(out, "history.json")) as f:
+        history = json.load(f)
+    history[0]["train_loss"] = 123.0  # kept as it is only by a run that resumes after epoch 1
+    with open(os.path.join(out, "history.json"), "w") as f:
+        json.dump(history, f)
+    code, output = run_cli("train", "images", manifest, "-o", out, "--epochs", "2", "--resume", *common)
+    assert code == 0, output
+    with open(os.path.join(out, "history.json")) as f:
+        resumed = json.load(f)
+    assert [row["epoch"] for row in resumed] == [1, 2] and resumed[0]["train_loss"] == 123.0
+    assert sorted(n for n in os.listdir(out) if n.startswith("checkpoint-last")) == ["checkpoint-last"]

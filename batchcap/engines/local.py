@@ -17,7 +17,7 @@ import logging
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any
+from typing import Any, Protocol
 
 from ..fetch import Fetcher
 from ..items import Fetched, Item
@@ -27,9 +27,27 @@ from ..stages import Loaded, Predictor, fetch_item, make_row, predict_batch, pre
 log = logging.getLogger(__name__)
 
 
+class Watch(Protocol):
+    """Told when an item starts and stops being dangerous to the process: decoding, or in the model."""
+
+    def enter(self, item_id: str) -> None: ...
+
+    def leave(self, item_id: str) -> None: ...
+
+
+class _NoWatch:
+    def enter(self, item_id: str) -> None:
+        pass
+
+    def leave(self, item_id: str) -> None:
+        pass
+
+
 def stream_rows(items: Iterable[Item], job: Job, predictor: Predictor, options: JobOptions, done: set[str],
-                order: dict[str, int]) -> Iterator[dict[str, Any] | None]:
-    """Yield one row per item not yet done (None for each item skipped as done)."""
+                order: dict[str, int], watch: Watch | None = None) -> Iterator[dict[str, Any] | None]:
+    """Yield one row per item not yet done (None for each item skipped as done). ``watch`` (the crash
+    journal) hears which items are being decoded or predicted at any moment."""
+    watch = watch or _NoWatch()
     batch_size = max(1, options.batch_size)
     window = batch_size * max(1, job.group)
     source = iter(items)
@@ -37,7 +55,7 @@ def stream_rows(items: Iterable[Item], job: Job, predictor: Predictor, options: 
     pending: deque[Future] = deque()  # in input order
     job.preprocessor.setup()
     fetcher = Fetcher(options.fetch)
-    loader = _Loader(job, fetcher, options)
+    loader = _Loader(job, fetcher, options, watch)
     try:
         while True:
             while not exhausted and len(pending) < 2 * window:
@@ -62,7 +80,12 @@ def stream_rows(items: Iterable[Item], job: Job, predictor: Predictor, options: 
                     yield make_row(job.scorer, loaded)
             ready.sort(key=lambda entry: job.preprocessor.size(entry.value))
             for start in range(0, len(ready), batch_size):
-                yield from predict_batch(predictor, job.scorer, ready[start:start + batch_size])
+                batch = ready[start:start + batch_size]
+                for entry in batch:
+                    watch.enter(entry.item.id)
+                for row in predict_batch(predictor, job.scorer, batch):
+                    watch.leave(row["id"])
+                    yield row
     finally:  # on Ctrl-C or an error, don't wait for queued downloads
         loader.shutdown()
         fetcher.close()
@@ -72,8 +95,8 @@ class _Loader:
     """Fetch in one thread pool, preprocess in another: a slow server never holds a decode thread, and
     decoding never holds up a download. Each item's future resolves to its :class:`Loaded`."""
 
-    def __init__(self, job: Job, fetcher: Fetcher, options: JobOptions):
-        self.preprocessor, self.fetcher = job.preprocessor, fetcher
+    def __init__(self, job: Job, fetcher: Fetcher, options: JobOptions, watch: Watch):
+        self.preprocessor, self.fetcher, self.watch = job.preprocessor, fetcher, watch
         workers = max(1, options.workers)
         fetchers = options.fetch_workers or 4 * workers
         self.fetch_pool = ThreadPoolExecutor(max(1, fetchers), thread_name_prefix="batchcap-fetch")
@@ -92,7 +115,7 @@ class _Loader:
                 result.set_result(outcome)
                 return
             try:
-                decoding = self.decode_pool.submit(preprocess_item, self.preprocessor, item, outcome)
+                decoding = self.decode_pool.submit(self._preprocess, item, outcome)
             except RuntimeError as exc:  # the pool was shut down (Ctrl-C, an error elsewhere)
                 result.set_exception(exc)
                 return
@@ -100,6 +123,12 @@ class _Loader:
 
         self.fetch_pool.submit(fetch_item, self.fetcher, item).add_done_callback(fetched)
         return result
+
+    def _preprocess(self, item: Item, fetched: Fetched) -> Loaded:
+        self.watch.enter(item.id)
+        loaded = preprocess_item(self.preprocessor, item, fetched)
+        self.watch.leave(item.id)  # not reached when the decoder takes the process down
+        return loaded
 
     def shutdown(self) -> None:
         self.fetch_pool.shutdown(wait=False, cancel_futures=True)

@@ -16,7 +16,7 @@ from PIL import Image
 
 from ..items import FatalError
 from .attention import use_step_attention
-from .common import autocast_context, load_error_message, load_pretrained, resolve_device, resolve_precision
+from .common import autocast_context, hub_guard, load_error_message, load_pretrained, resolve_device, resolve_precision
 
 log = logging.getLogger(__name__)
 
@@ -47,10 +47,11 @@ class CaptionFeatures:
     def __init__(self, model: str):
         from transformers import AutoImageProcessor
 
-        try:
-            self.image_processor = AutoImageProcessor.from_pretrained(model)
-        except Exception as exc:
-            raise FatalError(load_error_message(model, exc)) from exc
+        with hub_guard(model):  # no hub: fail at once, or load from the cache without its retries
+            try:
+                self.image_processor = AutoImageProcessor.from_pretrained(model)
+            except Exception as exc:
+                raise FatalError(load_error_message(model, exc)) from exc
 
     def prepare(self, image: Image.Image) -> Any:
         """Resize and normalize one image: a float32 CPU tensor [C, H, W] for :meth:`Captioner.caption_prepared`."""
@@ -76,12 +77,13 @@ class Captioner:
         self.share_cross_attention = share_cross_attention  # beam search: one cross-attention K/V per image
         self.prompt = prompt.strip() if prompt and prompt.strip() else None
         self._torch = torch
-        try:
-            config = AutoConfig.from_pretrained(model)
-            self.image_processor = AutoImageProcessor.from_pretrained(model)
-            self.tokenizer = AutoTokenizer.from_pretrained(model)
-        except Exception as exc:
-            raise FatalError(load_error_message(model, exc)) from exc
+        with hub_guard(model):  # no hub: fail at once, or load from the cache without its retries
+            try:
+                config = AutoConfig.from_pretrained(model)
+                self.image_processor = AutoImageProcessor.from_pretrained(model)
+                self.tokenizer = AutoTokenizer.from_pretrained(model)
+            except Exception as exc:
+                raise FatalError(load_error_message(model, exc)) from exc
         self.model = load_pretrained(AutoModelForImageTextToText, model, self.dtype, attn_implementation, config=config)
         self.model.to(self.device).eval()
         use_step_attention(self.model, self.device)
@@ -92,6 +94,29 @@ class Captioner:
         precision = str(self.dtype).removeprefix("torch.") + (" + bf16 autocast" if self.autocast else "")
         log.info("captioner %s (%s) on %s, %s, attention %s", model, self.model_type, self.device, precision,
                  attention)
+
+    @classmethod
+    def from_model(cls, model: Any, image_processor: Any, tokenizer: Any, *, device: Any, dtype: Any = None,
+                   autocast: Any = None, max_new_tokens: int = 32, num_beams: int = 1,
+                   name: str = "in-memory model") -> Captioner:
+        """Wrap a model already in memory (fine-tuning's validation captions) so that it captions exactly as a
+        loaded one does. Nothing is loaded or moved, the attention implementation is left as it is, and the
+        caller switches the model to eval mode; ``model.generation_config`` gets the fixes of a loaded model."""
+        import torch
+
+        self = cls.__new__(cls)
+        self.name = name
+        self.device = device
+        self.dtype, self.autocast = dtype or torch.float32, autocast
+        self.max_new_tokens, self.min_new_tokens, self.num_beams = max_new_tokens, None, num_beams
+        self.share_cross_attention = True
+        self.prompt = None
+        self._torch = torch
+        self.model, self.image_processor, self.tokenizer = model, image_processor, tokenizer
+        self.model_type = model.config.model_type
+        self._fix_special_tokens()
+        self._prompt_ids = None
+        return self
 
     def _fix_special_tokens(self) -> None:
         """GPT-2 has no pad token: use eos; make sure an encoder-decoder knows how to start.

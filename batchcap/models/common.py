@@ -5,6 +5,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from ..items import FatalError
@@ -51,6 +54,81 @@ def resolve_dtype(spec: str, device: Any) -> Any:
     return getattr(torch, _DTYPES[spec])
 
 
+HUB_PROBE_TIMEOUT = 3.0  # seconds: one HEAD request to the hub before a model load from a hub id
+_probe_lock = threading.Lock()
+_probed: dict[str, bool] = {}  # endpoint -> reachable, once per process
+
+
+def _hub_offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def _is_hub_id(model: str) -> bool:
+    return not (os.path.isdir(model) or model.startswith((".", "/", "~")) or model.count("/") > 1)
+
+
+def hub_reachable(timeout: float = HUB_PROBE_TIMEOUT) -> bool:
+    """Whether the Hugging Face hub answers at all (any HTTP status counts), probed once per process.
+
+    Without it, huggingface_hub retries each file of a missing model 5 times with backoff (about 23 s
+    a file, ~50 s for a model, longer where packets are dropped) before the load fails.
+    """
+    from huggingface_hub import constants, get_session
+
+    endpoint = constants.ENDPOINT
+    with _probe_lock:
+        if endpoint not in _probed:
+            try:
+                get_session().head(endpoint, timeout=timeout)
+                _probed[endpoint] = True
+            except Exception as exc:  # DNS failure, refused, timed out, proxy error: all mean "not from here"
+                log.debug("Hugging Face hub %s unreachable: %s: %s", endpoint, type(exc).__name__, exc)
+                _probed[endpoint] = False
+        return _probed[endpoint]
+
+
+def _in_hub_cache(model: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return isinstance(try_to_load_from_cache(model, "config.json"), str)
+    except Exception:  # an id the hub would not take (HFValidationError) is not cached either
+        return False
+
+
+@contextmanager
+def hub_guard(*models: str) -> Iterator[None]:
+    """Around a model load: when a hub id is to be loaded and the hub cannot be reached, fail at once
+    with one line if the model is not cached, else load it from the cache without asking the hub
+    (offline mode for the duration of the load only). Local directories and HF_HUB_OFFLINE runs pass."""
+    hub_ids = [m for m in models if m and _is_hub_id(m)]
+    if not hub_ids or _hub_offline() or hub_reachable():
+        yield
+        return
+    from huggingface_hub import constants
+
+    for model in hub_ids:
+        if not _in_hub_cache(model):
+            raise FatalError(f"cannot load model {model!r}: the Hugging Face hub ({constants.ENDPOINT}) cannot "
+                             f"be reached from here and the model is not in the local cache ({_hf_home()}). "
+                             "Download it where there is network (huggingface-cli download), or pass --model "
+                             "/path/to/a/local/model/dir")
+    log.info("the Hugging Face hub (%s) cannot be reached: loading %s from the local cache", constants.ENDPOINT,
+             ", ".join(hub_ids))
+    saved = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = True  # read at call time by huggingface_hub and transformers
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = saved
+
+
+def _hf_home() -> str:
+    return os.environ.get("HF_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "huggingface")
+
+
 def load_error_message(model: str, exc: BaseException) -> str:
     """One actionable line for a model that would not load."""
     first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
@@ -59,7 +137,7 @@ def load_error_message(model: str, exc: BaseException) -> str:
     looks_local = model.startswith((".", "/", "~")) or model.count("/") > 1
     if looks_local and not os.path.exists(model):
         return f"model directory not found: {model} (pass --model a local model directory or a hub id)"
-    home = os.environ.get("HF_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "huggingface")
+    home = _hf_home()
     return (f"cannot load model {model!r}: it is not in the local cache ({home}) and the Hugging Face hub could "
             f"not be reached or does not have it ({type(exc).__name__}). Download it where there is network "
             "(huggingface-cli download), or pass --model /path/to/a/local/model/dir")
@@ -71,18 +149,19 @@ def load_pretrained(model_class: Any, model: str, dtype: Any, attn_implementatio
     default attention), and one actionable line (FatalError) when the checkpoint will not load."""
     kwargs["dtype"] = dtype
     announce_load(model)
-    try:
-        if attn_implementation:
-            try:
-                return model_class.from_pretrained(model, attn_implementation=attn_implementation, **kwargs)
-            except (ValueError, ImportError) as exc:  # an attention implementation this model or build lacks
-                log.debug("loading %s with %s attention failed (%s); using the default", model,
-                          attn_implementation, exc)
-        return model_class.from_pretrained(model, **kwargs)
-    except FatalError:
-        raise
-    except Exception as exc:
-        raise FatalError(load_error_message(model, exc)) from exc
+    with hub_guard(model):  # no hub: fail at once, or load from the cache without its retries
+        try:
+            if attn_implementation:
+                try:
+                    return model_class.from_pretrained(model, attn_implementation=attn_implementation, **kwargs)
+                except (ValueError, ImportError) as exc:  # an attention implementation this model or build lacks
+                    log.debug("loading %s with %s attention failed (%s); using the default", model,
+                              attn_implementation, exc)
+            return model_class.from_pretrained(model, **kwargs)
+        except FatalError:
+            raise
+        except Exception as exc:
+            raise FatalError(load_error_message(model, exc)) from exc
 
 
 def autocast_context(device: Any, autocast: Any) -> Any:

@@ -21,7 +21,7 @@ import numpy as np
 from ..audio import SAMPLE_RATE
 from ..items import FatalError
 from .attention import use_step_attention
-from .common import autocast_context, load_error_message, load_pretrained, resolve_device, resolve_precision
+from .common import autocast_context, hub_guard, load_error_message, load_pretrained, resolve_device, resolve_precision
 
 log = logging.getLogger(__name__)
 
@@ -49,10 +49,11 @@ class WhisperFeatures:
 
         if not full_window and window_margin_s <= 0:
             raise FatalError("the window margin must be positive (it holds the padding the encoder sees)")
-        try:
-            self.feature_extractor = WhisperFeatureExtractor.from_pretrained(model)
-        except Exception as exc:
-            raise FatalError(load_error_message(model, exc)) from exc
+        with hub_guard(model):  # no hub: fail at once, or load from the cache without its retries
+            try:
+                self.feature_extractor = WhisperFeatureExtractor.from_pretrained(model)
+            except Exception as exc:
+                raise FatalError(load_error_message(model, exc)) from exc
         self.full_window = full_window
         self.window_margin_s = window_margin_s
 
@@ -85,10 +86,11 @@ class WhisperTranscriber:
         self.dtype, self.autocast = resolve_precision(dtype, self.device)
         self._features = WhisperFeatures(model, full_window=full_window, window_margin_s=window_margin_s)
         self.feature_extractor = self._features.feature_extractor
-        try:
-            self.tokenizer = WhisperTokenizerFast.from_pretrained(model)
-        except Exception as exc:
-            raise FatalError(load_error_message(model, exc)) from exc
+        with hub_guard(model):  # no hub: fail at once, or load from the cache without its retries
+            try:
+                self.tokenizer = WhisperTokenizerFast.from_pretrained(model)
+            except Exception as exc:
+                raise FatalError(load_error_message(model, exc)) from exc
         self.model = load_pretrained(WhisperForConditionalGeneration, model, self.dtype, attn_implementation)
         self.model.to(self.device).eval()
         use_step_attention(self.model, self.device)

@@ -24,99 +24,44 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import os
 import shutil
-import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 
 from ..audio import SAMPLE_RATE, decode_audio
-from ..fetch import FetchConfig
 from ..inputs import audio_spec
 from ..items import FatalError, Item, ItemError
-from ..job import apply_overrides
 from ..metrics import ErrorRate, get_normalizer, load_english_spelling, wer_counts
-from ..models.common import load_error_message, resolve_device
-from .common import (
-    Example,
-    atomic_write_text,
-    check_inputs,
-    count_parameters,
-    load_examples,
-    load_train_val,
-    prepare_out_dir,
-    resolve_train_precision,
-    seed_everything,
-    write_history,
-)
+from ..models.common import hub_guard, load_error_message
+from .base import FineTuneResult, autocast_dtype, count_parameters, start_run
+from .checkpoints import INFO_FILE, fresh_dir, jsonable, replace_dir, write_info
+from .data import Example
+from .history import HISTORY_JSON, write_history
+from .options import DEFAULT_AUDIO_MODEL, LANGUAGE_COLUMN, LORA_SCOPES, AudioTrainOptions
+
+__all__ = ["DEFAULT_AUDIO_MODEL", "AudioTrainOptions", "AudioTrainResult", "train_audio", "apply_lora"]
+from ..report import write_training_report
 
 log = logging.getLogger(__name__)
 
-DEFAULT_AUDIO_MODEL = "openai/whisper-small"
 MAX_SECONDS = 30.0
 TOO_LONG = "too_long"
 LABEL_TOO_LONG = "label_too_long"
 CHECKPOINTS = "checkpoints"
 ADAPTER = "adapter"
-INFO_FILE = "training.json"
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
-LORA_SCOPES = ("all", "decoder")
 
 
 @dataclass
-class AudioTrainOptions:
-    model: str = DEFAULT_AUDIO_MODEL
-    language: str | None = None  # required for multilingual checkpoints
-    task: str = "transcribe"
-    lora_r: int = 32
-    lora_alpha: int = 64
-    lora_dropout: float = 0.05
-    lora_targets: Sequence[str] = ("q_proj", "v_proj")
-    lora_scope: str = "all"  # all: encoder and decoder; decoder: decoder only (no backward through the encoder)
-    unfreeze_last: int = 0  # top decoder layers trained in full
-    gradient_checkpointing: bool | None = None  # None: on for CUDA
-    epochs: float = 3.0
-    max_steps: int | None = None
-    lr: float = 1e-3
-    warmup: float = 0.1  # < 1: fraction of the steps; >= 1: steps
-    weight_decay: float = 0.0
-    batch_size: int = 8
-    eval_batch_size: int | None = None
-    grad_accum: int = 1
-    num_beams: int = 1  # validation decoding
-    normalize: str = "auto"
-    val_fraction: float = 0.1
-    val_manifest: str | None = None
-    seed: int = 0
-    device: str = "auto"
-    precision: str = "auto"
-    workers: int = 8
-    limit: int | None = None
-    resume: bool = False
-    overwrite: bool = False
-    progress: bool = False  # transformers' progress bars
-    path_column: str | None = None
-    reference_columns: Sequence[str] = ()
-    id_column: str | None = None
-    fetch: FetchConfig = field(default_factory=lambda: FetchConfig(max_bytes=2 * 2**30))
-
-
-@dataclass
-class AudioTrainResult:
-    out_dir: str
-    history: list[dict[str, Any]]
-    best_wer: float | None
-    best_checkpoint: str | None
-    trainable_params: int
-    total_params: int
-    data: dict[str, Any]
-    wall_s: float
+class AudioTrainResult(FineTuneResult):
+    best_wer: float | None = None
+    best_checkpoint: str | None = None
 
 
 # --- model and labels --------------------------------------------------------------------------
@@ -129,36 +74,76 @@ def _language_code(language: str) -> str:
     return TO_LANGUAGE_CODE.get(lang, lang)
 
 
+NO_LANGUAGE = "no_language"
+BAD_LANGUAGE = "unsupported_language"
+
+
 @dataclass
 class WhisperSetup:
     """What labels and generation need to agree on."""
 
     multilingual: bool
-    language: str | None  # language code (multilingual checkpoints)
+    language: str | None  # --language as a code: the language of rows without one of their own
     task: str
-    prefix: list[int]  # decoder prompt: <|startoftranscript|> [<|lang|> <|task|>] <|notimestamps|>
+    start: int  # <|startoftranscript|>
+    task_id: int | None  # <|transcribe|> / <|translate|> (multilingual checkpoints)
+    no_timestamps: int
     eos: int
     max_target_positions: int
+    lang_to_id: dict[str, int]  # language code -> <|code|> token id (multilingual checkpoints)
+    name: str = "the model"
+
+    def prefix_for(self, code: str | None) -> list[int]:
+        """The decoder prompt of a row in language ``code`` (None: --language's):
+        <|startoftranscript|> [<|lang|> <|task|>] <|notimestamps|>."""
+        code = code or self.language
+        if not self.multilingual or code is None:
+            return [self.start, self.no_timestamps]
+        return [self.start, self.lang_to_id[code], self.task_id, self.no_timestamps]  # type: ignore[list-item]
+
+    def check_language(self, language: str | None) -> str | None:
+        """The language code of a row (its own value, else --language); ItemError when it cannot be trained."""
+        if not language or not str(language).strip():
+            if self.multilingual and self.language is None:
+                raise ItemError(NO_LANGUAGE, f"no language for this row: {self.name} is multilingual (fill the "
+                                "row's language column or pass --language)")
+            return self.language
+        code = _language_code(str(language))
+        if self.multilingual and code not in self.lang_to_id:
+            raise ItemError(BAD_LANGUAGE, f"{self.name} does not know language {language!r}")
+        if not self.multilingual and code != "en":
+            raise ItemError(BAD_LANGUAGE, f"{self.name} is an English-only model; it cannot train on language "
+                            f"{language!r}")
+        return code
+
+    def language_of(self, token_id: int) -> str | None:
+        """The language code of a label sequence's first token (None: English-only labels)."""
+        return next((code for code, tid in self.lang_to_id.items() if tid == token_id), None)
 
 
-def whisper_setup(model: Any, tokenizer: Any, language: str | None, task: str, name: str) -> WhisperSetup:
+def whisper_setup(model: Any, tokenizer: Any, language: str | None, task: str, name: str, *,
+                  per_row_language: bool = False) -> WhisperSetup:
+    """``per_row_language``: the manifest names each row's language, so --language may be absent."""
     gen = model.generation_config
     multilingual = bool(getattr(gen, "is_multilingual", False)) and bool(getattr(gen, "lang_to_id", None))
     eos = gen.eos_token_id if isinstance(gen.eos_token_id, int) else tokenizer.eos_token_id
-    prefix = [gen.decoder_start_token_id]
     code = None
+    task_id = None
+    lang_to_id: dict[str, int] = {}
     if multilingual:
-        if not language:
+        lang_to_id = {token.strip("<|>"): int(tid) for token, tid in gen.lang_to_id.items()}
+        if language:
+            code = _language_code(language)
+            if code not in lang_to_id:
+                raise FatalError(f"{name} does not know language {language!r} (no <|{code}|> in its generation "
+                                 "config)")
+        elif not per_row_language:
             raise FatalError(f"{name} is multilingual: say which language the recordings are in with --language "
-                             "(e.g. --language en)")
-        code = _language_code(language)
-        token = f"<|{code}|>"
-        if token not in gen.lang_to_id:
-            raise FatalError(f"{name} does not know language {language!r} (no {token} in its generation config)")
+                             "(e.g. --language en) or a language column in the manifest (--language-column)")
         task_to_id = getattr(gen, "task_to_id", None) or {}
         if task not in task_to_id:
             raise FatalError(f"{name} has no task {task!r}")
-        prefix += [gen.lang_to_id[token], task_to_id[task]]
+        task_id = int(task_to_id[task])
         tokenizer.set_prefix_tokens(language=code, task=task, predict_timestamps=False)
     else:
         if language and _language_code(language) != "en":
@@ -169,15 +154,15 @@ def whisper_setup(model: Any, tokenizer: Any, language: str | None, task: str, n
     no_ts = getattr(gen, "no_timestamps_token_id", None)
     if no_ts is None:
         no_ts = tokenizer.convert_tokens_to_ids("<|notimestamps|>")
-    prefix.append(no_ts)
-    return WhisperSetup(multilingual, code, task, prefix, eos, model.config.max_target_positions)
+    return WhisperSetup(multilingual, code, task, gen.decoder_start_token_id, task_id, int(no_ts), eos,
+                        model.config.max_target_positions, lang_to_id, name)
 
 
-def make_labels(text: str, tokenizer: Any, setup: WhisperSetup) -> list[int]:
-    """Prefix (without <|startoftranscript|>) + text tokens + <|endoftext|>. The text gets the leading space
-    Whisper's own transcripts start with."""
+def make_labels(text: str, tokenizer: Any, setup: WhisperSetup, language: str | None = None) -> list[int]:
+    """Prefix in ``language`` (without <|startoftranscript|>) + text tokens + <|endoftext|>. The text gets the
+    leading space Whisper's own transcripts start with."""
     ids = tokenizer(" " + " ".join(text.split()), add_special_tokens=False).input_ids
-    return [*setup.prefix[1:], *ids, setup.eos]
+    return [*setup.prefix_for(language)[1:], *ids, setup.eos]
 
 
 def finalize_generation_config(model: Any, setup: WhisperSetup) -> None:
@@ -204,14 +189,15 @@ def _load_base(model_name: str, dtype: Any = None) -> Any:
 def load_whisper(model_name: str) -> tuple[Any, Any, Any]:
     from transformers import WhisperFeatureExtractor, WhisperTokenizerFast
 
-    try:
-        feature_extractor = WhisperFeatureExtractor.from_pretrained(model_name)
-        tokenizer = WhisperTokenizerFast.from_pretrained(model_name)
-        import torch
+    with hub_guard(model_name):  # no hub: fail at once, or load from the cache without its retries
+        try:
+            feature_extractor = WhisperFeatureExtractor.from_pretrained(model_name)
+            tokenizer = WhisperTokenizerFast.from_pretrained(model_name)
+            import torch
 
-        model = _load_base(model_name, torch.float32)
-    except Exception as exc:
-        raise FatalError(load_error_message(model_name, exc)) from exc
+            model = _load_base(model_name, torch.float32)
+        except Exception as exc:
+            raise FatalError(load_error_message(model_name, exc)) from exc
     return model, feature_extractor, tokenizer
 
 
@@ -303,14 +289,39 @@ def collate_speech(features: list[dict[str, Any]]) -> dict[str, Any]:
     return {"input_features": input_features, "labels": labels}
 
 
-def _labelled(examples: Sequence[Example], tokenizer: Any, setup: WhisperSetup,
+def row_language(item: Item, column: str | None) -> Any:
+    """The value of the row's language column (matched case-insensitively), None without one."""
+    if not column:
+        return None
+    wanted = column.lower()
+    return next((v for k, v in item.extra.items() if k.lower() == wanted and v is not None), None)
+
+
+def language_column(opts: AudioTrainOptions, spec: Any, manifests: Sequence[str]) -> str | None:
+    """The column rows name their language in: --language-column (which must exist), else ``language`` when
+    the (first row of the) training manifest has it."""
+    from ..inputs import Inputs
+
+    wanted = opts.language_column or LANGUAGE_COLUMN
+    for i, manifest in enumerate(manifests):
+        first = next(iter(Inputs([manifest], spec)), None)
+        found = first is not None and any(k.lower() == wanted.lower() for k in first.extra)
+        if not found and opts.language_column:
+            raise FatalError(f"{manifest}: no column {wanted!r} (--language-column)")
+        if i == 0 and not found:
+            return None
+    return wanted
+
+
+def _labelled(examples: Sequence[Example], tokenizer: Any, setup: WhisperSetup, column: str | None,
               report: dict[str, Any]) -> tuple[list[Example], list[list[int]]]:
     kept: list[Example] = []
     labels: list[list[int]] = []
     limit = setup.max_target_positions - 1  # the decoder input is the labels shifted right by one
     too_long: list[str] = []
     for e in examples:
-        ids = make_labels(" ".join(e.item.references), tokenizer, setup)
+        language = setup.check_language(row_language(e.item, column))  # checked in decode already
+        ids = make_labels(" ".join(e.item.references), tokenizer, setup, language)
         if len(ids) > limit:
             too_long.append(e.item.id)
             continue
@@ -321,6 +332,19 @@ def _labelled(examples: Sequence[Example], tokenizer: Any, setup: WhisperSetup,
                     too_long[0])
         report[LABEL_TOO_LONG] = report.get(LABEL_TOO_LONG, 0) + len(too_long)
     return kept, labels
+
+
+def decode_clip(data: bytes) -> Any:
+    """16 kHz samples of a clip that fits Whisper's window; longer ones are not even decoded in full."""
+    try:
+        return decode_audio(data, max_duration_s=MAX_SECONDS)
+    except ItemError as exc:
+        if "max_duration_s" not in exc.fields:
+            raise
+        seconds = exc.fields.get("duration_s")
+        length = f"{seconds:.1f} s, " if seconds else ""
+        raise ItemError(TOO_LONG, f"clip is {length}longer than Whisper's {MAX_SECONDS:g} s window",
+                        fields=exc.fields) from None
 
 
 # --- training ----------------------------------------------------------------------------------
@@ -343,67 +367,13 @@ def _history_rows(log_history: Sequence[dict[str, Any]]) -> list[dict[str, Any]]
     return [rows[k] for k in sorted(rows)]
 
 
-def train_audio(manifest: str, out_dir: str, options: AudioTrainOptions | None = None,
-                **overrides: Any) -> AudioTrainResult:
-    """LoRA-fine-tune Whisper on ``manifest``; adapter in OUT_DIR/adapter, merged model in OUT_DIR."""
-    import torch
-    from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments, TrainerCallback
-    from transformers.trainer_callback import PrinterCallback
-    from transformers.trainer_utils import get_last_checkpoint
-
-    opts = options or AudioTrainOptions()
-    apply_overrides(opts, overrides, "train_audio")
-    started = time.time()
-    device = resolve_device(opts.device)
-    if device.type not in ("cpu", "cuda"):
-        raise FatalError(f"--device {device}: Whisper fine-tuning runs on cuda or cpu")
-    if device.type == "cuda" and device.index is not None:
-        torch.cuda.set_device(device.index)
-    precision = resolve_train_precision(opts.precision, device)
-    spec = audio_spec(opts.path_column, opts.reference_columns, opts.id_column)
-    check_inputs(spec, manifest, opts.val_manifest)
-    prepare_out_dir(out_dir, resume=opts.resume, overwrite=opts.overwrite,
-                    markers=(CHECKPOINTS, ADAPTER, "history.json", INFO_FILE, "config.json"))
-    ckpt_dir = os.path.join(out_dir, CHECKPOINTS)
-    last = get_last_checkpoint(ckpt_dir) if opts.resume and os.path.isdir(ckpt_dir) else None
-    if opts.resume and last is None:
-        log.info("--resume: no checkpoint in %s yet; starting from the beginning", ckpt_dir)
-    seed_everything(opts.seed)
-
-    model, feature_extractor, tokenizer = load_whisper(opts.model)
-    setup = whisper_setup(model, tokenizer, opts.language, opts.task, opts.model)
-    finalize_generation_config(model, setup)
-
-    def decode(item: Item, data: bytes) -> Any:
-        samples = decode_audio(data)
-        seconds = len(samples) / SAMPLE_RATE
-        if seconds > MAX_SECONDS:
-            raise ItemError(TOO_LONG, f"clip is {seconds:.1f} s, longer than Whisper's {MAX_SECONDS:g} s window")
-        return samples
-
-    def load(path: str) -> Any:
-        return load_examples(path, spec, decode, fetch=opts.fetch, workers=opts.workers, limit=opts.limit)
-
-    train_ex, val_ex, data_report = load_train_val(manifest, opts.val_manifest, opts.val_fraction, opts.seed, load)
-    train_ex, train_labels = _labelled(train_ex, tokenizer, setup, data_report)
-    val_ex, val_labels = _labelled(val_ex, tokenizer, setup, data_report)
-    if not train_ex:
-        raise FatalError(f"{manifest}: no usable training rows")
-
-    gradient_checkpointing = (device.type == "cuda") if opts.gradient_checkpointing is None \
-        else opts.gradient_checkpointing
-    if gradient_checkpointing:
-        enable_checkpointing(model)
-    model = apply_lora(model, opts)
-    trainable, total = count_parameters(model)
-    log.info("LoRA r=%d alpha=%d on %s (%s)%s: %s of %s parameters trainable (%.2f%%)", opts.lora_r,
-             opts.lora_alpha, ",".join(opts.lora_targets), "encoder+decoder" if opts.lora_scope == "all"
-             else "decoder only", f" + top {opts.unfreeze_last} decoder layers" if opts.unfreeze_last
-             else "", f"{trainable:,}", f"{total:,}", 100 * trainable / max(total, 1))
-
-    normalizer = get_normalizer(opts.normalize, setup.language or "en", load_english_spelling(
-        opts.model if os.path.isdir(opts.model) else None) or _hub_spelling(opts.model))
+def _metrics(opts: AudioTrainOptions, setup: WhisperSetup, tokenizer: Any) -> Any:
+    """``compute_metrics``: the normalized WER of the validation transcripts, each row normalized for its
+    language (read from its labels' language token)."""
+    spelling = load_english_spelling(opts.model if os.path.isdir(opts.model) else None) or _hub_spelling(opts.model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else setup.eos
+
+    samples: list[dict[str, Any]] = []  # validation predictions of the last evaluation, for report.html
 
     def compute_metrics(pred: Any) -> dict[str, float]:
         preds = np.where(pred.predictions != -100, pred.predictions, pad_id)
@@ -411,27 +381,61 @@ def train_audio(manifest: str, out_dir: str, options: AudioTrainOptions | None =
         hyps = tokenizer.batch_decode(preds, skip_special_tokens=True)
         texts = tokenizer.batch_decode(refs, skip_special_tokens=True)
         rate = ErrorRate()
-        for ref, hyp in zip(texts, hyps):
+        for ref_ids, ref, hyp in zip(refs, texts, hyps):
+            language = setup.language_of(int(ref_ids[0])) or setup.language or "en"
+            normalizer = get_normalizer(opts.normalize, language, spelling)
             rate.add(*wer_counts(normalizer(ref), normalizer(hyp)))
+        samples[:] = [{"reference": r, "prediction": h, "normalized": (normalizer(r), normalizer(h))}
+                      for r, h in zip(texts[:24], hyps[:24])]
         return {"wer": rate.errors / max(rate.total, 1)}
 
-    has_val = bool(val_ex)
-    longest = max(len(x) for x in train_labels + val_labels)
-    eval_bs = opts.eval_batch_size or opts.batch_size
-    steps_per_epoch = math.ceil(len(train_ex) / (opts.batch_size * opts.grad_accum))
-    args = Seq2SeqTrainingArguments(
-        output_dir=ckpt_dir, per_device_train_batch_size=opts.batch_size, per_device_eval_batch_size=eval_bs,
+    compute_metrics.samples = samples  # type: ignore[attr-defined]
+    return compute_metrics
+
+
+def _training_args(opts: AudioTrainOptions, ckpt_dir: str, device: Any, precision: str, has_val: bool,
+                   max_length: int) -> Any:
+    from transformers import Seq2SeqTrainingArguments
+
+    return Seq2SeqTrainingArguments(
+        output_dir=ckpt_dir, per_device_train_batch_size=opts.batch_size,
+        per_device_eval_batch_size=opts.eval_batch_size or opts.batch_size,
         gradient_accumulation_steps=opts.grad_accum, learning_rate=opts.lr, weight_decay=opts.weight_decay,
         num_train_epochs=opts.epochs, max_steps=opts.max_steps or -1, **_warmup_args(Seq2SeqTrainingArguments,
                                                                                       opts.warmup),
         lr_scheduler_type="linear", logging_strategy="epoch", eval_strategy="epoch" if has_val else "no",
         save_strategy="epoch", save_total_limit=2, load_best_model_at_end=has_val,
         metric_for_best_model="wer" if has_val else None, greater_is_better=False if has_val else None,
-        predict_with_generate=True, generation_max_length=min(setup.max_target_positions, longest + 8),
+        predict_with_generate=True, generation_max_length=max_length,
         generation_num_beams=opts.num_beams, fp16=precision == "fp16", bf16=precision == "bf16",
         use_cpu=device.type == "cpu", report_to="none", seed=opts.seed, data_seed=opts.seed,
         remove_unused_columns=False, label_names=["labels"], disable_tqdm=not opts.progress,
         dataloader_num_workers=0)
+
+
+def _trainer_class(device: Any, precision: str, setup: WhisperSetup) -> type:
+    """Seq2SeqTrainer whose validation ``generate`` runs under the training's autocast, in each row's language."""
+    import torch
+    from transformers import Seq2SeqTrainer
+
+    half = autocast_dtype(precision)
+
+    class WhisperTrainer(Seq2SeqTrainer):
+        def prediction_step(self, model: Any, inputs: dict[str, Any], prediction_loss_only: bool,
+                            ignore_keys: list[str] | None = None, **gen_kwargs: Any) -> Any:
+            if setup.multilingual and not prediction_loss_only:
+                gen_kwargs = {**(gen_kwargs or getattr(self, "_gen_kwargs", {})),
+                              "language": [setup.language_of(int(t)) for t in inputs["labels"][:, 0]]}
+            context = torch.autocast(device.type, dtype=half) if half is not None else contextlib.nullcontext()
+            with context:
+                return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys,
+                                               **gen_kwargs)
+
+    return WhisperTrainer
+
+
+def _log_callback() -> Any:
+    from transformers import TrainerCallback
 
     class LogEpochs(TrainerCallback):
         def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None,
@@ -444,21 +448,73 @@ def train_audio(manifest: str, out_dir: str, options: AudioTrainOptions | None =
                 log.info("epoch %.2f: val_loss %.4f, WER %s", logs.get("epoch", state.epoch or 0),
                          logs["eval_loss"], f"{logs['eval_wer']:.2%}" if "eval_wer" in logs else "-")
 
-    half = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision)
+    return LogEpochs()
 
-    class WhisperTrainer(Seq2SeqTrainer):
-        def prediction_step(self, model: Any, inputs: dict[str, Any], prediction_loss_only: bool,
-                            ignore_keys: list[str] | None = None, **gen_kwargs: Any) -> Any:
-            context = torch.autocast(device.type, dtype=half) if half is not None else contextlib.nullcontext()
-            with context:
-                return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys,
-                                               **gen_kwargs)
 
-    trainer = WhisperTrainer(
+def train_audio(manifest: str, out_dir: str, options: AudioTrainOptions | None = None,
+                **overrides: Any) -> AudioTrainResult:
+    """LoRA-fine-tune Whisper on ``manifest``; adapter in OUT_DIR/adapter, merged model in OUT_DIR."""
+    import torch
+    from transformers.trainer_callback import PrinterCallback
+    from transformers.trainer_utils import get_last_checkpoint
+
+    opts = options or AudioTrainOptions()
+    opts.update(overrides, "train_audio")
+    spec = audio_spec(opts.path_column, opts.reference_columns, opts.id_column)
+    run = start_run(manifest, out_dir, opts, spec,
+                    markers=(CHECKPOINTS, ADAPTER, HISTORY_JSON, INFO_FILE, "config.json"), checkpoints=(ADAPTER,))
+    device, precision = run.device, run.precision
+    if device.type not in ("cpu", "cuda"):
+        raise FatalError(f"--device {device}: Whisper fine-tuning runs on cuda or cpu")
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device.index)
+    column = language_column(opts, spec, [manifest] + ([opts.val_manifest] if opts.val_manifest else []))
+    ckpt_dir = os.path.join(out_dir, CHECKPOINTS)
+    last = get_last_checkpoint(ckpt_dir) if opts.resume and os.path.isdir(ckpt_dir) else None
+    if opts.resume and last is None:
+        log.info("--resume: no checkpoint in %s yet; starting from the beginning", ckpt_dir)
+
+    model, feature_extractor, tokenizer = load_whisper(opts.model)
+    setup = whisper_setup(model, tokenizer, opts.language, opts.task, opts.model, per_row_language=bool(column))
+
+    def decode(item: Item, data: bytes) -> Any:
+        setup.check_language(row_language(item, column))
+        return decode_clip(data)
+
+    train_ex, val_ex, data_report = run.load_data(decode)
+    train_ex, train_labels = _labelled(train_ex, tokenizer, setup, column, data_report)
+    val_ex, val_labels = _labelled(val_ex, tokenizer, setup, column, data_report)
+    if not train_ex:
+        raise FatalError(f"{manifest}: no usable training rows")
+    if setup.multilingual and setup.language is None:
+        languages = sorted({setup.language_of(ids[0]) or "" for ids in train_labels})
+        setup.language = languages[0] if len(languages) == 1 else None  # the merged model's default language
+        log.info("training rows' languages: %s", ", ".join(languages))
+    finalize_generation_config(model, setup)
+
+    gradient_checkpointing = (device.type == "cuda") if opts.gradient_checkpointing is None \
+        else opts.gradient_checkpointing
+    if gradient_checkpointing:
+        enable_checkpointing(model)
+    model = apply_lora(model, opts)
+    trainable, total = count_parameters(model)
+    log.info("LoRA r=%d alpha=%d on %s (%s)%s: %s of %s parameters trainable (%.2f%%)", opts.lora_r,
+             opts.lora_alpha, ",".join(opts.lora_targets), "encoder+decoder" if opts.lora_scope == "all"
+             else "decoder only", f" + top {opts.unfreeze_last} decoder layers" if opts.unfreeze_last
+             else "", f"{trainable:,}", f"{total:,}", 100 * trainable / max(total, 1))
+
+    has_val = bool(val_ex)
+    longest = max(len(x) for x in train_labels + val_labels)
+    steps_per_epoch = math.ceil(len(train_ex) / (opts.batch_size * opts.grad_accum))
+    args = _training_args(opts, ckpt_dir, device, precision, has_val, min(setup.max_target_positions, longest + 8))
+    compute_metrics = _metrics(opts, setup, tokenizer) if has_val else None
+    samples = getattr(compute_metrics, "samples", [])  # the last evaluation's predictions, for report.html
+    trainer = _trainer_class(device, precision, setup)(
         model=model, args=args, data_collator=collate_speech,
         train_dataset=SpeechDataset(train_ex, train_labels, feature_extractor),
         eval_dataset=SpeechDataset(val_ex, val_labels, feature_extractor) if has_val else None,
-        processing_class=tokenizer, compute_metrics=compute_metrics if has_val else None, callbacks=[LogEpochs()])
+        processing_class=tokenizer, compute_metrics=compute_metrics,
+        callbacks=[_log_callback()])
     trainer.remove_callback(PrinterCallback)  # it prints every log dict to stdout; LogEpochs logs instead
     if last:
         log.info("resuming from %s", last)
@@ -469,22 +525,24 @@ def train_audio(manifest: str, out_dir: str, options: AudioTrainOptions | None =
     write_history(out_dir, history, metrics=("wer",), title="batchcap train audio (best: lowest WER)")
 
     adapter_dir = os.path.join(out_dir, ADAPTER)
-    if os.path.exists(adapter_dir):
-        shutil.rmtree(adapter_dir)
-    trainer.model.save_pretrained(adapter_dir)
+    tmp = fresh_dir(f"{adapter_dir}.tmp")
+    trainer.model.save_pretrained(tmp)
+    replace_dir(tmp, adapter_dir)
     best_ckpt = trainer.state.best_model_checkpoint
     best_wer = trainer.state.best_metric if has_val else None
     del trainer, model
     save_merged(opts.model, adapter_dir, out_dir, setup, feature_extractor, tokenizer)
-    info = {"manifest": manifest, "options": _jsonable(asdict(opts)), "device": str(device), "precision": precision,
+    info = {"manifest": manifest, "options": asdict(opts), "device": str(device), "precision": precision,
             "gradient_checkpointing": gradient_checkpointing, "trainable_params": trainable, "total_params": total,
             "best_metric": "wer" if has_val else "last_epoch", "best_wer": best_wer,
             "best_checkpoint": best_ckpt, "data": data_report}
-    atomic_write_text(os.path.join(out_dir, INFO_FILE), json.dumps(info, indent=2))
+    write_info(out_dir, info)
+    write_training_report(out_dir, history, samples, title=f"batchcap train audio: {os.path.basename(out_dir)}",
+                          info=jsonable(info), strict=False)
     log.info("adapter in %s, merged model in %s%s", adapter_dir, out_dir,
              f" (best validation WER {best_wer:.2%})" if best_wer is not None else "")
-    return AudioTrainResult(out_dir, history, best_wer, best_ckpt, trainable, total, data_report,
-                            time.time() - started)
+    return AudioTrainResult(out_dir, history, trainable, total, data_report, run.elapsed(), best_wer=best_wer,
+                            best_checkpoint=best_ckpt)
 
 
 def save_merged(base_model: str, adapter_dir: str, out_dir: str, setup: WhisperSetup, feature_extractor: Any,
@@ -523,15 +581,3 @@ def _normalizer_file(model: str) -> str | None:
 def _hub_spelling(model: str) -> dict[str, str]:
     path = _normalizer_file(model)
     return load_english_spelling(os.path.dirname(path)) if path else {}
-
-
-def _jsonable(value: Any) -> Any:
-    try:
-        json.dumps(value)
-        return value
-    except TypeError:
-        if isinstance(value, dict):
-            return {k: _jsonable(v) for k, v in value.items()}
-        if isinstance(value, (list, tuple)):
-            return [_jsonable(v) for v in value]
-        return str(value)

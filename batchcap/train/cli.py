@@ -11,8 +11,27 @@ import click
 from ..cli_common import EXIT_INTERRUPTED, CommandError, setup_logging
 from ..cli_options import apply, http_options, logging_options, manifest_options
 from ..items import FatalError
+from .options import (
+    BEST_METRICS,
+    LANGUAGE_COLUMN,
+    LORA_SCOPES,
+    PRECISIONS,
+    AudioTrainOptions,
+    ImageTrainOptions,
+    TrainOptions,
+)
+from .options import default as _default
 
 log = logging.getLogger("batchcap")
+
+IMAGE_MAX_BYTES = 50 * 2**20  # the largest image file or download accepted
+AUDIO_MAX_BYTES = 2 * 2**30
+IMAGE_DEADLINE_S, AUDIO_DEADLINE_S = 120.0, 600.0  # whole-download deadlines, as for batchcap images / audio
+
+
+def _d(name: str) -> Any:
+    """The default of a shared option (TrainOptions), of an image / audio one (_i, _a): declared once, there."""
+    return _default(TrainOptions, name)
 
 
 def _common(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -20,29 +39,47 @@ def _common(fn: Callable[..., Any]) -> Callable[..., Any]:
         click.argument("manifest", metavar="MANIFEST"),
         click.option("-o", "--output", "out_dir", required=True, metavar="OUT_DIR",
                      help="Directory for the trained model, checkpoints, history.json/.csv and loss.png."),
-        click.option("--val-fraction", type=click.FloatRange(0, 0.9), default=0.1, show_default=True,
+        click.option("--val-fraction", type=click.FloatRange(0, 0.9), default=_d("val_fraction"), show_default=True,
                      help="Share of MANIFEST's items held out for validation (seeded split; 0 = none)."),
         click.option("--val-manifest", default=None, metavar="FILE",
                      help="Validation manifest (instead of a split of MANIFEST)."),
-        click.option("--batch-size", type=click.IntRange(1), default=8, show_default=True),
-        click.option("--grad-accum", type=click.IntRange(1), default=1, show_default=True,
+        click.option("--batch-size", type=click.IntRange(1), default=_d("batch_size"), show_default=True),
+        click.option("--grad-accum", type=click.IntRange(1), default=_d("grad_accum"), show_default=True,
                      help="Batches per optimizer step."),
-        click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),
-        click.option("--precision", type=click.Choice(["auto", "fp32", "fp16", "bf16"]), default="auto",
-                     show_default=True,
+        click.option("--device", default=_d("device"), show_default=True, help="auto, cpu, cuda or cuda:N."),
+        click.option("--precision", type=click.Choice(PRECISIONS), default=_d("precision"), show_default=True,
                      help="auto: bf16 (fp16 on older GPUs) mixed precision on CUDA, fp32 elsewhere."),
-        click.option("--seed", type=int, default=0, show_default=True),
+        click.option("--seed", type=int, default=_d("seed"), show_default=True),
         click.option("--resume", is_flag=True,
                      help="Continue the run in OUT_DIR from its last checkpoint (model, optimizer, epoch)."),
         click.option("--overwrite", is_flag=True, help="Delete an earlier run in OUT_DIR and start over."),
         click.option("--limit", type=click.IntRange(1), default=None, help="Use only the first N manifest rows."),
-        click.option("--workers", type=click.IntRange(1), default=8, show_default=True,
+        click.option("--workers", type=click.IntRange(1), default=_d("workers"), show_default=True,
                      help="Threads fetching and decoding the manifest."),
         *manifest_options("target text"),
         *http_options(),
         *logging_options(),
     ]
     return apply(fn, decorators)
+
+
+def _options(cls: type, cli: dict[str, Any], max_bytes: int, deadline: float) -> Any:
+    """CLI option values -> an options dataclass: the one place where CLI names and field names differ."""
+    from ..fetch import FetchConfig
+
+    verbose, quiet = cli.pop("verbose"), cli.pop("quiet")
+    _start(verbose, quiet)
+    cli["fetch"] = FetchConfig(read_timeout=cli.pop("timeout"), retries=cli.pop("retries"), max_bytes=max_bytes,
+                               deadline=cli.pop("fetch_deadline") or deadline,
+                               block_private=cli.pop("block_private_addresses"), root=cli.pop("root"))
+    cli["reference_columns"] = tuple(cli["reference_columns"])
+    if "beam_size" in cli:
+        cli["num_beams"] = cli.pop("beam_size")
+    if "lora_targets" in cli:
+        cli["lora_targets"] = tuple(t.strip() for t in cli["lora_targets"].split(",") if t.strip())
+    if cls is AudioTrainOptions:
+        cli["progress"] = verbose > 0 and not quiet
+    return cls(**cli)
 
 
 def _start(verbose: int, quiet: bool) -> None:
@@ -67,10 +104,9 @@ def _run(job: Callable[[], Any]) -> Any:
                            EXIT_INTERRUPTED) from None
 
 
-def _fetch(timeout: float, retries: int, max_bytes: int) -> Any:
-    from ..fetch import FetchConfig
-
-    return FetchConfig(read_timeout=timeout, retries=retries, max_bytes=max_bytes)
+def _report(result: Any) -> None:
+    click.echo(f"trained {len(result.history)} epochs in {result.wall_s:.0f} s; "
+               f"{result.trainable_params:,} of {result.total_params:,} parameters trained")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -84,6 +120,14 @@ def train() -> None:
     """
 
 
+def _i(name: str) -> Any:
+    return _default(ImageTrainOptions, name)
+
+
+def _a(name: str) -> Any:
+    return _default(AudioTrainOptions, name)
+
+
 @train.command("images")
 @_common
 @click.option("--model", default=None,
@@ -93,51 +137,38 @@ def train() -> None:
               help="Start from a fresh pair instead: a vision encoder (e.g. a ViT hub id or directory)...")
 @click.option("--decoder", default=None,
               help="...and a text decoder with its tokenizer (e.g. GPT-2); cross-attention is added.")
-@click.option("--unfreeze-last", type=click.IntRange(1), default=5, show_default=True,
+@click.option("--unfreeze-last", type=click.IntRange(1), default=_i("unfreeze_last"), show_default=True,
               help="Train the top N transformer blocks of the text decoder (GPT-2: transformer.h.*, each with "
                    "self-attention, cross-attention to the image and MLP) plus the decoder's final layer norm "
                    "(ln_f). Frozen: the vision encoder, token/position embeddings and the LM head (tied to the "
                    "embeddings in GPT-2).")
 @click.option("--train-all", is_flag=True, help="Fine-tune every parameter (overrides --unfreeze-last).")
-@click.option("--max-length", type=click.IntRange(2), default=32, show_default=True,
+@click.option("--max-length", type=click.IntRange(2), default=_i("max_length"), show_default=True,
               help="Caption length cap in tokens, EOS included (longer captions are cut).")
-@click.option("--best-metric", type=click.Choice(["cider_d", "val_loss"]), default="cider_d", show_default=True,
+@click.option("--best-metric", type=click.Choice(BEST_METRICS), default=_i("best_metric"), show_default=True,
               help="How the kept epoch is picked: highest validation CIDEr-D (ties: lower val loss), or lowest "
                    "validation loss.")
-@click.option("--epochs", type=click.IntRange(0), default=10, show_default=True,
+@click.option("--epochs", type=click.IntRange(0), default=_i("epochs"), show_default=True,
               help="Passes over the training data (with --resume: the total, counting earlier epochs).")
-@click.option("--lr", type=click.FloatRange(0, min_open=True), default=5e-5, show_default=True,
+@click.option("--lr", type=click.FloatRange(0, min_open=True), default=_i("lr"), show_default=True,
               help="Adam learning rate.")
 @click.option("--cache-dir", default=None,
               help="Where downloaded images are kept (one file per URL) [default: OUT_DIR/cache].")
-def images(manifest: str, out_dir: str, model: str | None, encoder: str | None, decoder: str | None,
-           unfreeze_last: int, train_all: bool, max_length: int, best_metric: str, cache_dir: str | None,
-           epochs: int, lr: float, val_fraction: float, val_manifest: str | None,
-           batch_size: int, grad_accum: int, device: str, precision: str, seed: int, resume: bool,
-           overwrite: bool, limit: int | None, workers: int, path_column: str | None,
-           reference_columns: tuple[str, ...], id_column: str | None, timeout: float, retries: int,
-           quiet: bool, verbose: int) -> None:
+def images(manifest: str, out_dir: str, **options: Any) -> None:
     """Fine-tune an image captioner (ViT + GPT-2 VisionEncoderDecoder) on MANIFEST.
 
     Several references of one image make one training example each. Adam; validation loss and caption
     metrics (BLEU, ROUGE-L, CIDEr-D of greedy captions) each epoch; the best epoch is saved in OUT_DIR,
     the last one (with the optimizer) in OUT_DIR/checkpoint-last for --resume.
     """
-    _start(verbose, quiet)
-    from .images import ImageTrainOptions, train_images
+    quiet = options["quiet"]
+    opts = _options(ImageTrainOptions, options, IMAGE_MAX_BYTES, IMAGE_DEADLINE_S)
+    from .images import train_images
 
-    opts = ImageTrainOptions(
-        model=model, encoder=encoder, decoder=decoder, unfreeze_last=unfreeze_last, train_all=train_all,
-        epochs=epochs, lr=lr, batch_size=batch_size,
-        grad_accum=grad_accum, max_length=max_length, val_fraction=val_fraction, val_manifest=val_manifest,
-        best_metric=best_metric, seed=seed, device=device, precision=precision, cache_dir=cache_dir,
-        workers=workers, limit=limit, resume=resume, overwrite=overwrite, path_column=path_column,
-        reference_columns=reference_columns, id_column=id_column, fetch=_fetch(timeout, retries, 50 * 2**20))
     result = _run(lambda: train_images(manifest, out_dir, opts))
     if not quiet:
+        _report(result)
         last = result.history[-1] if result.history else {}
-        click.echo(f"trained {len(result.history)} epochs in {result.wall_s:.0f} s; "
-                   f"{result.trainable_params:,} of {result.total_params:,} parameters trained")
         if result.best_epoch is not None:
             click.echo(f"best epoch {result.best_epoch} by {result.best_metric}"
                        + (f" (last epoch: val_loss {last['val_loss']:.4f}, CIDEr-D {last['cider_d']:.3f})"
@@ -147,70 +178,56 @@ def images(manifest: str, out_dir: str, model: str | None, encoder: str | None, 
 
 @train.command("audio")
 @_common
-@click.option("--model", default="openai/whisper-small", show_default=True,
+@click.option("--model", default=_a("model"), show_default=True,
               help="Whisper checkpoint to fine-tune: a hub id or a local directory.")
 @click.option("--language", default=None,
-              help="Language of the recordings (e.g. en); required for multilingual checkpoints.")
-@click.option("--task", type=click.Choice(["transcribe", "translate"]), default="transcribe", show_default=True)
-@click.option("--lora-r", type=click.IntRange(1), default=32, show_default=True, help="LoRA rank.")
-@click.option("--lora-alpha", type=click.IntRange(1), default=64, show_default=True,
+              help="Language of the recordings (e.g. en), for rows without a language of their own; a "
+                   "multilingual checkpoint needs it unless every row has one.")
+@click.option("--language-column", default=None, metavar="NAME",
+              help=f"Manifest column with each row's language (mixed languages train together) "
+                   f"[default: {LANGUAGE_COLUMN}, when the manifest has it].")
+@click.option("--task", type=click.Choice(["transcribe", "translate"]), default=_a("task"), show_default=True)
+@click.option("--lora-r", type=click.IntRange(1), default=_a("lora_r"), show_default=True, help="LoRA rank.")
+@click.option("--lora-alpha", type=click.IntRange(1), default=_a("lora_alpha"), show_default=True,
               help="LoRA scaling numerator (the update is scaled by alpha / r).")
-@click.option("--lora-dropout", type=click.FloatRange(0, 1), default=0.05, show_default=True)
-@click.option("--lora-targets", default="q_proj,v_proj", show_default=True,
+@click.option("--lora-dropout", type=click.FloatRange(0, 1), default=_a("lora_dropout"), show_default=True)
+@click.option("--lora-targets", default=",".join(_a("lora_targets")), show_default=True,
               help="Comma-separated module names LoRA adapts in encoder and decoder: any of q_proj, k_proj, "
                    "v_proj, out_proj, fc1, fc2, or all-linear for all six.")
-@click.option("--lora-scope", type=click.Choice(["all", "decoder"]), default="all", show_default=True,
+@click.option("--lora-scope", type=click.Choice(LORA_SCOPES), default=_a("lora_scope"), show_default=True,
               help="Where LoRA goes: encoder and decoder, or the decoder only (the frozen encoder then needs no "
                    "backward pass: about 2x faster steps on a CPU).")
-@click.option("--unfreeze-last", type=click.IntRange(0), default=0, show_default=True,
+@click.option("--unfreeze-last", type=click.IntRange(0), default=_a("unfreeze_last"), show_default=True,
               help="Also train the top N decoder layers and the decoder's final layer norm in full (no LoRA "
                    "inside them; saved with the adapter, merged back).")
 @click.option("--gradient-checkpointing/--no-gradient-checkpointing", default=None,
               help="Recompute activations in the backward pass (less memory) [default: on for CUDA].")
-@click.option("--epochs", type=click.FloatRange(0, min_open=True), default=3.0, show_default=True,
+@click.option("--epochs", type=click.FloatRange(0, min_open=True), default=_a("epochs"), show_default=True,
               help="Passes over the training data (with --resume: the total, counting earlier epochs).")
 @click.option("--max-steps", type=click.IntRange(1), default=None,
               help="Stop after this many optimizer steps (overrides --epochs).")
-@click.option("--lr", type=click.FloatRange(0, min_open=True), default=1e-3, show_default=True,
+@click.option("--lr", type=click.FloatRange(0, min_open=True), default=_a("lr"), show_default=True,
               help="Peak learning rate (AdamW, linear warmup and decay).")
-@click.option("--warmup", type=click.FloatRange(0), default=0.1, show_default=True,
+@click.option("--warmup", type=click.FloatRange(0), default=_a("warmup"), show_default=True,
               help="Linear warmup: a fraction of the steps (< 1) or a number of steps.")
-@click.option("--beam-size", type=click.IntRange(1), default=1, show_default=True,
+@click.option("--beam-size", type=click.IntRange(1), default=_a("num_beams"), show_default=True,
               help="Beams for the validation transcripts.")
-@click.option("--normalize", type=click.Choice(["auto", "whisper", "basic", "none"]), default="auto",
+@click.option("--normalize", type=click.Choice(["auto", "whisper", "basic", "none"]), default=_a("normalize"),
               show_default=True, help="Text normalization before the validation WER (as in batchcap audio).")
-def audio(manifest: str, out_dir: str, model: str, language: str | None, task: str, lora_r: int,
-          lora_alpha: int, lora_dropout: float, lora_targets: str, lora_scope: str, unfreeze_last: int,
-          gradient_checkpointing: bool | None, max_steps: int | None, warmup: float, beam_size: int,
-          normalize: str, epochs: float, lr: float, val_fraction: float, val_manifest: str | None,
-          batch_size: int, grad_accum: int, device: str, precision: str, seed: int,
-          resume: bool, overwrite: bool, limit: int | None, workers: int, path_column: str | None,
-          reference_columns: tuple[str, ...], id_column: str | None, timeout: float, retries: int,
-          quiet: bool, verbose: int) -> None:
+def audio(manifest: str, out_dir: str, **options: Any) -> None:
     """LoRA-fine-tune Whisper on MANIFEST with Seq2SeqTrainer.
 
     Clips over 30 s are skipped. Validation WER (normalized, greedy decoding) each epoch picks the best
     epoch. OUT_DIR/adapter holds the LoRA adapter; OUT_DIR a merged plain Whisper checkpoint for
     `batchcap audio --model OUT_DIR`; OUT_DIR/checkpoints the Trainer checkpoints for --resume.
     """
-    _start(verbose, quiet)
-    from .audio import AudioTrainOptions, train_audio
+    quiet = options["quiet"]
+    opts = _options(AudioTrainOptions, options, AUDIO_MAX_BYTES, AUDIO_DEADLINE_S)
+    from .audio import train_audio
 
-    targets = tuple(t.strip() for t in lora_targets.split(",") if t.strip())
-    opts = AudioTrainOptions(
-        model=model, language=language, task=task, lora_r=lora_r, lora_alpha=lora_alpha,
-        lora_dropout=lora_dropout, lora_targets=targets, lora_scope=lora_scope,
-        unfreeze_last=unfreeze_last, gradient_checkpointing=gradient_checkpointing,
-        epochs=epochs, max_steps=max_steps, lr=lr, warmup=warmup,
-        batch_size=batch_size, grad_accum=grad_accum, num_beams=beam_size, normalize=normalize,
-        val_fraction=val_fraction, val_manifest=val_manifest, seed=seed, device=device, precision=precision,
-        workers=workers, limit=limit, resume=resume, overwrite=overwrite, progress=verbose > 0 and not quiet,
-        path_column=path_column, reference_columns=reference_columns, id_column=id_column,
-        fetch=_fetch(timeout, retries, 2 * 2**30))
     result = _run(lambda: train_audio(manifest, out_dir, opts))
     if not quiet:
-        click.echo(f"trained {len(result.history)} epochs in {result.wall_s:.0f} s; "
-                   f"{result.trainable_params:,} of {result.total_params:,} parameters trained")
+        _report(result)
         if result.best_wer is not None:
             click.echo(f"best validation WER {result.best_wer:.2%}")
         click.echo(f"merged model: {out_dir} (batchcap audio --model {out_dir}); adapter: {out_dir}/adapter")

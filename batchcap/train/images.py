@@ -17,92 +17,47 @@ state, for ``resume``.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import os
+import pickle
 import random
-import shutil
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
-from ..fetch import FetchConfig
+from ..fsutil import atomic_path
 from ..images import decode_image
 from ..inputs import image_spec
 from ..items import FatalError, Item
-from ..job import apply_overrides
 from ..metrics import caption_metrics
-from ..models.common import load_error_message, resolve_device
-from .common import (
-    Example,
-    atomic_write_text,
-    check_inputs,
-    count_parameters,
-    load_examples,
-    load_train_val,
-    prepare_out_dir,
-    read_history,
-    replace_dir,
-    resolve_train_precision,
-    seed_everything,
-    write_history,
-)
+from ..models.captioner import Captioner
+from ..models.common import hub_guard, load_error_message
+from .base import FineTuneResult, TrainRun, autocast_dtype, count_parameters, start_run
+from .checkpoints import INFO_FILE, fresh_dir, jsonable, replace_dir, write_info
+from .data import Example
+from .history import HISTORY_JSON, read_history, write_history
+from .options import BEST_METRICS, DEFAULT_IMAGE_MODEL, ImageTrainOptions
+
+__all__ = ["ImageTrainOptions", "TrainResult", "train_images", "load_captioner_for_training",
+           "freeze_for_finetuning"]
+from ..report import write_training_report
 
 log = logging.getLogger(__name__)
 
-DEFAULT_IMAGE_MODEL = "nlpconnect/vit-gpt2-image-captioning"
-BEST_METRICS = ("cider_d", "val_loss")
 CHECKPOINT = "checkpoint-last"
 STATE_FILE = "training_state.pt"
-INFO_FILE = "training.json"
 _BLOCK_LISTS = ("transformer.h", "model.decoder.layers", "bert.encoder.layer", "roberta.encoder.layer",
                 "decoder.layers", "layers", "h")
 _FINAL_NORMS = ("transformer.ln_f", "model.decoder.layer_norm", "model.norm", "ln_f", "norm", "layer_norm")
 
 
 @dataclass
-class ImageTrainOptions:
-    model: str | None = None  # a VisionEncoderDecoder checkpoint; None: DEFAULT_IMAGE_MODEL unless encoder+decoder
-    encoder: str | None = None  # a fresh pair: vision encoder + text decoder (hub ids or directories)
-    decoder: str | None = None
-    unfreeze_last: int = 5
-    train_all: bool = False
-    epochs: int = 10
-    lr: float = 5e-5
-    batch_size: int = 8
-    grad_accum: int = 1
-    max_length: int = 32  # caption tokens, EOS included
-    max_grad_norm: float = 1.0
-    val_fraction: float = 0.1
-    val_manifest: str | None = None
-    best_metric: str = "cider_d"
-    seed: int = 0
-    device: str = "auto"
-    precision: str = "auto"
-    cache_dir: str | None = None
-    workers: int = 8
-    limit: int | None = None
-    resume: bool = False
-    overwrite: bool = False
-    path_column: str | None = None
-    reference_columns: Sequence[str] = ()
-    id_column: str | None = None
-    fetch: FetchConfig = field(default_factory=FetchConfig)
-
-
-@dataclass
-class TrainResult:
-    out_dir: str
-    history: list[dict[str, Any]]
-    best_epoch: int | None
-    best_metric: str | None
-    best_value: float | None
-    trainable_params: int
-    total_params: int
-    data: dict[str, Any]
-    wall_s: float
+class TrainResult(FineTuneResult):
+    best_epoch: int | None = None
+    best_metric: str | None = None  # cider_d, val_loss or last_epoch
+    best_value: float | None = None
 
 
 # --- model -------------------------------------------------------------------------------------
@@ -122,29 +77,31 @@ def load_captioner_for_training(opts: ImageTrainOptions, checkpoint: str | None 
         source = opts.decoder
     else:
         source = opts.model or DEFAULT_IMAGE_MODEL
-    try:
-        if checkpoint or not opts.encoder:
-            model = VisionEncoderDecoderModel.from_pretrained(source)
-            image_processor = AutoImageProcessor.from_pretrained(source)
-            tokenizer = AutoTokenizer.from_pretrained(source)
-        else:
-            assert opts.decoder is not None
-            source = opts.encoder
-            image_processor = AutoImageProcessor.from_pretrained(opts.encoder)
-            source = opts.decoder
-            tokenizer = AutoTokenizer.from_pretrained(opts.decoder)
-            # v5: from_encoder_decoder_pretrained reads ``decoder_config.is_decoder``, which configs no longer
-            # carry by default (AttributeError): hand it a decoder config with both flags set.
-            decoder_config = AutoConfig.from_pretrained(opts.decoder)
-            decoder_config.is_decoder = True
-            decoder_config.add_cross_attention = True
-            source = opts.encoder
-            model = VisionEncoderDecoderModel.from_encoder_decoder_pretrained(opts.encoder, opts.decoder,
-                                                                              decoder_config=decoder_config)
-    except FatalError:
-        raise
-    except Exception as exc:
-        raise FatalError(load_error_message(source, exc)) from exc
+    hub_ids = (source,) if checkpoint or not opts.encoder else (opts.encoder, opts.decoder or "")
+    with hub_guard(*hub_ids):  # no hub: fail at once, or load from the cache without its retries
+        try:
+            if checkpoint or not opts.encoder:
+                model = VisionEncoderDecoderModel.from_pretrained(source)
+                image_processor = AutoImageProcessor.from_pretrained(source)
+                tokenizer = AutoTokenizer.from_pretrained(source)
+            else:
+                assert opts.decoder is not None
+                source = opts.encoder
+                image_processor = AutoImageProcessor.from_pretrained(opts.encoder)
+                source = opts.decoder
+                tokenizer = AutoTokenizer.from_pretrained(opts.decoder)
+                # v5: from_encoder_decoder_pretrained reads ``decoder_config.is_decoder``, which configs no longer
+                # carry by default (AttributeError): hand it a decoder config with both flags set.
+                decoder_config = AutoConfig.from_pretrained(opts.decoder)
+                decoder_config.is_decoder = True
+                decoder_config.add_cross_attention = True
+                source = opts.encoder
+                model = VisionEncoderDecoderModel.from_encoder_decoder_pretrained(opts.encoder, opts.decoder,
+                                                                                  decoder_config=decoder_config)
+        except FatalError:
+            raise
+        except Exception as exc:
+            raise FatalError(load_error_message(source, exc)) from exc
     set_special_tokens(model, tokenizer)
     return model, image_processor, tokenizer
 
@@ -294,29 +251,26 @@ class CaptionData:
 def _autocast(device: Any, precision: str) -> Any:
     import torch
 
-    if device.type != "cuda" or precision == "fp32":
+    dtype = autocast_dtype(precision)
+    if device.type != "cuda" or dtype is None:
         return contextlib.nullcontext()
-    return torch.autocast("cuda", dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+    return torch.autocast("cuda", dtype=dtype)
 
 
-def generate_captions(model: Any, processor: Any, tokenizer: Any, images: Sequence[Any], *, device: Any,
-                      precision: str, batch_size: int, max_new_tokens: int) -> list[str]:
-    """Greedy captions, as ``batchcap images`` makes them (decoder start token given with its mask)."""
-    import torch
+def validation_captioner(model: Any, processor: Any, tokenizer: Any, run: TrainRun, max_new_tokens: int) -> Captioner:
+    """The captioner ``batchcap images`` would be, around the model being trained: greedy, the training's
+    autocast (CUDA half precision), float32 inputs."""
+    autocast = autocast_dtype(run.precision) if run.device.type == "cuda" else None
+    return Captioner.from_model(model, processor, tokenizer, device=run.device, autocast=autocast,
+                                max_new_tokens=max_new_tokens, num_beams=1, name="validation")
 
-    start = model.generation_config.decoder_start_token_id
+
+def generate_captions(captioner: Captioner, images: Sequence[Any], batch_size: int) -> list[str]:
+    """Greedy captions of ``images``, ``batch_size`` at a time, as ``batchcap images`` makes them."""
+    captioner.model.eval()
     captions: list[str] = []
-    model.eval()
     for i in range(0, len(images), batch_size):
-        chunk = list(images[i:i + batch_size])
-        pixel_values = processor(images=chunk, return_tensors="pt")["pixel_values"].to(device)
-        ids = torch.full((len(chunk), 1), start, dtype=torch.long, device=device)
-        with torch.inference_mode(), _autocast(device, precision):
-            out = model.generate(pixel_values=pixel_values, decoder_input_ids=ids,
-                                 decoder_attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                                 num_beams=1, do_sample=False)
-        texts = tokenizer.batch_decode(out, skip_special_tokens=True)
-        captions.extend(" ".join(t.split()) for t in texts)
+        captions.extend(captioner.caption(list(images[i:i + batch_size])))
     return captions
 
 
@@ -340,21 +294,29 @@ def _mean_loss(model: Any, data: CaptionData, processor: Any, *, device: Any, pr
     return total / tokens if tokens else None
 
 
-def _save_model(model: Any, processor: Any, tokenizer: Any, directory: str) -> None:
-    model.save_pretrained(directory)
-    processor.save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
+class _Saver:
+    """Writes the model the way it was loaded: the generation config is saved as it was before the
+    validation captioner tuned it (its greedy settings are not the checkpoint's)."""
 
+    def __init__(self, model: Any, processor: Any, tokenizer: Any):
+        import copy
 
-def _publish_best(model: Any, processor: Any, tokenizer: Any, out_dir: str) -> None:
-    """Write the model files into OUT_DIR file by file from a complete temporary save."""
-    tmp = os.path.join(out_dir, ".best.tmp")
-    if os.path.exists(tmp):
-        shutil.rmtree(tmp)
-    _save_model(model, processor, tokenizer, tmp)
-    for name in os.listdir(tmp):
-        os.replace(os.path.join(tmp, name), os.path.join(out_dir, name))
-    shutil.rmtree(tmp)
+        self.model, self.processor, self.tokenizer = model, processor, tokenizer
+        self.generation_config = copy.deepcopy(model.generation_config)
+
+    def save(self, directory: str) -> None:
+        self.model.save_pretrained(directory)
+        self.generation_config.save_pretrained(directory)
+        self.processor.save_pretrained(directory)
+        self.tokenizer.save_pretrained(directory)
+
+    def publish(self, out_dir: str) -> None:
+        """Write the model files into OUT_DIR file by file from a complete temporary save."""
+        tmp = fresh_dir(os.path.join(out_dir, ".best.tmp"))
+        self.save(tmp)
+        for name in os.listdir(tmp):
+            os.replace(os.path.join(tmp, name), os.path.join(out_dir, name))
+        os.rmdir(tmp)
 
 
 def _is_better(metric: str, value: tuple[float, float], best: tuple[float, float] | None) -> bool:
@@ -366,45 +328,52 @@ def _is_better(metric: str, value: tuple[float, float], best: tuple[float, float
     return value[0] < best[0]
 
 
+def load_state(checkpoint: str) -> dict[str, Any]:
+    """The training state of ``checkpoint``, loaded with ``weights_only`` (tensors and plain values only:
+    a state file that holds anything else is refused, never unpickled)."""
+    import torch
+
+    path = os.path.join(checkpoint, STATE_FILE)
+    try:
+        return dict(torch.load(path, map_location="cpu", weights_only=True))
+    except pickle.UnpicklingError:
+        raise FatalError(f"cannot resume from {checkpoint}: {STATE_FILE} holds more than tensors and plain values, "
+                         "and loading it could run code, so it is refused (start over with --overwrite)") from None
+    except (OSError, RuntimeError, EOFError, KeyError, TypeError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise FatalError(f"cannot resume from {checkpoint}: {STATE_FILE} is unreadable ({first})") from None
+
+
 def train_images(manifest: str, out_dir: str, options: ImageTrainOptions | None = None,
                  **overrides: Any) -> TrainResult:
     """Fine-tune a captioner on ``manifest`` (image path/URL + caption columns); results in ``out_dir``."""
     import torch
 
     opts = options or ImageTrainOptions()
-    apply_overrides(opts, overrides, "train_images")
+    opts.update(overrides, "train_images")
     if opts.best_metric not in BEST_METRICS:
         raise FatalError(f"unknown --best-metric {opts.best_metric!r} (use {', '.join(BEST_METRICS)})")
-    started = time.time()
-    device = resolve_device(opts.device)
-    precision = resolve_train_precision(opts.precision, device)
-    spec = image_spec(opts.path_column, opts.reference_columns, opts.id_column)
-    check_inputs(spec, manifest, opts.val_manifest)
-    prepare_out_dir(out_dir, resume=opts.resume, overwrite=opts.overwrite,
-                    markers=(CHECKPOINT, "history.json", INFO_FILE, "config.json", "model.safetensors"))
+    run = start_run(manifest, out_dir, opts, image_spec(opts.path_column, opts.reference_columns, opts.id_column),
+                    markers=(CHECKPOINT, HISTORY_JSON, INFO_FILE, "config.json", "model.safetensors"),
+                    checkpoints=(CHECKPOINT,))
+    device, precision = run.device, run.precision
     checkpoint = os.path.join(out_dir, CHECKPOINT)
-    resuming = opts.resume and os.path.isfile(os.path.join(checkpoint, STATE_FILE))
-    if opts.resume and not resuming:
+    state = load_state(checkpoint) if opts.resume and os.path.isfile(os.path.join(checkpoint, STATE_FILE)) else None
+    if opts.resume and state is None:
         log.info("--resume: no checkpoint in %s yet; starting from the beginning", out_dir)
-    seed_everything(opts.seed)
 
-    model, processor, tokenizer = load_captioner_for_training(opts, checkpoint if resuming else None)
+    model, processor, tokenizer = load_captioner_for_training(opts, checkpoint if state is not None else None)
     trained_parts = freeze_for_finetuning(model, opts.unfreeze_last, opts.train_all)
     trainable, total = count_parameters(model)
     log.info("training %s of %s parameters (%.2f%%): %s", f"{trainable:,}", f"{total:,}",
              100 * trainable / max(total, 1), ", ".join(trained_parts))
     model.to(device)
+    saver = _Saver(model, processor, tokenizer)
 
     def decode(item: Item, data: bytes) -> Any:
         return _shrink(decode_image(data), processor)
 
-    cache_dir = opts.cache_dir or os.path.join(out_dir, "cache")
-
-    def load(path: str) -> Any:
-        return load_examples(path, spec, decode, fetch=opts.fetch, cache_dir=cache_dir, workers=opts.workers,
-                             limit=opts.limit)
-
-    train_ex, val_ex, data_report = load_train_val(manifest, opts.val_manifest, opts.val_fraction, opts.seed, load)
+    train_ex, val_ex, data_report = run.load_data(decode, cache_dir=opts.cache_dir or os.path.join(out_dir, "cache"))
     train_data = CaptionData(train_ex, tokenizer, opts.max_length)
     val_data = CaptionData(val_ex, tokenizer, opts.max_length)
     log.info("%d training captions, %d validation captions", len(train_data.pairs), len(val_data.pairs))
@@ -414,6 +383,7 @@ def train_images(manifest: str, out_dir: str, options: ImageTrainOptions | None 
         metric = "val_loss"
         if val_data.images:
             log.warning("CIDEr-D needs at least 2 validation images: the best checkpoint is chosen by val_loss")
+    captioner = validation_captioner(model, processor, tokenizer, run, opts.max_length)
 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=opts.lr)
@@ -422,8 +392,8 @@ def train_images(manifest: str, out_dir: str, options: ImageTrainOptions | None 
     best: tuple[float, float] | None = None
     best_epoch: int | None = None
     history: list[dict[str, Any]] = []
-    if resuming:
-        state = torch.load(os.path.join(checkpoint, STATE_FILE), map_location="cpu", weights_only=False)
+    samples: list[dict[str, Any]] = []  # validation predictions of the last epoch, for report.html
+    if state is not None:
         try:
             optimizer.load_state_dict(state["optimizer"])
         except ValueError as exc:
@@ -474,10 +444,10 @@ def train_images(manifest: str, out_dir: str, options: ImageTrainOptions | None 
         if val_data.images:
             row["val_loss"] = _mean_loss(model, val_data, processor, device=device, precision=precision,
                                          batch_size=opts.batch_size)
-            hyps = generate_captions(model, processor, tokenizer, val_data.images, device=device,
-                                     precision=precision, batch_size=opts.batch_size,
-                                     max_new_tokens=opts.max_length)
+            hyps = generate_captions(captioner, val_data.images, opts.batch_size)
             corpus, _ = caption_metrics(hyps, val_data.references)
+            samples = [{"id": it.id, "prediction": h, "references": refs, "image": im} for h, refs, im, it
+                       in zip(hyps[:24], val_data.references, val_data.images, val_data.items)]
             row.update({k: round(v, 5) for k, v in corpus.items()})
             row["exact"] = round(sum(h.lower() in {r.lower() for r in refs}
                                      for h, refs in zip(hyps, val_data.references)) / len(hyps), 5)
@@ -492,7 +462,7 @@ def train_images(manifest: str, out_dir: str, options: ImageTrainOptions | None 
         improved = _is_better(metric if val_data.images else "cider_d", value, best)
         if improved:
             best, best_epoch = value, epoch + 1
-            _publish_best(model, processor, tokenizer, out_dir)
+            saver.publish(out_dir)
         row["best"] = improved
         log.info("epoch %d/%d: train_loss %.4f%s%s, %.1f s%s", epoch + 1, opts.epochs, row["train_loss"],
                  f", val_loss {row['val_loss']:.4f}" if row.get("val_loss") is not None else "",
@@ -500,47 +470,38 @@ def train_images(manifest: str, out_dir: str, options: ImageTrainOptions | None 
                  if "cider_d" in row else "", row["seconds"], " (best so far)" if improved else "")
         if val_data.images:
             log.info("  e.g. %s", row["example"])
-        _save_checkpoint(model, processor, tokenizer, optimizer, scaler, checkpoint, epoch=epoch + 1, best=best,
-                         best_epoch=best_epoch, metric=metric)
+        _save_checkpoint(saver, optimizer, scaler, checkpoint, epoch=epoch + 1, best=best, best_epoch=best_epoch,
+                         metric=metric)
         write_history(out_dir, history, metrics=("cider_d", "bleu_4", "exact"),
                       title=f"batchcap train images ({metric} picks the best epoch)")
 
     if best_epoch is None and not os.path.isfile(os.path.join(out_dir, "config.json")):
-        _publish_best(model, processor, tokenizer, out_dir)  # zero epochs: the model as loaded
-    info = {"manifest": manifest, "options": _jsonable(asdict(opts)), "device": str(device),
-            "precision": precision, "trained": trained_parts, "trainable_params": trainable,
-            "total_params": total, "best_metric": metric if val_data.images else "last_epoch",
-            "best_epoch": best_epoch, "data": data_report}
-    atomic_write_text(os.path.join(out_dir, INFO_FILE), json.dumps(info, indent=2))
+        saver.publish(out_dir)  # zero epochs: the model as loaded
+    best_metric = metric if val_data.images else "last_epoch"
+    info = {"manifest": manifest, "options": asdict(opts), "device": str(device), "precision": precision,
+            "trained": trained_parts, "trainable_params": trainable, "total_params": total,
+            "best_metric": best_metric, "best_epoch": best_epoch, "data": data_report}
+    write_info(out_dir, info)
+    write_training_report(out_dir, history, samples, title=f"batchcap train images: {os.path.basename(out_dir)}",
+                          info=jsonable(info), strict=False)
     if best_epoch is not None:
-        log.info("best epoch %d (%s); model in %s", best_epoch, info["best_metric"], out_dir)
-    return TrainResult(out_dir, history, best_epoch, info["best_metric"], best[0] if best else None, trainable,
-                       total, data_report, time.time() - started)
+        log.info("best epoch %d (%s); model in %s", best_epoch, best_metric, out_dir)
+    return TrainResult(out_dir, history, trainable, total, data_report, run.elapsed(), best_epoch=best_epoch,
+                       best_metric=best_metric, best_value=best[0] if best else None)
 
 
-def _save_checkpoint(model: Any, processor: Any, tokenizer: Any, optimizer: Any, scaler: Any, path: str, *,
-                     epoch: int, best: Any, best_epoch: int | None, metric: str) -> None:
+def _save_checkpoint(saver: _Saver, optimizer: Any, scaler: Any, path: str, *, epoch: int, best: Any,
+                     best_epoch: int | None, metric: str) -> None:
+    """The model and the training state (tensors and plain values only: loadable with ``weights_only``) into a
+    fresh directory, swapped in for ``path`` (crash-safe, see :mod:`batchcap.train.checkpoints`)."""
     import torch
 
-    tmp = f"{path}.tmp"
-    if os.path.exists(tmp):
-        shutil.rmtree(tmp)
-    _save_model(model, processor, tokenizer, tmp)
-    torch.save({"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler.is_enabled() else None,
-                "epoch": epoch, "best": list(best) if best is not None else None, "best_epoch": best_epoch,
-                "metric": metric, "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
-                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
-               os.path.join(tmp, STATE_FILE))
+    tmp = fresh_dir(f"{path}.tmp")
+    saver.save(tmp)
+    state = {"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler.is_enabled() else None,
+             "epoch": epoch, "best": list(best) if best is not None else None, "best_epoch": best_epoch,
+             "metric": metric, "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
+             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+    with atomic_path(os.path.join(tmp, STATE_FILE)) as target:
+        torch.save(state, target)
     replace_dir(tmp, path)
-
-
-def _jsonable(value: Any) -> Any:
-    try:
-        json.dumps(value)
-        return value
-    except TypeError:
-        if isinstance(value, dict):
-            return {k: _jsonable(v) for k, v in value.items()}
-        if isinstance(value, (list, tuple)):
-            return [_jsonable(v) for v in value]
-        return str(value)

@@ -1,23 +1,18 @@
-"""What both fine-tuning commands share.
+"""The training data of both fine-tunes: a manifest -> fetched (disk-cached), decoded examples -> train/val.
 
 * :func:`load_examples`: a manifest -> ``(item, decoded)`` examples through :class:`~batchcap.inputs.Inputs`,
   a (disk-caching) :class:`~batchcap.fetch.Fetcher` and a decoder; rows that cannot be used (missing file,
   HTTP error, corrupt media, no reference, too long...) are counted, the first few logged, and skipped.
 * :func:`split_examples`: a seeded train/validation split (by item, so the references of one image never
   land on both sides).
-* :func:`write_history`: ``history.json``, ``history.csv`` and a PNG plot of the per-epoch numbers.
-* Output-directory guard, atomic checkpoint directories, seeding, device / precision choice.
 """
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import json
 import logging
 import os
 import random
-import shutil
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -26,6 +21,7 @@ from itertools import islice
 from typing import Any
 
 from ..fetch import FetchConfig, Fetcher
+from ..fsutil import atomic_write
 from ..inputs import Inputs, InputSpec, is_url
 from ..items import FETCH_ERROR, FatalError, Fetched, Item, ItemError
 
@@ -33,7 +29,6 @@ log = logging.getLogger(__name__)
 
 NO_REFERENCE = "no_reference"
 SHOWN_ERRORS = 5  # bad rows whose message is logged one by one; the rest are only counted
-HISTORY_JSON, HISTORY_CSV = "history.json", "history.csv"
 
 
 # --- loading a manifest --------------------------------------------------------------------------
@@ -88,7 +83,11 @@ class CachingFetcher:
         self.fetcher = fetcher
         self.cache_dir = cache_dir
         if cache_dir:
-            os.makedirs(cache_dir, exist_ok=True)
+            try:
+                os.makedirs(cache_dir, exist_ok=True)
+            except OSError as exc:
+                log.warning("cannot create the download cache %s (%s): downloads are not cached", cache_dir, exc)
+                self.cache_dir = None
 
     def path(self, source: str) -> str | None:
         if not self.cache_dir or not is_url(source):
@@ -96,16 +95,23 @@ class CachingFetcher:
         return os.path.join(self.cache_dir, hashlib.sha256(source.encode("utf-8")).hexdigest()[:40])
 
     def fetch(self, item: Item) -> Fetched:
+        """The cached bytes, else a fetch (cached when it worked). The cache never fails an item: an entry
+        that cannot be read is fetched again, one that cannot be written is only logged. Concurrent fetches
+        of one URL each write their own temporary file (atomic_write) and the last rename wins."""
         path = self.path(item.source) if item.data is None else None
         if path and os.path.isfile(path):
-            with open(path, "rb") as f:
-                return Fetched(data=f.read())
+            try:
+                with open(path, "rb") as f:
+                    return Fetched(data=f.read())
+            except OSError as exc:
+                log.warning("cannot read the cached copy of %s (%s): fetching it again", item.source, exc)
         fetched = self.fetcher.fetch(item)
         if path and fetched.data is not None:
-            tmp = f"{path}.{os.getpid()}.tmp"
-            with open(tmp, "wb") as f:
-                f.write(fetched.data)
-            os.replace(tmp, path)
+            try:
+                atomic_write(path, fetched.data)
+            except OSError as exc:
+                log.warning("cannot cache %s in %s (%s): it will be fetched again next time", item.source,
+                            self.cache_dir, exc)
         return fetched
 
 
@@ -215,153 +221,3 @@ def load_train_val(manifest: str, val_manifest: str | None, val_fraction: float,
     log.info("%d training items, %d validation items", len(train), len(val))
     data_report.update(train_items=len(train), val_items=len(val))
     return train, val, data_report
-
-
-# --- history -------------------------------------------------------------------------------------
-
-
-def write_history(out_dir: str, rows: Sequence[dict[str, Any]], *, losses: Sequence[str] = ("train_loss", "val_loss"),
-                  metrics: Sequence[str] = (), title: str = "") -> None:
-    """``history.json``, ``history.csv`` (one row per epoch) and ``loss.png`` (losses; metrics on a second
-    panel) in ``out_dir``. The plot is skipped with a warning if matplotlib is missing."""
-    os.makedirs(out_dir, exist_ok=True)
-    atomic_write_text(os.path.join(out_dir, HISTORY_JSON), json.dumps(list(rows), indent=2))
-    columns: list[str] = []
-    for row in rows:
-        columns.extend(k for k in row if k not in columns)
-    tmp = os.path.join(out_dir, f".{HISTORY_CSV}.tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, columns)
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, os.path.join(out_dir, HISTORY_CSV))
-    if rows:
-        plot_history(os.path.join(out_dir, "loss.png"), rows, losses=losses, metrics=metrics, title=title)
-
-
-def plot_history(path: str, rows: Sequence[dict[str, Any]], *, losses: Sequence[str], metrics: Sequence[str],
-                 title: str = "") -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg", force=False)
-        import matplotlib.pyplot as plt
-    except ImportError:
-        log.warning("matplotlib is not installed: no %s", os.path.basename(path))
-        return
-    shown_metrics = [m for m in metrics if any(r.get(m) is not None for r in rows)]
-    fig, axes = plt.subplots(1, 1 + bool(shown_metrics), figsize=(6 + 5 * bool(shown_metrics), 4), squeeze=False)
-    panels = [(axes[0][0], losses, "loss")]
-    if shown_metrics:
-        panels.append((axes[0][1], shown_metrics, "metric"))
-    for ax, keys, ylabel in panels:
-        for key in keys:
-            points = [(r["epoch"], r[key]) for r in rows if r.get(key) is not None]
-            if points:
-                xs, ys = zip(*points)
-                ax.plot(xs, ys, marker="o", label=key)
-        ax.set_xlabel("epoch")
-        ax.set_ylabel(ylabel)
-        ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend()
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def read_history(out_dir: str) -> list[dict[str, Any]]:
-    path = os.path.join(out_dir, HISTORY_JSON)
-    if not os.path.isfile(path):
-        return []
-    with open(path, encoding="utf-8") as f:
-        return list(json.load(f))
-
-
-# --- files ---------------------------------------------------------------------------------------
-
-
-def atomic_write_text(path: str, text: str) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
-def replace_dir(tmp_dir: str, final_dir: str) -> None:
-    """Move a fully written ``tmp_dir`` to ``final_dir``; an interruption leaves the old one or the new one."""
-    old = f"{final_dir}.old"
-    if os.path.exists(old):
-        shutil.rmtree(old)
-    if os.path.exists(final_dir):
-        os.replace(final_dir, old)
-    os.replace(tmp_dir, final_dir)
-    if os.path.exists(old):
-        shutil.rmtree(old)
-
-
-def prepare_out_dir(out_dir: str, *, resume: bool, overwrite: bool, markers: Sequence[str]) -> None:
-    """Create ``out_dir``; refuse to train into one that holds an earlier run unless --resume or --overwrite."""
-    if resume and overwrite:
-        raise FatalError("--resume and --overwrite exclude each other")
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise FatalError(f"output {out_dir} exists and is not a directory")
-    found = [m for m in markers if os.path.exists(os.path.join(out_dir, m))]
-    if found and overwrite:
-        for marker in found:
-            path = os.path.join(out_dir, marker)
-            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
-    elif found and not resume:
-        raise FatalError(f"{out_dir} already holds a training run ({', '.join(found)}): pass --resume to continue "
-                         "it or --overwrite to start over")
-    os.makedirs(out_dir, exist_ok=True)
-
-
-# --- runtime -------------------------------------------------------------------------------------
-
-
-def seed_everything(seed: int) -> None:
-    import numpy as np
-    import torch
-
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-PRECISIONS = ("auto", "fp32", "fp16", "bf16")
-
-
-def resolve_train_precision(spec: str, device: Any) -> str:
-    """fp32, fp16 or bf16. ``auto``: bf16 on CUDA GPUs that have it, fp16 on older ones, fp32 elsewhere.
-    Half precision is only used on CUDA (autocast; fp16 with a gradient scaler)."""
-    import torch
-
-    spec = (spec or "auto").lower()
-    if spec not in PRECISIONS:
-        raise FatalError(f"unknown precision {spec!r} (use {', '.join(PRECISIONS)})")
-    if device.type != "cuda":
-        if spec in ("fp16", "bf16"):
-            raise FatalError(f"--precision {spec} needs a CUDA device; on {device.type} training runs in fp32")
-        return "fp32"
-    if spec == "auto":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    if spec == "bf16" and not torch.cuda.is_bf16_supported():
-        raise FatalError("--precision bf16: this GPU has no bfloat16 support (use fp16)")
-    return spec
-
-
-def count_parameters(model: Any) -> tuple[int, int]:
-    """(trainable, total) parameter counts; tied weights are counted once."""
-    seen: set[int] = set()
-    trainable = total = 0
-    for p in model.parameters():
-        if id(p) in seen:
-            continue
-        seen.add(id(p))
-        total += p.numel()
-        if p.requires_grad:
-            trainable += p.numel()
-    return trainable, total

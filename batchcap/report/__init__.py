@@ -1,0 +1,148 @@
+"""``batchcap report``: one self-contained HTML page about a run (or two runs compared).
+
+The page opens offline: its CSS, its small script and its charts (SVG) are inline, thumbnails are
+embedded as downscaled JPEG data: URIs, and audio players link to the local files relatively. It
+stays small for big runs: figures are computed over every row, but only ``rows`` rows are shown in
+detail. Everything is rendered by Jinja2 templates with autoescaping, so text from the table
+(captions, references, ids, error messages) is always escaped.
+
+    from batchcap.report import build_report
+    build_report("transcripts.parquet", "report.html", rows=50, group_by=["speaker"])
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+import os
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from ..fsutil import atomic_write
+from ..items import FatalError
+from .data import Result, failure_groups, header, load_result
+
+log = logging.getLogger(__name__)
+
+__all__ = ["build_report", "write_training_report", "default_report_path"]
+
+
+def default_report_path(result_path: str) -> str:
+    """``out.parquet`` -> ``out.report.html`` (beside the result)."""
+    base, _ = os.path.splitext(result_path)
+    return base + ".report.html"
+
+
+def build_report(result: str, out_html: str | None = None, *, compare: str | None = None, rows: int = 50,
+                 group_by: Sequence[str] = (), summary: dict[str, Any] | None = None,
+                 compare_summary: dict[str, Any] | None = None, normalize: str | None = None,
+                 title: str | None = None) -> str:
+    """Write an HTML report of the result table ``result`` (parquet or CSV) to ``out_html``; return its path.
+
+    ``summary``: the run's summary dict (default: ``RESULT.summary.json`` when present; the report also
+    works from the table alone). ``compare``: a second result (e.g. after fine-tuning) to set against the
+    first, rows matched by id. ``rows``: how many rows are shown in detail (the worst by WER / CIDEr-D,
+    else the first). ``group_by``: carried columns to break figures down by, besides duration, language
+    and folder. ``normalize``: the WER's normalizer when the summary does not name it.
+    """
+    started = time.time()
+    out_html = out_html or default_report_path(result)
+    report_dir = os.path.dirname(os.path.abspath(out_html))
+    if not os.path.isdir(report_dir):
+        raise FatalError(f"report folder does not exist: {report_dir}")
+    a = load_result(result, summary)
+    b = load_result(compare, compare_summary) if compare else None
+    if b is not None and b.kind != a.kind:
+        raise FatalError(f"cannot compare an {a.kind} result ({a.name}) with an {b.kind} one ({b.name})")
+    missing = [c for c in group_by if c not in a.columns]
+    if missing:
+        raise FatalError(f"--group-by: no column {', '.join(missing)} in {a.name} "
+                         f"(columns: {', '.join(a.columns)})")
+    context: dict[str, Any] = {"title": title or f"batchcap report: {a.name}" + (f" vs {b.name}" if b else ""),
+                               "kind": a.kind, "rows_limit": rows}
+    sides = [a] if b is None else [a, b]
+    if a.kind == "audio":
+        from . import audio
+        from .compare import compare_audio
+
+        scores = [audio.score_result(r, normalize) for r in sides]
+        context["headers"] = [header(r, audio.metrics(r, s), report_dir) for r, s in zip(sides, scores)]
+        if b is None:
+            context["audio"] = audio.audio_context(a, scores[0], rows=rows, group_by=group_by, report_dir=report_dir)
+        else:
+            context["compare"] = compare_audio(a, scores[0], b, scores[1], rows=rows, report_dir=report_dir)
+            context["group_pairs"] = _paired_groups(audio.groups(a, scores[0], group_by),
+                                                    audio.groups(b, scores[1], group_by), "wer")
+    else:
+        from . import images
+        from .compare import compare_images
+
+        context["headers"] = [header(r, images.metrics(r), report_dir) for r in sides]
+        if b is None:
+            context["images"] = images.images_context(a, rows=rows, group_by=group_by, report_dir=report_dir)
+        else:
+            context["compare"] = compare_images(a, b, rows=rows, report_dir=report_dir)
+            context["group_pairs"] = _paired_groups(images.groups(a, group_by), images.groups(b, group_by),
+                                                    "cider_d")
+    context["failures"] = [_failures(r) for r in sides]
+    context["generated"] = _dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
+    from .render import render
+
+    html = render("result.html.j2", context)
+    _write(out_html, html)
+    log.debug("report: %s (%.0f kB, %.1f s)", out_html, len(html.encode()) / 1024, time.time() - started)
+    return out_html
+
+
+def _failures(result: Result) -> dict[str, Any]:
+    groups, more = failure_groups(result)
+    failed = sum(g.count for g in groups)
+    return {"name": result.name, "groups": groups, "more": more,
+            "failed": sum(1 for s in result.col("status") if s != "ok"), "shown": failed}
+
+
+def _paired_groups(ga: list[dict[str, Any]], gb: list[dict[str, Any]], value: str) -> list[dict[str, Any]]:
+    """Group tables of two results merged by group name and key (for side-by-side figures)."""
+    by_name_b = {g["name"]: {r["key"]: r for r in g["rows"]} for g in gb}
+    out = []
+    for g in ga:
+        rows_b = by_name_b.get(g["name"], {})
+        rows = [{"key": r["key"], "rows_a": r["rows"], "rows_b": rows_b.get(r["key"], {}).get("rows", 0),
+                 "a": r.get(value), "b": rows_b.get(r["key"], {}).get(value)} for r in g["rows"]]
+        out.append({"name": g["name"], "rows": rows, "value": value})
+    return out
+
+
+def write_training_report(out_dir: str, history: Sequence[dict[str, Any]],
+                          samples: Sequence[dict[str, Any]] | None = None, *, title: str = "batchcap training",
+                          info: dict[str, Any] | None = None,
+                          losses: Sequence[str] = ("train_loss", "val_loss"), percent: Sequence[str] = ("wer",),
+                          filename: str = "report.html", strict: bool = True) -> str | None:
+    """``OUT_DIR/report.html`` for a fine-tuning run: loss and metric curves per epoch, the history table and a
+    sample of validation predictions (``samples``: dicts with ``prediction`` and ``reference`` or
+    ``references``, optionally ``normalized`` (the (reference, prediction) pair to align), ``image`` (a PIL
+    image or a path), ``id``). Returns the path. ``strict`` False (the training commands): a failure is logged
+    as a warning and None returned, so a finished training run never fails on its report."""
+    from .render import render
+    from .training import training_context
+
+    path = os.path.join(out_dir, filename)
+    try:
+        context = training_context(history, samples or [], title=title, info=info or {}, losses=losses,
+                                   percent=percent)
+        _write(path, render("training.html.j2", context))
+    except Exception as exc:
+        if strict:
+            raise
+        log.warning("no %s: %s", path, exc)
+        return None
+    return path
+
+
+def _write(path: str, html: str) -> None:
+    """Atomically, readable like any file the user creates (the temp file behind it is private)."""
+    atomic_write(path, html)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)

@@ -1,0 +1,45 @@
+"""``batchcap report RESULT [RESULT_B] -o report.html``."""
+
+from __future__ import annotations
+
+import os
+
+import click
+
+from ..cli_common import CommandError, setup_logging
+from ..items import FatalError
+
+
+@click.command()
+@click.argument("result", type=click.Path(dir_okay=False))
+@click.argument("result_b", required=False, type=click.Path(dir_okay=False))
+@click.option("-o", "--output", default=None, metavar="FILE",
+              help="HTML file to write [default: RESULT's name with .report.html].")
+@click.option("--rows", type=click.IntRange(1), default=50, show_default=True,
+              help="Rows shown in detail: the worst by WER / CIDEr-D (else the first), and differing rows.")
+@click.option("--group-by", "group_by", multiple=True, metavar="COL",
+              help="A carried column to break the figures down by (repeat for several); duration, language "
+                   "and folder are always used.")
+@click.option("--normalize", type=click.Choice(["auto", "whisper", "basic", "none"]), default=None,
+              help="Text normalization for the WER when the summary does not say [default: the summary's, "
+                   "else auto].")
+@click.option("--title", default=None, help="Page title.")
+@click.option("-q", "--quiet", is_flag=True, help="Errors only.")
+@click.option("-v", "--verbose", count=True, help="More logging (-vv: debug).")
+def report(result: str, result_b: str | None, output: str | None, rows: int, group_by: tuple[str, ...],
+           normalize: str | None, title: str | None, quiet: bool, verbose: int) -> None:
+    """Write one self-contained HTML page about the result table RESULT (parquet or CSV).
+
+    With RESULT_B (e.g. the same inputs after `batchcap train audio`), the two are compared: corpus
+    figures side by side, and the rows whose text differs, matched by id. The page opens offline.
+    """
+    from . import build_report
+
+    setup_logging(verbose, quiet)
+    try:
+        path = build_report(result, output, compare=result_b, rows=rows, group_by=group_by, normalize=normalize,
+                            title=title)
+    except FatalError as exc:
+        raise CommandError(str(exc)) from None
+    if not quiet:
+        click.echo(f"report: {path} ({os.path.getsize(path) / 1024:,.0f} kB)")

@@ -1,0 +1,59 @@
+"""The training data path (train/data.py): the download cache under concurrency and its error handling."""
+
+from __future__ import annotations
+
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+from batchcap.fetch import FetchConfig, Fetcher
+from batchcap.items import Item
+from batchcap.train.data import CachingFetcher
+
+
+def _items(server, n_urls: int, size: int) -> list[tuple[Item, bytes]]:
+    out = []
+    for i in range(n_urls):
+        body = bytes([i]) * size
+        server.add(f"/blob/{i}", body, content_type="application/octet-stream")
+        out.append((Item(i, f"u{i}", server.url(f"/blob/{i}")), body))
+    return out
+
+
+def test_concurrent_fetches_of_the_same_urls_all_succeed(http_server, tmp_path):
+    """25 threads fetching the same URLs at once (the issue: 2 of 25 died on a shared temp name)."""
+    items = _items(http_server, 3, 2 * 2**20)
+    fetcher = Fetcher(FetchConfig(retries=0))
+    cached = CachingFetcher(fetcher, str(tmp_path / "cache"))
+    start = threading.Barrier(25)
+
+    def work(k: int) -> bytes | None:
+        item, _ = items[k % len(items)]
+        start.wait()
+        return cached.fetch(item).data
+
+    try:
+        for _ in range(3):  # three rounds: the first races on writing, the later ones read the cache
+            with ThreadPoolExecutor(25) as pool:
+                results = list(pool.map(work, range(25)))
+            assert [r == items[k % len(items)][1] for k, r in enumerate(results)] == [True] * 25
+    finally:
+        fetcher.close()
+    names = sorted(os.listdir(tmp_path / "cache"))
+    assert len(names) == 3 and not any(n.endswith(".tmp") for n in names)
+
+
+def test_cache_errors_are_not_fatal(http_server, tmp_path):
+    """An entry the cache cannot write (a directory in its place) or read is fetched again, not fatal."""
+    (item, body), = _items(http_server, 1, 1000)
+    fetcher = Fetcher(FetchConfig(retries=0))
+    cache = tmp_path / "cache"
+    cached = CachingFetcher(fetcher, str(cache))
+    path = cached.path(item.source)
+    os.makedirs(os.path.join(path, "blocker"))  # a directory where the cache file goes: os.replace fails
+    try:
+        assert cached.fetch(item).data == body
+        assert cached.fetch(item).data == body
+        assert http_server.hits["/blob/0"] == 2  # not cached, fetched again
+    finally:
+        fetcher.close()
