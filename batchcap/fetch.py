@@ -373,13 +373,17 @@ class Fetcher:
         attempts = max(0, cfg.retries) + 1
         for attempt in range(attempts):
             left = None if ends is None else ends - time.monotonic()
+            late = f"timed out: not finished within the {_fmt_seconds(deadline or 0)} deadline (--fetch-deadline): " \
+                   f"{url}"
             if left is not None and left <= 0:
-                return _error(f"timed out: not finished within the {_fmt_seconds(deadline or 0)} deadline: {url}")
+                return _error(late)
             try:
                 return Fetched(data=storage.read_range(url, cfg.max_bytes, timeout=left))
             except storage.TooLarge:
                 return _error(f"object larger than {_fmt_size(cfg.max_bytes)} cap (--max-bytes): {url}")
             except storage.StorageError as exc:
+                if exc.retryable and ends is not None and time.monotonic() >= ends:
+                    return _error(late)
                 if not exc.retryable or attempt + 1 >= attempts:
                     return _error(exc.message + (f" (after {attempts} attempts)" if exc.retryable and attempt else ""))
                 reason = exc.message

@@ -286,6 +286,15 @@ def _cli_env() -> dict[str, str]:
     return dict(os.environ, PYTHONPATH=ROOT, HF_HUB_OFFLINE="1")
 
 
+def test_object_reads_are_bounded_by_the_fetch_deadline(s3):
+    url = s3.put("big.bin", os.urandom(2 * 2**20))
+    with Fetcher(FetchConfig(deadline=0.001, retries=2)) as fetcher:
+        late = fetcher.fetch(Item(0, "big", url))
+    assert late.error == f"timed out: not finished within the 0.001s deadline (--fetch-deadline): {url}"
+    with Fetcher(FetchConfig(deadline=30, max_bytes=2**20)) as fetcher:
+        assert fetcher.fetch(Item(0, "big", url)).error == f"object larger than 1 MiB cap (--max-bytes): {url}"
+
+
 def test_parquet_manifest_items_and_output_in_the_bucket(s3, tiny_captioner):
     for i in range(4):
         s3.put(f"imgs/{i}.png", png(i))
