@@ -30,6 +30,7 @@ import requests
 import urllib3
 from requests.adapters import HTTPAdapter
 
+from batchcap import storage
 from batchcap.items import FETCH_ERROR, Fetched, Item
 
 log = logging.getLogger(__name__)
@@ -301,10 +302,12 @@ class Fetcher:
         try:
             if source.lower().startswith(("http://", "https://")):
                 return self._fetch_http(source)
+            if storage.is_remote(source):  # s3://, gs://, az://, hf:// ... through fsspec
+                return self._fetch_object(source)
             scheme = _SCHEME.match(source)
             if scheme or source.lower().startswith("data:"):
                 name = scheme.group(1).lower() if scheme else "data"
-                return _error(f"unsupported URL scheme '{name}' (only http and https are fetched)")
+                return _error(f"unsupported URL scheme '{name}' (http, https and object stores: s3, gs, az, hf)")
             return self._fetch_local(source)
         except Exception as exc:  # never raise for one item
             log.debug("unexpected error fetching %s", source, exc_info=True)
@@ -357,6 +360,40 @@ class Fetcher:
         if len(data) > cfg.max_bytes:  # grew since stat, or a special file
             return _error(f"file larger than {_fmt_size(cfg.max_bytes)} cap (--max-bytes): {path}")
         return Fetched(data=data)
+
+    # -- object stores (s3://, gs://, az://, hf://: batchcap/storage.py) -------------------------------
+
+    def _fetch_object(self, url: str) -> Fetched:
+        """One object through fsspec: the --max-bytes cap as one ranged read (the store sends nothing past
+        it), retries with backoff on timeouts, throttling and connection errors, all within the fetch
+        deadline where there is one; a missing object, a prefix or refused credentials are final."""
+        cfg = self.config
+        deadline: float | None = getattr(cfg, "deadline", None)
+        ends = None if deadline is None else time.monotonic() + deadline
+        attempts = max(0, cfg.retries) + 1
+        for attempt in range(attempts):
+            left = None if ends is None else ends - time.monotonic()
+            late = f"timed out: not finished within the {_fmt_seconds(deadline or 0)} deadline (--fetch-deadline): " \
+                   f"{url}"
+            if left is not None and left <= 0:
+                return _error(late)
+            try:
+                return Fetched(data=storage.read_range(url, cfg.max_bytes, timeout=left))
+            except storage.TooLarge:
+                return _error(f"object larger than {_fmt_size(cfg.max_bytes)} cap (--max-bytes): {url}")
+            except storage.StorageError as exc:
+                if exc.retryable and ends is not None and time.monotonic() >= ends:
+                    return _error(late)
+                if not exc.retryable or attempt + 1 >= attempts:
+                    return _error(exc.message + (f" (after {attempts} attempts)" if exc.retryable and attempt else ""))
+                reason = exc.message
+            delay = cfg.backoff * 2**attempt
+            delay += random.uniform(0, delay * 0.1)
+            if ends is not None:
+                delay = min(delay, max(0.0, ends - time.monotonic()))
+            log.debug("fetch %s: %s, retry %d/%d in %.2fs", url, reason, attempt + 1, cfg.retries, delay)
+            time.sleep(delay)
+        raise AssertionError("unreachable")
 
     # -- HTTP -----------------------------------------------------------------------------------
 

@@ -15,7 +15,15 @@ def atomic_path(target: str) -> Iterator[str]:
 
     On any error the temporary file is removed and ``target`` is left as it was. The name is unique
     (``mkstemp``), so concurrent writers of the same target never clobber each other's temp file.
+    ``target`` may be an object-store URL (``s3://...``, see storage.py): the file is then written in
+    the local temp folder and uploaded whole on success (one PUT: the object appears complete or not).
     """
+    from . import storage  # here: storage imports this module
+
+    if storage.is_remote(target):
+        with _staged_upload(target) as tmp:
+            yield tmp
+        return
     directory = os.path.dirname(os.path.abspath(target)) or "."
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(target)}.", suffix=".tmp", dir=directory)
     os.close(fd)
@@ -28,6 +36,20 @@ def atomic_path(target: str) -> Iterator[str]:
             os.unlink(tmp)
         raise
     fsync_dir(directory)
+
+
+@contextlib.contextmanager
+def _staged_upload(target: str) -> Iterator[str]:
+    from . import storage
+
+    fd, tmp = tempfile.mkstemp(prefix="batchcap-upload-", suffix=".tmp")
+    os.close(fd)
+    try:
+        yield tmp
+        storage.upload(tmp, target)
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
 
 
 def atomic_write(target: str, data: str | bytes | Callable[[IO[Any]], None], *, encoding: str = "utf-8") -> str:

@@ -10,11 +10,15 @@ import csv
 import json
 import logging
 import os
+import shutil
 import sys
+import tempfile
+import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import storage
 from .items import FatalError, Item
 
 log = logging.getLogger(__name__)
@@ -89,12 +93,18 @@ class Inputs:
     sources: Sequence[str]
     spec: InputSpec
     stats: InputStats = field(default_factory=InputStats)
+    _copies: dict[str, str] = field(default_factory=dict, init=False, repr=False)  # remote manifest -> local copy
+    _copy_dir: str | None = field(default=None, init=False, repr=False)
 
     def check(self) -> None:
         """Fail the whole run early on inputs that cannot be read at all."""
         if not self.sources:
             raise FatalError("no input given")
         for src in self.sources:
+            if storage.is_remote(src):
+                if self._remote_kind(src) == "manifest":
+                    self._remote_manifest(src, lambda copy: _peek_columns(copy, self.spec))
+                continue
             if is_url(src):
                 continue
             if not os.path.exists(src):
@@ -107,7 +117,9 @@ class Inputs:
         total = 0
         seen = _Seen()
         for src in self.sources:
-            if is_url(src) or not os.path.exists(src):
+            if storage.is_remote(src):
+                total += self._remote_estimate(src)
+            elif is_url(src) or not os.path.exists(src):
                 total += 1
             elif os.path.isdir(src):
                 total += sum(1 for path in walk_files(src, seen) if path.lower().endswith(self.spec.extensions))
@@ -135,7 +147,9 @@ class Inputs:
                 yield item
 
     def _items(self, src: str, walked: _Seen) -> Iterator[Item]:
-        if is_url(src):
+        if storage.is_remote(src):
+            yield from self._remote_items(src)
+        elif is_url(src):
             yield Item(0, src, src)
         elif os.path.isdir(src):
             yield from self._walk(src, walked)
@@ -153,6 +167,73 @@ class Inputs:
                 continue
             self.stats.files += 1
             yield Item(0, path, path)
+
+    # --- object stores (s3://, gs://, az://, hf://: batchcap/storage.py) ---------------------------
+    # A URL is a manifest (an object with a manifest extension), a prefix walked like a folder, or one
+    # item. A manifest is copied to a local temporary file once per Inputs (streamed to disk, never held
+    # in memory) and read by the same code as a local one; its relative paths resolve against its prefix.
+
+    def _remote_kind(self, url: str) -> str:
+        try:
+            found = storage.info(url)
+        except storage.StorageError as exc:
+            raise FatalError(f"cannot read input: {exc.message}") from None
+        if found is None:
+            raise FatalError(f"input not found: {url}")
+        if found.get("type") == "directory":
+            return "prefix"
+        return "manifest" if url.lower().endswith(MANIFEST_EXTENSIONS) else "object"
+
+    def _remote_manifest(self, url: str, read: Any) -> Any:
+        """``read(local copy)``, with the copy's path replaced by ``url`` in any FatalError."""
+        copy = self._copies.get(url)
+        if copy is None:
+            if self._copy_dir is None:
+                self._copy_dir = tempfile.mkdtemp(prefix="batchcap-manifests-")
+                weakref.finalize(self, shutil.rmtree, self._copy_dir, True)
+            copy = os.path.join(self._copy_dir, str(len(self._copies)), storage.basename(url))
+            os.makedirs(os.path.dirname(copy))
+            log.info("reading manifest %s", url)
+            try:
+                storage.download(url, copy)
+            except storage.StorageError as exc:
+                raise FatalError(f"cannot read manifest: {exc.message}") from None
+            self._copies[url] = copy
+        try:
+            return read(copy)
+        except FatalError as exc:
+            raise FatalError(str(exc).replace(copy, url)) from None
+
+    def _remote_estimate(self, url: str) -> int:
+        kind = self._remote_kind(url)
+        if kind == "prefix":
+            return sum(1 for obj in storage.walk(url) if obj.lower().endswith(self.spec.extensions))
+        if kind == "object":
+            return 1
+        return self._remote_manifest(url, lambda copy: Inputs([copy], self.spec).estimate())
+
+    def _remote_items(self, url: str) -> Iterator[Item]:
+        kind = self._remote_kind(url)
+        if kind == "manifest":
+            self.stats.manifests += 1
+            copy = self._remote_manifest(url, lambda local: local)
+            try:
+                yield from _manifest_items(copy, self.spec, storage.parent(url))
+            except FatalError as exc:  # e.g. a corrupt row group: name the URL, not the copy
+                raise FatalError(str(exc).replace(copy, url)) from None
+        elif kind == "prefix":
+            try:
+                for obj in storage.walk(url):
+                    if not obj.lower().endswith(self.spec.extensions):
+                        self.stats.skipped_files += 1
+                        continue
+                    self.stats.files += 1
+                    yield Item(0, obj, obj)
+            except storage.StorageError as exc:
+                raise FatalError(f"cannot list {url}: {exc.message}") from None
+        else:
+            self.stats.files += 1
+            yield Item(0, url, url)
 
 
 @dataclass
@@ -402,9 +483,10 @@ def _references(row: dict[str, Any], columns: Sequence[str]) -> list[str]:
     return refs
 
 
-def _manifest_items(manifest: str, spec: InputSpec) -> Iterator[Item]:
+def _manifest_items(manifest: str, spec: InputSpec, base: str | None = None) -> Iterator[Item]:
+    """``base``: where relative paths resolve (default: the manifest's folder; a remote manifest's prefix)."""
     layout = _peek_columns(manifest, spec)
-    base = os.path.dirname(os.path.abspath(manifest))
+    base = base or os.path.dirname(os.path.abspath(manifest))
     name = os.path.basename(manifest)
     warned = False
     for n, (line, row, error) in enumerate(_records(manifest)):
@@ -448,4 +530,6 @@ def _text(value: Any) -> str | None:
 def _resolve(source: str, base: str) -> str:
     if is_url(source) or os.path.isabs(source):
         return source
+    if storage.is_remote(base):  # a relative key in a manifest in object storage
+        return storage.resolve(base, source)
     return os.path.join(base, os.path.expanduser(source))

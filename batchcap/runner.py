@@ -20,7 +20,7 @@ from typing import Any
 from .items import CRASHED, EMPTY, OK, FatalError, Item, ItemError
 from .job import Job, JobOptions
 from .journal import CRASH_LIMIT, Journal
-from .output import ResultStore, write_summary
+from .output import result_store, write_summary
 from .progress import Progress
 from .stages import Loaded, Predictor, make_row
 
@@ -62,7 +62,7 @@ def run_job(items: Iterable[Item], job: Job, output: str, options: JobOptions | 
     started = time.time()
     if options.engine == "local" and predictor is None:
         predictor = job.load_predictor()  # before the store: a model that won't load leaves nothing behind
-    store = ResultStore(output, overwrite=options.overwrite, retry_failed=options.retry_failed,
+    store = result_store(output, overwrite=options.overwrite, retry_failed=options.retry_failed,
                         flush_rows=options.flush_rows)
     order: dict[str, int] = {}
     counts: Counter = Counter()
@@ -107,7 +107,7 @@ def run_job(items: Iterable[Item], job: Job, output: str, options: JobOptions | 
         summary["command"] = list(options.command)
     summary["options"] = _options_record(options)
     if options.report:
-        summary["report"] = _write_report(store.path, summary)
+        summary["report"] = _write_report(store.path, summary, getattr(store, "local", None))
     summary_path = write_summary(store.path, summary)
     return RunResult(store.path, summary_path, summary, counts, skipped)
 
@@ -129,11 +129,16 @@ def _options_record(options: JobOptions) -> dict[str, Any]:
     return record
 
 
-def _write_report(output: str, summary: dict[str, Any]) -> str | None:
-    """``OUT.report.html``; a report that cannot be built is a warning, never a failed run."""
-    from .report import build_report
+def _write_report(output: str, summary: dict[str, Any], local: Any = None) -> str | None:
+    """``OUT.report.html``; a report that cannot be built is a warning, never a failed run. ``local``: a
+    remote output's working copy (output.RemoteResultStore): the page is built from it and uploaded."""
+    from .report import build_report, default_report_path
 
     try:
+        if local is not None:
+            from . import storage
+
+            return storage.upload(build_report(local.path, summary=summary), default_report_path(output))
         return build_report(output, summary=summary)
     except Exception as exc:  # noqa: BLE001 - the results are written; the page is a bonus
         log.warning("could not write the report: %s: %s", type(exc).__name__, exc)

@@ -164,7 +164,7 @@ def test_html_is_returned_as_bytes(server: LoopbackServer, fetcher: Fetcher) -> 
     [
         ("file:///etc/passwd", "file"),
         ("ftp://example.com/a.png", "ftp"),
-        ("s3://bucket/a.wav", "s3"),
+        ("sftp://host/a.wav", "sftp"),  # s3://, gs://, az://, hf:// are object stores (test_storage.py)
         ("FTP://example.com/a.png", "ftp"),
         ("data:image/png;base64,iVBORw0KGgo=", "data"),
     ],
@@ -172,7 +172,7 @@ def test_html_is_returned_as_bytes(server: LoopbackServer, fetcher: Fetcher) -> 
 def test_unsupported_schemes(fetcher: Fetcher, source: str, scheme: str) -> None:
     res = fetcher.fetch(item(source))
     assert res.status == FETCH_ERROR and res.data is None and res.http_status is None
-    assert res.error == f"unsupported URL scheme '{scheme}' (only http and https are fetched)"
+    assert res.error == f"unsupported URL scheme '{scheme}' (http, https and object stores: s3, gs, az, hf)"
 
 
 def test_local_file_ok_missing_dir_and_cap(tmp_path: Path) -> None:
