@@ -261,7 +261,7 @@ def test_labels_carry_each_rows_language(data):
     model = WhisperForConditionalGeneration.from_pretrained(data["base"])
     tokenizer = WhisperTokenizerFast.from_pretrained(data["base"])
     setup = whisper_setup(model, tokenizer, None, "transcribe", "tiny", per_row_language=True)
-    items = [Item(i, f"r{i}", f"{i}.wav", references=["red"], extra={"Language": lang})
+    items = [Item(i, f"r{i}", f"{i}.wav", references=["red"], language=lang)
              for i, lang in enumerate(["en", "german", "fr", "de"])]
     kept, labels = _labelled([Example(item, None) for item in items], tokenizer, setup, "language", {})
     token = tokenizer.convert_tokens_to_ids
@@ -270,7 +270,7 @@ def test_labels_carry_each_rows_language(data):
     assert labels[0][3:] == labels[1][3:]  # the same text after the prefix
     for value, status in ((None, "no_language"), ("", "no_language"), ("klingon", "unsupported_language")):
         with pytest.raises(ItemError) as err:
-            setup.check_language(row_language(Item(0, "x", "x", extra={"language": value}), "language"))
+            setup.check_language(row_language(Item(0, "x", "x", language=value), "language"))
         assert err.value.status == status
     with_default = whisper_setup(model, tokenizer, "fr", "transcribe", "tiny", per_row_language=True)
     assert with_default.check_language(None) == "fr" and with_default.check_language("de") == "de"

@@ -290,27 +290,21 @@ def collate_speech(features: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def row_language(item: Item, column: str | None) -> Any:
-    """The value of the row's language column (matched case-insensitively), None without one."""
-    if not column:
-        return None
-    wanted = column.lower()
-    return next((v for k, v in item.extra.items() if k.lower() == wanted and v is not None), None)
+    """The row's language from the manifest (the inputs layer reads the language column, as for
+    ``batchcap audio``), None without one."""
+    return item.language if column else None
 
 
 def language_column(opts: AudioTrainOptions, spec: Any, manifests: Sequence[str]) -> str | None:
-    """The column rows name their language in: --language-column (which must exist), else ``language`` when
-    the (first row of the) training manifest has it."""
+    """Whether rows name their language: --language-column (the inputs layer fails on a missing one), else
+    a ``language`` / ``lang`` / ``locale`` column when the (first row of the) training manifest has one."""
     from ..inputs import Inputs
 
-    wanted = opts.language_column or LANGUAGE_COLUMN
     for i, manifest in enumerate(manifests):
         first = next(iter(Inputs([manifest], spec)), None)
-        found = first is not None and any(k.lower() == wanted.lower() for k in first.extra)
-        if not found and opts.language_column:
-            raise FatalError(f"{manifest}: no column {wanted!r} (--language-column)")
-        if i == 0 and not found:
+        if i == 0 and (first is None or first.language is None) and not opts.language_column:
             return None
-    return wanted
+    return opts.language_column or LANGUAGE_COLUMN
 
 
 def _labelled(examples: Sequence[Example], tokenizer: Any, setup: WhisperSetup, column: str | None,
@@ -460,7 +454,7 @@ def train_audio(manifest: str, out_dir: str, options: AudioTrainOptions | None =
 
     opts = options or AudioTrainOptions()
     opts.update(overrides, "train_audio")
-    spec = audio_spec(opts.path_column, opts.reference_columns, opts.id_column)
+    spec = audio_spec(opts.path_column, opts.reference_columns, opts.id_column, language_column=opts.language_column)
     run = start_run(manifest, out_dir, opts, spec,
                     markers=(CHECKPOINTS, ADAPTER, HISTORY_JSON, INFO_FILE, "config.json"), checkpoints=(ADAPTER,))
     device, precision = run.device, run.precision
