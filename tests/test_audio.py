@@ -499,3 +499,88 @@ def test_progress_total_and_cron_log_lines(tiny_whisper, clips, tmp_path, caplog
         progress.update(status="ok")
         progress.update(status="fetch_error")
     assert "audio: 2 processed (1 failed), 0 already done of ~4" in caplog.text
+
+
+@pytest.mark.parametrize("groups", [1, 3])
+@pytest.mark.parametrize("steps", [1, 3])
+def test_shared_tail_attention_equals_sdpa_over_whole_keys(groups, steps):
+    """Cross-attention over per-row live keys + a tail shared by each group of rows gives SDPA's
+    result over the materialised keys, for one-token steps and the prompt's first step."""
+    import torch
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from batchcap.models.attention import SharedTail, _step_attention, attach_shared_tail
+
+    gen = torch.Generator().manual_seed(groups * 10 + steps)
+    module = torch.nn.Module().eval()
+    module.is_causal = False
+    rows, heads, live, span, dim = 5, 3, 7, 30, 8
+    query = torch.randn(rows, heads, steps, dim, generator=gen)
+    key, value = torch.randn(rows, heads, live, dim, generator=gen), torch.randn(rows, heads, live, dim, generator=gen)
+    tail_keys = [torch.randn(heads, span, dim, generator=gen) for _ in range(groups)]
+    tail_values = [torch.randn(heads, span, dim, generator=gen) for _ in range(groups)]
+    group_of = [0] * rows if groups == 1 else [0, 2, 1, 0, 2]
+    index = [None] if groups == 1 else [torch.tensor([r for r in range(rows) if group_of[r] == g])
+                                        for g in range(groups)]
+    whole_key = torch.cat([key, torch.stack([tail_keys[g] for g in group_of])], dim=2)
+    whole_value = torch.cat([value, torch.stack([tail_values[g] for g in group_of])], dim=2)
+    tail = SharedTail(tail_keys, tail_values, index)
+    attach_shared_tail(key, tail)
+    for scaling in (1.0, 0.3):
+        ours, _ = _step_attention(module, query, key, value, None, scaling=scaling)
+        stock, _ = sdpa_attention_forward(module, query, whole_key, whole_value, None, scaling=scaling)
+        torch.testing.assert_close(ours, stock, atol=1e-5, rtol=1e-5)
+    full_key, full_value = tail.full(key, value)  # the fallback (a mask given) materialises the same keys
+    assert torch.equal(full_key, whole_key) and torch.equal(full_value, whole_value)
+
+
+def test_cross_attention_cache_holds_the_silent_tail_once(tiny_whisper_en):
+    """The greedy cross-attention cache holds each clip's live positions and, per silent window, one
+    tail shared by the clips padded with it: a quarter of the memory of copying it per clip here."""
+    import torch
+
+    from batchcap.asr import AudioOptions, load_transcriber
+    from batchcap.models.attention import TAIL_ATTR
+
+    transcriber = load_transcriber(AudioOptions(model=tiny_whisper_en, dtype="float32"))
+    batch = [transcriber.prepare(tone(s, freq=f, amp=a))
+             for s, f, a in ((1.0, 300, 0.3), (2.5, 600, 0.05), (1.5, 500, 0.3), (2.0, 400, 0.3))]
+    with torch.inference_mode():
+        _, cache = transcriber._encode(batch)
+    layers = cache.cross_attention_cache.layers
+    assert len(layers) == transcriber.model.config.decoder_layers
+    live = 175  # 2.5 s + 1 s margin, 50 positions a second
+    held = 0
+    for layer in layers:
+        assert layer.keys.shape[2] == live and layer.values.shape[2] == live
+        tail = getattr(layer.keys, TAIL_ATTR)
+        assert len(tail.keys) == 2  # two loudness levels: two silent windows
+        assert sorted(len(i) for i in tail.index) == [1, 3]
+        assert all(k.shape[1] == 1500 - live for k in tail.keys)
+        held += layer.keys.nbytes + layer.values.nbytes
+    copied = 2 * len(layers) * layers[0].keys[:, :, :1].nbytes * 1500  # every clip's 1,500 keys and values
+    assert held < copied / 4
+
+
+def test_matmul_weights_cast_once_for_autocast(tiny_whisper_en):
+    """In bfloat16 autocast the linear and convolution weights are stored in bfloat16 (tied weights
+    stay tied, nothing requires gradients) and the encoder computes exactly what autocast gives
+    with float32 weights."""
+    import torch
+    from transformers import WhisperForConditionalGeneration
+
+    from batchcap.models.common import cast_matmul_weights
+
+    stock = WhisperForConditionalGeneration.from_pretrained(tiny_whisper_en).eval()
+    cast = WhisperForConditionalGeneration.from_pretrained(tiny_whisper_en).eval()
+    total = sum(p.numel() for p in cast.parameters())
+    assert 0 < cast_matmul_weights(cast, torch.bfloat16) < total
+    assert cast.proj_out.weight is cast.model.decoder.embed_tokens.weight
+    assert cast.proj_out.weight.dtype == torch.bfloat16 and cast.model.encoder.conv1.weight.dtype == torch.bfloat16
+    assert cast.model.encoder.layer_norm.weight.dtype == torch.float32
+    assert not any(p.requires_grad for p in cast.parameters())
+    features = torch.randn(2, 80, 3000, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = cast.get_encoder()(features).last_hidden_state
+        theirs = stock.get_encoder()(features).last_hidden_state
+    assert torch.equal(ours, theirs)

@@ -198,6 +198,42 @@ def resolve_precision(spec: str, device: Any) -> tuple[Any, Any]:
     return resolve_dtype(spec, device), None
 
 
+def cast_matmul_weights(model: Any, dtype: Any) -> int:
+    """Store the weights of ``model``'s linear and convolution layers (and of the token embedding that
+    an output projection shares with them) in ``dtype``, for a model run under ``torch.autocast`` to
+    that dtype; returns the number of parameters cast.
+
+    Autocast rounds float32 weights to its dtype on every use; inside one autocast region it caches
+    those copies, so a float32 model in bfloat16 autocast holds its weights twice (the float32 ones,
+    memory-mapped from the checkpoint, plus the cached bfloat16 copies) and casts them again for each
+    batch. Casting once gives the matmuls the same operands in half the memory. Norms and positional
+    embeddings stay float32 (autocast runs them in float32). Parameters stop requiring gradients:
+    inference only.
+    """
+    import torch
+
+    kinds = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d)
+    cast: dict[int, Any] = {}  # by the id of the old parameter: tied weights stay tied
+    count = 0
+    for module in model.modules():
+        if not isinstance(module, kinds):
+            continue
+        for name in ("weight", "bias"):
+            param = getattr(module, name, None)
+            if param is None or not param.is_floating_point() or param.dtype == dtype:
+                continue
+            if id(param) not in cast:
+                cast[id(param)] = torch.nn.Parameter(param.detach().to(dtype), requires_grad=False)
+                count += param.numel()
+            setattr(module, name, cast[id(param)])
+    for module in model.modules():  # an embedding tied to an output projection that was cast
+        if isinstance(module, torch.nn.Embedding) and id(module.weight) in cast:
+            module.weight = cast[id(module.weight)]
+    for param in model.parameters():
+        param.requires_grad_(False)
+    return count
+
+
 def announce_load(model: str) -> None:
     """Say where a model comes from before a possibly slow hub download or retry loop."""
     if os.path.isdir(model):

@@ -117,6 +117,10 @@ class WhisperTranscriber:
                 raise FatalError(load_error_message(model, exc)) from exc
         self.model = load_pretrained(WhisperForConditionalGeneration, model, self.dtype, attn_implementation)
         self.model.to(self.device).eval()
+        if self.autocast is not None:  # the matmuls' weights in the autocast dtype, once (see cast_matmul_weights)
+            from .common import cast_matmul_weights
+
+            cast_matmul_weights(self.model, self.autocast)
         use_step_attention(self.model, self.device)
         self._torch = torch
         gen = self.model.generation_config

@@ -135,9 +135,14 @@ class LiveWindowEncoder:
         """The decoder's cross-attention keys and values for encoder output ``states`` whose positions
         from ``length`` on are the cached silent window's: only the live positions are projected.
 
-        Returns an ``EncoderDecoderCache`` to pass to ``generate`` (greedy: one row per clip).
+        Returns an ``EncoderDecoderCache`` to pass to ``generate`` (greedy: one row per clip). With
+        batchcap's attention function (attention.py) the cache holds each clip's live positions and,
+        once per silent window, the tail shared by the clips padded with it; otherwise every clip's
+        tail is copied in.
         """
         from transformers.cache_utils import DynamicCache, EncoderDecoderCache
+
+        from .attention import NAME, SharedTail, attach_shared_tail
 
         silences = [self.silence(v) for v in pad_values]
         for silence in silences:
@@ -145,14 +150,30 @@ class LiveWindowEncoder:
                 projected = [self._project(layer.encoder_attn, silence.states[None]) for layer in self.decoder.layers]
                 silence.cross = [(k[0], v[0]) for k, v in projected]
         groups, tail = self._tails(silences, states.shape[0])
+        shared = getattr(self.decoder.config, "_attn_implementation", None) == NAME
+        index = self._group_rows(silences, groups, states.device) if shared else []
         live = states[:, :length]
         cross = DynamicCache()
         for i, layer in enumerate(self.decoder.layers):
             key, value = self._project(layer.encoder_attn, live)
+            if shared:
+                cross.update(key.contiguous(), value.contiguous(), i)
+                attach_shared_tail(cross.layers[i].keys, SharedTail(
+                    [s.cross[i][0][:, length:].to(key.dtype) for s in groups],
+                    [s.cross[i][1][:, length:].to(value.dtype) for s in groups], index))
+                continue
             keys = torch.cat([key, tail([s.cross[i][0][:, length:] for s in groups]).to(key.dtype)], dim=2)
             values = torch.cat([value, tail([s.cross[i][1][:, length:] for s in groups]).to(value.dtype)], dim=2)
             cross.update(keys, values, i)
         return EncoderDecoderCache(DynamicCache(), cross)
+
+    @staticmethod
+    def _group_rows(silences: list[_Silence], groups: list[_Silence], device: Any) -> list[Any]:
+        """Per distinct silent window, the batch rows padded with it (None: all of them)."""
+        if len(groups) == 1:
+            return [None]
+        return [torch.tensor([row for row, s in enumerate(silences) if s is group], device=device)
+                for group in groups]
 
     def _project(self, attn: Any, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self._heads(attn, attn.k_proj(states)), self._heads(attn, attn.v_proj(states))
