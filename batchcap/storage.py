@@ -272,15 +272,22 @@ def _is_timeout(exc: BaseException) -> bool:
     return isinstance(exc, (FSTimeoutError, asyncio.TimeoutError, TimeoutError))
 
 
-def open_read(url: str) -> IO[bytes]:
-    """A streaming binary file object on the object (for pyarrow, csv, copies)."""
+@contextlib.contextmanager
+def _classified(url: str) -> Iterator[None]:
+    """Backends raise anything: a StorageError passes, everything else becomes one (see classify)."""
     try:
-        fs, path = filesystem(url)
-        return fs.open(path, "rb")
+        yield
     except StorageError:
         raise
     except Exception as exc:  # noqa: BLE001
         raise classify(exc, url) from None
+
+
+def open_read(url: str) -> IO[bytes]:
+    """A streaming binary file object on the object (for pyarrow, csv, copies)."""
+    with _classified(url):
+        fs, path = filesystem(url)
+        return fs.open(path, "rb")
 
 
 def info(url: str) -> dict[str, Any] | None:
@@ -310,14 +317,10 @@ def is_file(url: str) -> bool:
 
 def walk(url: str) -> Iterator[str]:
     """The objects under the prefix ``url``, as URLs, sorted, hidden names (a part starting with ``.``) skipped."""
-    try:
+    with _classified(url):
         fs, path = filesystem(url)
         fs.invalidate_cache(path.rstrip("/"))
         found = fs.find(path.rstrip("/"), withdirs=False, detail=False)
-    except StorageError:
-        raise
-    except Exception as exc:  # noqa: BLE001
-        raise classify(exc, url) from None
     root = path.rstrip("/")
     head = url.rstrip("/")
     for key in sorted(found):
@@ -329,14 +332,10 @@ def walk(url: str) -> Iterator[str]:
 
 def download(url: str, local: str) -> str:
     """Copy an object to the local file ``local`` (atomically: a crash leaves no half file)."""
-    try:
+    with _classified(url):
         fs, path = filesystem(url)
         with atomic_path(local) as tmp:
             fs.get_file(path, tmp)
-    except StorageError:
-        raise
-    except Exception as exc:  # noqa: BLE001
-        raise classify(exc, url) from None
     return local
 
 
@@ -347,26 +346,18 @@ def write_bytes(target: str, data: bytes | str) -> str:
     if not is_remote(target):
         return atomic_write(target, data)
     payload = data.encode("utf-8") if isinstance(data, str) else data
-    try:
+    with _classified(target):
         fs, path = filesystem(target)
         fs.pipe_file(path, payload)
-    except StorageError:
-        raise
-    except Exception as exc:  # noqa: BLE001
-        raise classify(exc, target) from None
     return target
 
 
 def upload(local: str, url: str) -> str:
     """Copy the local file ``local`` to the object ``url`` (one PUT; a multipart upload for files over
     100 MiB, which the store also shows only once complete)."""
-    try:
+    with _classified(url):
         fs, path = filesystem(url)
         fs.put_file(local, path)
-    except StorageError:
-        raise
-    except Exception as exc:  # noqa: BLE001
-        raise classify(exc, url) from None
     return url
 
 
@@ -376,15 +367,9 @@ def remove(target: str, recursive: bool = False) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.remove(target)
         return
-    try:
+    with _classified(target), contextlib.suppress(FileNotFoundError):
         fs, path = filesystem(target)
         fs.rm(path, recursive=recursive)
-    except FileNotFoundError:
-        pass
-    except StorageError:
-        raise
-    except Exception as exc:  # noqa: BLE001
-        raise classify(exc, target) from None
 
 
 class NoConditionalWrite(Exception):

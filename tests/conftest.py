@@ -25,6 +25,17 @@ def tiny_whisper_en(tmp_path_factory: pytest.TempPathFactory) -> str:
     return make_tiny_whisper(str(tmp_path_factory.mktemp("models") / "tiny-whisper.en"), multilingual=False)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models decode faster on one thread than on two contended ones (for a module's tests)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def tone(seconds: float, rate: int = 16000, freq: float = 440.0, channels: int = 1, amp: float = 0.3,
          seed: int = 0) -> np.ndarray:
     """A tone with a little noise: audible, not silent, deterministic."""

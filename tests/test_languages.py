@@ -7,15 +7,7 @@ import pytest
 from batchcap.items import MODEL_ERROR, FatalError, ItemError
 from tests.conftest import tone
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _transcriber(model, **kwargs):
