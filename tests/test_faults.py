@@ -87,7 +87,8 @@ def test_item_in_flight_when_two_runs_died_gets_a_crashed_row(tiny_whisper_en, t
         assert not os.path.exists(out)
     suspects = json.loads(open(out + ".parts/suspects.json").read()) if os.path.exists(
         out + ".parts/suspects.json") else {}
-    assert suspects.get(poison) == 1 and not any(c in suspects for c in clips[:2])  # only what was decoding
+    # only what was being decoded or predicted then: at most 2 decode threads + a batch of 2, not the read-ahead
+    assert suspects.get(poison) == 1 and len(suspects) <= 4
 
     proc = _start(cmd)
     out_text, err_text = proc.communicate(timeout=240)
