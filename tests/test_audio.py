@@ -546,8 +546,8 @@ def test_cross_attention_cache_holds_the_silent_tail_once(tiny_whisper_en):
     batch = [transcriber.prepare(tone(s, freq=f, amp=a))
              for s, f, a in ((1.0, 300, 0.3), (2.5, 600, 0.05), (1.5, 500, 0.3), (2.0, 400, 0.3))]
     with torch.inference_mode():
-        _, cache = transcriber._encode(batch)
-    layers = cache.cross_attention_cache.layers
+        _, cross = transcriber._encode(batch, False)
+    layers = cross.layers
     assert len(layers) == transcriber.model.config.decoder_layers
     live = 175  # 2.5 s + 1 s margin, 50 positions a second
     held = 0
