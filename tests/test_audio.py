@@ -584,3 +584,33 @@ def test_matmul_weights_cast_once_for_autocast(tiny_whisper_en):
         ours = cast.get_encoder()(features).last_hidden_state
         theirs = stock.get_encoder()(features).last_hidden_state
     assert torch.equal(ours, theirs)
+
+
+def test_malloc_settings_return_big_blocks_to_the_system():
+    """After tune_malloc a freed 1 MB block is unmapped at once, even after a bigger block raised
+    glibc's dynamic mmap threshold (which keeps such blocks resident in the heap by default)."""
+    import subprocess
+    import sys
+
+    code = r"""
+import ctypes, sys
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+class Info(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                "fsmblks", "uordblks", "fordblks", "keepcost")]
+libc.mallinfo2.restype = Info
+if sys.argv[1] == "tuned":
+    from batchcap.memory import tune_malloc
+    assert tune_malloc()
+libc.free(libc.malloc(8 << 20))  # raises the default dynamic threshold to 8 MB
+before = libc.mallinfo2().hblks  # blocks served by mmap
+block = libc.malloc(1 << 20)
+print(libc.mallinfo2().hblks - before)
+libc.free(block)
+"""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    counts = {mode: subprocess.run([sys.executable, "-c", code, mode], capture_output=True, text=True, check=True,
+                                   env=env).stdout.strip() for mode in ("default", "tuned")}
+    assert counts == {"default": "0", "tuned": "1"}

@@ -22,6 +22,7 @@ from typing import Any, Protocol
 from ..fetch import Fetcher
 from ..items import Fetched, Item
 from ..job import Job, JobOptions
+from ..memory import tune_malloc
 from ..stages import Loaded, Predictor, fetch_item, make_row, predict_batch, preprocess_item
 
 log = logging.getLogger(__name__)
@@ -48,6 +49,7 @@ def stream_rows(items: Iterable[Item], job: Job, predictor: Predictor, options: 
     """Yield one row per item not yet done (None for each item skipped as done). ``watch`` (the crash
     journal) hears which items are being decoded or predicted at any moment."""
     watch = watch or _NoWatch()
+    tune_malloc()  # before the thread pools start: see memory.py
     batch_size = max(1, options.batch_size)
     window = batch_size * max(1, job.group)
     source = iter(items)
