@@ -563,9 +563,9 @@ def test_cross_attention_cache_holds_the_silent_tail_once(tiny_whisper_en):
 
 
 def test_matmul_weights_cast_once_for_autocast(tiny_whisper_en):
-    """In bfloat16 autocast the linear and convolution weights are stored in bfloat16 (tied weights
-    stay tied, nothing requires gradients) and the encoder computes exactly what autocast gives
-    with float32 weights."""
+    """In bfloat16 autocast the linear and convolution weights are stored in bfloat16 (embeddings and
+    norms stay float32, nothing requires gradients) and the model computes exactly what autocast
+    gives with float32 weights: the same encoder states and the same logits."""
     import torch
     from transformers import WhisperForConditionalGeneration
 
@@ -575,15 +575,20 @@ def test_matmul_weights_cast_once_for_autocast(tiny_whisper_en):
     cast = WhisperForConditionalGeneration.from_pretrained(tiny_whisper_en).eval()
     total = sum(p.numel() for p in cast.parameters())
     assert 0 < cast_matmul_weights(cast, torch.bfloat16) < total
-    assert cast.proj_out.weight is cast.model.decoder.embed_tokens.weight
     assert cast.proj_out.weight.dtype == torch.bfloat16 and cast.model.encoder.conv1.weight.dtype == torch.bfloat16
+    # the token embedding the output projection shared stays float32: its lookup is unchanged
+    assert cast.model.decoder.embed_tokens.weight.dtype == torch.float32
     assert cast.model.encoder.layer_norm.weight.dtype == torch.float32
     assert not any(p.requires_grad for p in cast.parameters())
     features = torch.randn(2, 80, 3000, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
         ours = cast.get_encoder()(features).last_hidden_state
         theirs = stock.get_encoder()(features).last_hidden_state
+        tokens = torch.tensor([[1, 5, 9, 2], [3, 3, 7, 4]])
+        our_logits = cast(encoder_outputs=(ours,), decoder_input_ids=tokens).logits
+        their_logits = stock(encoder_outputs=(theirs,), decoder_input_ids=tokens).logits
     assert torch.equal(ours, theirs)
+    assert torch.equal(our_logits, their_logits)
 
 
 def test_malloc_settings_return_big_blocks_to_the_system():

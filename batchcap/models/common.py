@@ -199,21 +199,21 @@ def resolve_precision(spec: str, device: Any) -> tuple[Any, Any]:
 
 
 def cast_matmul_weights(model: Any, dtype: Any) -> int:
-    """Store the weights of ``model``'s linear and convolution layers (and of the token embedding that
-    an output projection shares with them) in ``dtype``, for a model run under ``torch.autocast`` to
-    that dtype; returns the number of parameters cast.
+    """Store the weights of ``model``'s linear and convolution layers in ``dtype``, for a model run
+    under ``torch.autocast`` to that dtype; returns the number of parameters cast.
 
     Autocast rounds float32 weights to its dtype on every use; inside one autocast region it caches
     those copies, so a float32 model in bfloat16 autocast holds its weights twice (the float32 ones,
     memory-mapped from the checkpoint, plus the cached bfloat16 copies) and casts them again for each
-    batch. Casting once gives the matmuls the same operands in half the memory. Norms and positional
-    embeddings stay float32 (autocast runs them in float32). Parameters stop requiring gradients:
-    inference only.
+    batch. Casting once gives the matmuls the same operands (the same rounding) in half the memory.
+    Norms and embeddings stay float32, as autocast leaves them; an output projection that shares the
+    token embedding's weight gets its own cast copy, so the embedding lookup is unchanged.
+    Parameters stop requiring gradients: inference only.
     """
     import torch
 
     kinds = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d)
-    cast: dict[int, Any] = {}  # by the id of the old parameter: tied weights stay tied
+    cast: dict[int, Any] = {}  # by the id of the old parameter: layers that shared a weight still share it
     count = 0
     for module in model.modules():
         if not isinstance(module, kinds):
@@ -226,9 +226,6 @@ def cast_matmul_weights(model: Any, dtype: Any) -> int:
                 cast[id(param)] = torch.nn.Parameter(param.detach().to(dtype), requires_grad=False)
                 count += param.numel()
             setattr(module, name, cast[id(param)])
-    for module in model.modules():  # an embedding tied to an output projection that was cast
-        if isinstance(module, torch.nn.Embedding) and id(module.weight) in cast:
-            module.weight = cast[id(module.weight)]
     for param in model.parameters():
         param.requires_grad_(False)
     return count
