@@ -37,6 +37,7 @@ class AudioOptions(JobOptions):
     max_new_tokens: int | None = None
     full_window: bool = False  # run the encoder over all 30 s for every clip (exact, slower)
     window_margin_s: float = 1.0  # otherwise: the encoder computes the clip plus this much padding
+    timestamps: bool = True  # Whisper's timestamp tokens (segments with times); off: one segment per clip/window
     normalize: str = "auto"  # auto | whisper | basic | none
     min_duration: float = 0.1
     silence_dbfs: float = -60.0
@@ -242,7 +243,8 @@ def load_transcriber(options: AudioOptions) -> Any:
     return WhisperTranscriber(options.model, device=options.device, dtype=options.dtype,
                               language=options.language, task=options.task, num_beams=options.num_beams,
                               max_new_tokens=options.max_new_tokens, full_window=options.full_window,
-                              window_margin_s=options.window_margin_s, guard=guard)
+                              window_margin_s=options.window_margin_s, guard=guard,
+                              timestamps=options.timestamps)
 
 
 def load_predictor(options: AudioOptions) -> WhisperPredictor:

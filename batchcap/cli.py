@@ -159,6 +159,9 @@ def main() -> None:
 @click.option("--window-margin", type=click.FloatRange(0.1, 30), default=AudioOptions.window_margin_s,
               show_default=True,
               help="Seconds of padding after each clip that the encoder computes (without --full-window).")
+@click.option("--no-timestamps", is_flag=True,
+              help="Decode without Whisper's timestamp tokens (a little faster): each clip, and each window of a "
+                   "long recording, is then one segment. By default segments carry Whisper's own times.")
 @click.option("--no-fallback", is_flag=True,
               help="Do not redo suspect transcripts (full window, then temperatures 0.2-1.0); only flag them "
                    "(decode = unresolved).")
@@ -194,7 +197,7 @@ def main() -> None:
 @click.option("--max-line-count", type=click.IntRange(1), default=None,
               help="--write srt/vtt: start a new cue after this many lines (with --max-line-width).")
 def audio(inputs: tuple[str, ...], output: str | None, full_window: bool, window_margin: float,
-          silence_threshold: float, no_fallback: bool, **options: Any) -> None:
+          silence_threshold: float, no_fallback: bool, no_timestamps: bool, **options: Any) -> None:
     """Transcribe every recording of INPUT... with Whisper.
 
     INPUT: directories (searched recursively for audio files), audio files, http(s) URLs, or
@@ -204,7 +207,7 @@ def audio(inputs: tuple[str, ...], output: str | None, full_window: bool, window
     from .asr import transcribe
 
     opts = AudioOptions(full_window=full_window, window_margin_s=window_margin, silence_dbfs=silence_threshold,
-                        fallback=not no_fallback,
+                        fallback=not no_fallback, timestamps=not no_timestamps,
                         **_job_options(options, default_max_bytes=2 * 2**30, default_workers=4,
                                        default_deadline=600.0))
     _run(functools.partial(transcribe, list(inputs), output or "transcripts.parquet", options=opts), opts.quiet)

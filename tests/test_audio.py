@@ -246,7 +246,13 @@ def test_long_recording_is_transcribed_in_full(tiny_whisper, tmp_path):
             seen.append(("live", features.shape[-1]))
             return live(features, pad_values)
 
-    transcriber.model.generate = recording_generate
+    transcriber.model.generate = recording_generate  # sequential long-form: Whisper's generate
+    short = transcriber._generate  # clips up to 30 s
+
+    def recording_short(**kwargs):
+        seen.append(("encoder", kwargs["encoder_outputs"][0].shape[1]))
+        return short(**kwargs)
+    transcriber._generate = recording_short
     transcriber.live_encoder = RecordingLive()
     result = transcribe([str(tmp_path)], str(tmp_path / "out.parquet"), transcriber=transcriber, quiet=True,
                         long_form="sequential")
@@ -408,14 +414,16 @@ def test_step_attention_gives_sdpa_transcripts(tiny_whisper, tmp_path):
     assert transcriber.model.config._attn_implementation == NAME
     # the random tiny model writes mostly timestamp-like tokens, which are not text: compare the tokens
     tokens: list[list[list[int]]] = []
-    generate = transcriber.model.generate
 
-    def recording(*args, **kwargs):
-        out = generate(*args, **kwargs)
-        seqs = out["sequences"] if isinstance(out, dict) else out
-        tokens.append(seqs.tolist())
-        return out
-    transcriber.model.generate = recording
+    def recording(generate):
+        def record(*args, **kwargs):
+            out = generate(*args, **kwargs)
+            seqs = out["sequences"] if isinstance(out, dict) else out
+            tokens.append(seqs.tolist())
+            return out
+        return record
+    transcriber.model.generate = recording(transcriber.model.generate)  # sequential long-form
+    transcriber._generate = recording(transcriber._generate)  # clips up to 30 s
     ours = rows_of(transcribe([str(tmp_path / "in")], str(tmp_path / "a.parquet"), transcriber=transcriber,
                               quiet=True).output)
     ours_tokens, tokens[:] = list(tokens), []

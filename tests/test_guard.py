@@ -71,9 +71,11 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def transcriber(tiny_whisper):
+    """Without timestamp tokens: the random model's loops are then plain text (the cascade is the same
+    with timestamps; see test_timestamps.py for the guard on that path)."""
     from batchcap.models.whisper import WhisperTranscriber
 
-    return WhisperTranscriber(tiny_whisper, device="cpu", language="en")
+    return WhisperTranscriber(tiny_whisper, device="cpu", language="en", timestamps=False)
 
 
 def _run(t, durations, **guard):
@@ -146,7 +148,7 @@ def test_temperature_fallback_and_unresolved(transcriber):
 def test_full_window_option_goes_straight_to_temperatures(tiny_whisper):
     from batchcap.models.whisper import WhisperTranscriber
 
-    t = WhisperTranscriber(tiny_whisper, device="cpu", language="en", full_window=True)
+    t = WhisperTranscriber(tiny_whisper, device="cpu", language="en", full_window=True, timestamps=False)
     calls, handle = _encoder_calls(t)
     try:
         rows = _run(t, [1.0, 2.0], compression_ratio_threshold=3.0, logprob_threshold=None, temperatures=(0.4,))
@@ -159,7 +161,7 @@ def test_full_window_option_goes_straight_to_temperatures(tiny_whisper):
 def test_beam_search_is_guarded(tiny_whisper):
     from batchcap.models.whisper import WhisperTranscriber
 
-    t = WhisperTranscriber(tiny_whisper, device="cpu", language="en", num_beams=2)
+    t = WhisperTranscriber(tiny_whisper, device="cpu", language="en", num_beams=2, timestamps=False)
     rows = _run(t, [1.0], compression_ratio_threshold=3.0, logprob_threshold=None, temperatures=(0.2,))
     assert rows[0]["decode"] == "temperature=0.2" and rows[0]["first_text"]
     flagged = _run(t, [1.0], fallback=False)
@@ -200,7 +202,7 @@ def test_cli_thresholds_and_decode_column(tiny_whisper, tmp_path):
         write_audio(tmp_path / "in" / f"c{i}.wav", seconds, freq=300 + 100 * i)
     out = tmp_path / "out.parquet"
     code, output = run_cli("audio", tmp_path / "in", "-o", out, "--model", tiny_whisper, "--language", "en",
-                           "--compression-ratio-threshold", "3", "--logprob-threshold", "-100")
+                           "--compression-ratio-threshold", "3", "--logprob-threshold", "-100", "--no-timestamps")
     assert code == 0, output
     rows = rows_of(out)
     assert [r["decode"] for r in rows] == ["temperature=0.2", "temperature=0.2"]

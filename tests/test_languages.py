@@ -18,14 +18,14 @@ def _transcriber(model, **kwargs):
 
 
 def _generate_spy(t):
-    """Record the ``language`` argument of every generate call (the prompt's language tokens)."""
+    """Record the language tokens of the prompts of every short-clip generate call."""
     seen: list = []
-    original = t.model.generate
+    original = t._generate
 
-    def generate(*args, **kwargs):
-        seen.append(kwargs.get("language"))
-        return original(*args, **kwargs)
-    t.model.generate = generate
+    def generate(**kwargs):
+        seen.append([t._id_to_lang[int(row[1])] for row in kwargs["decoder_input_ids"]])
+        return original(**kwargs)
+    t._generate = generate
     return seen
 
 

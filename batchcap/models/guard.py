@@ -8,7 +8,8 @@ A hypothesis is suspect when (openai-whisper's and faster-whisper's checks, plus
   looping phrase compresses far better than speech;
 * its mean token log-probability (text tokens and the end token, as openai-whisper averages it) is
   below ``logprob_threshold`` (Whisper's -1.0);
-* it has more tokens than its duration can hold: ``TOKENS_PER_SECOND * duration + TOKEN_SLACK``.
+* it has more tokens than its duration can hold: ``TOKENS_PER_SECOND * duration + TOKEN_SLACK`` text
+  tokens (or decoding was cut at that cap, plus room for timestamps, before the end token).
 
 The bound comes from real speech: the reference transcripts of the 1,719 telephone prompts of the
 English, Italian and Russian benchmark sets (scripts/bench_asr.py), tokenized with Whisper's
@@ -28,6 +29,7 @@ from __future__ import annotations
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 TOKENS_PER_SECOND = 15.0
 TOKEN_SLACK = 10
@@ -97,6 +99,8 @@ class Attempt:
     avg_logprob: float | None
     no_speech_prob: float | None
     decode: str  # how it was decoded: greedy, beam, full_window, temperature=0.4
+    segments: Any = None  # the hypothesis' segments (times), when it was decoded with timestamps
+    ran_out: bool = False  # decoding was cut at the guard's token cap before the end token
     compression_ratio: float = field(init=False)
 
     def __post_init__(self) -> None:
@@ -112,7 +116,7 @@ def problems(attempt: Attempt, duration_s: float, config: GuardConfig = GuardCon
     if config.logprob_threshold is not None and attempt.avg_logprob is not None \
             and attempt.avg_logprob < config.logprob_threshold:
         found.append("avg_logprob")
-    if attempt.tokens > token_bound(duration_s, config):
+    if attempt.tokens > token_bound(duration_s, config) or attempt.ran_out:
         found.append("token_bound")
     return found
 

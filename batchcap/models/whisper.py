@@ -30,7 +30,8 @@ from ..items import MODEL_ERROR, FatalError, ItemError
 from . import guard as g
 from .attention import use_step_attention
 from .common import autocast_context, hub_guard, load_error_message, load_pretrained, resolve_device, resolve_precision
-from .whisper_timestamps import parse_generate_output, whole_clip
+from .whisper_logits import Suppress, TimestampRules, TokenLogprobs, timestamp_limits
+from .whisper_timestamps import TIME_PRECISION, Segment, parse_generate_output, parse_timestamped, whole_clip
 
 log = logging.getLogger(__name__)
 
@@ -99,9 +100,12 @@ class WhisperTranscriber:
     def __init__(self, model: str, *, device: str = "auto", dtype: str = "auto",
                  language: str | Sequence[str] | None = None, task: str = "transcribe", num_beams: int = 1,
                  max_new_tokens: int | None = None, full_window: bool = False, window_margin_s: float = 1.0,
-                 attn_implementation: str | None = "sdpa", guard: g.GuardConfig | None = None):
+                 attn_implementation: str | None = "sdpa", guard: g.GuardConfig | None = None,
+                 timestamps: bool = True):
         """``language``: one language for every clip ("es"), or the candidates detection picks from
-        ("es,en" or ["es", "en"]); None detects among all. A clip's own ``Prepared.language`` wins."""
+        ("es,en" or ["es", "en"]); None detects among all. A clip's own ``Prepared.language`` wins.
+        ``timestamps``: clips up to 30 s are decoded with Whisper's timestamp tokens (segments with
+        times, as openai-whisper decodes); off, each clip is one segment."""
         import torch
         from transformers import WhisperForConditionalGeneration, WhisperTokenizerFast
 
@@ -162,6 +166,13 @@ class WhisperTranscriber:
         self._not_text = ~self._text_mask
         self._not_text[self.eot_id] = False
         self._not_text_ids = self._not_text.nonzero()[:, 0]  # ~1,600 ids: cheaper to index than a full mask
+        self.timestamps = timestamps
+        self.timestamp_begin = int(gen.no_timestamps_token_id) + 1
+        self.last_timestamp = vocab - 1
+        special = self._not_text.clone()
+        special[self.timestamp_begin:] = False  # what decoding with timestamps rules out: specials but the end
+        self._special_ids = special.nonzero()[:, 0]
+        self._special_set = set(self._special_ids.tolist()) | {self.eot_id}
         prompt = 4 if self.multilingual else 2  # <|sot|>[<|lang|><|task|>]<|notimestamps|>
         # what generate allows by default (Whisper's generate counts max_length in new tokens)
         self._max_new_tokens = min(int(getattr(gen, "max_length", None) or 448),
@@ -285,52 +296,82 @@ class WhisperTranscriber:
             kwargs["task"] = self.task
         return kwargs
 
+    def _prompts(self, languages: list[str] | None, n: int) -> list[list[int]]:
+        """Each clip's decoder prompt: <|startoftranscript|>[<|lang|><|task|>][<|notimestamps|>]."""
+        gen = self.model.generation_config
+        rows = []
+        for i in range(n):
+            ids = [self.sot_id]
+            if self.multilingual:
+                ids += [self._lang_to_id[languages[i] if languages else "en"], int(gen.task_to_id[self.task])]
+            if not self.timestamps:
+                ids.append(int(gen.no_timestamps_token_id))
+            rows.append(ids)
+        return rows
+
     def _decode(self, states: Any, cross: Any, languages: list[str] | None, no_speech: list[float],
                 durations: list[float], label: str, temperature: float = 0.0) -> list[g.Attempt]:
         """One decoding of every clip of ``states``: greedy or beam search at temperature 0, else the
-        best of ``best_of`` samples per clip (openai-whisper's fallback decoding).
+        best of ``best_of`` samples per clip (openai-whisper's fallback decoding), with timestamp
+        tokens (segments) unless ``timestamps`` is off.
 
-        Decoding stops one token past the token bound of the batch's longest clip: a longer
-        hypothesis is suspect whatever it says, so a loop costs that many steps, not 448."""
+        Decoding stops one token past the token bound of the batch's longest clip (plus room for its
+        timestamps): a longer hypothesis is suspect whatever it says, so a loop costs that many steps,
+        not 448; a hypothesis cut there is suspect too."""
         from transformers import LogitsProcessorList
         from transformers.modeling_outputs import BaseModelOutput
 
+        torch = self._torch
         n = states.shape[0]
-        kwargs = self._generate_kwargs(languages)
+        prompts = self._prompts(languages, n)
+        begin = len(prompts[0])
+        budget = self.max_new_tokens or self._max_new_tokens
         cap = g.token_bound(max(durations), self.guard) + 1
-        if cap < kwargs.get("max_new_tokens", self._max_new_tokens):
-            kwargs["max_new_tokens"] = cap
+        if self.timestamps:  # a start and an end time per segment; segments of 2 s or more
+            cap += 2 * (1 + math.ceil(max(durations) / 2))
+        max_new = min(budget, cap, self._max_new_tokens)
+        loop_cut = max_new == cap  # a hypothesis cut by the guard's cap (not the user's, not the model's) loops
+        kwargs: dict[str, Any] = {"num_beams": self.num_beams, "do_sample": False, "max_new_tokens": max_new}
         samples = 1
         if temperature > 0:
             samples = max(1, self.guard.best_of)
             kwargs.update(do_sample=True, temperature=temperature, num_beams=1, top_k=0, top_p=1.0)
             if samples > 1:
                 states = states.repeat_interleave(samples, 0)
-                if languages is not None:
-                    kwargs["language"] = [lang for lang in languages for _ in range(samples)]
-        # text tokens and the end token only: no timestamp (a sampled one would make generate seek inside
-        # the clip), no special token (text the guard could not see)
-        processors: list[Any] = [_Suppress(self._not_text_ids)]
+                prompts = [p for p in prompts for _ in range(samples)]
+        # no special token but the end (text the guard could not see); timestamps by Whisper's grammar
+        processors: list[Any] = [Suppress(self._special_ids if self.timestamps else self._not_text_ids)]
+        if self.timestamps:
+            gen = self.model.generation_config
+            processors.append(TimestampRules(
+                timestamp_begin=self.timestamp_begin, eot_id=self.eot_id,
+                no_timestamps_id=int(gen.no_timestamps_token_id), begin_index=begin,
+                limits=timestamp_limits(durations, self.timestamp_begin, self.last_timestamp),
+                max_initial_s=float(getattr(gen, "max_initial_timestamp_index", None) or 50) * TIME_PRECISION))
         recorder = None
         if kwargs["num_beams"] == 1:
-            recorder = _TokenLogprobs(self.eot_id)
+            recorder = TokenLogprobs(self.eot_id)
             processors.append(recorder)
-        kwargs["logits_processor"] = LogitsProcessorList(processors)
-        if recorder is not None:
             if samples == 1 and cross is not None:
                 kwargs["cache"] = self._cache(cross)
+        ids = torch.tensor(prompts, dtype=torch.long, device=self.device)
         with self._seeded(int(temperature * 1000)) if temperature > 0 else contextlib.nullcontext():
-            tokens = self.model.generate(encoder_outputs=BaseModelOutput(last_hidden_state=states), **kwargs)
-        if isinstance(tokens, dict):
+            tokens = self._generate(encoder_outputs=BaseModelOutput(last_hidden_state=states), decoder_input_ids=ids,
+                                    logits_processor=LogitsProcessorList(processors), **kwargs)
+        if not isinstance(tokens, torch.Tensor):
             tokens = tokens["sequences"]
-        counts = self._text_mask[tokens].sum(-1).tolist()
-        texts = [t.strip() for t in self.tokenizer.batch_decode(tokens, skip_special_tokens=True)]
+        generated = tokens[:, begin:]
+        counts = self._text_mask[generated].sum(-1).tolist()
+        ended = (generated == self.eot_id).any(-1).tolist()
+        repeated = [d for d in durations for _ in range(samples)]
+        parsed = [self._parse(row, d) for row, d in zip(generated.tolist(), repeated)]
         if recorder is not None:
             logprobs = recorder.finish(tokens)
         else:
-            logprobs = self._rescore(states, languages, tokens)
-        attempts = [g.Attempt(t, c, lp, no_speech[i // samples], label)
-                    for i, (t, c, lp) in enumerate(zip(texts, counts, logprobs))]
+            logprobs = self._rescore(states, prompts, generated)
+        attempts = [g.Attempt(text, c, lp, no_speech[i // samples], label, segments=segments,
+                              ran_out=loop_cut and not end)
+                    for i, ((text, segments), c, lp, end) in enumerate(zip(parsed, counts, logprobs, ended))]
         if samples == 1:
             return attempts
         best = []
@@ -339,6 +380,24 @@ class WhisperTranscriber:
             best.append(min(group, key=lambda a: (g.is_suspect(a, durations[i], self.guard),
                                                   -(a.avg_logprob or float("-inf")))))
         return best
+
+    def _generate(self, **kwargs: Any) -> Any:
+        """GenerationMixin's generate, not Whisper's: one call with our prompt and rules (Whisper's own
+        would seek inside a clip after an unfinished segment, and build its prompt per batch)."""
+        from transformers import GenerationMixin
+
+        return GenerationMixin.generate(self.model, **kwargs)
+
+    def _parse(self, generated: list[int], duration_s: float) -> tuple[str, list[Segment]]:
+        """Text and segments of one clip's generated tokens (its prompt removed)."""
+        if not self.timestamps:
+            text = self.tokenizer.decode([t for t in generated if t != self.eot_id], skip_special_tokens=True).strip()
+            return text, whole_clip(text, duration_s)
+        return parse_timestamped(generated, timestamp_begin=self.timestamp_begin, special=self._special_set,
+                                 decode=self._decode_text, duration_s=duration_s)
+
+    def _decode_text(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     @contextlib.contextmanager
     def _seeded(self, seed: int) -> Any:
@@ -349,19 +408,14 @@ class WhisperTranscriber:
             torch.manual_seed(seed)
             yield
 
-    def _rescore(self, states: Any, languages: list[str] | None, tokens: Any) -> list[float]:
-        """Mean log-probability of each hypothesis' text tokens and end token, by one teacher-forced
-        decoder pass (beam search, whose per-step scores belong to beams, not clips)."""
+    def _rescore(self, states: Any, prompts: list[list[int]], generated: Any) -> list[float]:
+        """Mean log-probability of each hypothesis' tokens up to and including its end token, by one
+        teacher-forced decoder pass (beam search, whose per-step scores belong to beams, not clips)."""
         torch = self._torch
         rows = []
-        for i, seq in enumerate(tokens.tolist()):
-            text = [t for t in seq if bool(self._text_mask[t])]
-            prompt = [self.sot_id]
-            if self.multilingual:
-                prompt += [self._lang_to_id[languages[i] if languages else "en"],
-                           int(self.model.generation_config.task_to_id[self.task])]
-            prompt.append(int(self.model.generation_config.no_timestamps_token_id))
-            rows.append((prompt, text))
+        for prompt, seq in zip(prompts, generated.tolist()):
+            body = seq[:seq.index(self.eot_id)] if self.eot_id in seq else seq
+            rows.append((prompt, body))
         width = max(len(p) + len(t) + 1 for p, t in rows)
         ids = torch.full((len(rows), width), self.eot_id, dtype=torch.long, device=self.device)
         for i, (p, t) in enumerate(rows):
@@ -438,7 +492,7 @@ class WhisperTranscriber:
                 decode, text = g.NO_SPEECH, ""
             result = self._result(text, languages[i] if languages else "en", language_probs[i], decode, attempt,
                                   retried_from=history[i][0].text if len(history[i]) > 1 else None)
-            result["segments"] = whole_clip(text, p.duration_s)  # no timestamp tokens in the guarded decoding
+            result["segments"] = attempt.segments if text else []
             results.append(result)
         return results
 
@@ -522,56 +576,3 @@ def _language_list(language: str | Sequence[str] | None) -> list[str]:
         return []
     parts = language.split(",") if isinstance(language, str) else list(language)
     return [p.strip() for p in parts if p and p.strip()]
-
-
-class _Suppress:
-    """A logits processor that rules out the tokens ``ids`` (in place: generate hands it a copy)."""
-
-    def __init__(self, ids: Any):
-        self.ids = ids
-
-    def __call__(self, input_ids: Any, scores: Any) -> Any:
-        scores[:, self.ids[self.ids < scores.shape[-1]]] = float("-inf")
-        return scores
-
-
-class _TokenLogprobs:
-    """A logits processor that adds up, per row, the log-probability of each chosen token (until and
-    including the end token), from the logits after Whisper's own processors and before any
-    temperature, as openai-whisper scores a hypothesis. Keeps one step of log-probabilities."""
-
-    def __init__(self, eot_id: int):
-        self.eot_id = eot_id
-        self.previous: Any = None
-        self.total: Any = None
-        self.count: Any = None
-        self.done: Any = None
-        self.norm: Any = None
-
-    def _add(self, chosen: Any) -> None:
-        active = ~self.done
-        picked = self.previous.gather(1, chosen[:, None])[:, 0].float() - self.norm
-        self.total += picked * active
-        self.count += active
-        self.done |= chosen == self.eot_id
-
-    def __call__(self, input_ids: Any, scores: Any) -> Any:
-        import torch
-
-        if self.previous is None:
-            n = scores.shape[0]
-            self.total = torch.zeros(n, dtype=torch.float32, device=scores.device)
-            self.count = torch.zeros(n, dtype=torch.float32, device=scores.device)
-            self.done = torch.zeros(n, dtype=torch.bool, device=scores.device)
-        else:
-            self._add(input_ids[:, -1])
-        # log-probability of a token = its logit - logsumexp: one reduction per step, no [batch, vocab] copy
-        self.previous = scores
-        self.norm = scores.float().logsumexp(-1)
-        return scores
-
-    def finish(self, sequences: Any) -> list[float | None]:
-        if self.previous is None:
-            return [None] * sequences.shape[0]
-        self._add(sequences[:, -1].to(self.previous.device))
-        return [float(t / c) if c else None for t, c in zip(self.total.tolist(), self.count.tolist())]

@@ -1,0 +1,151 @@
+"""Logits processors of batchcap's Whisper decoding (what ``generate`` may pick at each step).
+
+* ``Suppress``: rules out a fixed set of ids (the special tokens the guard could not see as text).
+* ``TimestampRules``: openai-whisper's timestamp grammar (``ApplyTimestampRules``), vectorised over the
+  batch, plus a per-clip upper bound: a clip of 3.2 s cannot end a segment at 14.00 s (the live window
+  is shorter than 30 s, and so are the windows of a long recording).
+* ``TokenLogprobs``: adds up each row's log-probability of the tokens it picked, as openai-whisper scores
+  a hypothesis (after every rule above, before any temperature).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+from .whisper_timestamps import TIME_PRECISION
+
+NEG_INF = float("-inf")
+
+
+class Suppress:
+    """Rules out the tokens ``ids`` (in place: generate hands processors its own copy)."""
+
+    def __init__(self, ids: Any):
+        self.ids = ids
+
+    def __call__(self, input_ids: Any, scores: Any) -> Any:
+        scores[:, self.ids[self.ids < scores.shape[-1]]] = NEG_INF
+        return scores
+
+
+def timestamp_limits(durations: Sequence[float], timestamp_begin: int, last_timestamp: int) -> list[int]:
+    """The highest timestamp id each clip may use: its duration, rounded up to the next 20 ms step."""
+    return [min(last_timestamp, timestamp_begin + math.ceil(max(0.0, d) / TIME_PRECISION - 1e-6)) for d in durations]
+
+
+class TimestampRules:
+    """Whisper's timestamp grammar, as openai-whisper's ``ApplyTimestampRules`` applies it, for a batch
+    at once (no Python loop over rows):
+
+    * ``<|notimestamps|>`` never; the first generated token is a time of at most ``max_initial_s``;
+    * times come in pairs (an end then a start), except a last time right before the end token: after a
+      pair, text; after a lone time, a time or the end;
+    * times never go back (a segment's start may repeat the previous end);
+    * when the times together are likelier than the likeliest text token, a time is taken;
+    * a row never names a time past ``limits[row]`` (its clip's end).
+
+    ``limits`` has one entry per clip; rows expanded for beams or samples (``rows = clips * k``, in
+    clip order) share their clip's limit."""
+
+    def __init__(self, *, timestamp_begin: int, eot_id: int, no_timestamps_id: int, begin_index: int,
+                 limits: Sequence[int], max_initial_s: float = 1.0):
+        self.timestamp_begin = timestamp_begin
+        self.eot_id = eot_id
+        self.no_timestamps_id = no_timestamps_id
+        self.begin_index = begin_index
+        self.limits = list(limits)
+        self.max_initial = round(max_initial_s / TIME_PRECISION)
+        self._cache: dict[tuple[Any, int, int], tuple[Any, Any]] = {}
+
+    def set_begin_index(self, begin_index: int) -> None:
+        self.begin_index = begin_index
+
+    def _row_limits(self, rows: int, width: int, device: Any) -> tuple[Any, Any]:
+        """Per row: the highest allowed time as an offset from ``timestamp_begin``; and the offsets 0..width-1."""
+        import torch
+
+        key = (device, rows, width)
+        if key not in self._cache:
+            limits = torch.tensor(self.limits, device=device) - self.timestamp_begin
+            if rows != len(self.limits):
+                limits = limits.repeat_interleave(rows // max(1, len(self.limits)))
+            self._cache[key] = (limits, torch.arange(width, device=device))
+        return self._cache[key]
+
+    def __call__(self, input_ids: Any, scores: Any) -> Any:
+        import torch
+
+        tb = self.timestamp_begin
+        rows = scores.shape[0]
+        scores[:, self.no_timestamps_id] = NEG_INF
+        times = scores[:, tb:]
+        limits, offsets = self._row_limits(rows, times.shape[-1], scores.device)
+        generated = input_ids.shape[1] - self.begin_index
+        if generated <= 0:
+            scores[:, :tb] = NEG_INF  # a segment starts with its time
+            upper = limits.clamp(max=self.max_initial)
+            times.masked_fill_(offsets[None, :] > upper[:, None], NEG_INF)
+            return scores
+        last = input_ids[:, -1]
+        last_time = last >= tb
+        before_time = input_ids[:, -2] >= tb if generated >= 2 else torch.ones_like(last_time)
+        times.masked_fill_((last_time & before_time)[:, None], NEG_INF)  # a pair just closed: text next
+        scores[:, :self.eot_id].masked_fill_((last_time & ~before_time)[:, None], NEG_INF)  # a lone time: time/end
+        # times never go back: the last one given (times only grow, so it is the largest) may repeat only
+        # as the start of the next segment right after an end
+        seen = input_ids[:, self.begin_index:]
+        latest = torch.where(seen >= tb, seen - tb, -1).max(-1).values
+        floor = torch.where(last_time & ~before_time, latest, latest + 1).clamp(min=0)
+        times.masked_fill_((offsets[None, :] < floor[:, None]) | (offsets[None, :] > limits[:, None]), NEG_INF)
+        # the times' total probability against the likeliest text token (same normaliser: compare logits)
+        mass = times.float().logsumexp(-1)
+        best_text = scores[:, :tb].float().max(-1).values
+        scores[:, :tb].masked_fill_((mass > best_text)[:, None], NEG_INF)
+        return scores
+
+
+class TokenLogprobs:
+    """Adds up, per row, the log-probability of each chosen token (until and including the end token),
+    from the logits after the processors before it and before any temperature, as openai-whisper scores a
+    hypothesis. Keeps one step of logits. ``finish`` gives each row's mean and whether it ended."""
+
+    def __init__(self, eot_id: int):
+        self.eot_id = eot_id
+        self.previous: Any = None
+        self.total: Any = None
+        self.count: Any = None
+        self.done: Any = None
+        self.norm: Any = None
+
+    def _add(self, chosen: Any) -> None:
+        import torch
+
+        active = ~self.done
+        picked = self.previous.gather(1, chosen[:, None])[:, 0].float() - self.norm
+        # a finished row's padding may sit on a ruled-out token (-inf): where, not a product (-inf * 0 = nan)
+        self.total += torch.where(active, picked, torch.zeros_like(picked))
+        self.count += active
+        self.done |= chosen == self.eot_id
+
+    def __call__(self, input_ids: Any, scores: Any) -> Any:
+        import torch
+
+        if self.previous is None:
+            n = scores.shape[0]
+            self.total = torch.zeros(n, dtype=torch.float32, device=scores.device)
+            self.count = torch.zeros(n, dtype=torch.float32, device=scores.device)
+            self.done = torch.zeros(n, dtype=torch.bool, device=scores.device)
+        else:
+            self._add(input_ids[:, -1])
+        # log-probability of a token = its logit - logsumexp: one reduction per step, no [batch, vocab] copy
+        self.previous = scores
+        self.norm = scores.float().logsumexp(-1)
+        return scores
+
+    def finish(self, sequences: Any) -> list[float | None]:
+        if self.previous is None:
+            return [None] * sequences.shape[0]
+        self._add(sequences[:, -1].to(self.previous.device))
+        return [float(t / c) if c else None for t, c in zip(self.total.tolist(), self.count.tolist())]

@@ -1,0 +1,156 @@
+"""Decoding with Whisper's timestamp tokens on clips up to 30 s (and windows of long recordings): the
+timestamp grammar on hand-made logits, then the tiny random Whisper end to end (segments inside the
+clip, in time order; the guard's token cap with room for times)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from batchcap.models import guard as g
+from batchcap.models.whisper_logits import TimestampRules, timestamp_limits
+from tests.conftest import tone
+
+# a toy vocabulary: text 0-9, end 10, specials 11-13 (13 = <|notimestamps|>), times 14-29 (0.00-0.30 s)
+EOT, NO_TS, TB, LAST = 10, 13, 14, 29
+PROMPT = [11, 12]
+
+
+def _rules(limits, max_initial_s=0.1):
+    return TimestampRules(timestamp_begin=TB, eot_id=EOT, no_timestamps_id=NO_TS, begin_index=len(PROMPT),
+                          limits=limits, max_initial_s=max_initial_s)
+
+
+def _allowed(rules, generated, logits=None):
+    """The ids the rules leave open after ``generated`` (one row per list; flat logits by default)."""
+    ids = torch.tensor([PROMPT + row for row in generated])
+    scores = torch.zeros(len(generated), LAST + 1) if logits is None else logits.clone()
+    out = rules(ids, scores)
+    return [set(torch.isfinite(row).nonzero()[:, 0].tolist()) for row in out]
+
+
+def test_first_token_is_a_time_of_at_most_max_initial_and_the_clip():
+    # max_initial 0.1 s = 5 steps: times 14..19; a clip of 0.06 s (limit 17) cuts it further
+    limits = timestamp_limits([0.30, 0.06], TB, LAST)
+    assert limits == [TB + 15, TB + 3]
+    first, short = _allowed(_rules(limits), [[], []])
+    assert first == set(range(TB, TB + 6)) and short == set(range(TB, TB + 4))
+
+
+def test_times_come_in_pairs_and_never_go_back():
+    logits = torch.zeros(1, LAST + 1)
+    logits[:, TB:] = -5.0  # times unlikely: the "likely times" rule stays out of this test
+
+    def allowed(generated):
+        (row,) = _allowed(_rules(timestamp_limits([0.30], TB, LAST)), [generated], logits)
+        return row
+    after_first = allowed([TB])  # <|0.00|>: text must follow (a lone first time is a start)
+    lone = allowed([TB, 3, 4, TB + 6])  # <|0.00|> text <|0.12|>: the segment ended: a start >= 0.12 or the end
+    pair = allowed([TB, 3, TB + 6, TB + 6])  # a pair just closed: text
+    text = allowed([TB, 3, TB + 6, TB + 6, 5])  # text after a start: text, the end, or a time after 0.12
+    texts = set(range(EOT)) | {11, 12}  # text, and the specials: Suppress rules those out, not these rules
+    assert after_first == texts | {EOT}
+    assert lone == {EOT, 11, 12} | set(range(TB + 6, LAST + 1))
+    assert pair == texts | {EOT}
+    assert text == texts | {EOT} | set(range(TB + 7, LAST + 1))
+    assert NO_TS not in after_first | lone | pair | text
+
+
+def test_a_clip_never_names_a_time_past_its_end():
+    rules = _rules(timestamp_limits([0.30, 0.09], TB, LAST))
+    full, short = _allowed(rules, [[TB, 3, 4], [TB, 3, 4]])
+    assert max(full) == LAST and max(short) == TB + 5  # 0.09 s rounds up to the 0.10 s step
+    # rows expanded for samples (clips x 2, in clip order) share their clip's limit
+    rows = _allowed(rules, [[TB, 3, 4]] * 4)
+    assert [max(r) for r in rows] == [LAST, LAST, TB + 5, TB + 5]
+
+
+def test_likely_times_rule_out_text():
+    logits = torch.full((2, LAST + 1), -5.0)
+    logits[:, 2] = 0.0  # one text token at p ~ e^0 ...
+    logits[0, TB + 10:] = -1.0  # ... against 6 times of e^-1 each: together likelier than the text token
+    timed, texty = _allowed(_rules(timestamp_limits([0.30] * 2, TB, LAST)), [[TB, 3], [TB, 3]], logits)
+    assert timed == set(range(TB + 1, LAST + 1))
+    assert 2 in texty and EOT in texty
+
+
+def test_ran_out_is_a_token_bound_problem():
+    cut = g.Attempt("a few words", 3, -0.2, 0.0, g.GREEDY, ran_out=True)
+    assert g.problems(cut, 2.0) == ["token_bound"] and g.is_suspect(cut, 2.0)
+    assert g.problems(g.Attempt("a few words", 3, -0.2, 0.0, g.GREEDY), 2.0) == []
+
+
+# --- the tiny random Whisper ------------------------------------------------------------------------
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def transcriber(tiny_whisper):
+    from batchcap.models.whisper import WhisperTranscriber
+
+    return WhisperTranscriber(tiny_whisper, device="cpu", language="en")
+
+
+def _record(t):
+    """The generated part of every short-clip generate call's sequences."""
+    seen: list[list[list[int]]] = []
+    original = t._generate
+
+    def generate(**kwargs):
+        out = original(**kwargs)
+        seen.append(out[:, kwargs["decoder_input_ids"].shape[1]:].tolist())
+        return out
+    t._generate = generate
+    return seen
+
+
+def test_generated_times_follow_the_grammar_and_segments_stay_in_the_clip(transcriber):
+    t = transcriber
+    t.guard = g.GuardConfig(fallback=False)
+    durations = [0.7, 3.0, 11.0]
+    seen = _record(t)
+    rows = t.transcribe([t.prepare(tone(d, freq=250 + 150 * i)) for i, d in enumerate(durations)])
+    (generated,) = seen
+    tb = t.timestamp_begin
+    for row, duration in zip(generated, durations):
+        body = row[:row.index(t.eot_id)] if t.eot_id in row else row
+        times = [(tok - tb) * 0.02 for tok in body if tok >= tb]
+        assert body and body[0] >= tb and times[0] <= 1.0  # a time first, within max_initial
+        assert times == sorted(times) and times[-1] <= math.ceil(duration / 0.02) * 0.02 + 1e-9
+        assert t.model.generation_config.no_timestamps_token_id not in body
+    for row, duration in zip(rows, durations):
+        segs = [s.to_dict() for s in row["segments"]]
+        assert all(0 <= s["start"] <= s["end"] <= duration for s in segs)
+        assert all(x["end"] <= y["start"] for x, y in zip(segs, segs[1:]))
+        assert row["text"].replace(" ", "") == "".join(s["text"] for s in segs).replace(" ", "")
+
+
+def test_without_timestamps_each_clip_is_one_segment(tiny_whisper):
+    from batchcap.models.whisper import WhisperTranscriber
+
+    t = WhisperTranscriber(tiny_whisper, device="cpu", language="en", timestamps=False,
+                           guard=g.GuardConfig(fallback=False, compression_ratio_threshold=None,
+                                               logprob_threshold=None))
+    seen = _record(t)
+    rows = t.transcribe([t.prepare(tone(1.0)), t.prepare(tone(2.0, freq=600))])
+    assert all(tok < t.timestamp_begin for row in seen[0] for tok in row)
+    for row, duration in zip(rows, (1.0, 2.0)):
+        whole = [{"start": 0.0, "end": duration, "text": row["text"]}]
+        assert [s.to_dict() for s in row["segments"]] == (whole if row["text"] else [])
+
+
+def test_the_guard_cap_leaves_room_for_times_and_flags_a_cut_hypothesis(transcriber):
+    # with the loop checks off, only the token bound judges: a 0.5 s clip may have 17 text tokens; its
+    # decoding is cut at 17 + 1 + room for times (2 per 2 s, 2 more), and a hypothesis cut there is suspect
+    t = transcriber
+    t.guard = g.GuardConfig(fallback=False, compression_ratio_threshold=None, logprob_threshold=None)
+    seen = _record(t)
+    rows = t.transcribe([t.prepare(tone(0.5, freq=900))])
+    (generated,) = seen[0]
+    cap = g.token_bound(0.5) + 1 + 2 * (1 + math.ceil(0.5 / 2))
+    # the random model loops to the cap (no end token): flagged, never silently kept
+    assert len(generated) == cap and t.eot_id not in generated
+    assert rows[0]["decode"] == g.UNRESOLVED
