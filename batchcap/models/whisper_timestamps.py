@@ -46,17 +46,11 @@ class WindowResult:
     segments: list[Segment]
 
 
-def parse_timestamped(tokens: Sequence[int], *, timestamp_begin: int, special: Collection[int],
-                      decode: Callable[[list[int]], str], offset_s: float = 0.0,
+def split_timestamped(tokens: Sequence[int], *, timestamp_begin: int, special: Collection[int],
                       duration_s: float | None = None,
-                      precision: float = TIME_PRECISION) -> tuple[str, list[Segment]]:
-    """``(text, segments)`` of one window's generated tokens.
-
-    Ids at or above ``timestamp_begin`` are times; ids in ``special`` (start of transcript, language,
-    task, end of text) carry no text and are skipped. Text with no closing time (the window ended first) ends at
-    ``duration_s``; text before any time starts at 0. Times are clamped to ``[0, duration_s]``,
-    made non-decreasing, shifted by ``offset_s`` and rounded to milliseconds.
-    """
+                      precision: float = TIME_PRECISION) -> list[tuple[float, float, list[int]]]:
+    """One window's generated tokens cut at its times: ``(start_s, end_s, text token ids)`` per segment,
+    before any clean-up (see ``parse_timestamped``)."""
     segments: list[tuple[float, float, list[int]]] = []
     pending: list[int] = []
     start: float | None = None
@@ -76,9 +70,25 @@ def parse_timestamped(tokens: Sequence[int], *, timestamp_begin: int, special: C
     if pending:
         begin = start if start is not None else last_time
         segments.append((begin, max(begin, duration_s if duration_s is not None else last_time), pending))
+    return segments
+
+
+def parse_timestamped(tokens: Sequence[int], *, timestamp_begin: int, special: Collection[int],
+                      decode: Callable[[list[int]], str], offset_s: float = 0.0,
+                      duration_s: float | None = None, precision: float = TIME_PRECISION,
+                      token_ids: list[list[int]] | None = None) -> tuple[str, list[Segment]]:
+    """``(text, segments)`` of one window's generated tokens.
+
+    Ids at or above ``timestamp_begin`` are times; ids in ``special`` (start of transcript, language,
+    task, end of text) carry no text and are skipped. Text with no closing time (the window ended first) ends at
+    ``duration_s``; text before any time starts at 0. Times are clamped to ``[0, duration_s]``,
+    made non-decreasing, shifted by ``offset_s`` and rounded to milliseconds. ``token_ids``, when
+    given, receives the text token ids of each kept segment (for word alignment).
+    """
     out: list[Segment] = []
     previous_end = 0.0
-    for begin, end, ids in segments:
+    for begin, end, ids in split_timestamped(tokens, timestamp_begin=timestamp_begin, special=special,
+                                             duration_s=duration_s, precision=precision):
         text = decode(ids)
         if not text.strip():
             continue
@@ -88,6 +98,8 @@ def parse_timestamped(tokens: Sequence[int], *, timestamp_begin: int, special: C
         end = max(end, begin)
         previous_end = end
         out.append(Segment(round(offset_s + begin, 3), round(offset_s + end, 3), text))
+        if token_ids is not None:
+            token_ids.append(ids)
     text = "".join(s.text for s in out).strip()
     for s in out:
         s.text = s.text.strip()
