@@ -154,3 +154,53 @@ def test_the_guard_cap_leaves_room_for_times_and_flags_a_cut_hypothesis(transcri
     # the random model loops to the cap (no end token): flagged, never silently kept
     assert len(generated) == cap and t.eot_id not in generated
     assert rows[0]["decode"] == g.UNRESOLVED
+
+
+def test_unfinished_at_reads_where_whisper_stopped_short():
+    from batchcap.models.whisper_timestamps import unfinished_at
+
+    def at(tokens):
+        return unfinished_at(tokens, timestamp_begin=TB, eot_id=EOT)
+    assert at([TB, 3, 4, TB + 5, EOT]) is None  # one finished segment: complete
+    assert at([TB, 3, TB + 5, TB + 5, 4, TB + 9, EOT]) is None  # two, the last closed
+    assert at([TB, 3, 4, EOT]) is None  # no finished segment: nothing to go back to
+    # an open last segment: its text is dropped, the audio from the last finished one's end redone
+    assert at([TB, 3, TB + 5, TB + 5, 4, 6, EOT]) == (3, pytest.approx(0.10))
+    # a new segment's start right before the end (Whisper defers what it heard last)
+    assert at([TB, 3, TB + 5, TB + 7, EOT]) == (3, pytest.approx(0.10))
+
+
+def test_a_clip_that_stopped_short_has_the_rest_of_its_audio_decoded(tiny_whisper):
+    """The first decoding (made up here: the random model's own stops wherever it likes) ends on a new
+    segment's start at 1.00 s of a 3 s clip; the rest (2 s) is decoded again by the real model, batched
+    with nothing else, and its segments follow the first one's, shifted by 1.00 s."""
+    from batchcap.models.whisper import WhisperTranscriber
+
+    t = WhisperTranscriber(tiny_whisper, device="cpu", language="en",
+                           guard=g.GuardConfig(fallback=False, compression_ratio_threshold=None,
+                                               logprob_threshold=None, no_speech_threshold=None))
+    text_ids = t.tokenizer.encode(" Hello there", add_special_tokens=False)
+    tb, calls = t.timestamp_begin, []
+    original = t._generate
+
+    def generate(**kwargs):
+        calls.append((kwargs["encoder_outputs"][0].shape[0], kwargs["logits_processor"][1].limits))
+        out = original(**kwargs)
+        if len(calls) == 1:  # <|0.00|> Hello there <|1.00|><|1.00|> <|end|>
+            made = kwargs["decoder_input_ids"][0].tolist() + [tb, *text_ids, tb + 50, tb + 50, t.eot_id]
+            out = torch.tensor([made])
+        return out
+    t._generate = generate
+    seen = []
+    inner_rest = t._rest
+    t._rest = lambda p, at, language: seen.append((p.duration_s, at)) or inner_rest(p, at, language)
+    (row,) = t.transcribe([t.prepare(tone(3.0))])
+    assert seen == [(3.0, pytest.approx(1.0))]
+    assert len(calls) >= 2 and calls[1][0] == 1  # the rest: one clip ...
+    assert calls[1][1] == [tb + 100]  # ... of 2 s (times up to 2.00 s from its own start)
+    first, *rest = [s.to_dict() for s in row["segments"]]
+    assert first == {"start": 0.0, "end": 1.0, "text": "Hello there"}
+    assert all(1.0 <= s["start"] <= s["end"] <= 3.0 for s in rest)
+    # whatever the random model said about the rest follows the first segment's text
+    assert rest and row["text"].startswith("Hello there ")
+    assert row["text"].replace(" ", "") == "Hellothere" + "".join(s["text"] for s in rest).replace(" ", "")

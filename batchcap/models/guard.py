@@ -101,6 +101,7 @@ class Attempt:
     decode: str  # how it was decoded: greedy, beam, full_window, temperature=0.4
     segments: Any = None  # the hypothesis' segments (times), when it was decoded with timestamps
     ran_out: bool = False  # decoding was cut at the guard's token cap before the end token
+    ids: Any = None  # the generated token ids (text and times, before the end token)
     compression_ratio: float = field(init=False)
 
     def __post_init__(self) -> None:

@@ -31,7 +31,14 @@ from . import guard as g
 from .attention import use_step_attention
 from .common import autocast_context, hub_guard, load_error_message, load_pretrained, resolve_device, resolve_precision
 from .whisper_logits import Suppress, TimestampRules, TokenLogprobs, timestamp_limits
-from .whisper_timestamps import TIME_PRECISION, Segment, parse_generate_output, parse_timestamped, whole_clip
+from .whisper_timestamps import (
+    TIME_PRECISION,
+    Segment,
+    parse_generate_output,
+    parse_timestamped,
+    unfinished_at,
+    whole_clip,
+)
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +49,8 @@ FRAME_STEP = 50  # live windows are rounded up to half seconds (fewer distinct s
 # this probability (no majority) the clip's language is detected again on the full window. On 39
 # Italian prompts (whisper-base) the one disagreement had 0.28; 11 of the 39 were below 0.5.
 LIVE_DETECTION_MIN_PROB = 0.5
+MAX_SEEKS = 2  # a clip stopped short is decoded again from its last finished segment at most this often
+MIN_REST_S = 0.2  # ... when at least this much of its audio is left
 
 
 @dataclass
@@ -369,8 +378,9 @@ class WhisperTranscriber:
             logprobs = recorder.finish(tokens)
         else:
             logprobs = self._rescore(states, prompts, generated)
+        rows = generated.tolist()
         attempts = [g.Attempt(text, c, lp, no_speech[i // samples], label, segments=segments,
-                              ran_out=loop_cut and not end)
+                              ran_out=loop_cut and not end, ids=_before(rows[i], self.eot_id))
                     for i, ((text, segments), c, lp, end) in enumerate(zip(parsed, counts, logprobs, ended))]
         if samples == 1:
             return attempts
@@ -433,7 +443,34 @@ class WhisperTranscriber:
         return g.is_suspect(attempt, prepared.duration_s, self.guard)
 
     # --- short clips: decode, then redo the suspects --------------------------------------------
-    def _short(self, batch: list[Prepared]) -> list[dict[str, Any]]:
+    def _short(self, batch: list[Prepared], seeks: int = MAX_SEEKS) -> list[dict[str, Any]]:
+        """Clips up to 30 s. With timestamps, a clip whose transcript stopped short (an open last segment,
+        or a new segment's start right before the end: Whisper defers what it heard at the end of its
+        window) has the rest of its audio decoded again from its last finished segment, as
+        openai-whisper's seek does, up to ``seeks`` times; batched with the other clips' rests."""
+        results = self._decode_clips(batch, seek=seeks > 0)
+        todo = [(i, at) for i, r in enumerate(results) if (at := r.pop("_resume_at", None)) is not None]
+        if todo:
+            log.debug("%d of %d clips stopped short: decoding the rest of their audio", len(todo), len(batch))
+            rests = [self._rest(batch[i], at, results[i]["language"] if self.multilingual else None)
+                     for i, at in todo]
+            for (i, at), rest in zip(todo, self._short(rests, seeks - 1)):
+                _append_rest(results[i], rest, at)
+        return results
+
+    def _rest(self, p: Prepared, at_s: float, language: str | None) -> Prepared:
+        """The part of a clip's features from ``at_s`` seconds on, as a clip of its own."""
+        start = min(p.features.shape[-1], round(at_s * 100))
+        duration = max(0.0, p.duration_s - at_s)
+        frames = WINDOW_FRAMES
+        if not self.full_window:
+            frames = min(WINDOW_FRAMES, math.ceil((duration + self.window_margin_s) * 100 / FRAME_STEP) * FRAME_STEP)
+        feats = p.features[:, start:start + frames]
+        if feats.shape[-1] < frames:
+            feats = np.pad(feats, ((0, 0), (0, frames - feats.shape[-1])), constant_values=p.pad_value)
+        return Prepared(np.ascontiguousarray(feats), duration, False, p.pad_value, language)
+
+    def _decode_clips(self, batch: list[Prepared], seek: bool = False) -> list[dict[str, Any]]:
         first = g.BEAM if self.num_beams > 1 else g.GREEDY
         states, cross = self._encode(batch, self.full_window)
         languages, language_probs, no_speech = self._first_position(batch, states, cross)
@@ -493,6 +530,11 @@ class WhisperTranscriber:
             result = self._result(text, languages[i] if languages else "en", language_probs[i], decode, attempt,
                                   retried_from=history[i][0].text if len(history[i]) > 1 else None)
             result["segments"] = attempt.segments if text else []
+            if seek and self.timestamps and decode not in (g.UNRESOLVED, g.NO_SPEECH) and attempt.ids:
+                cut = unfinished_at(attempt.ids, timestamp_begin=self.timestamp_begin, eot_id=self.eot_id)
+                if cut is not None and 0 < cut[1] and p.duration_s - cut[1] >= MIN_REST_S:
+                    result["text"], result["segments"] = self._parse(attempt.ids[:cut[0]], p.duration_s)
+                    result["_resume_at"] = cut[1]
             results.append(result)
         return results
 
@@ -576,3 +618,19 @@ def _language_list(language: str | Sequence[str] | None) -> list[str]:
         return []
     parts = language.split(",") if isinstance(language, str) else list(language)
     return [p.strip() for p in parts if p and p.strip()]
+
+
+def _before(ids: list[int], end: int) -> list[int]:
+    return ids[:ids.index(end)] if end in ids else ids
+
+
+def _append_rest(result: dict[str, Any], rest: dict[str, Any], at_s: float) -> None:
+    """Add the transcript of a clip's rest (decoded from ``at_s`` seconds) to the clip's result."""
+    if rest.get("text"):
+        result["text"] = " ".join(t for t in (result["text"], rest["text"]) if t)
+        result["segments"] = list(result["segments"] or []) + [
+            Segment(round(s.start + at_s, 3), round(s.end + at_s, 3), s.text, s.words) for s in rest["segments"]]
+        result["tokens"] = (result.get("tokens") or 0) + (rest.get("tokens") or 0)
+    if rest.get("decode") != g.NO_SPEECH and g.severity(rest.get("decode") or g.GREEDY) > g.severity(
+            result.get("decode") or g.GREEDY):  # the worst decoding of the clip's parts (silence is not one)
+        result["decode"] = rest["decode"]

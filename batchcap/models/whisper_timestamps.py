@@ -73,6 +73,26 @@ def split_timestamped(tokens: Sequence[int], *, timestamp_begin: int, special: C
     return segments
 
 
+def unfinished_at(tokens: Sequence[int], *, timestamp_begin: int, eot_id: int,
+                  precision: float = TIME_PRECISION) -> tuple[int, float] | None:
+    """Where a window's transcript stopped short, as openai-whisper reads it to decide where to seek:
+    ``(index, seconds)`` when the tokens (up to the end token) have a completed segment (a time
+    pair) but do not end on a single closing time, i.e. the last segment is open, or the window ended
+    on a new segment's start: everything from ``index`` on is dropped and the audio from ``seconds``
+    on is to be decoded again. None when the transcript is complete (or has no time pair)."""
+    body = [int(t) for t in tokens]
+    if eot_id in body:
+        body = body[:body.index(eot_id)]
+    is_time = [t >= timestamp_begin for t in body]
+    if len(body) >= 2 and is_time[-1] and not is_time[-2]:
+        return None  # ends on the closing time of a finished segment
+    pairs = [k for k in range(1, len(body)) if is_time[k] and is_time[k - 1]]
+    if not pairs:
+        return None
+    cut = pairs[-1]  # the end time of the last finished segment is body[cut - 1]
+    return cut, (body[cut - 1] - timestamp_begin) * precision
+
+
 def parse_timestamped(tokens: Sequence[int], *, timestamp_begin: int, special: Collection[int],
                       decode: Callable[[list[int]], str], offset_s: float = 0.0,
                       duration_s: float | None = None, precision: float = TIME_PRECISION,
