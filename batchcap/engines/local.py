@@ -4,10 +4,12 @@
 
 Fetch threads (waiting on the network or the disk, so there are many) and decode threads (CPU work:
 decoding, resampling, preprocessing) run while the model runs on the main thread. Items are taken in
-windows of ``batch_size * group`` consecutive items (of those not done yet); a window is sorted by
-size (stably, so ties keep input order) and cut into batches once all its items are loaded. Batches
-therefore depend on the input alone, never on which thread finished first: the same input gives the
-same batches and so the same rows. At most two windows are loading or waiting.
+windows of ``batch_size * group`` input positions; a window is sorted by size (stably, so ties keep
+input order) and cut into batches once all its items are loaded. Batches therefore depend on the input
+alone, never on which thread finished first, nor on where an earlier run stopped: a window that an
+earlier run partly did is loaded whole, its done items only to form the same batches as then (a batch
+of done items is skipped, a done item's row in a batch that runs is dropped). The same input gives the
+same batches and so the same rows, resumed or not. At most two windows are loading or waiting.
 
 **The byte budget** (``JobOptions.max_inflight_bytes``) bounds the decoded items held in memory: every
 decoded value (samples, features, pixels: :func:`batchcap.memory.decoded_nbytes`) counts from the end
@@ -94,30 +96,30 @@ def stream_rows(items: Iterable[Item], job: Job, predictor: Predictor, options: 
     tune_malloc()  # before the thread pools start: see memory.py
     batch_size = max(1, options.batch_size)
     window = batch_size * max(1, job.group)
-    source = iter(items)
-    exhausted = False
-    pending: deque[_Slot] = deque()  # in input order
-    admitted = 0  # items not done so far: the n-th is in window n // window
+    windows = _windows(items, window)
+    pending: deque[list[_Slot]] = deque()  # windows being loaded, in input order
+    submitted = 0  # windows handed to the loader
     job.preprocessor.setup()
     fetcher = Fetcher(options.fetch)
     budget = _Budget(limit, stats)
     loader = _Loader(job, fetcher, options, watch, budget)
     try:
         while True:
-            while not exhausted and len(pending) < 2 * window:
-                item = next(source, None)
-                if item is None:
-                    exhausted = True
+            while len(pending) < 2:
+                group = next(windows, None)
+                if group is None:
                     break
-                order[item.id] = item.index
-                if item.id in done:
+                for item in group:
+                    order[item.id] = item.index
+                todo = sum(1 for item in group if item.id not in done)
+                for _ in range(len(group) - todo):
                     yield None
-                    continue
-                pending.append(loader.submit(item, admitted // window))
-                admitted += 1
+                if todo:  # done items come too: their sizes and batch partners make the batches (no rows)
+                    pending.append([loader.submit(item, submitted, partner=item.id in done) for item in group])
+                    submitted += 1
             if not pending:
                 return
-            take = [pending.popleft() for _ in range(min(window, len(pending)))]
+            take = pending.popleft()
             loader.need(take[0].window)
             ready: list[_Slot] = []
             for slot in take:  # in input order: the window does not depend on thread timing
@@ -126,28 +128,34 @@ def stream_rows(items: Iterable[Item], job: Job, predictor: Predictor, options: 
                     ready.append(slot)
                 else:
                     slot.loaded = None
-                    yield make_row(job.scorer, loaded)
+                    if not slot.partner:
+                        yield make_row(job.scorer, loaded)
             ready.sort(key=lambda s: s.key)  # sizes of the first decoding: the same whatever the budget
             batches = [ready[start:start + batch_size] for start in range(0, len(ready), batch_size)]
             del ready, take
             for number, batch in enumerate(batches):
+                batches[number] = []
+                if all(slot.partner for slot in batch):  # done by an earlier run
+                    loader.release(batch)
+                    continue
                 if any(not slot.held for slot in batch):
-                    later = [slot for slot in pending if slot.settled()][::-1]  # needed last: dropped first
+                    later = [slot for group in reversed(pending) for slot in reversed(group) if slot.settled()]
                     later += [slot for waiting in reversed(batches[number + 1:]) for slot in reversed(waiting)]
-                    failed = loader.redecode(batch, later)
-                    for slot in failed:
+                    for slot in loader.redecode(batch, later):
                         loaded, slot.loaded = slot.loaded, None
-                        yield make_row(job.scorer, loaded)
+                        if not slot.partner:
+                            yield make_row(job.scorer, loaded)
                     batch = [slot for slot in batch if slot.loaded is not None]
+                partners = {slot.item.id for slot in batch if slot.partner}
                 entries = [slot.take() for slot in batch]
                 for entry in entries:
                     watch.enter(entry.item.id)
                 for row in predict_batch(predictor, job.scorer, entries):
                     watch.leave(row["id"])
-                    yield row
+                    if row["id"] not in partners:
+                        yield row
                 del entries
                 loader.release(batch)
-                batches[number] = []
     finally:  # on Ctrl-C or an error, don't wait for queued downloads
         loader.shutdown()
         fetcher.close()
@@ -156,15 +164,31 @@ def stream_rows(items: Iterable[Item], job: Job, predictor: Predictor, options: 
                   f"{limit:,}" if limit else "none", stats.dropped)
 
 
+def _windows(items: Iterable[Item], size: int) -> Iterator[list[Item]]:
+    """The input in windows of ``size`` input positions (``Item.index // size``), done items included, so
+    a window holds the same items whether an earlier run did some of them or not."""
+    group: list[Item] = []
+    key = None
+    for item in items:
+        if group and (item.index // size != key or len(group) >= size):
+            yield group
+            group = []
+        key = item.index // size
+        group.append(item)
+    if group:
+        yield group
+
+
 class _Slot:
     """One item on its way to the model. Written by the loading threads until ``future`` resolves, then
     only by the main thread."""
 
-    __slots__ = ("item", "window", "future", "loaded", "nbytes", "key", "held")
+    __slots__ = ("item", "window", "partner", "future", "loaded", "nbytes", "key", "held")
 
-    def __init__(self, item: Item, window: int):
+    def __init__(self, item: Item, window: int, partner: bool = False):
         self.item = item
         self.window = window
+        self.partner = partner  # done by an earlier run: loaded and batched as then, its row not kept
         self.future: Future = Future()
         self.loaded: Loaded | None = None  # its value is None while not held
         self.nbytes = 0  # decoded size, known after the first decoding
@@ -270,8 +294,8 @@ class _Loader:
         self._running = 0  # decodings under way
 
     # --- the first decoding of each item ------------------------------------------------------------
-    def submit(self, item: Item, window: int) -> _Slot:
-        slot = _Slot(item, window)
+    def submit(self, item: Item, window: int, partner: bool = False) -> _Slot:
+        slot = _Slot(item, window, partner)
         self._fetch(slot, slot.future, again=False)
         return slot
 
