@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 
 import numpy as np
 import pytest
 
 from batchcap.asr import AudioOptions, AudioPreprocessor
 from batchcap.cli_options import parse_size
-from batchcap.items import Item
+from batchcap.items import DECODE_ERROR, Item, ItemError
 from batchcap.memory import decoded_nbytes
 from tests.conftest import write_audio
 from tests.helpers import rows_of, run_cli
@@ -79,6 +80,89 @@ def test_items_larger_than_the_budget_still_get_their_rows(tiny_whisper, tmp_pat
         # what runs over the budget is one batch alone: the long clip and its partner, or two clips
         assert stats["peak_bytes"] <= max(int(budget), sizes[2] + max(sizes)), name
     assert stats["peak_bytes"] > between  # the long clip's batch ran although it does not fit
+
+
+@dataclass
+class _Decoded:
+    id: str
+    samples: np.ndarray
+
+
+class _SizedPreprocessor:
+    """Decodes an item's bytes (a size as text) into that many bytes of samples."""
+
+    def setup(self) -> None:
+        pass
+
+    def load(self, item: Item, data: bytes) -> _Decoded:
+        if data == b"bad":
+            raise ItemError(DECODE_ERROR, "not a size")
+        return _Decoded(item.id, np.zeros(int(data), np.uint8))
+
+    def size(self, value: _Decoded) -> float:
+        return float(value.samples.nbytes)
+
+
+class _RecordingPredictor:
+    def __init__(self) -> None:
+        self.batches: list[tuple[str, ...]] = []
+
+    def predict(self, batch: list[_Decoded]) -> list[str]:
+        self.batches.append(tuple(v.id for v in batch))
+        return [f"text of {v.id}" for v in batch]
+
+
+class _Scorer:
+    kind = "test"
+    reserved_columns = ("id", "status", "text")
+
+    def row(self, item, loaded, prediction, error):
+        return {"id": item.id, "status": error.status if error else "ok", "text": prediction}
+
+
+def _engine(sizes: list[int], budget: int | None, done: set[str] = frozenset(), batch_size: int = 3,
+            group: int = 2, workers: int = 3):
+    """Run the local engine itself on items of known decoded sizes: (rows, batches, stats)."""
+    from batchcap.engines.local import InflightStats, stream_rows
+    from batchcap.job import Job, JobOptions
+
+    items = [Item(i, f"i{i:02d}", f"i{i:02d}", data=b"bad" if n < 0 else str(n).encode())
+             for i, n in enumerate(sizes)]
+    predictor = _RecordingPredictor()
+    job = Job(_SizedPreprocessor(), _Scorer(), lambda: predictor, group=group)
+    options = JobOptions(batch_size=batch_size, workers=workers, fetch_workers=2, max_inflight_bytes=budget)
+    stats = InflightStats()
+    rows = [r for r in stream_rows(items, job, predictor, options, set(done), {}, stats=stats) if r is not None]
+    return rows, predictor.batches, stats
+
+
+@pytest.mark.parametrize("budget", [None, 1, 2500, 6000, 10**9])
+def test_engine_budget_keeps_batches_and_bounds_bytes(budget):
+    """The engine on its own, with every budget from one byte to none: the same batches (recorded by the
+    predictor), one row per item, and never more decoded bytes held than the budget or one batch."""
+    sizes = [700, 1500, 300, 2200, 900, 1100, -1, 400, 1800, 600, 1000, 250, 3000, 500, 800, 1200, 350]
+    rows, batches, stats = _engine(sizes, budget)
+    _, reference, _ = _engine(sizes, None)
+    assert batches == reference
+    assert sorted(r["id"] for r in rows) == [f"i{i:02d}" for i in range(len(sizes))]
+    assert [r["status"] for r in rows].count("decode_error") == 1
+    by_id = dict(zip((f"i{i:02d}" for i in range(len(sizes))), sizes))
+    largest_batch = max(sum(by_id[i] for i in batch) for batch in batches)
+    assert stats.peak_bytes <= max(budget or 0, largest_batch) if budget else stats.peak_bytes > 6000
+    if budget and budget < 6000:
+        assert stats.dropped > 0 and stats.redecoded == stats.dropped
+
+
+def test_engine_resume_batches_done_items_as_partners():
+    """Items done by an earlier run are loaded with their window and batched as then; only the rows of
+    the others come out, and the batches the model sees are those of a run from scratch that hold one."""
+    sizes = [700, 1500, 300, 2200, 900, 1100, 400, 1800, 600, 1000, 250, 3000, 500, 800]
+    _, reference, _ = _engine(sizes, None)
+    done = {"i00", "i02", "i03", "i09", "i12", "i13"}
+    for budget in (None, 2000):
+        rows, batches, _ = _engine(sizes, budget, done=done)
+        assert sorted(r["id"] for r in rows) == sorted({f"i{i:02d}" for i in range(len(sizes))} - done)
+        assert batches == [b for b in reference if set(b) - done]
 
 
 def test_decoded_nbytes_counts_each_buffer_once():

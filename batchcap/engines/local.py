@@ -146,6 +146,9 @@ def stream_rows(items: Iterable[Item], job: Job, predictor: Predictor, options: 
                         if not slot.partner:
                             yield make_row(job.scorer, loaded)
                     batch = [slot for slot in batch if slot.loaded is not None]
+                    if all(slot.partner for slot in batch):  # what is left of it was done already
+                        loader.release(batch)
+                        continue
                 partners = {slot.item.id for slot in batch if slot.partner}
                 entries = [slot.take() for slot in batch]
                 for entry in entries:
