@@ -85,7 +85,7 @@ def test_item_in_flight_when_two_runs_died_gets_a_crashed_row(tiny_whisper_en, t
         _wait_for(lambda old=old: _decoding(out, poison, old), proc, f"run {run} decoding the item")
         _kill(proc)
         assert not os.path.exists(out)
-    suspects = json.loads(open(out + ".parts/suspects.json").read()) if os.path.exists(
+    suspects = json.loads(open(out + ".parts/suspects.json").read())["deaths"] if os.path.exists(
         out + ".parts/suspects.json") else {}
     # only what was being decoded or predicted then: at most 2 decode threads + a batch of 2, not the read-ahead
     assert suspects.get(poison) == 1 and len(suspects) <= 4
@@ -200,3 +200,50 @@ def test_same_rows_whatever_the_thread_counts(tiny_whisper, tmp_path):
         assert code == 0, text
         outs.append([(r["id"], r["text"], r["language"]) for r in rows_of(out)])
     assert outs[0] == outs[1]
+
+
+def test_a_death_is_counted_once_when_the_run_counting_it_dies_too(tmp_path, monkeypatch):
+    """A run that dies (a second kill) after writing suspects.json but before removing the dead run's log
+    must not have that death counted again by the next run: innocent items in flight during one kill
+    would get a crashed row (the SIGKILL soak found 12 of 200)."""
+    from batchcap import journal as journal_module
+    from batchcap.journal import Journal
+
+    parts = tmp_path / "o.parquet.parts"
+    parts.mkdir()
+    (parts / "inflight-dead.log").write_text('+"a.wav"\n+"b.wav"\n-"b.wav"\n+"c.wav"\n')
+
+    class Killed(BaseException):
+        pass
+
+    def killed(path):
+        raise Killed(path)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(journal_module.os, "remove", killed)
+        with pytest.raises(Killed):
+            Journal(str(parts)).open()
+    assert (parts / "inflight-dead.log").exists()
+
+    second = Journal(str(parts))
+    second.open()
+    second.close()
+    assert (second.deaths("a.wav"), second.deaths("b.wav"), second.deaths("c.wav")) == (1, 0, 1)
+    assert sorted(os.listdir(parts)) == ["suspects.json"]
+    third = Journal(str(parts))
+    third.open()  # the record of counted logs is dropped once they are gone; the deaths stay
+    third.close()
+    assert third.deaths("a.wav") == 1
+    assert json.loads((parts / "suspects.json").read_text())["counted"] == []
+
+
+def test_suspects_written_by_an_older_version_are_read(tmp_path):
+    from batchcap.journal import Journal
+
+    parts = tmp_path / "o.parquet.parts"
+    parts.mkdir()
+    (parts / "suspects.json").write_text(json.dumps({"a.wav": 1, "format": 2}))
+    journal = Journal(str(parts))
+    journal.open()
+    journal.close()
+    assert journal.deaths("a.wav") == 1 and journal.deaths("format") == 2
