@@ -13,7 +13,10 @@ whisper-tiny.en checkpoint, in subprocesses (``python -m batchcap.cli audio MANI
    appears) and the run's expected end (from the reference's rate and the items left); every third kill
    instead lands while a file is being written (a part file's or the final file's temp name appears);
 3. checks: rows, duplicate ids, missing ids, input order, statuses, transcripts identical to the
-   reference; a table on stdout (and ``--json``). The exit status is 1 if a check fails.
+   reference; a table on stdout (and ``--json``). The exit status is 1 if a check fails. ``isolated``
+   counts the items the crash journal set aside before the last run (in flight when a run was killed:
+   done one at a time, so out of the batch an uninterrupted run gives them, by design) and ``differ,
+   not isolated`` the differing transcripts of the other items.
 
 Correctness, not timing: it can run on a loaded machine. Parts are flushed every ``--flush-every``
 rows so that kills find part files to cut.
@@ -152,6 +155,17 @@ def done_count(out: str) -> int:
         return 0
 
 
+def suspects(out: str) -> set[str]:
+    """Items the crash journal set aside (in flight when a run was killed): done alone, out of their batch."""
+    try:
+        with open(os.path.join(out + ".parts", "suspects.json"), encoding="utf-8") as f:
+            record = json.load(f)
+    except (OSError, ValueError):
+        return set()
+    deaths = record.get("deaths", record) if isinstance(record, dict) else {}
+    return {str(k) for k, v in deaths.items() if isinstance(v, int) and v > 0}
+
+
 def check(rows: list[dict[str, Any]], ids: list[str], reference: dict[str, str]) -> dict[str, Any]:
     got = [str(r["id"]) for r in rows]
     seen: set[str] = set()
@@ -164,7 +178,8 @@ def check(rows: list[dict[str, Any]], ids: list[str], reference: dict[str, str])
     differing = [(str(r["id"]), reference.get(str(r["id"])), r.get("text")) for r in rows
                  if reference.get(str(r["id"])) != r.get("text")]
     return {"rows": len(rows), "duplicates": duplicates, "missing": missing, "order_ok": order_ok,
-            "not_ok": not_ok, "identical": identical, "differing": differing[:5]}
+            "not_ok": not_ok, "identical": identical, "differing": differing[:5],
+            "all_differing": [d[0] for d in differing]}
 
 
 def main() -> None:
@@ -210,21 +225,25 @@ def main() -> None:
             event["left_before"] = left
             events.append(event)
             print(f"{fmt} run {k + 1}: {left} items left, {event['how']} ({event['seconds']} s)", flush=True)
+        isolated = suspects(out)
         _, last = run_to_end(cmd)
         wall = time.monotonic() - started
         result = {"format": fmt, "kills": sum(1 for e in events if e["how"].startswith("killed")),
                   "wall_s": round(wall, 1), "events": events, **check(rows_of(out), ids, reference)}
+        result["isolated"] = len(isolated)
+        result["differing_not_isolated"] = sum(1 for d in result["all_differing"] if d not in isolated)
         results.append(result)
         print(f"{fmt}: final run {last:.1f} s; {json.dumps({k: v for k, v in result.items() if k != 'events'})}",
               flush=True)
 
     print()
     print(f"{'format':10} {'kills':>5} {'rows':>5} {'dups':>5} {'missing':>7} {'order ok':>8} {'not ok':>6} "
-          f"{'identical':>10} {'wall s':>7}")
+          f"{'identical':>10} {'isolated':>8} {'differ, not isolated':>20} {'wall s':>7}")
     failed = False
     for r in results:
         print(f"{r['format']:10} {r['kills']:>5} {r['rows']:>5} {r['duplicates']:>5} {r['missing']:>7} "
-              f"{str(r['order_ok']):>8} {r['not_ok']:>6} {r['identical']:>4}/{len(ids):<5} {r['wall_s']:>7}")
+              f"{str(r['order_ok']):>8} {r['not_ok']:>6} {r['identical']:>4}/{len(ids):<5} {r.get('isolated', 0):>8} "
+              f"{r.get('differing_not_isolated', 0):>20} {r['wall_s']:>7}")
         failed |= bool(r["duplicates"] or r["missing"] or not r["order_ok"] or r["not_ok"] or r["rows"] != len(ids)
                        or r["identical"] != len(ids))
         for d in r["differing"]:
