@@ -13,7 +13,7 @@ import dataclasses
 import logging
 import time
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -81,7 +81,7 @@ def run_job(items: Iterable[Item], job: Job, output: str, options: JobOptions | 
                             quiet=options.quiet, log_every=options.log_every)
         journal = Journal(store.parts_dir) if options.engine == "local" else None
         try:
-            for row in _rows(items, job, options, predictor, store.done, order, journal, inflight):
+            for row in _rows(items, job, options, predictor, store.done, order, journal, inflight, store.flush):
                 if row is None:
                     skipped += 1
                     progress.update(skipped=True)
@@ -157,8 +157,8 @@ def _write_report(output: str, summary: dict[str, Any], local: Any = None) -> st
 
 
 def _rows(items: Iterable[Item], job: Job, options: JobOptions, predictor: Predictor | None, done: set[str],
-          order: dict[str, int], journal: Journal | None, inflight: InflightStats | None = None
-          ) -> Iterator[dict[str, Any] | None]:
+          order: dict[str, int], journal: Journal | None, inflight: InflightStats | None = None,
+          flush: Callable[[], None] | None = None) -> Iterator[dict[str, Any] | None]:
     """The engine's rows, with crash-loop protection (see journal.py) where there is a journal:
     items in flight when earlier runs died are done alone after the others, or get a ``crashed``
     row after two such deaths."""
@@ -189,6 +189,8 @@ def _rows(items: Iterable[Item], job: Job, options: JobOptions, predictor: Predi
                     len(alone))
     for item in alone:
         yield from _engine_rows([item], job, options, predictor, done, order, journal, inflight)
+        if flush is not None:  # the consumer has stored its row: keep it, should the next one kill the run
+            flush()
 
 
 def _engine_rows(items: Iterable[Item], job: Job, options: JobOptions, predictor: Predictor | None,
