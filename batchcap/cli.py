@@ -18,7 +18,7 @@ from . import __version__
 from .asr import AudioOptions
 from .captioning import ImageOptions
 from .cli_common import EXIT_ITEMS_FAILED, EXIT_OK, guarded_run, setup_logging
-from .cli_options import apply, http_options, logging_options, manifest_options
+from .cli_options import ByteSize, apply, http_options, logging_options, manifest_options
 from .fetch import FetchConfig
 from .job import JobOptions
 from .metrics.asr import NORMALIZER_MODES
@@ -52,6 +52,11 @@ def job_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         *http_options(),
         click.option("--max-bytes", type=click.IntRange(1), default=None,
                      help="Largest file or download accepted, in bytes."),
+        click.option("--max-inflight-bytes", type=ByteSize(), default="2GiB", show_default=True,
+                     help="Most memory the decoded items waiting for the model may take (audio samples, features, "
+                          "pixels), e.g. 512MB or 4GiB; 0 or none: no limit. Over it, decoding ahead waits and "
+                          "some items are decoded twice; batches stay the same, and an item larger than this "
+                          "still runs, alone. Local engine only."),
         click.option("--overwrite", is_flag=True, help="Start over instead of resuming from OUTPUT."),
         click.option("--report", is_flag=True,
                      help="Also write OUT.report.html, the run as a page to look at (see batchcap report)."),

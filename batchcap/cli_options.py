@@ -7,7 +7,44 @@ from typing import Any
 
 import click
 
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9, "t": 10**12,
+          "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+_NO_LIMIT = ("0", "none", "off", "unlimited")
+
 Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
+
+
+def parse_size(text: str) -> int | None:
+    """``2GiB``, ``512MB``, ``1.5g``, ``1000000`` -> bytes (KB/MB/GB powers of 1000, KiB/MiB/GiB of 1024);
+    ``0``, ``none``, ``off``: None (no limit). ValueError for anything else."""
+    value = str(text).strip().lower().replace("_", "").replace(" ", "")
+    if value in _NO_LIMIT:
+        return None
+    number = value.rstrip("kmgtib")
+    unit = value[len(number):]
+    if unit not in _UNITS or not number:
+        raise ValueError(f"{text!r} is not a size (e.g. 2GiB, 512MB, 1000000; 0 or none for no limit)")
+    try:
+        size = float(number) * _UNITS[unit]
+    except ValueError:
+        raise ValueError(f"{text!r} is not a size (e.g. 2GiB, 512MB, 1000000; 0 or none for no limit)") from None
+    if size < 0 or size != size or size == float("inf"):
+        raise ValueError(f"{text!r} is not a size")
+    return int(size) or None
+
+
+class ByteSize(click.ParamType):
+    """A size in bytes with an optional unit (see :func:`parse_size`); None for no limit."""
+
+    name = "SIZE"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> int | None:
+        if value is None or isinstance(value, int):
+            return value
+        try:
+            return parse_size(value)
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
 
 
 def manifest_options(text: str = "reference text") -> list[Decorator]:

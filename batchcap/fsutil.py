@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import secrets
 import tempfile
 from collections.abc import Callable, Iterator
 from typing import IO, Any
@@ -14,7 +16,8 @@ def atomic_path(target: str) -> Iterator[str]:
     """A unique temporary path beside ``target``; on success it is fsynced and renamed over it.
 
     On any error the temporary file is removed and ``target`` is left as it was. The name is unique
-    (``mkstemp``), so concurrent writers of the same target never clobber each other's temp file.
+    (created exclusively), so concurrent writers of the same target never clobber each other's temp file.
+    The file gets the permissions of any new file (0666 less the umask: 0644 usually), not mkstemp's 0600.
     ``target`` may be an object-store URL (``s3://...``, see storage.py): the file is then written in
     the local temp folder and uploaded whole on success (one PUT: the object appears complete or not).
     """
@@ -25,8 +28,7 @@ def atomic_path(target: str) -> Iterator[str]:
             yield tmp
         return
     directory = os.path.dirname(os.path.abspath(target)) or "."
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(target)}.", suffix=".tmp", dir=directory)
-    os.close(fd)
+    tmp = _create_unique(directory, f".{os.path.basename(target)}.", ".tmp")
     try:
         yield tmp
         fsync_path(tmp)
@@ -36,6 +38,20 @@ def atomic_path(target: str) -> Iterator[str]:
             os.unlink(tmp)
         raise
     fsync_dir(directory)
+
+
+def _create_unique(directory: str, prefix: str, suffix: str) -> str:
+    """Create an empty file with a name no one else has in ``directory``, as ``open`` would create it
+    (mode 0666, less the process's umask), and return its path."""
+    for _ in range(100):
+        path = os.path.join(directory, f"{prefix}{secrets.token_hex(6)}{suffix}")
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
+        except FileExistsError:
+            continue
+        os.close(fd)
+        return path
+    raise FileExistsError(errno.EEXIST, "no unique temporary name left", os.path.join(directory, prefix))
 
 
 @contextlib.contextmanager

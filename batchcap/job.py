@@ -12,6 +12,8 @@ from .inputs import Inputs, InputSpec
 from .output import output_format
 from .stages import Predictor, Preprocessor, Scorer
 
+DEFAULT_MAX_INFLIGHT_BYTES = 2 * 2**30  # decoded items (samples, features, pixels) waiting for the model
+
 
 def apply_overrides(options: Any, overrides: dict[str, Any], caller: str) -> None:
     """Set keyword overrides on an options dataclass; an unknown name is the caller's TypeError."""
@@ -33,6 +35,7 @@ class JobOptions:
     workers: int = 8  # decode threads
     fetch_workers: int | None = None  # fetch threads; None: 4 x workers
     fetch: FetchConfig = field(default_factory=FetchConfig)
+    max_inflight_bytes: int | None = DEFAULT_MAX_INFLIGHT_BYTES  # local engine: decoded bytes held; None: no cap
     path_column: str | None = None
     reference_columns: Sequence[str] = ()
     id_column: str | None = None

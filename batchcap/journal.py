@@ -6,7 +6,8 @@ process down) and ``-id`` when that is over, to
 killer lose nothing), and deletes the file when it ends by any Python path (done, error, Ctrl-C,
 SIGTERM). A log still there when the next run starts belongs to a run that died (OOM, a segfault in
 a decoder, ``kill -9``): the ids it holds without a ``-`` were in flight. Each such death is
-counted per id in ``OUT.parts/suspects.json``.
+counted per id in ``OUT.parts/suspects.json``, with the names of the logs counted, so a run that dies
+between writing that file and removing the logs (a kill lands anywhere) does not count them twice.
 
 The next run then keeps those items out of its batches and does each of them alone at the end,
 so one poisonous file cannot take a batch (or the whole run) down with it, and a second death is
@@ -30,6 +31,7 @@ log = logging.getLogger(__name__)
 
 CRASH_LIMIT = 2  # deaths with an item in flight before it is given up on
 SUSPECTS = "suspects.json"
+SUSPECTS_FORMAT = "batchcap-suspects-2"
 
 
 class Journal:
@@ -44,24 +46,28 @@ class Journal:
         """Count the deaths of earlier runs (``reset``: forget them, e.g. ``--retry-failed``)."""
         os.makedirs(self.dir, exist_ok=True)
         suspects_path = os.path.join(self.dir, SUSPECTS)
+        counted: set[str] = set()  # logs of dead runs already counted (and not removed yet)
         if not reset:
             try:
                 with open(suspects_path, encoding="utf-8") as f:
-                    self.suspects = {str(k): int(v) for k, v in json.load(f).items()}
+                    self.suspects, counted = _load_suspects(json.load(f))
             except FileNotFoundError:
                 pass
-            except (OSError, ValueError, AttributeError) as exc:
+            except (OSError, ValueError, AttributeError, TypeError) as exc:
                 log.warning("ignoring an unreadable %s: %s", suspects_path, exc)
         dead = sorted(n for n in os.listdir(self.dir) if n.startswith("inflight-") and n.endswith(".log"))
         for name in dead:
+            if name in counted:  # the run that counted it died before removing it
+                continue
             in_flight = _replay(os.path.join(self.dir, name))
             if in_flight and not reset:
                 log.warning("an earlier run died with %d item(s) in flight; they will be done one at a time",
                             len(in_flight))
                 for item_id in in_flight:
                     self.suspects[item_id] = self.suspects.get(item_id, 0) + 1
-        if dead or reset:
-            atomic_write(suspects_path, json.dumps(self.suspects))
+        if dead or reset or counted:
+            record = {"format": SUSPECTS_FORMAT, "deaths": self.suspects, "counted": dead}
+            atomic_write(suspects_path, json.dumps(record))
             for name in dead:
                 with contextlib.suppress(OSError):
                     os.remove(os.path.join(self.dir, name))
@@ -93,6 +99,16 @@ class Journal:
             self._file = None
             with contextlib.suppress(OSError):
                 os.remove(self.path)
+
+
+def _load_suspects(data: object) -> tuple[dict[str, int], set[str]]:
+    """(deaths per id, names of the logs counted) from ``suspects.json`` (also the older flat form)."""
+    if isinstance(data, dict) and data.get("format") == SUSPECTS_FORMAT:
+        return ({str(k): int(v) for k, v in data.get("deaths", {}).items()},
+                {str(n) for n in data.get("counted", [])})
+    if not isinstance(data, dict):
+        raise ValueError("not an object")
+    return {str(k): int(v) for k, v in data.items()}, set()
 
 
 def _replay(path: str) -> set[str]:

@@ -16,10 +16,12 @@ MALLOC_MMAP_THRESHOLD_) are left alone; BATCHCAP_MALLOC=0 turns this off.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import functools
 import logging
 import os
 import sys
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -46,3 +48,47 @@ def tune_malloc() -> bool:
         applied.append(f"mmap_threshold={MMAP_THRESHOLD}")
     log.debug("malloc: %s", ", ".join(applied) or "left as set")
     return bool(applied)
+
+
+def decoded_nbytes(value: Any, _seen: set[int] | None = None, _depth: int = 0) -> int:
+    """The bytes an item's decoded value holds: its NumPy arrays and torch tensors (each buffer counted
+    once, views included), byte strings, and what dataclasses, dicts, lists and tuples hold of those.
+    Used by the local engine's budget of decoded bytes in flight; other objects count nothing."""
+    seen = set() if _seen is None else _seen
+    if value is None or _depth > 8 or isinstance(value, (bool, int, float, complex)):
+        return 0
+    if isinstance(value, (bytes, bytearray)):
+        if id(value) in seen:
+            return 0
+        seen.add(id(value))
+        return len(value)
+    if isinstance(value, memoryview):
+        return decoded_nbytes(value.obj, seen, _depth + 1) if value.obj is not None else value.nbytes
+    if isinstance(value, str):
+        return 0  # a language code, a path: not what a budget of decoded data is about
+    np = sys.modules.get("numpy")
+    if np is not None and isinstance(value, np.ndarray):
+        base = value
+        while isinstance(base.base, np.ndarray):
+            base = base.base
+        if id(base) in seen:
+            return 0
+        seen.add(id(base))
+        if base.base is not None and not isinstance(base.base, np.ndarray):  # a view of a buffer we can measure
+            return max(base.nbytes, decoded_nbytes(base.base, seen, _depth + 1))
+        return int(base.nbytes)
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(value, torch.Tensor):
+        storage = value.untyped_storage()
+        key = storage.data_ptr() or id(storage)
+        if key in seen:
+            return 0
+        seen.add(key)
+        return int(storage.nbytes())
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return sum(decoded_nbytes(getattr(value, f.name), seen, _depth + 1) for f in dataclasses.fields(value))
+    if isinstance(value, dict):
+        return sum(decoded_nbytes(v, seen, _depth + 1) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(decoded_nbytes(v, seen, _depth + 1) for v in value)
+    return 0

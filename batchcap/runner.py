@@ -13,9 +13,9 @@ import dataclasses
 import logging
 import time
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .items import CRASHED, EMPTY, OK, FatalError, Item, ItemError
 from .job import Job, JobOptions
@@ -23,6 +23,9 @@ from .journal import CRASH_LIMIT, Journal
 from .output import result_store, write_summary
 from .progress import Progress
 from .stages import Loaded, Predictor, make_row
+
+if TYPE_CHECKING:
+    from .engines.local import InflightStats
 
 log = logging.getLogger(__name__)
 
@@ -67,13 +70,18 @@ def run_job(items: Iterable[Item], job: Job, output: str, options: JobOptions | 
     order: dict[str, int] = {}
     counts: Counter = Counter()
     skipped = 0
-    with store:
+    inflight = None
+    if options.engine == "local":
+        from .engines.local import InflightStats
+
+        inflight = InflightStats()
+    with store:  # the summary is written while the lock is held: a run starting next sees it, never clobbers it
         estimate = getattr(items, "estimate", None)
         progress = Progress(job.kind, total=estimate() if callable(estimate) else None, bar=options.progress,
                             quiet=options.quiet, log_every=options.log_every)
         journal = Journal(store.parts_dir) if options.engine == "local" else None
         try:
-            for row in _rows(items, job, options, predictor, store.done, order, journal):
+            for row in _rows(items, job, options, predictor, store.done, order, journal, inflight, store.flush):
                 if row is None:
                     skipped += 1
                     progress.update(skipped=True)
@@ -87,28 +95,30 @@ def run_job(items: Iterable[Item], job: Job, output: str, options: JobOptions | 
             if journal is not None:
                 journal.close()
         table = store.finalize(order, transform=job.scorer.finalize_table)
-    wall = time.time() - started
-    status_counts = Counter(table.column("status").to_pylist()) if table.num_rows else Counter()
-    summary: dict[str, Any] = {
-        "output": store.path,
-        "rows": table.num_rows,
-        "status_counts": dict(sorted(status_counts.items())),
-        "processed_this_run": sum(counts.values()),
-        "skipped_already_done": skipped,
-        "wall_time_s": round(wall, 3),
-        "items_per_s": round(sum(counts.values()) / wall, 3) if wall > 0 else None,
-    }
-    stats = getattr(items, "stats", None)
-    if stats is not None and getattr(stats, "skipped_files", 0):
-        summary["skipped_files"] = stats.skipped_files  # files of other types in input directories
-    summary.update(extra_summary or {})
-    summary.update(job.scorer.summarize(table, wall))
-    if options.command:
-        summary["command"] = list(options.command)
-    summary["options"] = _options_record(options)
-    if options.report:
-        summary["report"] = _write_report(store.path, summary, getattr(store, "local", None))
-    summary_path = write_summary(store.path, summary)
+        wall = time.time() - started
+        status_counts = Counter(table.column("status").to_pylist()) if table.num_rows else Counter()
+        summary: dict[str, Any] = {
+            "output": store.path,
+            "rows": table.num_rows,
+            "status_counts": dict(sorted(status_counts.items())),
+            "processed_this_run": sum(counts.values()),
+            "skipped_already_done": skipped,
+            "wall_time_s": round(wall, 3),
+            "items_per_s": round(sum(counts.values()) / wall, 3) if wall > 0 else None,
+        }
+        stats = getattr(items, "stats", None)
+        if stats is not None and getattr(stats, "skipped_files", 0):
+            summary["skipped_files"] = stats.skipped_files  # files of other types in input directories
+        summary.update(extra_summary or {})
+        summary.update(job.scorer.summarize(table, wall))
+        if inflight is not None:
+            summary["decoded_bytes_in_flight"] = inflight.record()
+        if options.command:
+            summary["command"] = list(options.command)
+        summary["options"] = _options_record(options)
+        if options.report:
+            summary["report"] = _write_report(store.path, summary, getattr(store, "local", None))
+        summary_path = write_summary(store.path, summary)
     return RunResult(store.path, summary_path, summary, counts, skipped)
 
 
@@ -147,12 +157,13 @@ def _write_report(output: str, summary: dict[str, Any], local: Any = None) -> st
 
 
 def _rows(items: Iterable[Item], job: Job, options: JobOptions, predictor: Predictor | None, done: set[str],
-          order: dict[str, int], journal: Journal | None) -> Iterator[dict[str, Any] | None]:
+          order: dict[str, int], journal: Journal | None, inflight: InflightStats | None = None,
+          flush: Callable[[], None] | None = None) -> Iterator[dict[str, Any] | None]:
     """The engine's rows, with crash-loop protection (see journal.py) where there is a journal:
     items in flight when earlier runs died are done alone after the others, or get a ``crashed``
     row after two such deaths."""
     if journal is None:
-        yield from _engine_rows(items, job, options, predictor, done, order)
+        yield from _engine_rows(items, job, options, predictor, done, order, inflight=inflight)
         return
     journal.open(reset=options.retry_failed or options.overwrite)
     alone: list[Item] = []
@@ -167,7 +178,7 @@ def _rows(items: Iterable[Item], job: Job, options: JobOptions, predictor: Predi
                 continue
             yield item
 
-    yield from _engine_rows(admitted(), job, options, predictor, done, order, journal)
+    yield from _engine_rows(admitted(), job, options, predictor, done, order, journal, inflight)
     for item in crashed:
         message = (f"the process died {journal.deaths(item.id)} times while this item was being decoded or "
                    "transcribed (out of memory? a crash in a decoder? kill -9?); it was not tried again. Check "
@@ -177,12 +188,14 @@ def _rows(items: Iterable[Item], job: Job, options: JobOptions, predictor: Predi
         log.warning("doing %d item(s) that were being processed when an earlier run died, one at a time",
                     len(alone))
     for item in alone:
-        yield from _engine_rows([item], job, options, predictor, done, order, journal)
+        yield from _engine_rows([item], job, options, predictor, done, order, journal, inflight)
+        if flush is not None:  # the consumer has stored its row: keep it, should the next one kill the run
+            flush()
 
 
 def _engine_rows(items: Iterable[Item], job: Job, options: JobOptions, predictor: Predictor | None,
-                 done: set[str], order: dict[str, int], journal: Journal | None = None
-                 ) -> Iterator[dict[str, Any] | None]:
+                 done: set[str], order: dict[str, int], journal: Journal | None = None,
+                 inflight: InflightStats | None = None) -> Iterator[dict[str, Any] | None]:
     if options.engine == "ray":
         from .engines import ray
 
@@ -190,4 +203,4 @@ def _engine_rows(items: Iterable[Item], job: Job, options: JobOptions, predictor
     from .engines import local
 
     assert predictor is not None
-    return local.stream_rows(items, job, predictor, options, done, order, watch=journal)
+    return local.stream_rows(items, job, predictor, options, done, order, watch=journal, stats=inflight)

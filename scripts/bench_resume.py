@@ -9,6 +9,11 @@ column and a list column):
 
 ``--warm`` loads Arrow's libraries before the baseline (library code is some 100 MB of RSS by itself).
 
+``--cli MODEL`` also measures the whole command a cron job would rerun: ``batchcap audio MANIFEST -o OUT
+--model MODEL`` where every row of a ``--rows``-row manifest is already done (reading the manifest,
+skipping every item, the final merge and the summary; the model is loaded too), against the same with a
+1,000-row manifest: the peak RSS of the process, whole.
+
 The figure is the peak RSS above the process's RSS once pyarrow/numpy are imported, so it is the
 store's own memory. ``--pythonpath`` runs another checkout of batchcap (e.g. an older commit
 extracted with ``git archive``) to compare.
@@ -60,6 +65,34 @@ def make_output(path: str, rows: int) -> None:
     assert pa is not None
 
 
+def make_manifest(path: str, rows: int) -> None:
+    """A manifest of the ids ``make_output`` writes (the files need not exist: every item is done)."""
+    import csv
+
+    if os.path.exists(path):
+        return
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["id", "path", "reference"])
+        for i in range(rows):
+            row = _row(i)
+            writer.writerow([row["id"], row["source"], row["reference"]])
+
+
+def cli_worker(path: str, manifest: str, model: str, pythonpath: str) -> dict[str, Any]:
+    """Run the resume command to its end in a child; the child's peak RSS (this process only waits)."""
+    env = dict(os.environ, PYTHONPATH=pythonpath, HF_HUB_OFFLINE="1")
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-m", "batchcap.cli", "audio", manifest, "-o", path, "--model", model,
+                           "--id-column", "id", "--reference-column", "reference", "--quiet"],
+                          env=env, capture_output=True, text=True)
+    if done.returncode not in (0, 3):
+        raise SystemExit(done.stderr.strip()[-2000:])
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    return {"phase": "cli", "format": os.path.splitext(path)[1][1:], "peak_rss_mb": round(peak, 1),
+            "seconds": round(time.monotonic() - started, 2)}
+
+
 def worker(phase: str, path: str, rows: int, new: int, warm: bool = False) -> dict[str, Any]:
     import numpy  # noqa: F401 - imported before the baseline, as every phase needs them
     import pyarrow.compute  # noqa: F401
@@ -107,8 +140,14 @@ def main() -> None:
     parser.add_argument("--json", default=None)
     parser.add_argument("--warm", action="store_true",
                         help="load Arrow's libraries (dataset, compute, CSV) before the baseline: data memory only")
+    parser.add_argument("--cli", default=None, metavar="MODEL",
+                        help="also time the whole resume command with this Whisper checkpoint (see above)")
     parser.add_argument("--worker", nargs=3, metavar=("PHASE", "PATH", "ROWS"), help=argparse.SUPPRESS)
+    parser.add_argument("--cli-worker", nargs=2, metavar=("PATH", "MANIFEST"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.cli_worker:
+        print(json.dumps(cli_worker(*args.cli_worker, args.cli, args.pythonpath)))
+        return
     if args.worker:
         phase, path, rows = args.worker
         print(json.dumps(worker(phase, path, int(rows), args.new, args.warm)))
@@ -139,9 +178,29 @@ def main() -> None:
                 print(f"{fmt} {phase}: {error}", file=sys.stderr)
                 continue
             results.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        for rows in ([1000, args.rows] if args.cli else []):
+            source = os.path.join(workdir, f"existing-{rows}.{fmt}")
+            subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {ROOT!r}); "
+                            f"from scripts.bench_resume import make_output, make_manifest; "
+                            f"make_output({source!r}, {rows}); "
+                            f"make_manifest({os.path.join(workdir, f'manifest-{rows}.csv')!r}, {rows})"], check=True)
+            path = os.path.join(workdir, f"run-cli.{fmt}")
+            for suffix in ("", ".schema.json"):
+                src = source if not suffix else os.path.splitext(source)[0] + suffix
+                dst = path if not suffix else os.path.splitext(path)[0] + suffix
+                if os.path.exists(src):
+                    subprocess.run(["cp", src, dst], check=True)
+            out = subprocess.run([sys.executable, os.path.abspath(__file__), "--cli", args.cli, "--pythonpath",
+                                  args.pythonpath, "--cli-worker", path, os.path.join(workdir, f"manifest-{rows}.csv")],
+                                 capture_output=True, text=True)
+            if out.returncode != 0:
+                print(f"{fmt} cli {rows}: {out.stderr.strip()[-500:]}", file=sys.stderr)
+                continue
+            results.append({**json.loads(out.stdout.strip().splitlines()[-1]), "rows": rows})
     print(f"{'format':8} {'phase':9} {'rows':>8} {'peak MB above base':>19} {'s':>6}")
     for r in results:
-        print(f"{r['format']:8} {r['phase']:9} {r['rows']:>8} {r['peak_above_base_mb']:>19} {r['seconds']:>6}")
+        figure = r.get("peak_above_base_mb", f"{r.get('peak_rss_mb')} (RSS)")
+        print(f"{r['format']:8} {r['phase']:9} {r['rows']:>8} {figure:>19} {r['seconds']:>6}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

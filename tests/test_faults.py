@@ -85,7 +85,7 @@ def test_item_in_flight_when_two_runs_died_gets_a_crashed_row(tiny_whisper_en, t
         _wait_for(lambda old=old: _decoding(out, poison, old), proc, f"run {run} decoding the item")
         _kill(proc)
         assert not os.path.exists(out)
-    suspects = json.loads(open(out + ".parts/suspects.json").read()) if os.path.exists(
+    suspects = json.loads(open(out + ".parts/suspects.json").read())["deaths"] if os.path.exists(
         out + ".parts/suspects.json") else {}
     # only what was being decoded or predicted then: at most 2 decode threads + a batch of 2, not the read-ahead
     assert suspects.get(poison) == 1 and len(suspects) <= 4
@@ -200,3 +200,109 @@ def test_same_rows_whatever_the_thread_counts(tiny_whisper, tmp_path):
         assert code == 0, text
         outs.append([(r["id"], r["text"], r["language"]) for r in rows_of(out)])
     assert outs[0] == outs[1]
+
+
+def test_a_death_is_counted_once_when_the_run_counting_it_dies_too(tmp_path, monkeypatch):
+    """A run that dies (a second kill) after writing suspects.json but before removing the dead run's log
+    must not have that death counted again by the next run: innocent items in flight during one kill
+    would get a crashed row (the SIGKILL soak found 12 of 200)."""
+    from batchcap import journal as journal_module
+    from batchcap.journal import Journal
+
+    parts = tmp_path / "o.parquet.parts"
+    parts.mkdir()
+    (parts / "inflight-dead.log").write_text('+"a.wav"\n+"b.wav"\n-"b.wav"\n+"c.wav"\n')
+
+    class Killed(BaseException):
+        pass
+
+    def killed(path):
+        raise Killed(path)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(journal_module.os, "remove", killed)
+        with pytest.raises(Killed):
+            Journal(str(parts)).open()
+    assert (parts / "inflight-dead.log").exists()
+
+    second = Journal(str(parts))
+    second.open()
+    second.close()
+    assert (second.deaths("a.wav"), second.deaths("b.wav"), second.deaths("c.wav")) == (1, 0, 1)
+    assert sorted(os.listdir(parts)) == ["suspects.json"]
+    third = Journal(str(parts))
+    third.open()  # the record of counted logs is dropped once they are gone; the deaths stay
+    third.close()
+    assert third.deaths("a.wav") == 1
+    assert json.loads((parts / "suspects.json").read_text())["counted"] == []
+
+
+def test_suspects_written_by_an_older_version_are_read(tmp_path):
+    from batchcap.journal import Journal
+
+    parts = tmp_path / "o.parquet.parts"
+    parts.mkdir()
+    (parts / "suspects.json").write_text(json.dumps({"a.wav": 1, "format": 2}))
+    journal = Journal(str(parts))
+    journal.open()
+    journal.close()
+    assert journal.deaths("a.wav") == 1 and journal.deaths("format") == 2
+
+
+def test_each_row_of_an_item_done_alone_is_kept_at_once(tmp_path):
+    """Items in flight when a run died are done one at a time; each one's row is written before the next
+    starts, so a run killed again there does not lose them (the SIGKILL soak: 8 runs in a row made no
+    progress, and the first isolated item, killed twice, got a crashed row)."""
+    import pyarrow as pa
+
+    from batchcap.items import Item
+    from batchcap.job import Job, JobOptions
+    from batchcap.output import ResultStore
+    from batchcap.runner import run_job
+
+    out = str(tmp_path / "o.parquet")
+    parts = out + ".parts"
+    os.makedirs(parts)
+    with open(os.path.join(parts, "inflight-dead.log"), "w") as f:  # a run died with a, b, c in flight
+        f.write('+"a"\n+"b"\n+"c"\n')
+    written_before: dict[str, list[str]] = {}
+
+    class Pre:
+        def setup(self):
+            pass
+
+        def load(self, item, data):
+            return item.id
+
+        def size(self, value):
+            return 0.0
+
+    class Predictor:
+        def predict(self, batch):
+            for item_id in batch:  # what a kill at this moment would leave
+                written_before[item_id] = sorted(
+                    i for _, p in ResultStore(out)._part_files() for i in pa.parquet.read_table(p)["id"].to_pylist())
+            return batch
+
+    class Scorer:
+        kind, reserved_columns = "test", ("id", "status", "text")
+
+        def row(self, item, loaded, prediction, error):
+            return {"id": item.id, "status": error.status if error else "ok", "text": prediction}
+
+        def observe(self, row):
+            pass
+
+        def finalize_table(self, table):
+            return table
+
+        def summarize(self, table, wall):
+            return {}
+
+    import pyarrow.parquet  # noqa: F401
+
+    items = [Item(i, name, name, data=b"x") for i, name in enumerate("abcdef")]
+    job = Job(Pre(), Scorer(), Predictor, group=1)
+    run_job(items, job, out, JobOptions(batch_size=4, workers=1, fetch_workers=1), predictor=Predictor())
+    assert "a" in written_before["b"] and {"a", "b"} <= set(written_before["c"])
+    assert [r["id"] for r in rows_of(out)] == list("abcdef")

@@ -322,3 +322,24 @@ def test_temp_files_of_a_run_killed_while_writing_the_final_file_are_removed(tmp
     with ResultStore(out):
         pass
     assert [p.exists() for p in stale + kept] == [False, False, True, True]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002, 0o077])
+def test_atomic_write_gives_new_files_the_umask_mode(tmp_path, umask):
+    """Files batchcap writes get what any new file gets (0666 less the umask), not mkstemp's 0600: others
+    may read a result table where the umask lets them. Replacing a file keeps that rule too."""
+    import stat
+
+    from batchcap.fsutil import atomic_write
+
+    old = os.umask(umask)
+    try:
+        target = tmp_path / "out.csv"
+        atomic_write(str(target), "id\n1\n")
+        assert stat.S_IMODE(os.stat(target).st_mode) == 0o666 & ~umask
+        atomic_write(str(target), b"id\n2\n")
+        assert stat.S_IMODE(os.stat(target).st_mode) == 0o666 & ~umask
+        assert target.read_text() == "id\n2\n"
+        assert [p.name for p in tmp_path.iterdir()] == ["out.csv"]
+    finally:
+        os.umask(old)

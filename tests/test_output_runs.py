@@ -189,3 +189,34 @@ def test_disk_full_is_one_line_and_the_rerun_resumes(tiny_captioner, tmp_path, d
     code, output = run_cli(*cmd[3:])  # room again: the same command resumes
     assert code == 0, output
     assert len(rows_of(out)) == 3
+
+
+def test_summary_is_written_while_the_lock_is_held(tiny_captioner, tmp_path, monkeypatch):
+    """A second run starting right after the first's final file must not slip in before the first writes its
+    summary (it would then find a stale summary, and have its own overwritten by the older run's)."""
+    from batchcap import runner
+    from batchcap.items import FatalError
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    _image(folder / "a.png", 10)
+    out = tmp_path / "o.parquet"
+    seen: list[str] = []
+    write_summary = runner.write_summary
+
+    def second_run_starts_now(path, summary):
+        other = output_module.ResultStore(str(out))
+        try:
+            other.open()
+        except FatalError as exc:
+            seen.append(str(exc))
+        else:
+            other.close()
+            seen.append("the second run got the lock")
+        return write_summary(path, summary)
+
+    monkeypatch.setattr(runner, "write_summary", second_run_starts_now)
+    code, text = run_cli("images", str(folder), "-o", str(out), "--model", tiny_captioner, "--max-new-tokens", "3")
+    assert code == 0, text
+    assert len(seen) == 1 and "another batchcap run" in seen[0], seen
+    assert json.load(open(tmp_path / "o.summary.json"))["rows"] == 1
