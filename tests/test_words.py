@@ -268,3 +268,25 @@ def test_tiny_whisper_cross_attention_cache_gives_the_same_words_without_project
     plain = _align(tiny, states, prompts, tokens, frames)
     assert [[(w.word, w.start, w.end) for w in c] for c in cached] == [[(w.word, w.start, w.end) for w in c]
                                                                         for c in plain]
+
+
+def test_transcriber_live_window_cache_gives_the_words_of_the_full_states(tiny_whisper):
+    """What WhisperTranscriber hands over: its live-window encoder states and cross-attention cache
+    (the silent tail shared by the clips, batchcap's attention function) give the words the plain
+    states give."""
+    from batchcap.models.whisper import WhisperTranscriber
+
+    t = WhisperTranscriber(tiny_whisper, device="cpu", dtype="float32", language="en")
+    batch = [t.prepare(tone(d, seed=k)) for k, d in enumerate([1.5, 4.2])]
+    tokens = [t.tokenizer(x, add_special_tokens=False).input_ids for x in (" the lazy dog", " one two three four")]
+    frames = [math.ceil(p.duration_s * 50) for p in batch]
+    gen = t.model.generation_config
+    prompts = [[t.sot_id, gen.lang_to_id["<|en|>"], gen.task_to_id["transcribe"], gen.no_timestamps_token_id]] * 2
+    with torch.inference_mode():
+        states, cross = t._encode(batch, False)
+        assert cross is not None and cross.get_seq_length() < states.shape[1]  # live positions only
+        runs = [ww.align_words(t.model, states, prompts, tokens, frames, t.tokenizer, eot_id=t.eot_id,
+                               no_timestamps_id=gen.no_timestamps_token_id, cross_cache=c) for c in (cross, None)]
+    assert [[(w.word, w.start, w.end) for w in c] for c in runs[0]] == [[(w.word, w.start, w.end) for w in c]
+                                                                         for c in runs[1]]
+    assert all(runs[0])
