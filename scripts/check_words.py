@@ -74,11 +74,11 @@ def transcribe(t: WhisperTranscriber, clips: list[np.ndarray]) -> list[dict]:
     try:
         with torch.inference_mode(), t._autocast():
             states, cross = t._encode(batch, t.full_window)
-            _, _, no_speech = t._first_position(batch, states, cross)
+            languages, _, no_speech = t._first_position(batch, states, cross)
             durations = [p.duration_s for p in batch]
-            attempts = t._decode(states, cross, None, no_speech, durations, "greedy")
+            attempts = t._decode(states, cross, languages, no_speech, durations, "greedy")
             gen = t.model.generation_config
-            prompts = [[t.sot_id, int(gen.no_timestamps_token_id)] for _ in batch]  # English-only model
+            prompts = [p + [int(gen.no_timestamps_token_id)] for p in t._prompts(languages, len(batch))]
             per_segment = [segment_tokens(g, timestamp_begin=t.timestamp_begin, special=t._special_set,
                                           decode=t._decode_text) for g in recorded]
             text_tokens = [[x for seg in segs for x in seg] for segs in per_segment]
@@ -88,7 +88,10 @@ def transcribe(t: WhisperTranscriber, clips: list[np.ndarray]) -> list[dict]:
             for cache in (None, cross):  # projecting the encoder's keys again, or reading the decoder's cache
                 start = time.perf_counter()
                 runs.append(align_words(t.model, states, prompts, text_tokens, frames, t.tokenizer, eot_id=t.eot_id,
-                                        no_timestamps_id=int(gen.no_timestamps_token_id), cross_cache=cache))
+                                        no_timestamps_id=int(gen.no_timestamps_token_id), cross_cache=cache,
+                                        languages=languages))
+                if t.device.type == "cuda":
+                    torch.cuda.synchronize()
                 timings.append(time.perf_counter() - start)
             words = runs[1]
             differ = max((abs(x.start - y.start) for a, b in zip(*runs) for x, y in zip(a, b)), default=0.0)
@@ -114,6 +117,7 @@ def main() -> int:
     ap.add_argument("--pairs", type=int, default=20)
     ap.add_argument("--gap", type=float, default=1.0, help="seconds of silence between the two clips")
     ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--device", default="cpu")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", help="write the per-pair figures here")
     args = ap.parse_args()
@@ -132,7 +136,7 @@ def main() -> int:
         if len(candidates) >= 2 * args.pairs:
             break
     pairs = [(candidates[2 * k], candidates[2 * k + 1]) for k in range(len(candidates) // 2)]
-    t = WhisperTranscriber(args.model, device="cpu", dtype=args.dtype)
+    t = WhisperTranscriber(args.model, device=args.device, dtype=args.dtype, language="en")
     gap = np.zeros(int(args.gap * SAMPLE_RATE), dtype=np.float32)
     joined = [np.concatenate([a[1], gap, b[1]]) for a, b in pairs]
     singles = transcribe(t, [a[1] for a, _ in pairs] + [b[1] for _, b in pairs])

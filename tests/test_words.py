@@ -148,17 +148,22 @@ def test_words_of_languages_without_spaces_are_whole_characters(tiny_whisper):
 
 def test_words_go_to_their_segments_clamped_and_a_long_first_word_is_cut():
     # two segments (absolute times, clip at 10 s): tokens 0-2 and 3-4; the word at token 3 starts
-    # the second segment but DTW gave it the whole pause before it
+    # the second segment but DTW gave it the pause before it (which Whisper's times gave the segment)
     words = [WordTiming(" a", [1], 0.1, 0.4, 0.9, 0), WordTiming(" b", [2], 0.4, 0.7, 0.9, 1),
              WordTiming(" c.", [3, 4], 0.7, 1.0, 0.9, 2), WordTiming(" d", [5], 1.0, 3.3, 0.8, 3),
              WordTiming(" e", [6], 3.3, 3.6, 0.8, 4)]
-    segments = [Segment(10.0, 11.2, "a b c."), Segment(12.8, 13.8, "d e")]
+    segments = [Segment(10.0, 11.2, "a b c."), Segment(11.2, 13.8, "d e")]
     placed = ww.words_per_segment(words, [3, 2], segments, offset_s=10.0)
     assert [[w.word for w in seg] for seg in placed] == [[" a", " b", " c."], [" d", " e"]]
     first, second = placed
     assert (first[0].start, first[-1].end) == (10.1, 11.0)
     # " d" (2.3 s against a median of 0.3 s) starts at most 2 x 0.3 s before its end, then in its segment
-    assert second[0].start == pytest.approx(12.8) and second[0].end == pytest.approx(13.3)
+    assert second[0].start == pytest.approx(12.7) and second[0].end == pytest.approx(13.3)
+    assert second[1].start == pytest.approx(13.3) and second[1].end == pytest.approx(13.6)
+    # clamped into their segments: a segment that ends earlier cuts its words
+    cut = ww.words_per_segment(words, [3, 2], [Segment(10.2, 10.9, ""), Segment(11.2, 13.5, "")], offset_s=10.0)
+    assert [(w.start, w.end) for w in cut[0]] == [(10.2, 10.4), (10.4, 10.7), (10.7, 10.9)]
+    assert cut[1][-1].end == 13.5
     for seg, segment in zip(placed, segments):
         for w in seg:
             assert segment.start <= w.start <= w.end <= segment.end
@@ -285,8 +290,11 @@ def test_transcriber_live_window_cache_gives_the_words_of_the_full_states(tiny_w
     with torch.inference_mode():
         states, cross = t._encode(batch, False)
         assert cross is not None and cross.get_seq_length() < states.shape[1]  # live positions only
-        runs = [ww.align_words(t.model, states, prompts, tokens, frames, t.tokenizer, eot_id=t.eot_id,
-                               no_timestamps_id=gen.no_timestamps_token_id, cross_cache=c) for c in (cross, None)]
-    assert [[(w.word, w.start, w.end) for w in c] for c in runs[0]] == [[(w.word, w.start, w.end) for w in c]
-                                                                         for c in runs[1]]
+        live = cross.get_seq_length()
+        runs = [ww.align_words(t.model, states, prompts, tokens, n, t.tokenizer, eot_id=t.eot_id,
+                               no_timestamps_id=gen.no_timestamps_token_id, cross_cache=c)
+                for n in (frames, [live + 100] * 2) for c in (cross, None)]  # then past the live positions
+    assert max(frames) < live
+    for a, b in (runs[:2], runs[2:]):
+        assert [[(w.word, w.start, w.end) for w in c] for c in a] == [[(w.word, w.start, w.end) for w in c] for c in b]
     assert all(runs[0])

@@ -334,9 +334,16 @@ class _Capture:
 
     def keys_from_cache(self, cache: Any) -> None:
         """The keys of the layers whose projection did not run: the cross-attention cache's."""
+        from .attention import TAIL_ATTR
+
         for layer, wanted in self.layers.items():
-            if layer not in self.keys:
-                self.keys[layer] = cache.layers[layer].keys[:, wanted, :self.positions]
+            if layer in self.keys:
+                continue
+            keys = cache.layers[layer].keys
+            tail = getattr(keys, TAIL_ATTR, None)
+            if keys.shape[2] < self.positions and tail is not None:  # the clips reach into the shared tail
+                keys, _ = tail.full(keys, cache.layers[layer].values)
+            self.keys[layer] = keys[:, wanted, :self.positions]
 
     def scores(self, rows: list[int]) -> Any:
         """Attention logits [clips, heads, tokens, positions] of the clips ``rows``, in float32."""
@@ -485,14 +492,18 @@ def segment_tokens(generated: Sequence[int], *, timestamp_begin: int, special: A
 
 
 def words_per_segment(words: Sequence[WordTiming], token_counts: Sequence[int], segments: Sequence[Segment], *,
-                      offset_s: float = 0.0, last_speech_s: float | None = None) -> list[list[Word]]:
+                      offset_s: float = 0.0, last_speech_s: float = 0.0) -> list[list[Word]]:
     """A clip's words (from ``align_words``) handed to its segments: ``token_counts[k]`` text tokens
     of ``text_tokens`` belong to ``segments[k]`` (in order; the segments' times are absolute, the
     words' are from the clip's start, which is ``offset_s``). A word goes to the segment holding its
-    own first token. openai-whisper's fixes apply: a segment's first word that ends long after the
-    previous speech and is itself too long starts at most twice the median word length before its
-    end; a first (last) word reaching over half a second before (after) its segment starts (ends) at
-    the segment's time. Then every time is clamped into its segment and kept non-decreasing."""
+    own first token.
+
+    openai-whisper's fix for a pause swallowed by the word after it applies: a segment's first word
+    that ends over four median word lengths after the previous speech (``last_speech_s``, from the
+    clip's start, for the first segment) and is itself too long starts at most twice the median word
+    length (at most 1.4 s) before its end. Then every time is clamped into its segment and kept in
+    order (a word starts no earlier than the previous one ends): this also does what openai-whisper's
+    fixes for a first or last word reaching over half a second out of its segment do."""
     if len(token_counts) != len(segments):
         raise ValueError("one token count per segment")
     bounds = np.cumsum([0, *token_counts])
@@ -507,7 +518,7 @@ def words_per_segment(words: Sequence[WordTiming], token_counts: Sequence[int], 
     durations = durations[durations.nonzero()]
     median = min(0.7, float(np.median(durations))) if len(durations) else 0.0
     longest = 2 * median
-    last_speech = (segments[0].start - offset_s if segments else 0.0) if last_speech_s is None else last_speech_s
+    last_speech = last_speech_s
     out: list[list[Word]] = []
     previous_end = 0.0
     for segment, group in zip(segments, groups):
@@ -521,11 +532,6 @@ def words_per_segment(words: Sequence[WordTiming], token_counts: Sequence[int], 
                     boundary = max(times[1][1] / 2, times[1][1] - longest)
                     first[1] = times[1][0] = boundary
                 first[0] = max(0.0, first[1] - longest)
-            if seg_start < first[1] and seg_start - 0.5 > first[0]:
-                first[0] = max(0.0, min(first[1] - median, seg_start))
-            last = times[-1]
-            if seg_end > last[0] and seg_end + 0.5 < last[1]:
-                last[1] = max(last[0] + median, seg_end)
         placed: list[Word] = []
         for w, (start, end) in zip(group, times):
             start = min(max(start, seg_start, previous_end), seg_end)
