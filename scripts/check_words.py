@@ -118,6 +118,7 @@ def main() -> int:
     ap.add_argument("--gap", type=float, default=1.0, help="seconds of silence between the two clips")
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--full-window", action="store_true", help="the stock encoder over 30 s, not the live window")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", help="write the per-pair figures here")
     args = ap.parse_args()
@@ -136,7 +137,8 @@ def main() -> int:
         if len(candidates) >= 2 * args.pairs:
             break
     pairs = [(candidates[2 * k], candidates[2 * k + 1]) for k in range(len(candidates) // 2)]
-    t = WhisperTranscriber(args.model, device=args.device, dtype=args.dtype, language="en")
+    t = WhisperTranscriber(args.model, device=args.device, dtype=args.dtype, language="en",
+                           full_window=args.full_window)
     gap = np.zeros(int(args.gap * SAMPLE_RATE), dtype=np.float32)
     joined = [np.concatenate([a[1], gap, b[1]]) for a, b in pairs]
     singles = transcribe(t, [a[1] for a, _ in pairs] + [b[1] for _, b in pairs])
@@ -171,7 +173,8 @@ def main() -> int:
               f"within 0.3 s: {int((e <= 0.3).sum())}/{len(e)}  mean signed {np.mean(errors):+.3f}")
 
     if report:
-        print(f"{len(report)} pairs, gap {args.gap} s, {args.model}, dtype {args.dtype}")
+        print(f"{len(report)} pairs, gap {args.gap} s, {args.model}, dtype {args.dtype}"
+              f"{', full window' if args.full_window else ''}")
         summary("second clip's first word (raw)", [r["b_start_raw"] - r["b_onset"] for r in report])
         summary("second clip's first word (placed)", [r["b_start_placed"] - r["b_onset"] for r in report])
         summary("first clip's last word end (raw)", [r["a_end_raw"] - r["a_offset"] for r in report])

@@ -177,6 +177,8 @@ def test_default_alignment_heads_are_the_second_half_of_the_decoder():
     assert ww.model_alignment_heads(model) == [(2, 0), (2, 1), (3, 0), (3, 1)]
     model.generation_config.alignment_heads = [[1, 0], [3, 1]]
     assert ww.model_alignment_heads(model) == [(1, 0), (3, 1)]
+    model.generation_config.alignment_heads = [[7, 0], [9, 1]]  # a distilled model with its teacher's heads
+    assert ww.model_alignment_heads(model) == [(2, 0), (2, 1), (3, 0), (3, 1)]
 
 
 # --- the tiny random Whisper end to end ----------------------------------------------------------

@@ -59,12 +59,17 @@ def model_alignment_heads(model: Any) -> list[tuple[int, int]]:
     """``(layer, head)`` pairs of the decoder's cross-attention heads that follow the audio: the
     checkpoint's ``generation_config.alignment_heads``, else (as openai-whisper) every head of the
     second half of the decoder's layers."""
+    config = model.config
+    layers, per_layer = int(config.decoder_layers), int(config.decoder_attention_heads)
     gen = getattr(model, "generation_config", None)
     heads = getattr(gen, "alignment_heads", None) if gen is not None else None
     if heads:
-        return [(int(layer), int(head)) for layer, head in heads]
-    config = model.config
-    layers, per_layer = int(config.decoder_layers), int(config.decoder_attention_heads)
+        found = [(int(layer), int(head)) for layer, head in heads]
+        fitting = [(layer, head) for layer, head in found if 0 <= layer < layers and 0 <= head < per_layer]
+        if fitting:
+            return fitting
+        # e.g. a distilled checkpoint that kept its teacher's heads
+        log.warning("the checkpoint's alignment heads do not fit its %d decoder layers: using the default", layers)
     return [(layer, head) for layer in range(layers // 2, layers) for head in range(per_layer)]
 
 
@@ -379,8 +384,9 @@ def align_words(model: Any, states: Any, prompts: Sequence[Sequence[int]], text_
     from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
     n = len(prompts)
-    if not (len(text_tokens) == len(num_frames) == n):
-        raise ValueError("align_words needs one prompt, one token list and one frame count per clip")
+    if not (len(text_tokens) == len(num_frames) == n == states.shape[0]):
+        raise ValueError("align_words needs one row of states, one prompt, one token list and one frame count "
+                         "per clip")
     results: list[list[WordTiming]] = [[] for _ in range(n)]
     todo = [i for i in range(n) if len(text_tokens[i]) and int(num_frames[i]) > 0]
     if not todo:
