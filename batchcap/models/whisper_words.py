@@ -400,9 +400,10 @@ def align_words(model: Any, states: Any, prompts: Sequence[Sequence[int]], text_
     positions = min(states.shape[1], max(int(num_frames[i]) for i in todo))
     rows = [list(prompts[i]) + list(text_tokens[i]) + [eot_id] for i in todo_rows]
     width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), eot_id, dtype=torch.long, device=device)
+    padded = np.full((len(rows), width), eot_id, dtype=np.int64)  # the end token pads: the mask is causal
     for r, row in enumerate(rows):
-        ids[r, :len(row)] = torch.tensor(row, dtype=torch.long)
+        padded[r, :len(row)] = row
+    ids = torch.from_numpy(padded).to(device)
     sub = states if len(todo_rows) == n else states.index_select(0, torch.tensor(todo_rows, device=device))
     decoder = model.get_decoder()
     capture = _Capture(decoder, heads, positions)
