@@ -38,6 +38,7 @@ class AudioOptions(JobOptions):
     full_window: bool = False  # run the encoder over all 30 s for every clip (exact, slower)
     window_margin_s: float = 1.0  # otherwise: the encoder computes the clip plus this much padding
     timestamps: bool = True  # Whisper's timestamp tokens (segments with times); off: one segment per clip/window
+    word_timestamps: bool = False  # words with times in each segment (cross-attention alignment)
     normalize: str = "auto"  # auto | whisper | basic | none
     min_duration: float = 0.1
     silence_dbfs: float = -60.0
@@ -244,7 +245,7 @@ def load_transcriber(options: AudioOptions) -> Any:
                               language=options.language, task=options.task, num_beams=options.num_beams,
                               max_new_tokens=options.max_new_tokens, full_window=options.full_window,
                               window_margin_s=options.window_margin_s, guard=guard,
-                              timestamps=options.timestamps)
+                              timestamps=options.timestamps, word_timestamps=options.word_timestamps)
 
 
 def load_predictor(options: AudioOptions) -> WhisperPredictor:
@@ -252,8 +253,20 @@ def load_predictor(options: AudioOptions) -> WhisperPredictor:
 
 
 def _segment_rows(segments: Any) -> list[dict[str, Any]]:
-    return [s if isinstance(s, dict) else {"start": s.start, "end": s.end, "text": s.text}
-            for s in segments or []]
+    """Segments as table values: {start, end, text}, and ``words`` [{start, end, word, probability}] when
+    word timestamps were asked for."""
+    rows = []
+    for s in segments or []:
+        if isinstance(s, dict):
+            rows.append(s)
+            continue
+        row: dict[str, Any] = {"start": s.start, "end": s.end, "text": s.text}
+        if s.words is not None:
+            row["words"] = [{"start": w.start, "end": w.end, "word": w.word,
+                             "probability": None if w.probability is None else round(float(w.probability), 4)}
+                            for w in s.words]
+        rows.append(row)
+    return rows
 
 
 def _subtitle_writer(options: AudioOptions) -> Any:

@@ -167,6 +167,9 @@ def main() -> None:
 @click.option("--no-timestamps", is_flag=True,
               help="Decode without Whisper's timestamp tokens (a little faster): each clip, and each window of a "
                    "long recording, is then one segment. By default segments carry Whisper's own times.")
+@click.option("--word-timestamps", is_flag=True,
+              help="Give each segment its words with start, end and probability (cross-attention alignment, "
+                   "as openai-whisper's word_timestamps; one more decoder pass per batch).")
 @click.option("--no-fallback", is_flag=True,
               help="Do not redo suspect transcripts (full window, then temperatures 0.2-1.0); only flag them "
                    "(decode = unresolved).")

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from .models.whisper_timestamps import Segment, WindowResult, stitch
+from .models.whisper_timestamps import WindowResult, shift_segment, stitch
 from .vad import SAMPLE_RATE, Window
 
 log = logging.getLogger(__name__)
@@ -131,8 +131,7 @@ def transcribe_units(transcriber: Any, batch: Sequence[Any], batch_size: int,
                     continue
                 a = assemblies[unit.owner]
                 w = unit.window
-                segs = [Segment(round(s.start + w.start_s, 3), round(s.end + w.start_s, 3), s.text, s.words)
-                        for s in res.get("segments") or []]
+                segs = [shift_segment(s, w.start_s) for s in res.get("segments") or []]
                 a.windows.append(WindowResult(w.start_s, w.duration_s, res["text"], segs))
                 if res.get("language"):
                     a.languages[res["language"]] += w.duration_s

@@ -204,3 +204,44 @@ def test_a_clip_that_stopped_short_has_the_rest_of_its_audio_decoded(tiny_whispe
     # whatever the random model said about the rest follows the first segment's text
     assert rest and row["text"].startswith("Hello there ")
     assert row["text"].replace(" ", "") == "Hellothere" + "".join(s["text"] for s in rest).replace(" ", "")
+
+
+def test_word_timestamps_through_the_cli_short_clips_and_windows_of_a_long_recording(tiny_whisper, tmp_path):
+    """--word-timestamps: every segment of every row has words inside it, in time order, whose text makes the
+    segment's; a long recording's windows give words on the recording's clock (shifted with their window)."""
+    import json
+
+    import numpy as np
+    import soundfile as sf
+
+    from tests.conftest import write_audio
+    from tests.helpers import rows_of, run_cli
+
+    (tmp_path / "in").mkdir()
+    write_audio(tmp_path / "in" / "a.wav", 2.5, freq=300)
+    parts = [np.zeros(16000 * 20, np.float32)]  # 20 s of silence, then tones: the words come after 20 s
+    for i in range(6):
+        parts += [tone(4.0, freq=250 + 90 * i).astype(np.float32), np.zeros(16000 * 2, np.float32)]
+    sf.write(str(tmp_path / "in" / "b.wav"), np.concatenate(parts), 16000, subtype="PCM_16")
+    out = tmp_path / "out.parquet"
+    code, output = run_cli("audio", tmp_path / "in", "-o", out, "--model", tiny_whisper, "--language", "en",
+                           "--word-timestamps", "--no-fallback", "--write", "json")
+    assert code == 0, output
+    rows = rows_of(out)
+    assert [r["status"] for r in rows] == ["ok", "ok"] and rows[1]["duration_s"] > 50
+    with_words = 0
+    for row in rows:
+        every = []
+        for seg in row["segments"]:
+            words = list(seg["words"])
+            with_words += bool(words)
+            assert all(seg["start"] <= w["start"] <= w["end"] <= seg["end"] for w in words)
+            assert all(0 < w["probability"] <= 1 for w in words)
+            every += words
+        assert all(x["end"] <= y["start"] for x, y in zip(every, every[1:]))
+        # the words make the row's text (a word goes to the segment of its first token: the random model's
+        # words may run over a segment's end, real speech's end at its punctuation)
+        assert "".join(w["word"] for w in every).replace(" ", "") == row["text"].replace(" ", "")
+    assert with_words and all(s["start"] >= 19.0 for s in rows[1]["segments"])
+    saved = json.loads(next((tmp_path / "out.subtitles").glob("b*.json")).read_text())
+    assert saved["segments"][0]["words"][0]["start"] >= 19.0

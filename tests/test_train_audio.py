@@ -120,6 +120,8 @@ def test_outputs(data, trained):
     with open(os.path.join(trained, "report.html"), encoding="utf-8") as f:  # batchcap report's training page
         page = f.read()
     assert page.count("<polyline") == 3 and page.count('class="align mono"') == 6  # loss x2, WER; 6 val clips
+    # fine-tuned on text without times: batchcap audio decodes it without timestamp tokens
+    assert GenerationConfig.from_pretrained(trained).trained_without_timestamps is True
     # the adapter, and a plain merged Whisper checkpoint beside it
     assert os.path.isfile(os.path.join(trained, "adapter", "adapter_config.json"))
     for name in ("config.json", "model.safetensors", "generation_config.json", "preprocessor_config.json",

@@ -36,6 +36,7 @@ from .whisper_timestamps import (
     Segment,
     parse_generate_output,
     parse_timestamped,
+    shift_segment,
     unfinished_at,
     whole_clip,
 )
@@ -110,11 +111,12 @@ class WhisperTranscriber:
                  language: str | Sequence[str] | None = None, task: str = "transcribe", num_beams: int = 1,
                  max_new_tokens: int | None = None, full_window: bool = False, window_margin_s: float = 1.0,
                  attn_implementation: str | None = "sdpa", guard: g.GuardConfig | None = None,
-                 timestamps: bool = True):
+                 timestamps: bool = True, word_timestamps: bool = False):
         """``language``: one language for every clip ("es"), or the candidates detection picks from
         ("es,en" or ["es", "en"]); None detects among all. A clip's own ``Prepared.language`` wins.
         ``timestamps``: clips up to 30 s are decoded with Whisper's timestamp tokens (segments with
-        times, as openai-whisper decodes); off, each clip is one segment."""
+        times, as openai-whisper decodes); off, each clip is one segment. ``word_timestamps``: each
+        segment also gets its words with times, by cross-attention alignment (whisper_words.py)."""
         import torch
         from transformers import WhisperForConditionalGeneration, WhisperTokenizerFast
 
@@ -175,7 +177,11 @@ class WhisperTranscriber:
         self._not_text = ~self._text_mask
         self._not_text[self.eot_id] = False
         self._not_text_ids = self._not_text.nonzero()[:, 0]  # ~1,600 ids: cheaper to index than a full mask
+        if timestamps and getattr(gen, "trained_without_timestamps", False):
+            log.info("%s was fine-tuned on text without times: decoding without timestamp tokens", model)
+            timestamps = False
         self.timestamps = timestamps
+        self.word_timestamps = word_timestamps
         self.timestamp_begin = int(gen.no_timestamps_token_id) + 1
         self.last_timestamp = vocab - 1
         special = self._not_text.clone()
@@ -514,7 +520,7 @@ class WhisperTranscriber:
                                         g.temperature_label(temperature), temperature)
                 for k, attempt in zip(keep, attempts):
                     history[pending[k]].append(attempt)
-        results = []
+        results, kept = [], []
         for i, p in enumerate(batch):
             attempt = history[i][-1]
             decode = attempt.decode
@@ -536,7 +542,47 @@ class WhisperTranscriber:
                     result["text"], result["segments"] = self._parse(attempt.ids[:cut[0]], p.duration_s)
                     result["_resume_at"] = cut[1]
             results.append(result)
+            kept.append(attempt)
+        if self.word_timestamps:
+            self._add_words(batch, results, kept, states, cross, languages)
         return results
+
+    def _add_words(self, batch: list[Prepared], results: list[dict[str, Any]], kept: list[g.Attempt],
+                   states: Any, cross: Any, languages: list[str] | None) -> None:
+        """Words with times for each segment of ``results`` (in place), by aligning the decoder's
+        cross-attention over the clips' first-pass encoder states; one decoder pass for the batch."""
+        from .whisper_words import align_words, words_per_segment
+
+        gen = self.model.generation_config
+        no_ts = int(gen.no_timestamps_token_id)
+        prompts = [p if p[-1] == no_ts else p + [no_ts] for p in self._prompts(languages, len(batch))]
+        per_segment: list[list[list[int]]] = []
+        for p, res, attempt in zip(batch, results, kept):
+            ids: list[list[int]] = []
+            if res["text"] and attempt.ids is not None:
+                end = len(attempt.ids)
+                if res.get("_resume_at") is not None:  # the segments kept before the clip's rest
+                    end = unfinished_at(attempt.ids, timestamp_begin=self.timestamp_begin, eot_id=self.eot_id)[0]
+                if self.timestamps:
+                    parse_timestamped(attempt.ids[:end], timestamp_begin=self.timestamp_begin,
+                                      special=self._special_set, decode=self._decode_text,
+                                      duration_s=p.duration_s, token_ids=ids)
+                else:
+                    ids = [[t for t in attempt.ids if bool(self._text_mask[t])]]
+            per_segment.append(ids if len(ids) == len(res["segments"] or []) else [])
+        if not any(per_segment):
+            return
+        words = align_words(self.model, states, prompts, [[t for seg in ids for t in seg] for ids in per_segment],
+                            [math.ceil(p.duration_s * 50) for p in batch], self.tokenizer,
+                            eot_id=self.eot_id, no_timestamps_id=no_ts, languages=languages,
+                            cross_cache=cross.cross_attention_cache if hasattr(cross, "cross_attention_cache")
+                            else cross)
+        for res, ids, clip_words in zip(results, per_segment, words):
+            if not ids:
+                continue
+            for seg, seg_words in zip(res["segments"], words_per_segment(clip_words, [len(x) for x in ids],
+                                                                         res["segments"])):
+                seg.words = seg_words
 
     @staticmethod
     def _result(text: str, language: str, language_prob: float | None, decode: str, attempt: g.Attempt | None,
@@ -551,6 +597,8 @@ class WhisperTranscriber:
 
     # --- long recordings: transformers' sequential decoding, with its fallback -----------------
     def _long(self, batch: list[Prepared]) -> list[dict[str, Any]]:
+        if self.word_timestamps:
+            log.warning("--long-form sequential gives no word timestamps (batched long-form does)")
         lengths = [p.features.shape[-1] for p in batch]
         width = max(lengths)
         features = self._pad_stack(batch)
@@ -628,8 +676,7 @@ def _append_rest(result: dict[str, Any], rest: dict[str, Any], at_s: float) -> N
     """Add the transcript of a clip's rest (decoded from ``at_s`` seconds) to the clip's result."""
     if rest.get("text"):
         result["text"] = " ".join(t for t in (result["text"], rest["text"]) if t)
-        result["segments"] = list(result["segments"] or []) + [
-            Segment(round(s.start + at_s, 3), round(s.end + at_s, 3), s.text, s.words) for s in rest["segments"]]
+        result["segments"] = list(result["segments"] or []) + [shift_segment(s, at_s) for s in rest["segments"]]
         result["tokens"] = (result.get("tokens") or 0) + (rest.get("tokens") or 0)
     if rest.get("decode") != g.NO_SPEECH and g.severity(rest.get("decode") or g.GREEDY) > g.severity(
             result.get("decode") or g.GREEDY):  # the worst decoding of the clip's parts (silence is not one)

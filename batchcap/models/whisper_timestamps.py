@@ -126,6 +126,13 @@ def parse_timestamped(tokens: Sequence[int], *, timestamp_begin: int, special: C
     return text, out
 
 
+def shift_segment(segment: Segment, offset_s: float) -> Segment:
+    """``segment`` (and its words) moved ``offset_s`` seconds later."""
+    words = None if segment.words is None else [
+        Word(round(w.start + offset_s, 3), round(w.end + offset_s, 3), w.word, w.probability) for w in segment.words]
+    return Segment(round(segment.start + offset_s, 3), round(segment.end + offset_s, 3), segment.text, words)
+
+
 def whole_clip(text: str, duration_s: float, offset_s: float = 0.0) -> list[Segment]:
     """One segment for a transcript that came without times (e.g. sequential long-form text)."""
     text = text.strip()

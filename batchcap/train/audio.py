@@ -175,6 +175,8 @@ def finalize_generation_config(model: Any, setup: WhisperSetup) -> None:
         gen.language = setup.language
         gen.task = setup.task
     gen.return_timestamps = False
+    # trained on text without times: batchcap audio decodes it without timestamp tokens (see whisper.py)
+    gen.trained_without_timestamps = True
 
 
 def _load_base(model_name: str, dtype: Any = None) -> Any:
