@@ -221,31 +221,41 @@ def _synthetic_manifest(workdir: str, items: int, clips: int) -> str:
     return manifest
 
 
+ENGINES = {"local": {}, "local+passive": {"OMP_WAIT_POLICY": "PASSIVE"}, "ray": {}}  # name -> extra environment
+
+
 def compare_engines(label: str, manifest: str, model: str, runs: int, workdir: str,
                     overrides: dict[str, Any] | None = None) -> list[dict[str, Any]]:
-    """Local then Ray, ``runs`` times, each in a fresh process; items/s of each, the ratio, same texts?"""
+    """Local then Ray, ``runs`` times, each in a fresh process; items/s of each, the ratio, same texts?
+
+    ``local+passive`` is the local engine with OpenMP's passive wait, as the Ray engine's CPU replicas
+    run: the like-for-like comparison on a machine where other work takes the cores."""
     out = []
     for run in range(1, runs + 1):
         pair = {}
-        for engine in ("local", "ray"):
+        for engine, env in ENGINES.items():
             log.info("%s: engine %s, run %d of %d ...", label, engine, run, runs)
             path = os.path.join(workdir, f"{label}-{engine}-{run}.parquet")
-            pair[engine] = _sub(["--worker", "speed", engine, manifest, path, model, json.dumps(overrides or {})])
+            args = ["--worker", "speed", engine.split("+")[0], manifest, path, model, json.dumps(overrides or {})]
+            pair[engine] = _sub(args, env)
+            pair[engine]["engine"] = engine
             log.info("%s", json.dumps(pair[engine]))  # as it comes: a long benchmark cut short keeps its figures
             pair[engine]["texts"] = _texts(path)
-        same = pair["local"].pop("texts") == pair["ray"].pop("texts")
-        for engine in ("local", "ray"):
+        texts = {engine: pair[engine].pop("texts") for engine in ENGINES}
+        ray_rate = pair["ray"]["items_per_s"]
+        for engine in ENGINES:
             out.append({"clips": label, "run": run, **pair[engine],
-                        "ray/local": round(pair["ray"]["items_per_s"] / pair["local"]["items_per_s"], 3),
-                        "same_texts": same})
+                        "ray/this": round(ray_rate / pair[engine]["items_per_s"], 3),
+                        "same_texts_as_ray": texts[engine] == texts["ray"]})
     return out
 
 
 # --- driver ------------------------------------------------------------------------------------
 
-def _sub(args: list[str]) -> dict[str, Any]:
+def _sub(args: list[str], extra_env: dict[str, str] | None = None) -> dict[str, Any]:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p),
-               HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error", HF_HUB_DISABLE_PROGRESS_BARS="1")
+               HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error", HF_HUB_DISABLE_PROGRESS_BARS="1",
+               **(extra_env or {}))
     proc = subprocess.run([sys.executable, os.path.abspath(__file__), *args], env=env, capture_output=True,
                           text=True, check=False)
     if proc.returncode != 0:
@@ -323,7 +333,7 @@ def main() -> None:
             print(f"\nEngines on {args.ray_items} clips, batch 16, {os.cpu_count()} CPUs (real: {args.model} on "
                   f"{args.speech_manifest}; random: a tiny random Whisper on tones, the guard's retries on)")
             print(_table(speed, ["clips", "run", "engine", "items", "ok", "wall_s", "items_per_s", "first_row_s",
-                                 "ray/local", "same_texts", "wer"]))
+                                 "ray/this", "same_texts_as_ray", "wer"]))
         if args.many_items:
             from tests.tiny_whisper import make_tiny_whisper
 
