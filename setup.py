@@ -39,7 +39,7 @@ setup(
     extras_require={
         "train": ["peft>=0.13", "accelerate>=1.0", "matplotlib>=3.7"],
         "tiff": ["tifffile>=2023.1"],  # TIFFs Pillow cannot open (float samples, planar layouts)
-        "ray": ["ray[data]>=2.40", "pandas>=2"],
+        "ray": ["ray>=2.40"],
         "bench": ["faster-whisper>=1.0", "psutil>=5"],
         # inputs and outputs in object storage (fsspec backends)
         "s3": ["s3fs>=2024.6"],
@@ -48,7 +48,7 @@ setup(
         # everything the tests exercise (the Ray engine and both fine-tunes included)
         "dev": ["pytest>=8", "pytest-timeout>=2", "ruff>=0.6", "scikit-image>=0.22", "tifffile>=2023.1",
                 "pycocoevalcap>=1.2", "html5lib>=1.1", "peft>=0.13", "accelerate>=1.0", "matplotlib>=3.7",
-                "ray[data]>=2.40", "pandas>=2", "vermin>=1.6", "s3fs>=2024.6", "moto[server]>=5.1", "boto3>=1.34"],
+                "ray>=2.40", "vermin>=1.6", "s3fs>=2024.6", "moto[server]>=5.1", "boto3>=1.34"],
     },
     entry_points={"console_scripts": ["batchcap=batchcap.cli:main"]},
     classifiers=[

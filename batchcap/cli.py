@@ -64,7 +64,7 @@ def job_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--flush-every", type=click.IntRange(1), default=JobOptions.flush_rows, show_default=True,
                      help="Rows per part file: the most a crash can cost."),
         click.option("--engine", type=click.Choice(list(ENGINES)), default=JobOptions.engine, show_default=True,
-                     help="Run here, or on Ray Data (pip install 'batchcap[ray]')."),
+                     help="Run here, or on Ray (pip install 'batchcap[ray]')."),
         click.option("--ray-address", default=None,
                      help="Ray cluster address (default: a running cluster, else a local instance)."),
         click.option("--concurrency", type=click.IntRange(1), default=JobOptions.concurrency, show_default=True,

@@ -190,6 +190,36 @@ def echo_job(marker: str | None = None, kill_on: int = 2, loader: Any = None) ->
 RAY_OPTIONS = dict(engine="ray", batch_size=2, workers=2, quiet=True)
 
 
+class NamingPreprocessor(EchoPreprocessor):
+    def load(self, item: Item, data: bytes) -> dict[str, Any]:
+        return {**super().load(item, data), "id": item.id}
+
+
+class BatchEchoPredictor:
+    """Each text names the whole batch it was predicted in: rows show how items were batched."""
+
+    def predict(self, batch: list[dict[str, Any]]) -> list[str]:
+        names = ",".join(p["id"] for p in batch)
+        return [f"{p['duration_s']:.2f}s in [{names}]" for p in batch]
+
+
+def test_ray_batches_items_as_the_local_engine_does(tmp_path):
+    """Windows of batch x group items in input order, sorted by size inside: the same batches, so the
+    same rows, on both engines, across many windows and with failed items among them."""
+    items = []
+    for i in range(25):
+        path = write_audio(tmp_path / f"c{i:02d}.wav", 0.2 + 0.05 * ((i * 7) % 11))
+        items.append(Item(i, f"c{i:02d}", path))
+    items.insert(9, Item(25, "gone", str(tmp_path / "missing.wav")))
+    job = Job(NamingPreprocessor(), EchoScorer(), BatchEchoPredictor, group=2)
+    options = JobOptions(**{**RAY_OPTIONS, "batch_size": 3})  # windows of 6 items
+    remote = run_job(items, job, str(tmp_path / "ray.parquet"), options).output
+    local = run_job(items, job, str(tmp_path / "local.parquet"), JobOptions(batch_size=3, workers=2, quiet=True)).output
+    remote_rows, local_rows = read_table(remote).to_pylist(), read_table(local).to_pylist()
+    assert remote_rows == local_rows and len(local_rows) == 26
+    assert len({r["text"].split(" in ")[1] for r in local_rows if r["text"]}) == 9  # windows of 6, 6, 6, 6, 2
+
+
 def test_killed_replica_loses_and_duplicates_nothing(tmp_path):
     items = []
     for i in range(24):
@@ -218,12 +248,12 @@ def test_killed_replica_loses_and_duplicates_nothing(tmp_path):
     assert os.path.exists(tmp_path / "killed2")
 
 
-def test_each_replica_loads_the_model_once_for_the_whole_run(tmp_path, monkeypatch, caplog):
+def test_each_replica_loads_the_model_once_for_the_whole_run(tmp_path, caplog):
+    """20 items in windows of 4 (batch 2 x group 2): five windows, one model load."""
     items = []
     for i in range(20):
         path = write_audio(tmp_path / f"c{i:02d}.wav", 0.2 + 0.01 * i)
         items.append(Item(i, path, path))
-    monkeypatch.setattr(ray_engine, "CHUNK_ITEMS", 4)  # five chunks
     import logging
 
     with caplog.at_level(logging.INFO, logger="batchcap"):
@@ -256,28 +286,47 @@ def test_model_that_will_not_load_is_one_line(tmp_path):
     assert str(err.value) == "model directory not found: /models/nope"
 
 
+class FakeRay:
+    """Stands in for Ray in the driver's bookkeeping: every result is ready at once."""
+
+    def __init__(self, results: list[list[tuple[tuple[int, str], dict[str, Any]]]]):
+        self.results = results
+
+    def wait(self, refs: list[Any], num_returns: int) -> tuple[list[Any], list[Any]]:
+        return refs[:num_returns], refs[num_returns:]
+
+    def get(self, ref: Any) -> dict[str, Any]:
+        return {"rows": self.results.pop(0), "replica": (1, 1)}
+
+
 def test_driver_drops_duplicate_rows_and_resends_lost_items(monkeypatch):
     """The guard behind Ray's own retries: a row seen twice is yielded once, an item without a row is redone."""
-    sent: list[list[str]] = []
-
-    def fake_pipeline(ray_module, chunk, job, options, run, replicas):
-        sent.append([item.id for item in chunk])
-        for item in chunk[:-1] if len(sent) == 1 else chunk:  # the first pass loses its last item
-            for _ in range(2):  # ... and returns every other row twice
-                yield (item.index, item.id), {"id": item.id, "status": OK}
-
-    monkeypatch.setattr(ray_engine, "_pipeline", fake_pipeline)
     items = [Item(i, f"id{i}", f"s{i}") for i in range(5)]
-    rows = list(ray_engine._run_chunk(ray, items, echo_job(), JobOptions(), "run", None))
-    assert [r["id"] for r in rows] == ["id0", "id1", "id2", "id3", "id4"]
+    window = ray_engine._Window(items)
+    rows, missing = ray_engine.accept_rows(window, [((i.index, i.id), {"id": i.id}) for i in items[:4] * 2])
+    assert [r["id"] for r in rows] == ["id0", "id1", "id2", "id3"] and missing == [items[4]]
+
+    sent: list[list[str]] = []
+    replicas = ray_engine._Replicas.__new__(ray_engine._Replicas)
+    replicas.actors, replicas.in_flight, replicas.retry, replicas.loads = [None], {}, ray_engine.deque(), set()
+    replicas.busy = {0: 0}
+
+    def fake_send(self: Any, window: Any) -> None:
+        sent.append([item.id for item in window.items])
+        self.in_flight[len(sent)] = (window, 0)
+
+    monkeypatch.setattr(ray_engine._Replicas, "_send", fake_send)
+    first = [((i.index, i.id), {"id": i.id}) for i in items[:4] for _ in range(2)]  # loses id4, doubles the rest
+    replicas.ray = FakeRay([first, [((4, "id4"), {"id": "id4"})]])
+    out = list(replicas.submit(window)) + list(replicas.drain())
+    assert [r["id"] for r in out] == ["id0", "id1", "id2", "id3", "id4"]
     assert sent == [["id0", "id1", "id2", "id3", "id4"], ["id4"]]
 
-    def losing_pipeline(ray_module, chunk, job, options, run, replicas):
-        yield from ()
-
-    monkeypatch.setattr(ray_engine, "_pipeline", losing_pipeline)
+    sent.clear()
+    replicas.ray = FakeRay([[], []])  # nothing comes back, twice
     with pytest.raises(FatalError, match="5 item"):
-        list(ray_engine._run_chunk(ray, items, echo_job(), JobOptions(), "run", None))
+        list(replicas.submit(window)) + list(replicas.drain())
+    assert sent == [["id0", "id1", "id2", "id3", "id4"]] * 2
 
 
 def test_resume_after_driver_killed(tiny_whisper, tmp_path, ray_instance):

@@ -1,24 +1,34 @@
 """``--engine ray``: the same job on Ray, for a cluster of GPUs (or many CPUs).
 
-    driver:    items ─► chunks ─► Ray Data CPU stage ─► block refs ─► model replicas ─► rows ─► ResultStore
-    CPU tasks: fetch + preprocess (the job's model-free preprocessor) ─► blocks in the object store
-    replicas:  one model each, loaded ONCE for the whole run ─► predict ─► rows (the job's scorer)
+    driver:    items ─► windows (input order) ─► CPU tasks (a batch each) ─► refs ─► a replica ─► rows ─► ResultStore
+    CPU tasks: fetch + preprocess (the job's model-free preprocessor) ─► loaded items in the object store
+    replicas:  one model each, loaded ONCE for the whole run ─► sort the window by size ─► predict ─► rows
 
 What runs where:
 
-- The **driver** reads the inputs lazily and sends them in chunks (at most ``CHUNK_ITEMS`` items or
-  ``CHUNK_BYTES`` of embedded bytes), so it never holds the whole manifest; it writes rows with the
-  same store as the local engine, and the job's scorer sums up at the end. It loads no model.
-- **CPU tasks** (Ray Data ``map_batches``, one CPU each) fetch and preprocess items with the job's
-  preprocessor: decoding and feature extraction, no model weights (the feature extractor or image
-  processor is loaded once per worker process and run). A failed item becomes its row there.
+- The **driver** reads the inputs lazily and cuts the items not done yet into windows of
+  ``batch_size * group`` consecutive items, exactly as the local engine does; it keeps a few windows
+  in flight per replica, so it never holds the whole manifest. It writes rows with the same store as
+  the local engine, and the job's scorer sums up at the end. It loads no model.
+- **CPU tasks** (Ray tasks, one CPU each, ``batch_size`` items each, spread over the cluster) fetch
+  and preprocess items with the job's preprocessor: decoding and feature extraction, no model
+  weights (the feature extractor or image processor is loaded once per worker process). A failed item
+  becomes its row there. Their results stay in the object store of the node that made them.
 - **Model replicas** are long-lived Ray actors (``--concurrency`` of them, ``--num-gpus-per-replica``
-  each), created once per run: each loads the model once, however many chunks follow, and receives
-  blocks of preprocessed items by reference (the data goes from the CPU task's node to the replica
-  without passing through the driver), sorts each block by size and predicts it ``batch_size`` at a
-  time; a batch the model fails on is redone one item at a time (``stages.predict_batch``).
+  each), created once per run: each loads the model once, however many windows follow. A window goes
+  to one replica as the references of its CPU tasks' results (the data goes from the CPU tasks' nodes
+  to the replica without passing through the driver); the replica sorts the window by size and
+  predicts it ``batch_size`` at a time (the local engine's batches, so the same rows); a batch the
+  model fails on is redone one item at a time (``stages.predict_batch``). While a replica predicts one
+  window the next one is preprocessed and queued, so the model does not wait between windows.
+- **CPU threads**: Ray gives a worker one thread (``OMP_NUM_THREADS=1``); a replica without a GPU
+  sets PyTorch's threads to its node's CPUs divided by the replicas on that node, as the local engine
+  lets PyTorch use every core. Those cores are shared with the CPU tasks by design, so its OpenMP
+  threads wait passively (``OMP_WAIT_POLICY=PASSIVE``, unless the driver's environment sets it): a
+  thread that spins for a core another process holds made the model several times slower on a
+  loaded 2-core machine (20 clips of whisper-tiny.en: 83 s spinning, 13 s passive or one thread).
 
-Faults: replicas are restarted when their process dies (``MAX_RESTARTS``) and the block they held is
+Faults: replicas are restarted when their process dies (``MAX_RESTARTS``) and the window they held is
 redone (``MAX_TASK_RETRIES``); the driver drops any second row of an item and sends items that came
 back without a row once more, so no row is lost or duplicated. Row order: rows stream back in
 completion order, but the store writes the final file in input order, as the local engine does.
@@ -32,14 +42,13 @@ import functools
 import logging
 import math
 import os
-import pickle
 import time
 import uuid
+from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
-
-import numpy as np
 
 from ..fetch import FetchConfig, Fetcher
 from ..items import DECODE_ERROR, MODEL_ERROR, FatalError, Item, ItemError
@@ -49,13 +58,11 @@ from ..stages import Loaded, Preprocessor, Scorer, bare_row, load_item, make_row
 log = logging.getLogger(__name__)
 
 RAY_MISSING = "the ray engine needs Ray: pip install 'batchcap[ray]'"
-CHUNK_ITEMS = 4096  # items per Ray Data CPU pipeline (the driver holds one chunk)
-CHUNK_BYTES = 256 * 2**20  # ... or this much embedded media, whichever comes first
 LOAD_THREADS = 4  # threads per CPU task fetching + decoding (overlaps HTTP waits)
 MAX_RESTARTS = 3  # a replica whose process dies is restarted this often (bounded: a crash per item can't loop)
-MAX_TASK_RETRIES = 3  # ... and the block it held redone
-IN_FLIGHT_PER_REPLICA = 2  # blocks sent to a replica before its first comes back (bounds the object store)
-MISSING_RETRIES = 1  # items of a chunk that came back without a row are sent again this often
+MAX_TASK_RETRIES = 3  # ... and the window it held redone
+IN_FLIGHT_PER_REPLICA = 2  # windows sent to a replica and not yet back: one predicting, one ready behind it
+MISSING_RETRIES = 1  # items of a window that came back without a row are sent again this often
 
 Key = tuple[int, str]  # (input index, id): what identifies an item's row in the driver
 
@@ -63,7 +70,6 @@ Key = tuple[int, str]  # (input index, id): what identifies an item's row in the
 def _import_ray() -> Any:
     try:
         import ray
-        import ray.data  # noqa: F401  (ray without its data extra has no ray.data)
     except ImportError as exc:
         raise FatalError(RAY_MISSING) from exc
     return ray
@@ -74,19 +80,22 @@ def _connect(ray: Any, options: JobOptions) -> bool:
     if ray.is_initialized():
         return False
     address = options.ray_address or None
-    try:
-        ray.init(address=address, ignore_reinit_error=True, logging_level=logging.WARNING)
+    try:  # a local instance this run starts (and stops) needs no dashboard: two processes fewer on the CPUs
+        ray.init(address=address, ignore_reinit_error=True, logging_level=logging.WARNING, include_dashboard=False)
     except (ConnectionError, ValueError, RuntimeError) as exc:
         raise FatalError(f"cannot connect to Ray at {address or 'a local instance'}: {exc}") from exc
     return True
 
 
-def _quiet_ray_data(ray: Any, options: JobOptions) -> None:
-    """batchcap shows its own progress: Ray Data's bars and per-operator logs only on request."""
-    context = ray.data.DataContext.get_current()
-    context.enable_progress_bars = bool(options.progress) and not options.quiet
-    if not log.isEnabledFor(logging.DEBUG):
-        logging.getLogger("ray.data").setLevel(logging.WARNING)
+@dataclass
+class _Window:
+    """Consecutive items (input order) the replica sorts by size and cuts into batches, as the local engine."""
+
+    items: list[Item]
+    attempt: int = 0
+
+    def keys(self) -> dict[Key, Item]:
+        return {(item.index, item.id): item for item in self.items}
 
 
 def stream_rows(items: Iterable[Item], job: Job, options: JobOptions, done: set[str],
@@ -94,29 +103,31 @@ def stream_rows(items: Iterable[Item], job: Job, options: JobOptions, done: set[
     """One row per item not in ``done``, None per item that is (as ``engines.local.stream_rows``)."""
     ray = _import_ray()
     started = _connect(ray, options)
-    _quiet_ray_data(ray, options)
-    run = uuid.uuid4().hex  # CPU workers cache their preprocessor under this name for the run
-    log.info("ray engine: %d model replica(s), %g GPU each, chunks of %d items", options.concurrency,
-             options.num_gpus_per_replica, CHUNK_ITEMS)
-    replicas = _Replicas(ray, job, options)
+    size = max(1, options.batch_size) * max(1, job.group)
+    replicas: _Replicas | None = None
     try:
         _check_gpus(ray, options, started)
-        chunk: list[Item] = []
-        size = 0
+        window: list[Item] = []
         for item in items:
             order[item.id] = item.index
             if item.id in done:
                 yield None
                 continue
-            chunk.append(item)
-            size += len(item.data or b"")
-            if len(chunk) >= CHUNK_ITEMS or size >= CHUNK_BYTES:
-                yield from _run_chunk(ray, chunk, job, options, run, replicas)
-                chunk, size = [], 0
-        if chunk:
-            yield from _run_chunk(ray, chunk, job, options, run, replicas)
+            if replicas is None:  # the models load while the first windows are read and preprocessed
+                log.info("ray engine: %d model replica(s), %g GPU each, windows of %d items", options.concurrency,
+                         options.num_gpus_per_replica, size)
+                replicas = _Replicas(ray, job, options)
+            window.append(item)
+            if len(window) >= size:
+                yield from replicas.submit(_Window(window))
+                window = []
+        if window and replicas is not None:
+            yield from replicas.submit(_Window(window))
+        if replicas is not None:
+            yield from replicas.drain()
     finally:
-        replicas.close()
+        if replicas is not None:
+            replicas.close()
         if started:
             ray.shutdown()
 
@@ -135,92 +146,99 @@ def _check_gpus(ray: Any, options: JobOptions, local: bool) -> None:
         log.warning("%s: the replicas wait until the cluster has GPUs (autoscaling)", message)
 
 
-def _run_chunk(ray: Any, chunk: list[Item], job: Job, options: JobOptions, run: str,
-               replicas: _Replicas) -> Iterator[dict[str, Any]]:
-    pending: dict[Key, Item] = {(item.index, item.id): item for item in chunk}
-    for attempt in range(MISSING_RETRIES + 1):
-        if attempt:
-            log.warning("%d item(s) came back from Ray without a row; sending them again", len(pending))
-        for key, row in _pipeline(ray, list(pending.values()), job, options, run, replicas):
-            if pending.pop(key, None) is None:  # a block done twice (a retried replica): keep the first row
-                log.debug("dropping a second row for %s", key)
-                continue
-            yield row
-        if not pending:
-            return
-    raise FatalError(f"{len(pending)} item(s) got no row from the Ray pipeline (e.g. {next(iter(pending))[1]}); "
-                     "rows done so far are kept: run the same command again to resume")
-
-
-def _pipeline(ray: Any, chunk: list[Item], job: Job, options: JobOptions, run: str,
-              replicas: _Replicas) -> Iterator[tuple[Key, dict[str, Any]]]:
-    """The chunk's CPU stage on Ray Data; its output blocks go to the replicas by reference."""
-    batch_size = max(1, options.batch_size)
-    window = batch_size * max(1, job.group)  # a replica sorts each block by size: blocks of a sorting window
-    records = [{"index": item.index, "id": item.id, "item": pickle.dumps(item, protocol=5)} for item in chunk]
-    ds = ray.data.from_items(records, override_num_blocks=max(1, min(len(records), math.ceil(len(records) / window))))
-    ds = ds.map_batches(_load_batch, fn_args=(run, job.preprocessor, job.scorer, options.fetch),
-                        batch_size=window, batch_format="numpy", num_cpus=1)
-    try:
-        for bundle in ds.iter_internal_ref_bundles():
-            for block_ref in bundle.block_refs:
-                yield from replicas.submit(block_ref)
-        yield from replicas.drain()
-    except FatalError:
-        raise
-    except Exception as exc:
-        raise _fatal(exc) from exc
+def accept_rows(window: _Window, rows: Iterable[tuple[Key, dict[str, Any]]]) -> tuple[list[dict[str, Any]], list[Item]]:
+    """A window's rows, each item's first only, and the items that came back without one."""
+    pending = window.keys()
+    kept = []
+    for key, row in rows:
+        if pending.pop(key, None) is None:  # a second row (a redone window) or a stranger: keep the first
+            log.debug("dropping a second row for %s", key)
+            continue
+        kept.append(row)
+    return kept, list(pending.values())
 
 
 class _Replicas:
-    """The run's model replicas: Ray actors created on first use and kept for the whole run."""
+    """The run's model replicas (Ray actors kept for the whole run) and the windows in flight to them."""
 
     def __init__(self, ray: Any, job: Job, options: JobOptions):
         self.ray, self.job, self.options = ray, job, options
-        self.actors: list[Any] = []
-        self.in_flight: list[Any] = []
-        self.next = 0
+        self.batch = max(1, options.batch_size)
+        gpus = options.num_gpus_per_replica
+        count = max(1, options.concurrency)
+        nodes = max(1, sum(1 for node in ray.nodes() if node.get("Alive") and node.get("Resources", {}).get("CPU")))
+        share = 1 if gpus else math.ceil(count / nodes)  # CPU replicas spread evenly: this many per node
+        extra: dict[str, Any] = {}
+        if not gpus and "OMP_WAIT_POLICY" not in os.environ:  # set before the replica's process loads OpenMP
+            extra["runtime_env"] = {"env_vars": {"OMP_WAIT_POLICY": "PASSIVE"}}
+        remote = ray.remote(_ModelReplica).options(
+            num_cpus=0 if gpus else 1, num_gpus=gpus or 0, max_restarts=MAX_RESTARTS,
+            max_task_retries=MAX_TASK_RETRIES, scheduling_strategy="DEFAULT" if gpus else "SPREAD", **extra)
+        self.actors = [remote.remote(job, options.batch_size, gpus, share) for _ in range(count)]
+        run = uuid.uuid4().hex  # CPU workers keep their preprocessor under this name for the run
+        self.context = ray.put((run, job.preprocessor, job.scorer, options.fetch))
+        self.load = ray.remote(_load_part).options(num_cpus=1)
+        self.in_flight: dict[Any, tuple[_Window, Any]] = {}  # result ref -> (window, actor)
+        self.busy: dict[int, int] = {i: 0 for i in range(count)}
+        self.retry: deque[_Window] = deque()
         self.loads: set[tuple[int, int]] = set()  # (pid, load time in ns) of every model load seen
 
-    def _start(self) -> None:
-        gpus = self.options.num_gpus_per_replica
-        remote = self.ray.remote(_ModelReplica).options(
-            num_cpus=0 if gpus else 1, num_gpus=gpus or 0, max_restarts=MAX_RESTARTS,
-            max_task_retries=MAX_TASK_RETRIES)
-        self.actors = [remote.remote(self.job, self.options.batch_size, gpus)
-                       for _ in range(max(1, self.options.concurrency))]
+    def submit(self, window: _Window) -> Iterator[dict[str, Any]]:
+        """Send the window (its CPU tasks now; its replica gets it as soon as they are done), after
+        making room; yields the rows of windows that came back meanwhile."""
+        yield from self._make_room()
+        self._send(window)
 
-    def submit(self, block_ref: Any) -> Iterator[tuple[Key, dict[str, Any]]]:
-        if not self.actors:
-            self._start()
-        actor = self.actors[self.next % len(self.actors)]
-        self.next += 1
-        self.in_flight.append(actor.predict_block.remote(block_ref))
+    def drain(self) -> Iterator[dict[str, Any]]:
+        while self.in_flight or self.retry:
+            if self.retry:
+                yield from self._make_room()
+                self._send(self.retry.popleft())
+            else:
+                yield from self._collect()
+
+    def _make_room(self) -> Iterator[dict[str, Any]]:
         while len(self.in_flight) >= IN_FLIGHT_PER_REPLICA * len(self.actors):
-            yield from self._collect(1)
+            yield from self._collect()
 
-    def drain(self) -> Iterator[tuple[Key, dict[str, Any]]]:
-        while self.in_flight:
-            yield from self._collect(1)
+    def _send(self, window: _Window) -> None:
+        parts = [self.load.remote(window.items[start:start + self.batch], self.context)
+                 for start in range(0, len(window.items), self.batch)]
+        target = min(self.busy, key=lambda i: (self.busy[i], i))  # the replica with the fewest windows
+        self.busy[target] += 1
+        self.in_flight[self.actors[target].predict_window.remote(*parts)] = (window, target)
 
-    def _collect(self, n: int) -> Iterator[tuple[Key, dict[str, Any]]]:
-        ready, self.in_flight = self.ray.wait(self.in_flight, num_returns=n)
-        for ref in ready:
-            result = self.ray.get(ref)
+    def _collect(self) -> Iterator[dict[str, Any]]:
+        try:
+            ready, _ = self.ray.wait(list(self.in_flight), num_returns=1)
+            results = [(ref, self.ray.get(ref)) for ref in ready]
+        except FatalError:
+            raise
+        except Exception as exc:  # a model that won't load, a replica that died too often: one line
+            raise _fatal(exc) from exc
+        for ref, result in results:
+            window, target = self.in_flight.pop(ref)
+            self.busy[target] -= 1
             self.loads.add(result["replica"])
-            for index, item_id, payload in zip(result["index"], result["id"], result["row"]):
-                yield (int(index), str(item_id)), pickle.loads(payload)
+            rows, missing = accept_rows(window, result["rows"])
+            yield from rows
+            if missing:
+                if window.attempt >= MISSING_RETRIES:
+                    raise FatalError(f"{len(missing)} item(s) got no row from the Ray pipeline (e.g. "
+                                     f"{missing[0].id}); rows done so far are kept: run the same command again "
+                                     "to resume")
+                log.warning("%d item(s) came back from Ray without a row; sending them again", len(missing))
+                self.retry.append(_Window(missing, window.attempt + 1))
 
     def close(self) -> None:
-        if self.actors:
-            log.info("ray engine: %d model load(s) in %d replica(s) for the whole run", len(self.loads),
-                     len(self.actors))
+        log.info("ray engine: %d model load(s) in %d replica(s) for the whole run", len(self.loads),
+                 len(self.actors))
         for actor in self.actors:
             try:
                 self.ray.kill(actor)
             except Exception:  # noqa: BLE001 - already gone
                 pass
-        self.actors, self.in_flight = [], []
+        self.actors, self.in_flight = [], {}
 
 
 def _fatal(exc: BaseException) -> FatalError:
@@ -241,14 +259,16 @@ def _fatal(exc: BaseException) -> FatalError:
                       "rows done so far are kept: run the same command again to resume")
 
 
-# --- CPU stage: fetch + preprocess, no model -----------------------------------------------------
+# --- CPU tasks: fetch + preprocess, no model -----------------------------------------------------
 
 _WORKER_STATE: dict[str, tuple[Preprocessor, Fetcher, ThreadPoolExecutor]] = {}
+
+Part = list[tuple[Key, float, Any]]  # per item: its key, its size, and its Loaded (ready) or its row (failed: size -1)
 
 
 def _worker_state(run: str, preprocessor: Preprocessor, fetch_config: FetchConfig
                   ) -> tuple[Preprocessor, Fetcher, ThreadPoolExecutor]:
-    """This process's preprocessor, fetcher and threads for the run (kept from its first batch)."""
+    """This process's preprocessor, fetcher and threads for the run (kept from its first task)."""
     state = _WORKER_STATE.get(run)
     if state is None:
         for _, fetcher, pool in _WORKER_STATE.values():  # an earlier run's
@@ -263,88 +283,86 @@ def _worker_state(run: str, preprocessor: Preprocessor, fetch_config: FetchConfi
     return state
 
 
-def _load_one(preprocessor: Preprocessor, scorer: Scorer, fetcher: Fetcher, item: Item) -> tuple[bool, float, bytes]:
-    """(ready for the model, size, payload): the pickled Loaded, or the item's error row."""
+def _load_one(preprocessor: Preprocessor, scorer: Scorer, fetcher: Fetcher, item: Item) -> tuple[Key, float, Any]:
+    """(key, size, the Loaded ready for the model) or (key, -1, the item's row)."""
+    key = (item.index, item.id)
     try:
         loaded = load_item(preprocessor, fetcher, item)
         if loaded.ok:
             try:
-                return True, float(preprocessor.size(loaded.value)), pickle.dumps(loaded, protocol=5)
-            except Exception as exc:  # a size() or pickling bug is this item's row, like a decode bug
+                return key, float(preprocessor.size(loaded.value)), loaded
+            except Exception as exc:  # a size() bug is this item's row, like a decode bug
                 log.debug("preparing %s for the model failed", item.source, exc_info=True)
                 loaded = Loaded(item, error=ItemError(DECODE_ERROR, f"{type(exc).__name__}: {exc}"),
                                 http_status=loaded.http_status)
-        return False, 0.0, pickle.dumps(make_row(scorer, loaded), protocol=5)
+        return key, -1.0, make_row(scorer, loaded)
     except Exception as exc:  # even building the row failed: still one row for the item
         log.debug("loading %s failed", item.source, exc_info=True)
-        return False, 0.0, pickle.dumps(bare_row(item, DECODE_ERROR, exc), protocol=5)
+        return key, -1.0, bare_row(item, DECODE_ERROR, exc)
 
 
-def _load_batch(batch: dict[str, np.ndarray], run: str, preprocessor: Preprocessor, scorer: Scorer,
-                fetch_config: FetchConfig) -> dict[str, np.ndarray]:
+def _load_part(items: list[Item], context: tuple[str, Preprocessor, Scorer, FetchConfig]) -> Part:
+    """A Ray task: one batch of a window, fetched and preprocessed (the results travel as one object,
+    numpy arrays out of band: no second pickling)."""
+    run, preprocessor, scorer, fetch_config = context
     preprocessor, fetcher, pool = _worker_state(run, preprocessor, fetch_config)
-    items = [pickle.loads(payload) for payload in batch["item"]]
-    loaded = list(pool.map(functools.partial(_load_one, preprocessor, scorer, fetcher), items))
-    return {
-        "index": np.asarray(batch["index"], dtype=np.int64),
-        "id": np.asarray(batch["id"], dtype=object),
-        "ready": np.array([r for r, _, _ in loaded], dtype=bool),
-        "size": np.array([s for _, s, _ in loaded], dtype=np.float64),
-        "payload": _objects([p for _, _, p in loaded]),
-    }
+    return list(pool.map(functools.partial(_load_one, preprocessor, scorer, fetcher), items))
 
 
 # --- model replicas --------------------------------------------------------------------------------
 
 class _ModelReplica:
-    """One model for the whole run: blocks of preprocessed items in, rows out."""
+    """One model for the whole run: windows of preprocessed items in, rows out."""
 
-    def __init__(self, job: Job, batch_size: int, gpus: float):
+    def __init__(self, job: Job, batch_size: int, gpus: float, share: int = 1):
         _quiet_worker()
         if not gpus:  # Ray leaves every GPU visible to an actor that reserved none: don't pile onto GPU 0
             os.environ["CUDA_VISIBLE_DEVICES"] = ""
+            _cpu_threads(share)
         started = time.time()
         self.job = job
         self.predictor = job.load_predictor()
         self.identity = (os.getpid(), time.time_ns())
-        self.batch_size = batch_size
+        self.batch_size = max(1, batch_size)
         log.info("model replica (pid %d) loaded in %.1f s", os.getpid(), time.time() - started)
 
-    def predict_block(self, block: Any) -> dict[str, Any]:
-        from ray.data.block import BlockAccessor
-
-        batch = BlockAccessor.for_block(block).to_batch_format("numpy")
-        rows: dict[int, bytes] = {}
-        ready: list[tuple[int, float, Loaded]] = []
-        for position, (is_ready, size, payload) in enumerate(zip(batch["ready"], batch["size"], batch["payload"])):
-            if not is_ready:
-                rows[position] = payload  # an error row from the CPU stage
-                continue
-            try:
-                ready.append((position, float(size), pickle.loads(payload)))
-            except Exception as exc:
-                rows[position] = pickle.dumps(bare_row(_stub(batch, position), MODEL_ERROR, exc), protocol=5)
-        ready.sort(key=lambda entry: entry[1])  # stable: ties keep input order
+    def predict_window(self, *parts: Part) -> dict[str, Any]:
+        rows: list[tuple[Key, dict[str, Any]]] = []
+        ready: list[tuple[float, int, Key, Loaded]] = []
+        for position, (key, size, value) in enumerate(entry for part in parts for entry in part):
+            if size < 0:
+                rows.append((key, value))  # an error row from the CPU task
+            else:
+                ready.append((size, position, key, value))
+        ready.sort(key=lambda entry: (entry[0], entry[1]))  # by size; ties keep input order (as the local engine)
         for start in range(0, len(ready), self.batch_size):
             group = ready[start:start + self.batch_size]
-            rows_out = predict_batch(self.predictor, self.job.scorer, [loaded for _, _, loaded in group])
-            for (position, _, _), row in zip(group, rows_out):
-                rows[position] = pickle.dumps(row, protocol=5)
-        return {"index": [int(i) for i in batch["index"]], "id": [str(i) for i in batch["id"]],
-                "row": [rows[p] for p in range(len(batch["payload"]))], "replica": self.identity}
+            try:
+                out = list(predict_batch(self.predictor, self.job.scorer, [loaded for _, _, _, loaded in group]))
+            except FatalError:
+                raise
+            except Exception as exc:  # a scorer bug: still one row per item
+                out = [bare_row(loaded.item, MODEL_ERROR, exc) for _, _, _, loaded in group]
+            rows.extend((key, row) for (_, _, key, _), row in zip(group, out))
+        return {"rows": rows, "replica": self.identity}
+
+
+def _cpu_threads(share: int) -> None:
+    """PyTorch threads for a replica without a GPU: its node's CPUs over the replicas there (Ray set 1)."""
+    try:
+        import ray
+        import torch
+
+        node = ray.get_runtime_context().get_node_id()
+        cpus = next((n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("NodeID") == node), 0)
+        threads = max(1, min(os.cpu_count() or 1, int(cpus or os.cpu_count() or 1)) // max(1, share))
+        torch.set_num_threads(threads)
+        log.debug("model replica: %d PyTorch thread(s)", threads)
+    except Exception:  # noqa: BLE001 - a guess at speed only: Ray's default stays
+        log.debug("could not set the replica's threads", exc_info=True)
 
 
 def _quiet_worker() -> None:
     """No model-loading progress bars from every worker in the driver's log."""
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-
-
-def _objects(values: list[Any]) -> np.ndarray:
-    out = np.empty(len(values), dtype=object)
-    out[:] = values
-    return out
-
-
-def _stub(batch: dict[str, np.ndarray], position: int) -> Item:
-    return Item(int(batch["index"][position]), str(batch["id"][position]), "")
