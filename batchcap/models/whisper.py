@@ -378,13 +378,13 @@ class WhisperTranscriber:
         generated = tokens[:, begin:]
         counts = self._text_mask[generated].sum(-1).tolist()
         ended = (generated == self.eot_id).any(-1).tolist()
+        rows = generated.tolist()
         repeated = [d for d in durations for _ in range(samples)]
-        parsed = [self._parse(row, d) for row, d in zip(generated.tolist(), repeated)]
+        parsed = [self._parse(row, d) for row, d in zip(rows, repeated)]
         if recorder is not None:
             logprobs = recorder.finish(tokens)
         else:
             logprobs = self._rescore(states, prompts, generated)
-        rows = generated.tolist()
         attempts = [g.Attempt(text, c, lp, no_speech[i // samples], label, segments=segments,
                               ran_out=loop_cut and not end, ids=_before(rows[i], self.eot_id))
                     for i, ((text, segments), c, lp, end) in enumerate(zip(parsed, counts, logprobs, ended))]
