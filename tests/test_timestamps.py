@@ -245,3 +245,21 @@ def test_word_timestamps_through_the_cli_short_clips_and_windows_of_a_long_recor
     assert with_words and all(s["start"] >= 19.0 for s in rows[1]["segments"])
     saved = json.loads(next((tmp_path / "out.subtitles").glob("b*.json")).read_text())
     assert saved["segments"][0]["words"][0]["start"] >= 19.0
+
+
+def test_beam_search_with_timestamps(tiny_whisper):
+    """Beam search takes the same timestamp rules (its rows are clips x beams) and is rescored per clip."""
+    from batchcap.models.whisper import WhisperTranscriber
+
+    t = WhisperTranscriber(tiny_whisper, device="cpu", language="en", num_beams=2,
+                           guard=g.GuardConfig(fallback=False))
+    seen = _record(t)
+    durations = [0.8, 2.5]
+    rows = t.transcribe([t.prepare(tone(d, freq=350 + 200 * i)) for i, d in enumerate(durations)])
+    for row, generated, duration in zip(rows, seen[0], durations):
+        body = generated[:generated.index(t.eot_id)] if t.eot_id in generated else generated
+        times = [(tok - t.timestamp_begin) * 0.02 for tok in body if tok >= t.timestamp_begin]
+        assert body[0] >= t.timestamp_begin and times == sorted(times)
+        assert times[-1] <= math.ceil(duration / 0.02) * 0.02 + 1e-9
+        assert row["decode"] in (g.BEAM, g.UNRESOLVED) and row["avg_logprob"] is not None
+        assert all(0 <= s.start <= s.end <= duration for s in row["segments"])
