@@ -7,8 +7,9 @@
 What runs where:
 
 - The **driver** reads the inputs lazily and cuts the items not done yet into windows of
-  ``batch_size * group`` consecutive items, exactly as the local engine does; it keeps a few windows
-  in flight per replica, so it never holds the whole manifest. It writes rows with the same store as
+  ``batch_size * group`` input positions, as the local engine does (which also loads a partly done
+  window's done items as batch partners; Ray does not, so a resumed Ray run may batch differently);
+  it keeps a few windows in flight per replica, so it never holds the whole manifest. It writes rows with the same store as
   the local engine, and the job's scorer sums up at the end. It loads no model.
 - **CPU tasks** (Ray tasks, one CPU each, ``batch_size`` items each, spread over the cluster) fetch
   and preprocess items with the job's preprocessor: decoding and feature extraction, no model
@@ -117,10 +118,11 @@ def stream_rows(items: Iterable[Item], job: Job, options: JobOptions, done: set[
                 log.info("ray engine: %d model replica(s), %g GPU each, windows of %d items", options.concurrency,
                          options.num_gpus_per_replica, size)
                 replicas = _Replicas(ray, job, options)
-            window.append(item)
-            if len(window) >= size:
+            # windows of input positions (Item.index // size), as the local engine cuts them
+            if window and (item.index // size != window[0].index // size or len(window) >= size):
                 yield from replicas.submit(_Window(window))
                 window = []
+            window.append(item)
         if window and replicas is not None:
             yield from replicas.submit(_Window(window))
         if replicas is not None:
