@@ -9,8 +9,8 @@ What runs where:
 - The **driver** reads the inputs lazily and cuts the items not done yet into windows of
   ``batch_size * group`` input positions, as the local engine does (which also loads a partly done
   window's done items as batch partners; Ray does not, so a resumed Ray run may batch differently);
-  it keeps a few windows in flight per replica, so it never holds the whole manifest. It writes rows with the same store as
-  the local engine, and the job's scorer sums up at the end. It loads no model.
+  it keeps a few windows in flight per replica, so it never holds the whole manifest. It writes rows
+  with the same store as the local engine, and the job's scorer sums up at the end. It loads no model.
 - **CPU tasks** (Ray tasks, one CPU each, ``batch_size`` items each, spread over the cluster) fetch
   and preprocess items with the job's preprocessor: decoding and feature extraction, no model
   weights (the feature extractor or image processor is loaded once per worker process). A failed item
