@@ -162,11 +162,7 @@ def main() -> None:
                        check=True)
         for phase in ("open", "finalize"):
             path = os.path.join(workdir, f"run-{phase}.{fmt}")
-            for suffix in ("", ".schema.json"):
-                src = source if not suffix else os.path.splitext(source)[0] + suffix
-                dst = path if not suffix else os.path.splitext(path)[0] + suffix
-                if os.path.exists(src):
-                    subprocess.run(["cp", src, dst], check=True)
+            _copy_output(source, path)
             env = dict(os.environ, PYTHONPATH=args.pythonpath)
             out = subprocess.run([sys.executable, os.path.abspath(__file__), "--new", str(args.new),
                                   *(["--warm"] if args.warm else []), "--worker",
@@ -185,11 +181,7 @@ def main() -> None:
                             f"make_output({source!r}, {rows}); "
                             f"make_manifest({os.path.join(workdir, f'manifest-{rows}.csv')!r}, {rows})"], check=True)
             path = os.path.join(workdir, f"run-cli.{fmt}")
-            for suffix in ("", ".schema.json"):
-                src = source if not suffix else os.path.splitext(source)[0] + suffix
-                dst = path if not suffix else os.path.splitext(path)[0] + suffix
-                if os.path.exists(src):
-                    subprocess.run(["cp", src, dst], check=True)
+            _copy_output(source, path)
             out = subprocess.run([sys.executable, os.path.abspath(__file__), "--cli", args.cli, "--pythonpath",
                                   args.pythonpath, "--cli-worker", path, os.path.join(workdir, f"manifest-{rows}.csv")],
                                  capture_output=True, text=True)
@@ -204,6 +196,15 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)
+
+
+def _copy_output(source: str, path: str) -> None:
+    """Copy an existing output (and its CSV schema file, if any) to ``path``."""
+    for suffix in ("", ".schema.json"):
+        src = source if not suffix else os.path.splitext(source)[0] + suffix
+        dst = path if not suffix else os.path.splitext(path)[0] + suffix
+        if os.path.exists(src):
+            subprocess.run(["cp", src, dst], check=True)
 
 
 if __name__ == "__main__":

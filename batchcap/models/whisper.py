@@ -536,39 +536,38 @@ class WhisperTranscriber:
             result = self._result(text, languages[i] if languages else "en", language_probs[i], decode, attempt,
                                   retried_from=history[i][0].text if len(history[i]) > 1 else None)
             result["segments"] = attempt.segments if text else []
+            ids = attempt.ids
             if seek and self.timestamps and decode not in (g.UNRESOLVED, g.NO_SPEECH) and attempt.ids:
                 cut = unfinished_at(attempt.ids, timestamp_begin=self.timestamp_begin, eot_id=self.eot_id)
                 if cut is not None and 0 < cut[1] and p.duration_s - cut[1] >= MIN_REST_S:
-                    result["text"], result["segments"] = self._parse(attempt.ids[:cut[0]], p.duration_s)
+                    ids = attempt.ids[:cut[0]]  # the segments kept before the clip's rest
+                    result["text"], result["segments"] = self._parse(ids, p.duration_s)
                     result["_resume_at"] = cut[1]
             results.append(result)
-            kept.append(attempt)
+            kept.append(ids)
         if self.word_timestamps:
             self._add_words(batch, results, kept, states, cross, languages)
         return results
 
-    def _add_words(self, batch: list[Prepared], results: list[dict[str, Any]], kept: list[g.Attempt],
+    def _add_words(self, batch: list[Prepared], results: list[dict[str, Any]], kept: list[list[int] | None],
                    states: Any, cross: Any, languages: list[str] | None) -> None:
         """Words with times for each segment of ``results`` (in place), by aligning the decoder's
-        cross-attention over the clips' first-pass encoder states; one decoder pass for the batch."""
+        cross-attention over the clips' first-pass encoder states; one decoder pass for the batch.
+        ``kept``: the generated ids each result's segments come from."""
         from .whisper_words import align_words, words_per_segment
 
         gen = self.model.generation_config
         no_ts = int(gen.no_timestamps_token_id)
         prompts = [p if p[-1] == no_ts else p + [no_ts] for p in self._prompts(languages, len(batch))]
         per_segment: list[list[list[int]]] = []
-        for p, res, attempt in zip(batch, results, kept):
+        for p, res, generated in zip(batch, results, kept):
             ids: list[list[int]] = []
-            if res["text"] and attempt.ids is not None:
-                end = len(attempt.ids)
-                if res.get("_resume_at") is not None:  # the segments kept before the clip's rest
-                    end = unfinished_at(attempt.ids, timestamp_begin=self.timestamp_begin, eot_id=self.eot_id)[0]
+            if res["text"] and generated is not None:
                 if self.timestamps:
-                    parse_timestamped(attempt.ids[:end], timestamp_begin=self.timestamp_begin,
-                                      special=self._special_set, decode=self._decode_text,
-                                      duration_s=p.duration_s, token_ids=ids)
+                    parse_timestamped(generated, timestamp_begin=self.timestamp_begin, special=self._special_set,
+                                      decode=self._decode_text, duration_s=p.duration_s, token_ids=ids)
                 else:
-                    ids = [[t for t in attempt.ids if bool(self._text_mask[t])]]
+                    ids = [[t for t in generated if bool(self._text_mask[t])]]
             per_segment.append(ids if len(ids) == len(res["segments"] or []) else [])
         if not any(per_segment):
             return

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from .whisper_timestamps import Segment, Word
+from .whisper_timestamps import Segment, Word, split_timestamped
 
 log = logging.getLogger(__name__)
 
@@ -484,18 +484,8 @@ def segment_tokens(generated: Sequence[int], *, timestamp_begin: int, special: A
     """The text token ids of each segment of one clip's generated tokens, grouped as
     ``whisper_timestamps.parse_timestamped`` groups them (text between times; a segment whose text is
     blank dropped), so that entry k holds the tokens of its k-th segment."""
-    groups: list[list[int]] = []
-    pending: list[int] = []
-    for t in (int(x) for x in generated):
-        if t >= timestamp_begin:
-            if pending:
-                groups.append(pending)
-                pending = []
-        elif t not in special:
-            pending.append(t)
-    if pending:
-        groups.append(pending)
-    return [ids for ids in groups if decode(ids).strip()]
+    return [ids for _, _, ids in split_timestamped(generated, timestamp_begin=timestamp_begin, special=special)
+            if decode(ids).strip()]
 
 
 def words_per_segment(words: Sequence[WordTiming], token_counts: Sequence[int], segments: Sequence[Segment], *,
