@@ -158,19 +158,38 @@ def test_language_column_option_and_candidates(tiny_whisper, tmp_path):
     assert code == 1 and "no column 'nope' (--language-column)" in output
 
 
-def test_unsure_live_detection_is_redone_on_the_full_window(tiny_whisper):
-    # the tiny model spreads its language probability (about 0.29 each): below 0.5, so every clip's
-    # language is detected again on the full window, in one batch; with candidates it is sure enough
+def test_unsure_live_detection_is_redone_on_the_zero_padded_full_window(tiny_whisper, monkeypatch):
+    # the tiny model spreads its language probability (about 0.29 each): below the threshold, so every
+    # clip's language is detected again, in one batch, on the full window padded with log-mel zeros;
+    # the rows carry that detection's language and probability
+    import torch
+
+    from batchcap.models import whisper as w
+
     t = _transcriber(tiny_whisper)
-    calls: list[int] = []
-    handle = t.model.get_encoder().register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
+    inputs: list = []
+    handle = t.model.get_encoder().register_forward_hook(lambda module, args, out: inputs.append(args[0].clone()))
     try:
-        rows = t.transcribe([t.prepare(tone(1.0)), t.prepare(tone(2.0, freq=300))])
-        assert calls == [2] and all(r["language_prob"] < 0.5 for r in rows)
-        calls.clear()
-        t2 = _transcriber(tiny_whisper, language="fr,es")
-        t2.model.get_encoder().register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
-        t2.transcribe([t2.prepare(tone(1.0))])
-        assert calls == []
+        clips = [t.prepare(tone(1.0)), t.prepare(tone(2.0, freq=300))]
+        rows = t.transcribe(clips)
+        assert [x.shape[0] for x in inputs] == [2] and all(r["language_prob"] < w.LIVE_DETECTION_MIN_PROB
+                                                          for r in rows)
+        window = inputs[0]
+        assert window.shape[-1] == 3000
+        for k, p in enumerate(clips):  # the clip's own frames, then zeros (not the clip's floor value)
+            frames = int(p.duration_s * 100) + 1
+            assert torch.equal(window[k, :, :frames], torch.from_numpy(p.features[:, :frames]).to(window.dtype))
+            assert float(window[k, :, frames:].abs().max()) == 0.0 and p.pad_value != 0.0
+        with torch.inference_mode(), t._autocast():
+            sub = [w.detection_window(p) for p in clips]
+            states, cross = t._encode(sub, True)
+            languages, probs, _ = t._first_position(sub, states, cross)
+        assert [r["language"] for r in rows] == languages
+        assert [r["language_prob"] for r in rows] == pytest.approx(probs, abs=1e-3)
+        # clips detected surely enough on the live window are not detected again
+        inputs.clear()
+        monkeypatch.setattr(w, "LIVE_DETECTION_MIN_PROB", 0.1)
+        t.transcribe([t.prepare(tone(1.0))])
+        assert inputs == []
     finally:
         handle.remove()

@@ -1,0 +1,64 @@
+"""A model cast to bfloat16 for autocast does not keep its float32 checkpoint's pages resident."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import write_audio
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="MADV_PAGEOUT and /proc are Linux's")
+
+CODE = r"""
+import json, os, sys
+from batchcap.audio import decode_audio
+from batchcap.memory import mapped_checkpoint_ranges
+from batchcap.models.whisper import WhisperTranscriber
+
+def resident_kb(path):
+    total, inside = 0, False
+    with open("/proc/self/smaps") as handle:
+        for line in handle:
+            fields = line.split()
+            if "-" in fields[0] and len(fields) >= 5:
+                inside = len(fields) == 6 and fields[5] == path
+            elif inside and fields[0] == "Rss:":
+                total += int(fields[1])
+    return total
+
+model, clip = sys.argv[1], sys.argv[2]
+tr = WhisperTranscriber(model, dtype="bfloat16", language="en")
+paths = sorted({p for _, _, p in mapped_checkpoint_ranges()})
+after_load = {p: resident_kb(p) for p in paths}
+samples = decode_audio(open(clip, "rb").read())
+result = tr.transcribe([tr.prepare(samples)])[0]
+print(json.dumps({"paths": paths, "sizes_kb": [os.path.getsize(p) // 1024 for p in paths],
+                  "resident_kb": [after_load[p] for p in paths], "text": result["text"],
+                  "segments": [repr(s) for s in result["segments"]]}))
+"""
+
+
+def _run(model: str, clip: str, release: bool) -> dict:
+    env = dict(os.environ, BATCHCAP_MALLOC="1" if release else "0")
+    out = subprocess.run([sys.executable, "-c", CODE, model, clip], env=env, capture_output=True, text=True,
+                         timeout=240, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_checkpoint_pages_released_after_the_bf16_cast(tiny_whisper_en, tmp_path):
+    clip = write_audio(tmp_path / "clip.wav", 2.0)
+    kept = _run(tiny_whisper_en, clip, release=False)
+    released = _run(tiny_whisper_en, clip, release=True)
+    assert kept["paths"] and kept["paths"] == released["paths"]  # the checkpoint is memory-mapped
+    size = sum(kept["sizes_kb"])
+    # loading read every weight: without the release most of the file stays resident
+    assert sum(kept["resident_kb"]) > size * 0.5
+    # what stays: pages written while loading (copy-on-write, e.g. initialised positional embeddings);
+    # the tiny model's weights are small next to them, a real checkpoint's are not (README: memory)
+    assert sum(released["resident_kb"]) < sum(kept["resident_kb"]) * 0.4
+    # pages read back on use hold what they held: the same transcript, the same times
+    assert released["text"] == kept["text"] and released["segments"] == kept["segments"]
