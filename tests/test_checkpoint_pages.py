@@ -1,4 +1,5 @@
-"""A model cast to bfloat16 for autocast does not keep its float32 checkpoint's pages resident."""
+"""Memory after loading a model cast to bfloat16 for autocast: its float32 checkpoint's pages are not
+kept resident, and oneDNN's primitive cache is capped (unless the user set it)."""
 
 from __future__ import annotations
 
@@ -36,14 +37,16 @@ paths = sorted({p for _, _, p in mapped_checkpoint_ranges()})
 after_load = {p: resident_kb(p) for p in paths}
 samples = decode_audio(open(clip, "rb").read())
 result = tr.transcribe([tr.prepare(samples)])[0]
-print(json.dumps({"paths": paths, "sizes_kb": [os.path.getsize(p) // 1024 for p in paths],
+cache = os.environ.get("ONEDNN_PRIMITIVE_CACHE_CAPACITY")
+print(json.dumps({"onednn_cache": cache, "paths": paths, "sizes_kb": [os.path.getsize(p) // 1024 for p in paths],
                   "resident_kb": [after_load[p] for p in paths], "text": result["text"],
                   "segments": [repr(s) for s in result["segments"]]}))
 """
 
 
-def _run(model: str, clip: str, release: bool) -> dict:
-    env = dict(os.environ, BATCHCAP_MALLOC="1" if release else "0")
+def _run(model: str, clip: str, release: bool, **extra: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "ONEDNN_PRIMITIVE_CACHE_CAPACITY"}
+    env.update(extra, BATCHCAP_MALLOC="1" if release else "0")
     out = subprocess.run([sys.executable, "-c", CODE, model, clip], env=env, capture_output=True, text=True,
                          timeout=240, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -62,3 +65,13 @@ def test_checkpoint_pages_released_after_the_bf16_cast(tiny_whisper_en, tmp_path
     assert sum(released["resident_kb"]) < sum(kept["resident_kb"]) * 0.4
     # pages read back on use hold what they held: the same transcript, the same times
     assert released["text"] == kept["text"] and released["segments"] == kept["segments"]
+
+
+def test_onednn_cache_capped_unless_the_user_set_it(tiny_whisper_en, tmp_path):
+    from batchcap.memory import ONEDNN_CACHE_CAPACITY
+
+    clip = write_audio(tmp_path / "clip.wav", 1.0)
+    assert _run(tiny_whisper_en, clip, release=True)["onednn_cache"] == str(ONEDNN_CACHE_CAPACITY)
+    assert _run(tiny_whisper_en, clip, release=False)["onednn_cache"] is None  # BATCHCAP_MALLOC=0: left alone
+    users = _run(tiny_whisper_en, clip, release=True, ONEDNN_PRIMITIVE_CACHE_CAPACITY="7")
+    assert users["onednn_cache"] == "7"

@@ -218,3 +218,31 @@ def test_a_recording_reports_its_worst_window():
     assert worst_decode(["temperature=0.2", "full_window", "temperature=0.6"]) == "temperature=0.6"
     assert worst_decode(["no_speech", "unresolved", "temperature=1"]) == "unresolved"
     assert worst_decode(["greedy", "no_speech"]) == "no_speech"
+
+
+def test_decoding_logs_no_transformers_warning_per_batch(tiny_whisper_en):
+    """The guard's per-batch token cap reaches generate without transformers' "Both max_new_tokens and
+    max_length" warning (once per generate call: dozens of lines per run in the library API)."""
+    import logging
+
+    from batchcap.models.whisper import WhisperTranscriber
+
+    records: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record.getMessage())
+
+    handler = Keep(level=logging.WARNING)
+    logger = logging.getLogger("transformers")
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.WARNING)  # as a library user has it (the CLI, and so other tests, quiet it)
+    try:
+        t = WhisperTranscriber(tiny_whisper_en, device="cpu")  # loops: the guard redoes it several times
+        rows = t.transcribe([t.prepare(tone(2.0)), t.prepare(tone(1.0, freq=300))])
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    assert len(rows) == 2 and rows[0]["decode"] != "greedy"  # several generate calls were made
+    assert not [m for m in records if "seem to have been set" in m], records

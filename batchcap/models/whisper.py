@@ -350,7 +350,8 @@ class WhisperTranscriber:
             cap += 2 * (1 + math.ceil(max(durations) / 2))
         max_new = min(budget, cap, self._max_new_tokens)
         loop_cut = max_new == cap  # a hypothesis cut by the guard's cap (not the user's, not the model's) loops
-        kwargs: dict[str, Any] = {"num_beams": self.num_beams, "do_sample": False, "max_new_tokens": max_new}
+        # as max_length (prompt included): max_new_tokens beside the checkpoint's max_length warns each call
+        kwargs: dict[str, Any] = {"num_beams": self.num_beams, "do_sample": False, "max_length": begin + max_new}
         samples = 1
         if temperature > 0:
             samples = max(1, self.guard.best_of)
