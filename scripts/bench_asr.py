@@ -34,6 +34,9 @@ Systems (all greedy, English):
   batchcap-full, batchcap-full-fp32       the same with full_window=True: the stock encoder over 30 s
   batchcap-noguard                        batchcap with fallback=False, no_speech_threshold=None: suspects are
                                           flagged, never redone (the guard's scores are still computed)
+  batchcap-notimestamps                   batchcap with timestamps=False (--no-timestamps): no timestamp tokens,
+                                          so no seek; one segment per clip
+  batchcap-plain                          both: no timestamps, nothing redone (the round before the guard)
   faster-whisper-int8/-fp32/-fp16         WhisperModel(--ct2).transcribe(path) one file at a time, no VAD
                                           (int8 is int8_float16 on CUDA; fp16 runs on CUDA only)
   faster-whisper-batched-int8             BatchedInferencePipeline: batches the Silero-VAD chunks of ONE
@@ -292,6 +295,8 @@ SYSTEMS: dict[str, Runner] = {
     "batchcap-fp32": _batchcap({"dtype": "float32"}),
     "batchcap-full": _batchcap({"full_window": True}),
     "batchcap-noguard": _batchcap({"fallback": False, "no_speech_threshold": None}),
+    "batchcap-notimestamps": _batchcap({"timestamps": False}),
+    "batchcap-plain": _batchcap({"timestamps": False, "fallback": False, "no_speech_threshold": None}),
     "batchcap-full-fp32": _batchcap({"full_window": True, "dtype": "float32"}),
     "faster-whisper-int8": _faster_whisper("int8", "int8_float16"),
     "faster-whisper-fp32": _faster_whisper("float32", "float32"),
