@@ -21,6 +21,7 @@ import functools
 import logging
 import os
 import sys
+from collections.abc import Collection
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -113,9 +114,10 @@ def mapped_checkpoint_ranges() -> list[tuple[int, int, str]]:
     return ranges
 
 
-def release_checkpoint_pages() -> int:
-    """Ask the kernel to drop the resident pages of memory-mapped checkpoint files; returns the bytes
-    of mappings advised (0 where this does not apply).
+def release_checkpoint_pages(keep: Collection[str] = ()) -> int:
+    """Ask the kernel to drop the resident pages of memory-mapped checkpoint files (but those of the
+    paths in ``keep``: mapped before this model loaded); returns the bytes of mappings advised (0 where
+    this does not apply).
 
     transformers maps safetensors checkpoints and reads every weight once while loading. A model whose
     matmul weights were then cast to bfloat16 (``cast_matmul_weights``) reads the float32 mapping only
@@ -133,6 +135,8 @@ def release_checkpoint_pages() -> int:
     madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     advised = 0
     for start, end, path in mapped_checkpoint_ranges():
+        if path in keep:
+            continue
         if madvise(start, end - start, MADV_PAGEOUT) == 0:
             advised += end - start
         else:

@@ -75,3 +75,39 @@ def test_onednn_cache_capped_unless_the_user_set_it(tiny_whisper_en, tmp_path):
     assert _run(tiny_whisper_en, clip, release=False)["onednn_cache"] is None  # BATCHCAP_MALLOC=0: left alone
     users = _run(tiny_whisper_en, clip, release=True, ONEDNN_PRIMITIVE_CACHE_CAPACITY="7")
     assert users["onednn_cache"] == "7"
+
+
+OTHER = r"""
+import json, os, sys
+import torch
+from transformers import WhisperForConditionalGeneration
+from batchcap.memory import mapped_checkpoint_ranges
+from batchcap.models.whisper import WhisperTranscriber
+
+def resident_kb(path):
+    total, inside = 0, False
+    with open("/proc/self/smaps") as handle:
+        for line in handle:
+            fields = line.split()
+            if "-" in fields[0] and len(fields) >= 5:
+                inside = len(fields) == 6 and fields[5] == path
+            elif inside and fields[0] == "Rss:":
+                total += int(fields[1])
+    return total
+
+other = WhisperForConditionalGeneration.from_pretrained(sys.argv[1])  # float32, weights in the file mapping
+with torch.inference_mode():
+    total = sum(float(p.sum()) for p in other.parameters())  # every weight read
+(path,) = {p for _, _, p in mapped_checkpoint_ranges()}
+before = resident_kb(path)
+tr = WhisperTranscriber(sys.argv[2], dtype="bfloat16", language="en")
+print(json.dumps({"before": before, "after": resident_kb(path)}))
+"""
+
+
+def test_another_models_checkpoint_pages_are_left_alone(tiny_whisper, tiny_whisper_en):
+    env = {k: v for k, v in os.environ.items() if k != "ONEDNN_PRIMITIVE_CACHE_CAPACITY"}
+    out = subprocess.run([sys.executable, "-c", OTHER, tiny_whisper, tiny_whisper_en], env=env,
+                         capture_output=True, text=True, timeout=240, check=True)
+    seen = json.loads(out.stdout.strip().splitlines()[-1])
+    assert seen["before"] > 0 and seen["after"] >= seen["before"] * 0.9

@@ -27,7 +27,7 @@ import numpy as np
 
 from ..audio import SAMPLE_RATE
 from ..items import MODEL_ERROR, FatalError, ItemError
-from ..memory import limit_onednn_cache, release_checkpoint_pages
+from ..memory import limit_onednn_cache, mapped_checkpoint_ranges, release_checkpoint_pages
 from . import guard as g
 from .attention import use_step_attention
 from .common import autocast_context, hub_guard, load_error_message, load_pretrained, resolve_device, resolve_precision
@@ -132,6 +132,7 @@ class WhisperTranscriber:
                 self.tokenizer = WhisperTokenizerFast.from_pretrained(model)
             except Exception as exc:
                 raise FatalError(load_error_message(model, exc)) from exc
+        mapped_before = {path for _, _, path in mapped_checkpoint_ranges()}  # other models' files: left alone
         self.model = load_pretrained(WhisperForConditionalGeneration, model, self.dtype, attn_implementation)
         self.model.to(self.device).eval()
         if self.autocast is not None:  # the matmuls' weights in the autocast dtype, once (see cast_matmul_weights)
@@ -139,7 +140,7 @@ class WhisperTranscriber:
 
             cast_matmul_weights(self.model, self.autocast)
             limit_onednn_cache()
-            release_checkpoint_pages()  # the float32 weights the casts were read from (see memory.py)
+            release_checkpoint_pages(keep=mapped_before)  # the float32 weights the casts read (memory.py)
         use_step_attention(self.model, self.device)
         self._torch = torch
         gen = self.model.generation_config
@@ -677,9 +678,9 @@ def detection_window(p: Prepared) -> Prepared:
 
     openai-whisper (and so batchcap's decoding) pads a clip with silent samples, whose log-mel is the
     clip's floor (its maximum - 8, normalised). faster-whisper pads the normalised log-mel with zeros
-    instead, a level 10^-4 above which is a quiet noise floor rather than digital silence. On short
-    telephone prompts in Italian and Russian (whisper-base) languages are detected more often right
-    that way: 77.2 % vs 74.5 % and 75.9 % vs 71.5 % of 300 clips each (README), so detection uses it.
+    instead: a power of 10^-4, a quiet noise floor rather than digital silence. On short telephone
+    prompts in Italian and Russian (whisper-base) languages are detected right more often that way:
+    77.2 % vs 74.5 % and 75.9 % vs 71.5 % of 300 clips each (README), so detection uses it.
     """
     frames = min(p.features.shape[-1], int(p.duration_s * 100) + 1, WINDOW_FRAMES)
     features = np.zeros((p.features.shape[0], WINDOW_FRAMES), dtype=p.features.dtype)
