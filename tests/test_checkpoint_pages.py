@@ -14,9 +14,9 @@ from tests.conftest import write_audio
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="MADV_PAGEOUT and /proc are Linux's")
 
-CODE = r"""
+# what every script below starts with: the resident kB of one mapped file, from /proc/self/smaps
+PRELUDE = r"""
 import json, os, sys
-from batchcap.audio import decode_audio
 from batchcap.memory import mapped_checkpoint_ranges
 from batchcap.models.whisper import WhisperTranscriber
 
@@ -30,6 +30,10 @@ def resident_kb(path):
             elif inside and fields[0] == "Rss:":
                 total += int(fields[1])
     return total
+"""
+
+CODE = PRELUDE + r"""
+from batchcap.audio import decode_audio
 
 model, clip = sys.argv[1], sys.argv[2]
 tr = WhisperTranscriber(model, dtype="bfloat16", language="en")
@@ -44,12 +48,17 @@ print(json.dumps({"onednn_cache": cache, "paths": paths, "sizes_kb": [os.path.ge
 """
 
 
-def _run(model: str, clip: str, release: bool, **extra: str) -> dict:
+def _script(code: str, *args: str, **env_extra: str) -> dict:
+    """Run ``code`` in a fresh Python (no oneDNN setting inherited) and read the JSON it prints last."""
     env = {k: v for k, v in os.environ.items() if k != "ONEDNN_PRIMITIVE_CACHE_CAPACITY"}
-    env.update(extra, BATCHCAP_MALLOC="1" if release else "0")
-    out = subprocess.run([sys.executable, "-c", CODE, model, clip], env=env, capture_output=True, text=True,
+    env.update(env_extra)
+    out = subprocess.run([sys.executable, "-c", code, *args], env=env, capture_output=True, text=True,
                          timeout=240, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _run(model: str, clip: str, release: bool, **extra: str) -> dict:
+    return _script(CODE, model, clip, **extra, BATCHCAP_MALLOC="1" if release else "0")
 
 
 def test_checkpoint_pages_released_after_the_bf16_cast(tiny_whisper_en, tmp_path):
@@ -77,23 +86,9 @@ def test_onednn_cache_capped_unless_the_user_set_it(tiny_whisper_en, tmp_path):
     assert users["onednn_cache"] == "7"
 
 
-OTHER = r"""
-import json, os, sys
+OTHER = PRELUDE + r"""
 import torch
 from transformers import WhisperForConditionalGeneration
-from batchcap.memory import mapped_checkpoint_ranges
-from batchcap.models.whisper import WhisperTranscriber
-
-def resident_kb(path):
-    total, inside = 0, False
-    with open("/proc/self/smaps") as handle:
-        for line in handle:
-            fields = line.split()
-            if "-" in fields[0] and len(fields) >= 5:
-                inside = len(fields) == 6 and fields[5] == path
-            elif inside and fields[0] == "Rss:":
-                total += int(fields[1])
-    return total
 
 other = WhisperForConditionalGeneration.from_pretrained(sys.argv[1])  # float32, weights in the file mapping
 with torch.inference_mode():
@@ -106,8 +101,5 @@ print(json.dumps({"before": before, "after": resident_kb(path)}))
 
 
 def test_another_models_checkpoint_pages_are_left_alone(tiny_whisper, tiny_whisper_en):
-    env = {k: v for k, v in os.environ.items() if k != "ONEDNN_PRIMITIVE_CACHE_CAPACITY"}
-    out = subprocess.run([sys.executable, "-c", OTHER, tiny_whisper, tiny_whisper_en], env=env,
-                         capture_output=True, text=True, timeout=240, check=True)
-    seen = json.loads(out.stdout.strip().splitlines()[-1])
+    seen = _script(OTHER, tiny_whisper, tiny_whisper_en)
     assert seen["before"] > 0 and seen["after"] >= seen["before"] * 0.9

@@ -132,7 +132,8 @@ class WhisperTranscriber:
                 self.tokenizer = WhisperTokenizerFast.from_pretrained(model)
             except Exception as exc:
                 raise FatalError(load_error_message(model, exc)) from exc
-        mapped_before = {path for _, _, path in mapped_checkpoint_ranges()}  # other models' files: left alone
+        # files mapped before this model (another model's): left alone when its pages are released below
+        mapped_before = {path for _, _, path in mapped_checkpoint_ranges()} if self.autocast is not None else set()
         self.model = load_pretrained(WhisperForConditionalGeneration, model, self.dtype, attn_implementation)
         self.model.to(self.device).eval()
         if self.autocast is not None:  # the matmuls' weights in the autocast dtype, once (see cast_matmul_weights)
