@@ -184,7 +184,8 @@ def test_a_clip_that_stopped_short_has_the_rest_of_its_audio_decoded(tiny_whispe
     original = t._generate
 
     def generate(**kwargs):
-        calls.append((kwargs["encoder_outputs"][0].shape[0], kwargs["logits_processor"][1].limits))
+        rules = next(p for p in kwargs["logits_processor"] if isinstance(p, TimestampRules))
+        calls.append((kwargs["encoder_outputs"][0].shape[0], rules.limits))
         out = original(**kwargs)
         if len(calls) == 1:  # <|0.00|> Hello there <|1.00|><|1.00|> <|end|>
             made = kwargs["decoder_input_ids"][0].tolist() + [tb, *text_ids, tb + 50, tb + 50, t.eot_id]

@@ -31,7 +31,7 @@ from ..memory import limit_onednn_cache, mapped_checkpoint_ranges, release_check
 from . import guard as g
 from .attention import use_step_attention
 from .common import autocast_context, hub_guard, load_error_message, load_pretrained, resolve_device, resolve_precision
-from .whisper_logits import Suppress, TimestampRules, TokenLogprobs, timestamp_limits
+from .whisper_logits import Sample, Suppress, SuppressAtBegin, TimestampRules, TokenLogprobs, timestamp_limits
 from .whisper_timestamps import (
     TIME_PRECISION,
     Segment,
@@ -194,6 +194,14 @@ class WhisperTranscriber:
         special[self.timestamp_begin:] = False  # what decoding with timestamps rules out: specials but the end
         self._special_ids = special.nonzero()[:, 0]
         self._special_set = set(self._special_ids.tolist()) | {self.eot_id}
+        # the checkpoint's own suppressed tokens join ours (generate's processors for them cost ~6 ms a step)
+        extra = [int(i) for i in (getattr(gen, "suppress_tokens", None) or []) if 0 <= int(i) < vocab]
+        self._special_ids = torch.unique(torch.cat([self._special_ids, torch.tensor(extra, dtype=torch.long,
+                                                                                     device=self.device)]))
+        self._not_text_ids = torch.unique(torch.cat([self._not_text_ids, torch.tensor(extra, dtype=torch.long,
+                                                                                       device=self.device)]))
+        begin = [int(i) for i in (getattr(gen, "begin_suppress_tokens", None) or []) if 0 <= int(i) < vocab]
+        self._begin_suppress_ids = torch.tensor(begin, dtype=torch.long, device=self.device)
         prompt = 4 if self.multilingual else 2  # <|sot|>[<|lang|><|task|>]<|notimestamps|>
         # what generate allows by default (Whisper's generate counts max_length in new tokens)
         self._max_new_tokens = min(int(getattr(gen, "max_length", None) or 448),
@@ -331,9 +339,21 @@ class WhisperTranscriber:
         return rows
 
     def _decode(self, states: Any, cross: Any, languages: list[str] | None, no_speech: list[float],
-                durations: list[float], label: str, temperature: float = 0.0) -> list[g.Attempt]:
-        """One decoding of every clip of ``states``: greedy or beam search at temperature 0, else the
-        best of ``best_of`` samples per clip (openai-whisper's fallback decoding), with timestamp
+                durations: list[float], label: str) -> list[g.Attempt]:
+        """One greedy (or beam search) decoding of every clip of ``states``."""
+        return [runs[0] for runs in self._hypotheses(states, cross, languages, no_speech, durations, [label])]
+
+    def _sample(self, states: Any, cross: Any, languages: list[str] | None, no_speech: list[float],
+                durations: list[float], temperatures: Sequence[float]) -> list[list[g.Attempt]]:
+        """Per clip, the best of ``best_of`` samples at each of ``temperatures`` (openai-whisper's
+        fallback decoding), in that order: every temperature of every clip in one generate call."""
+        return self._hypotheses(states, cross, languages, no_speech, durations, list(temperatures))
+
+    def _hypotheses(self, states: Any, cross: Any, languages: list[str] | None, no_speech: list[float],
+                    durations: list[float], runs: list[str] | list[float]) -> list[list[g.Attempt]]:
+        """Decode every clip of ``states`` once per run, in one ``generate`` call: ``runs`` is either
+        one label (greedy, or beam search: temperature 0) or temperatures above 0, each giving the
+        best of ``best_of`` samples. Rows are clip-major: clip, then run, then sample. With timestamp
         tokens (segments) unless ``timestamps`` is off.
 
         Decoding stops one token past the token bound of the batch's longest clip (plus room for its
@@ -344,6 +364,9 @@ class WhisperTranscriber:
 
         torch = self._torch
         n = states.shape[0]
+        sampled = not isinstance(runs[0], str)
+        temperatures = [float(t) for t in runs] if sampled else [0.0]
+        labels = [g.temperature_label(t) for t in temperatures] if sampled else [str(runs[0])]
         prompts = self._prompts(languages, n)
         begin = len(prompts[0])
         budget = self.max_new_tokens or self._max_new_tokens
@@ -352,17 +375,20 @@ class WhisperTranscriber:
             cap += 2 * (1 + math.ceil(max(durations) / 2))
         max_new = min(budget, cap, self._max_new_tokens)
         loop_cut = max_new == cap  # a hypothesis cut by the guard's cap (not the user's, not the model's) loops
-        # as max_length (prompt included): max_new_tokens beside the checkpoint's max_length warns each call
-        kwargs: dict[str, Any] = {"num_beams": self.num_beams, "do_sample": False, "max_length": begin + max_new}
-        samples = 1
-        if temperature > 0:
-            samples = max(1, self.guard.best_of)
-            kwargs.update(do_sample=True, temperature=temperature, num_beams=1, top_k=0, top_p=1.0)
-            if samples > 1:
-                states = states.repeat_interleave(samples, 0)
-                prompts = [p for p in prompts for _ in range(samples)]
+        # the cap as max_length (prompt included): max_new_tokens beside the checkpoint's max_length warns each
+        # call; the checkpoint's suppressed tokens are in our processors (generate's rebuild a mask every step)
+        kwargs: dict[str, Any] = {"num_beams": self.num_beams, "do_sample": False, "max_length": begin + max_new,
+                                  "suppress_tokens": None, "begin_suppress_tokens": None}
+        samples = max(1, self.guard.best_of) if sampled else 1
+        per_clip = len(temperatures) * samples
+        if sampled:  # drawn by our last processor (Sample), picked by greedy generate
+            kwargs["num_beams"] = 1
+            if per_clip > 1:
+                states = states.repeat_interleave(per_clip, 0)
+                prompts = [p for p in prompts for _ in range(per_clip)]
         # no special token but the end (text the guard could not see); timestamps by Whisper's grammar
-        processors: list[Any] = [Suppress(self._special_ids if self.timestamps else self._not_text_ids)]
+        processors: list[Any] = [Suppress(self._special_ids if self.timestamps else self._not_text_ids),
+                                 SuppressAtBegin(self._begin_suppress_ids, begin)]
         if self.timestamps:
             gen = self.model.generation_config
             processors.append(TimestampRules(
@@ -374,10 +400,15 @@ class WhisperTranscriber:
         if kwargs["num_beams"] == 1:
             recorder = TokenLogprobs(self.eot_id)
             processors.append(recorder)
-            if samples == 1 and cross is not None:
+            if per_clip == 1 and cross is not None:
                 kwargs["cache"] = self._cache(cross)
+            elif cross is not None:  # each clip's cross-attention keys shared by its rows
+                kwargs["cache"] = self._cache(self.live_encoder.sampling_cross_cache(cross, per_clip))
+        if sampled:
+            row_temperatures = [t for _ in range(n) for t in temperatures for _ in range(samples)]
+            processors.append(Sample(row_temperatures))
         ids = torch.tensor(prompts, dtype=torch.long, device=self.device)
-        with self._seeded(int(temperature * 1000)) if temperature > 0 else contextlib.nullcontext():
+        with self._seeded(int(temperatures[0] * 1000)) if sampled else contextlib.nullcontext():
             tokens = self._generate(encoder_outputs=BaseModelOutput(last_hidden_state=states), decoder_input_ids=ids,
                                     logits_processor=LogitsProcessorList(processors), **kwargs)
         if not isinstance(tokens, torch.Tensor):
@@ -386,23 +417,24 @@ class WhisperTranscriber:
         counts = self._text_mask[generated].sum(-1).tolist()
         ended = (generated == self.eot_id).any(-1).tolist()
         rows = generated.tolist()
-        repeated = [d for d in durations for _ in range(samples)]
+        repeated = [d for d in durations for _ in range(per_clip)]
         parsed = [self._parse(row, d) for row, d in zip(rows, repeated)]
         if recorder is not None:
             logprobs = recorder.finish(tokens)
         else:
             logprobs = self._rescore(states, prompts, generated)
-        attempts = [g.Attempt(text, c, lp, no_speech[i // samples], label, segments=segments,
-                              ran_out=loop_cut and not end, ids=_before(rows[i], self.eot_id))
+        attempts = [g.Attempt(text, c, lp, no_speech[i // per_clip], labels[i % per_clip // samples],
+                              segments=segments, ran_out=loop_cut and not end, ids=_before(rows[i], self.eot_id))
                     for i, ((text, segments), c, lp, end) in enumerate(zip(parsed, counts, logprobs, ended))]
-        if samples == 1:
-            return attempts
-        best = []
+        out = []
         for i in range(n):
-            group = attempts[i * samples:(i + 1) * samples]
-            best.append(min(group, key=lambda a: (g.is_suspect(a, durations[i], self.guard),
-                                                  -(a.avg_logprob or float("-inf")))))
-        return best
+            best = []
+            for r in range(len(temperatures)):
+                group = attempts[(i * len(temperatures) + r) * samples:(i * len(temperatures) + r + 1) * samples]
+                best.append(min(group, key=lambda a: (g.is_suspect(a, durations[i], self.guard),
+                                                      -(a.avg_logprob or float("-inf")))))
+            out.append(best)
+        return out
 
     def _generate(self, **kwargs: Any) -> Any:
         """GenerationMixin's generate, not Whisper's: one call with our prompt and rules (Whisper's own
@@ -484,6 +516,8 @@ class WhisperTranscriber:
         return Prepared(np.ascontiguousarray(feats), duration, False, p.pad_value, language)
 
     def _decode_clips(self, batch: list[Prepared], seek: bool = False) -> list[dict[str, Any]]:
+        from .whisper_window import cache_rows
+
         first = g.BEAM if self.num_beams > 1 else g.GREEDY
         states, cross = self._encode(batch, self.full_window)
         languages, language_probs, no_speech = self._first_position(batch, states, cross)
@@ -505,6 +539,7 @@ class WhisperTranscriber:
             if self.full_window:
                 index = self._torch.tensor(pending, device=self.device)
                 full_states = states.index_select(0, index)
+                full_cross = cache_rows(cross, index)
                 sub_languages = [languages[i] for i in pending] if languages else None
                 sub_no_speech = [no_speech[i] for i in pending]
             else:  # redo on the full window (in the language already detected: see detection_window)
@@ -516,17 +551,22 @@ class WhisperTranscriber:
                 for k, attempt in enumerate(self._decode(full_states, full_cross, sub_languages, sub_no_speech,
                                                          sub_durations, g.FULL_WINDOW)):
                     history[pending[k]].append(attempt)
-            for temperature in self.guard.temperatures:
+            temperatures = list(self.guard.temperatures)
+            # the first temperature alone (most clips it can fix, it fixes), then all the others at once:
+            # a clip still suspect after the first rarely passes any, and one call costs less than four
+            for stage in (temperatures[:1], temperatures[1:]):
                 keep = [k for k, i in enumerate(pending) if self._suspect(history[i][-1], batch[i])]
-                if not keep:
-                    break
+                if not keep or not stage:
+                    continue
                 index = self._torch.tensor(keep, device=self.device)
-                attempts = self._decode(full_states.index_select(0, index), None,
-                                        [sub_languages[k] for k in keep] if sub_languages else None,
-                                        [sub_no_speech[k] for k in keep], [sub_durations[k] for k in keep],
-                                        g.temperature_label(temperature), temperature)
-                for k, attempt in zip(keep, attempts):
-                    history[pending[k]].append(attempt)
+                runs = self._sample(full_states.index_select(0, index), cache_rows(full_cross, index),
+                                    [sub_languages[k] for k in keep] if sub_languages else None,
+                                    [sub_no_speech[k] for k in keep], [sub_durations[k] for k in keep], stage)
+                for k, attempts in zip(keep, runs):
+                    for attempt in attempts:  # in order, up to the first that passes (as one by one would)
+                        history[pending[k]].append(attempt)
+                        if not self._suspect(attempt, batch[pending[k]]):
+                            break
         results, kept = [], []
         for i, p in enumerate(batch):
             attempt = history[i][-1]

@@ -167,6 +167,38 @@ class LiveWindowEncoder:
             cross.update(keys, values, i)
         return EncoderDecoderCache(DynamicCache(), cross)
 
+    def sampling_cross_cache(self, cross: Any, repeats: int) -> Any:
+        """A cross-attention cache for ``repeats`` consecutive rows per row of ``cross`` (a filled
+        DynamicCache, one row per clip): the samples of one clip at a temperature (best_of).
+
+        With batchcap's attention function (attention.py) each clip's keys and values stay one
+        tensor shared by its samples, read once per decoding step instead of once per sample (the
+        fallback's cost is that read: 1,500 positions per layer and step); otherwise they are copied
+        per sample. Either way nothing is projected again."""
+        from transformers.cache_utils import DynamicCache
+
+        from .attention import NAME, TAIL_ATTR, SharedTail, attach_shared_tail
+
+        shared = getattr(self.decoder.config, "_attn_implementation", None) == NAME
+        out = DynamicCache()
+        for i, layer in enumerate(cross.layers):
+            key, value = layer.keys, layer.values
+            tail = getattr(key, TAIL_ATTR, None)
+            if tail is not None:
+                key, value = tail.full(key, value)
+            if not shared or repeats == 1:
+                out.update(key.repeat_interleave(repeats, 0), value.repeat_interleave(repeats, 0), i)
+                continue
+            clips = key.shape[0]
+            # the first position per sample (the cache's own part), the rest once per clip
+            out.update(key[:, :, :1].repeat_interleave(repeats, 0), value[:, :, :1].repeat_interleave(repeats, 0), i)
+            rows = [None] if clips == 1 else [torch.arange(c * repeats, (c + 1) * repeats, device=key.device)
+                                              for c in range(clips)]
+            attach_shared_tail(out.layers[i].keys, SharedTail([key[c, :, 1:].contiguous() for c in range(clips)],
+                                                              [value[c, :, 1:].contiguous() for c in range(clips)],
+                                                              rows))
+        return out
+
     @staticmethod
     def _group_rows(silences: list[_Silence], groups: list[_Silence], device: Any) -> list[Any]:
         """Per distinct silent window, the batch rows padded with it (None: all of them)."""
@@ -196,3 +228,22 @@ class LiveWindowEncoder:
         hidden = self.encoder.layer_norm(hidden)
         rest = tail([s.states[length:] for s in groups])
         return torch.cat([hidden, rest.to(hidden.dtype)], dim=1)
+
+
+def cache_rows(cross: Any, index: torch.Tensor) -> Any:
+    """The rows ``index`` of a filled cross-attention cache (a DynamicCache), or None when ``cross``
+    is None or still empty (to be filled by the decoder's first step)."""
+    from transformers.cache_utils import DynamicCache
+
+    from .attention import TAIL_ATTR
+
+    if cross is None or not len(cross.layers) or cross.get_seq_length() == 0:
+        return None
+    out = DynamicCache()
+    for i, layer in enumerate(cross.layers):
+        key, value = layer.keys, layer.values
+        tail = getattr(key, TAIL_ATTR, None)
+        if tail is not None:
+            key, value = tail.full(key, value)
+        out.update(key.index_select(0, index), value.index_select(0, index), i)
+    return out
