@@ -108,9 +108,9 @@ def test_the_checkpoints_suppressed_tokens_are_never_generated(tiny_whisper, tmp
     assert any(r["decode"] == "temperature=0.6" or r["decode"] == g.UNRESOLVED for r in rows)  # sampled too
 
 
-def test_later_temperatures_share_one_call_and_the_first_that_passes_wins(tiny_whisper):
-    """The first fallback temperature runs alone, the others together in one generate call; a clip's
-    result is still the first temperature, in order, whose sample passes (later ones are dropped)."""
+def test_later_temperatures_are_sampled_together_and_the_first_that_passes_wins(tiny_whisper):
+    """The first fallback temperature runs alone, the others together in one generate call per group of
+    clips; a clip's result is still the first temperature, in order, whose sample passes."""
     import dataclasses
 
     from batchcap.models import guard as g
@@ -132,13 +132,20 @@ def test_later_temperatures_share_one_call_and_the_first_that_passes_wins(tiny_w
         loop = "peepee " * 30
         if tuple(temperatures) == (0.2,):  # every clip still loops at 0.2 ...
             return [[dataclasses.replace(a, text=loop) for a in clip] for clip in runs]
-        # ... the first clip passes from 0.6 on, the second never
-        return [[dataclasses.replace(a, text=loop if (c == 1 or a.decode == "temperature=0.4") else "Hello there.")
-                 for a in clip] for c, clip in enumerate(runs)]
+        # ... the 1 s clip passes from 0.6 on, the longer ones never
+        return [[dataclasses.replace(a, text=loop if (durations[c] > 1.5 or a.decode == "temperature=0.4")
+                                     else "Hello there.") for a in clip] for c, clip in enumerate(runs)]
     t._sample, t._generate = sample, generate
-    rows = t.transcribe([t.prepare(tone(1.0, freq=300)), t.prepare(tone(2.0, freq=500))])
-    assert stages == [(0.2,), (0.4, 0.6, 0.8)]
-    # greedy (2 clips), the full window (2), 0.2 (2 clips x 2 samples), the rest (2 x 3 temperatures x 2)
-    assert rows_per_call == [2, 2, 4, 12]
+    clips = [t.prepare(tone(1.0 + i, freq=300 + 100 * i)) for i in range(6)]
+    rows = t.transcribe(clips[:2])
+    assert stages == [(0.2,), (0.4, 0.6, 0.8), (0.4, 0.6, 0.8)]
+    # greedy (2 clips), the full window (2), 0.2 (2 clips x 2 samples), then the other three temperatures
+    # together, a clip per call here (a batch of 2 x best_of 2 = 4 rows is less than one clip's 3 x 2)
+    assert rows_per_call == [2, 2, 4, 6, 6]
     assert rows[0]["decode"] == "temperature=0.6" and rows[0]["text"] == "Hello there."
     assert rows[1]["decode"] == g.UNRESOLVED
+    # calls stay near one temperature's size (batch x best_of = 12 rows): 6 suspects, 2 clips per call
+    stages.clear()
+    rows_per_call.clear()
+    t.transcribe(clips)
+    assert rows_per_call == [6, 6, 12, 12, 12, 12] and stages == [(0.2,)] + [(0.4, 0.6, 0.8)] * 3

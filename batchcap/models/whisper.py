@@ -555,18 +555,15 @@ class WhisperTranscriber:
             # the first temperature alone (most clips it can fix, it fixes), then all the others at once:
             # a clip still suspect after the first rarely passes any, and one call costs less than four
             for stage in (temperatures[:1], temperatures[1:]):
-                keep = [k for k, i in enumerate(pending) if self._suspect(history[i][-1], batch[i])]
-                if not keep or not stage:
+                if not stage:
                     continue
-                index = self._torch.tensor(keep, device=self.device)
-                runs = self._sample(full_states.index_select(0, index), cache_rows(full_cross, index),
-                                    [sub_languages[k] for k in keep] if sub_languages else None,
-                                    [sub_no_speech[k] for k in keep], [sub_durations[k] for k in keep], stage)
-                for k, attempts in zip(keep, runs):
-                    for attempt in attempts:  # in order, up to the first that passes (as one by one would)
-                        history[pending[k]].append(attempt)
-                        if not self._suspect(attempt, batch[pending[k]]):
-                            break
+                suspects = [k for k, i in enumerate(pending) if self._suspect(history[i][-1], batch[i])]
+                # rows per call: about the batch's size x best_of (one temperature at a time needs that
+                # many), at least one clip's
+                per_call = max(1, len(batch) // len(stage))
+                for at in range(0, len(suspects), per_call):
+                    self._sample_stage(suspects[at:at + per_call], stage, pending, batch, history, full_states,
+                                       full_cross, sub_languages, sub_no_speech, sub_durations)
         results, kept = [], []
         for i, p in enumerate(batch):
             attempt = history[i][-1]
@@ -595,6 +592,24 @@ class WhisperTranscriber:
         if self.word_timestamps:
             self._add_words(batch, results, kept, states, cross, languages)
         return results
+
+    def _sample_stage(self, keep: list[int], stage: list[float], pending: list[int], batch: list[Prepared],
+                      history: list[list[g.Attempt]], full_states: Any, full_cross: Any,
+                      sub_languages: list[str] | None, sub_no_speech: list[float], sub_durations: list[float]) -> None:
+        """Sample the suspects ``keep`` (positions in ``pending``) at every temperature of ``stage`` in
+        one call; each clip's history gets its attempts in order, up to the first that passes (as one
+        temperature at a time would have stopped there)."""
+        from .whisper_window import cache_rows
+
+        index = self._torch.tensor(keep, device=self.device)
+        runs = self._sample(full_states.index_select(0, index), cache_rows(full_cross, index),
+                            [sub_languages[k] for k in keep] if sub_languages else None,
+                            [sub_no_speech[k] for k in keep], [sub_durations[k] for k in keep], stage)
+        for k, attempts in zip(keep, runs):
+            for attempt in attempts:
+                history[pending[k]].append(attempt)
+                if not self._suspect(attempt, batch[pending[k]]):
+                    break
 
     def _add_words(self, batch: list[Prepared], results: list[dict[str, Any]], kept: list[list[int] | None],
                    states: Any, cross: Any, languages: list[str] | None) -> None:
