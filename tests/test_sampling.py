@@ -51,7 +51,7 @@ def test_samples_share_their_clips_cross_attention_keys(tiny_whisper):
     of different audio, three samples each (rows 0-2 are clip 0's, rows 3-5 clip 1's)."""
     from transformers.cache_utils import DynamicCache
 
-    from batchcap.models.attention import TAIL_ATTR
+    from batchcap.models.attention import TAIL_ATTR, repeated_cross_cache, uses_step_attention
     from batchcap.models.whisper import WhisperTranscriber
 
     t = WhisperTranscriber(tiny_whisper, device="cpu", language="en", dtype="float32")  # exact sums
@@ -60,7 +60,7 @@ def test_samples_share_their_clips_cross_attention_keys(tiny_whisper):
         states, cross = t._encode(batch, True)  # the full window, as the fallback decodes it
         states = states + torch.randn(states.shape, generator=torch.Generator().manual_seed(0)) * 3  # distinct
         t._first_position(batch, states, cross)  # fills the cross-attention cache
-        shared = t.live_encoder.sampling_cross_cache(cross, 3)
+        shared = repeated_cross_cache(cross, 3, uses_step_attention(t.model))
         copied = DynamicCache()
         for i, layer in enumerate(cross.layers):
             copied.update(layer.keys.repeat_interleave(3, 0), layer.values.repeat_interleave(3, 0), i)

@@ -29,7 +29,7 @@ from ..audio import SAMPLE_RATE
 from ..items import MODEL_ERROR, FatalError, ItemError
 from ..memory import limit_onednn_cache, mapped_checkpoint_ranges, release_checkpoint_pages
 from . import guard as g
-from .attention import use_step_attention
+from .attention import repeated_cross_cache, use_step_attention, uses_step_attention
 from .common import autocast_context, hub_guard, load_error_message, load_pretrained, resolve_device, resolve_precision
 from .whisper_logits import Sample, Suppress, SuppressAtBegin, TimestampRules, TokenLogprobs, timestamp_limits
 from .whisper_timestamps import (
@@ -403,7 +403,7 @@ class WhisperTranscriber:
             if per_clip == 1 and cross is not None:
                 kwargs["cache"] = self._cache(cross)
             elif cross is not None:  # each clip's cross-attention keys shared by its rows
-                kwargs["cache"] = self._cache(self.live_encoder.sampling_cross_cache(cross, per_clip))
+                kwargs["cache"] = self._cache(repeated_cross_cache(cross, per_clip, uses_step_attention(self.model)))
         if sampled:
             row_temperatures = [t for _ in range(n) for t in temperatures for _ in range(samples)]
             processors.append(Sample(row_temperatures))

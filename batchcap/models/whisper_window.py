@@ -167,38 +167,6 @@ class LiveWindowEncoder:
             cross.update(keys, values, i)
         return EncoderDecoderCache(DynamicCache(), cross)
 
-    def sampling_cross_cache(self, cross: Any, repeats: int) -> Any:
-        """A cross-attention cache for ``repeats`` consecutive rows per row of ``cross`` (a filled
-        DynamicCache, one row per clip): the samples of one clip at a temperature (best_of).
-
-        With batchcap's attention function (attention.py) each clip's keys and values stay one
-        tensor shared by its samples, read once per decoding step instead of once per sample (the
-        fallback's cost is that read: 1,500 positions per layer and step); otherwise they are copied
-        per sample. Either way nothing is projected again."""
-        from transformers.cache_utils import DynamicCache
-
-        from .attention import NAME, TAIL_ATTR, SharedTail, attach_shared_tail
-
-        shared = getattr(self.decoder.config, "_attn_implementation", None) == NAME
-        out = DynamicCache()
-        for i, layer in enumerate(cross.layers):
-            key, value = layer.keys, layer.values
-            tail = getattr(key, TAIL_ATTR, None)
-            if tail is not None:
-                key, value = tail.full(key, value)
-            if not shared or repeats == 1:
-                out.update(key.repeat_interleave(repeats, 0), value.repeat_interleave(repeats, 0), i)
-                continue
-            clips = key.shape[0]
-            # the first position per sample (the cache's own part), the rest once per clip
-            out.update(key[:, :, :1].repeat_interleave(repeats, 0), value[:, :, :1].repeat_interleave(repeats, 0), i)
-            rows = [None] if clips == 1 else [torch.arange(c * repeats, (c + 1) * repeats, device=key.device)
-                                              for c in range(clips)]
-            attach_shared_tail(out.layers[i].keys, SharedTail([key[c, :, 1:].contiguous() for c in range(clips)],
-                                                              [value[c, :, 1:].contiguous() for c in range(clips)],
-                                                              rows))
-        return out
-
     @staticmethod
     def _group_rows(silences: list[_Silence], groups: list[_Silence], device: Any) -> list[Any]:
         """Per distinct silent window, the batch rows padded with it (None: all of them)."""
