@@ -330,9 +330,6 @@ def test_beam_search_shares_cross_attention_without_changing_captions(tiny_capti
 
     handles = [c.model.decoder.transformer.h[0].crossattention.c_attn.register_forward_hook(counter(name))
                for name, c in (("shared", shared), ("stock", stock))]
-    caches = []
-    generate = shared.model.generate
-    shared.model.generate = lambda **kw: caches.append(kw.get("cache")) or generate(**kw)
     try:
         captions = shared.caption(images)
         assert captions == stock.caption(images)
@@ -342,15 +339,6 @@ def test_beam_search_shares_cross_attention_without_changing_captions(tiny_capti
     assert len(set(captions)) > 1
     # the cross-attention keys/values of the encoder states: once per image, not once per beam
     assert projected == {"shared": len(images), "stock": 3 * len(images)}
-    # ... and on the CPU the beams of an image read one copy of them (the cache's own part: 1 position)
-    from batchcap.models.attention import TAIL_ATTR
-
-    layer = caches[0].cross_attention_cache.layers[0]
-    tail = getattr(layer.keys, TAIL_ATTR)
-    assert layer.keys.shape[:3] == (3 * len(images), layer.keys.shape[1], 1)
-    encoder = shared.model.config.encoder
-    patches = (encoder.image_size // encoder.patch_size) ** 2  # ViT's positions: these + [CLS]
-    assert len(tail.keys) == len(images) and tail.keys[0].shape[1] == patches
 
 
 @pytest.mark.parametrize("beams", [1, 3])

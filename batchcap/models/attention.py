@@ -12,7 +12,9 @@ first positions and, for the rest, one tensor shared by every clip of a group. W
 same padding value, so the decoder's cross-attention cache holds it once instead of once per clip.
 
 ``repeated_cross_cache`` uses the same split for the rows that decode one input several times (the
-samples of the guard's fallback, the beams of a caption): one copy of the input's keys for all of them.
+samples of the guard's fallback): one copy of the input's keys for all of them. For beam-search
+captions it was slower (many images per batch, each a Python-level group, over only 197 positions), so
+their beams get copies.
 
 Used on the CPU for Whisper (identical transcripts, a quarter less model time) and for captioning
 (GPT-2 decoding over 197 image patches: identical fp32 captions, greedy +13 % and beam 4 +27 %
