@@ -86,11 +86,7 @@ def repeated_cross_cache(cross: Any, repeats: int, shared: bool) -> Any:
     from transformers.cache_utils import DynamicCache
 
     out = DynamicCache()
-    for i, layer in enumerate(cross.layers):
-        key, value = layer.keys, layer.values
-        tail = getattr(key, TAIL_ATTR, None)
-        if tail is not None:
-            key, value = tail.full(key, value)
+    for i, (key, value) in enumerate(_whole_layers(cross)):
         if not shared or repeats == 1 or key.shape[2] < 2:
             out.update(key.repeat_interleave(repeats, 0), value.repeat_interleave(repeats, 0), i)
             continue
@@ -104,6 +100,26 @@ def repeated_cross_cache(cross: Any, repeats: int, shared: bool) -> Any:
                                                           [value[c, :, 1:].contiguous() for c in range(inputs)],
                                                           rows))
     return out
+
+
+def cache_rows(cross: Any, index: Any) -> Any:
+    """The rows ``index`` of a filled cross-attention cache (a DynamicCache), or None when ``cross``
+    is None or still empty (to be filled by the decoder's first step)."""
+    from transformers.cache_utils import DynamicCache
+
+    if cross is None or not len(cross.layers) or cross.get_seq_length() == 0:
+        return None
+    out = DynamicCache()
+    for i, (key, value) in enumerate(_whole_layers(cross)):
+        out.update(key.index_select(0, index), value.index_select(0, index), i)
+    return out
+
+
+def _whole_layers(cross: Any) -> Any:
+    """Each layer's keys and values of a cache, shared tails copied in."""
+    for layer in cross.layers:
+        tail = getattr(layer.keys, TAIL_ATTR, None)
+        yield tail.full(layer.keys, layer.values) if tail is not None else (layer.keys, layer.values)
 
 
 def _split_attention(query: Any, key: Any, value: Any, tail: SharedTail, scaling: float) -> Any:

@@ -29,7 +29,7 @@ from ..audio import SAMPLE_RATE
 from ..items import MODEL_ERROR, FatalError, ItemError
 from ..memory import limit_onednn_cache, mapped_checkpoint_ranges, release_checkpoint_pages
 from . import guard as g
-from .attention import repeated_cross_cache, use_step_attention, uses_step_attention
+from .attention import cache_rows, repeated_cross_cache, use_step_attention, uses_step_attention
 from .common import autocast_context, hub_guard, load_error_message, load_pretrained, resolve_device, resolve_precision
 from .whisper_logits import Sample, Suppress, SuppressAtBegin, TimestampRules, TokenLogprobs, timestamp_limits
 from .whisper_timestamps import (
@@ -516,8 +516,6 @@ class WhisperTranscriber:
         return Prepared(np.ascontiguousarray(feats), duration, False, p.pad_value, language)
 
     def _decode_clips(self, batch: list[Prepared], seek: bool = False) -> list[dict[str, Any]]:
-        from .whisper_window import cache_rows
-
         first = g.BEAM if self.num_beams > 1 else g.GREEDY
         states, cross = self._encode(batch, self.full_window)
         languages, language_probs, no_speech = self._first_position(batch, states, cross)
@@ -599,8 +597,6 @@ class WhisperTranscriber:
         """Sample the suspects ``keep`` (positions in ``pending``) at every temperature of ``stage`` in
         one call; each clip's history gets its attempts in order, up to the first that passes (as one
         temperature at a time would have stopped there)."""
-        from .whisper_window import cache_rows
-
         index = self._torch.tensor(keep, device=self.device)
         runs = self._sample(full_states.index_select(0, index), cache_rows(full_cross, index),
                             [sub_languages[k] for k in keep] if sub_languages else None,

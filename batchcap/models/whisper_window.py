@@ -197,21 +197,3 @@ class LiveWindowEncoder:
         rest = tail([s.states[length:] for s in groups])
         return torch.cat([hidden, rest.to(hidden.dtype)], dim=1)
 
-
-def cache_rows(cross: Any, index: torch.Tensor) -> Any:
-    """The rows ``index`` of a filled cross-attention cache (a DynamicCache), or None when ``cross``
-    is None or still empty (to be filled by the decoder's first step)."""
-    from transformers.cache_utils import DynamicCache
-
-    from .attention import TAIL_ATTR
-
-    if cross is None or not len(cross.layers) or cross.get_seq_length() == 0:
-        return None
-    out = DynamicCache()
-    for i, layer in enumerate(cross.layers):
-        key, value = layer.keys, layer.values
-        tail = getattr(key, TAIL_ATTR, None)
-        if tail is not None:
-            key, value = tail.full(key, value)
-        out.update(key.index_select(0, index), value.index_select(0, index), i)
-    return out
