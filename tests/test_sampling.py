@@ -38,6 +38,14 @@ def test_sample_draws_from_the_tempered_distribution():
         Sample(0.0)
 
 
+def test_sample_never_draws_a_ruled_out_token_at_the_top_of_the_range(monkeypatch):
+    """rand x total can round up to the total in float32: the draw is still a token that has mass (the
+    last one), not the vocabulary's last entry, which is ruled out here."""
+    logits = torch.tensor([[0.3, 1.7, -0.4, 2.2, float("-inf"), float("-inf")]] * 4)
+    monkeypatch.setattr(torch, "rand", lambda *a, **k: torch.ones(*a[0], dtype=torch.float32))
+    assert Sample(0.7)(None, logits.clone()).argmax(-1).tolist() == [3] * 4
+
+
 def test_suppress_at_begin_rules_out_tokens_at_the_first_position_only():
     rule = SuppressAtBegin(torch.tensor([1, 3, 99]), begin_index=2)  # 99: past the vocabulary, ignored
     first = rule(torch.zeros((2, 2), dtype=torch.long), torch.zeros((2, 5)))

@@ -74,7 +74,10 @@ class Sample:
         if len(self.temperature) > 1:
             temperature = temperature[:, None]
         cdf = (scores.float() / temperature).softmax(-1).cumsum(-1)
-        u = torch.rand((scores.shape[0], 1), dtype=torch.float32, device=scores.device) * cdf[:, -1:]
+        total = cdf[:, -1:]
+        u = torch.rand((scores.shape[0], 1), dtype=torch.float32, device=scores.device) * total
+        # below the total even where rand x total rounds up to it (then: the last token that has mass)
+        u = torch.minimum(u, torch.nextafter(total, torch.zeros_like(total)))
         # the first entry whose cumulative mass exceeds u: zero-probability tokens have empty intervals
         chosen = torch.searchsorted(cdf, u, right=True).clamp_(max=scores.shape[-1] - 1)
         picked = torch.full_like(scores, NEG_INF)

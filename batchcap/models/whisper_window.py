@@ -196,4 +196,3 @@ class LiveWindowEncoder:
         hidden = self.encoder.layer_norm(hidden)
         rest = tail([s.states[length:] for s in groups])
         return torch.cat([hidden, rest.to(hidden.dtype)], dim=1)
-
