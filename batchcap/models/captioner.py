@@ -16,7 +16,15 @@ from PIL import Image
 
 from ..items import FatalError
 from .attention import repeated_cross_cache, use_step_attention
-from .common import autocast_context, hub_guard, load_error_message, load_pretrained, resolve_device, resolve_precision
+from .common import (
+    autocast_context,
+    hub_guard,
+    load_error_message,
+    load_pretrained,
+    padding_warnings_off,
+    resolve_device,
+    resolve_precision,
+)
 
 log = logging.getLogger(__name__)
 
@@ -189,7 +197,7 @@ class Captioner:
                                   "do_sample": False}
         if self.min_new_tokens:
             kwargs["min_new_tokens"] = self.min_new_tokens
-        with torch.inference_mode(), self._autocast():
+        with torch.inference_mode(), self._autocast(), padding_warnings_off():  # nothing here is padded
             if self.num_beams > 1 and self.model_type == VED and self.share_cross_attention:
                 inputs = self._beam_inputs(inputs)
             out = self.model.generate(**inputs, **kwargs)

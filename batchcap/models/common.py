@@ -239,3 +239,30 @@ def announce_load(model: str) -> None:
         log.info("loading model %s from the Hugging Face cache (offline mode)", model)
     else:
         log.info("loading model %s from the Hugging Face hub or its cache (HF_HOME)", model)
+
+
+# transformers' padding warnings, false alarms for batchcap's generate calls: every row of a call has
+# the same prompt (nothing is padded); they fire because these vocabularies' pad token is their
+# end (or start) token
+_FALSE_ALARMS = ("The attention mask is not set", "We strongly recommend passing in an `attention_mask`")
+_WARNING_LOGGERS = ("transformers.generation.utils", "transformers.modeling_utils")
+
+
+class _DropFalseAlarms(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(_FALSE_ALARMS)
+
+
+@contextmanager
+def padding_warnings_off() -> Iterator[None]:
+    """Within: transformers' "attention mask" padding warnings are dropped (only those, only on its
+    generation and modeling loggers): library users of batchcap saw them once per process."""
+    drop = _DropFalseAlarms()
+    loggers = [logging.getLogger(name) for name in _WARNING_LOGGERS]
+    for logger in loggers:
+        logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        for logger in loggers:
+            logger.removeFilter(drop)

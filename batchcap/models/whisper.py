@@ -30,7 +30,15 @@ from ..items import MODEL_ERROR, FatalError, ItemError
 from ..memory import limit_onednn_cache, mapped_checkpoint_ranges, release_checkpoint_pages
 from . import guard as g
 from .attention import cache_rows, repeated_cross_cache, use_step_attention, uses_step_attention
-from .common import autocast_context, hub_guard, load_error_message, load_pretrained, resolve_device, resolve_precision
+from .common import (
+    autocast_context,
+    hub_guard,
+    load_error_message,
+    load_pretrained,
+    padding_warnings_off,
+    resolve_device,
+    resolve_precision,
+)
 from .whisper_logits import Sample, Suppress, SuppressAtBegin, TimestampRules, TokenLogprobs, timestamp_limits
 from .whisper_timestamps import (
     TIME_PRECISION,
@@ -441,7 +449,8 @@ class WhisperTranscriber:
         would seek inside a clip after an unfinished segment, and build its prompt per batch)."""
         from transformers import GenerationMixin
 
-        return GenerationMixin.generate(self.model, **kwargs)
+        with padding_warnings_off():  # every row of a call has the same prompt: nothing is padded
+            return GenerationMixin.generate(self.model, **kwargs)
 
     def _parse(self, generated: list[int], duration_s: float) -> tuple[str, list[Segment]]:
         """Text and segments of one clip's generated tokens (its prompt removed)."""
