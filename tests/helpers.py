@@ -1,6 +1,10 @@
-"""Helpers the test modules share: run the CLI in-process, read a result table."""
+"""Helpers the test modules share: run the CLI in-process, read a result table, catch transformers' warnings."""
 
 from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
 
 from click.testing import CliRunner
 
@@ -19,3 +23,26 @@ def run_cli(*args: object, raise_errors: bool = False) -> tuple[int, str]:
 
 def rows_of(path: object) -> list[dict]:
     return read_table(str(path)).to_pylist()
+
+
+@contextlib.contextmanager
+def transformers_warnings() -> Iterator[list[str]]:
+    """The warnings transformers logs within, as a library user sees them (its logger at WARNING: the CLI,
+    and so other tests, quiet it), and as in a fresh process (its once-per-process warnings forgotten)."""
+    records: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record.getMessage())
+
+    handler = Keep(level=logging.WARNING)
+    logger = logging.getLogger("transformers")
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.WARNING)
+    logging.Logger.warning_once.cache_clear()
+    try:
+        yield records
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)

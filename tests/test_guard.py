@@ -223,28 +223,12 @@ def test_a_recording_reports_its_worst_window():
 def test_decoding_logs_no_transformers_warning_per_batch(tiny_whisper_en):
     """The guard's per-batch token cap reaches generate without transformers' "Both max_new_tokens and
     max_length" warning (once per generate call: dozens of lines per run in the library API)."""
-    import logging
-
     from batchcap.models.whisper import WhisperTranscriber
+    from tests.helpers import transformers_warnings
 
-    records: list[str] = []
-
-    class Keep(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            records.append(record.getMessage())
-
-    handler = Keep(level=logging.WARNING)
-    logger = logging.getLogger("transformers")
-    level = logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.WARNING)  # as a library user has it (the CLI, and so other tests, quiet it)
-    logging.Logger.warning_once.cache_clear()  # transformers warns once per process: as in a fresh one
-    try:
+    with transformers_warnings() as records:
         t = WhisperTranscriber(tiny_whisper_en, device="cpu")  # loops: the guard redoes it several times
         rows = t.transcribe([t.prepare(tone(2.0)), t.prepare(tone(1.0, freq=300))])
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(level)
     assert len(rows) == 2 and rows[0]["decode"] != "greedy"  # several generate calls were made
     assert not [m for m in records if "seem to have been set" in m], records
     # nor its padding false alarm (pad = end token, but no row of a call is padded)

@@ -398,27 +398,11 @@ def test_captioning_logs_no_padding_false_alarm(tiny_captioner):
     """GPT-2's pad token is its start token, so transformers warned about padding once per process
     ("We strongly recommend passing in an attention_mask", "The attention mask is not set") though
     nothing batchcap generates is padded; a library user's log stays clean."""
-    import logging
-
     from batchcap.models.captioner import Captioner
+    from tests.helpers import transformers_warnings
 
-    records: list[str] = []
-
-    class Keep(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            records.append(record.getMessage())
-
-    handler = Keep(level=logging.WARNING)
-    logger = logging.getLogger("transformers")
-    level = logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.WARNING)
-    logging.Logger.warning_once.cache_clear()  # as in a fresh process
-    try:
+    with transformers_warnings() as records:
         for beams in (1, 2):
             captioner = Captioner(tiny_captioner, device="cpu", max_new_tokens=6, num_beams=beams)
             assert len(captioner.caption(caption_images()[:2])) == 2
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(level)
     assert not [m for m in records if "attention mask" in m or "attention_mask" in m], records
