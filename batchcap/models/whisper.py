@@ -559,8 +559,8 @@ class WhisperTranscriber:
                                                          sub_durations, g.FULL_WINDOW)):
                     history[pending[k]].append(attempt)
             temperatures = list(self.guard.temperatures)
-            # the first temperature alone (most clips it can fix, it fixes), then all the others at once:
-            # a clip still suspect after the first rarely passes any, and one call costs less than four
+            # the first temperature alone (what it can fix, it fixes: no sampling at the others), then the
+            # others in one call: a call's cost is mostly per step, not per row, and four calls cost four
             for stage in (temperatures[:1], temperatures[1:]):
                 if not stage:
                     continue
