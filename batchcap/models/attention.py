@@ -83,6 +83,7 @@ def repeated_cross_cache(cross: Any, repeats: int, shared: bool) -> Any:
     position is kept per row (the cache's own part). Otherwise they are copied per row. Either way
     nothing is projected again. The rows of an input must stay together (beam search reorders beams
     within an image; a cache holding this must not reorder its cross-attention part)."""
+    import torch
     from transformers.cache_utils import DynamicCache
 
     out = DynamicCache()
@@ -90,8 +91,6 @@ def repeated_cross_cache(cross: Any, repeats: int, shared: bool) -> Any:
         if not shared or repeats == 1 or key.shape[2] < 2:
             out.update(key.repeat_interleave(repeats, 0), value.repeat_interleave(repeats, 0), i)
             continue
-        import torch
-
         inputs = key.shape[0]
         out.update(key[:, :, :1].repeat_interleave(repeats, 0), value[:, :, :1].repeat_interleave(repeats, 0), i)
         rows = [None] if inputs == 1 else [torch.arange(c * repeats, (c + 1) * repeats, device=key.device)

@@ -203,11 +203,10 @@ class WhisperTranscriber:
         self._special_ids = special.nonzero()[:, 0]
         self._special_set = set(self._special_ids.tolist()) | {self.eot_id}
         # the checkpoint's own suppressed tokens join ours (generate's processors for them cost ~6 ms a step)
-        extra = [int(i) for i in (getattr(gen, "suppress_tokens", None) or []) if 0 <= int(i) < vocab]
-        self._special_ids = torch.unique(torch.cat([self._special_ids, torch.tensor(extra, dtype=torch.long,
-                                                                                     device=self.device)]))
-        self._not_text_ids = torch.unique(torch.cat([self._not_text_ids, torch.tensor(extra, dtype=torch.long,
-                                                                                       device=self.device)]))
+        extra = torch.tensor([int(i) for i in (getattr(gen, "suppress_tokens", None) or []) if 0 <= int(i) < vocab],
+                             dtype=torch.long, device=self.device)
+        self._special_ids = torch.unique(torch.cat([self._special_ids, extra]))
+        self._not_text_ids = torch.unique(torch.cat([self._not_text_ids, extra]))
         begin = [int(i) for i in (getattr(gen, "begin_suppress_tokens", None) or []) if 0 <= int(i) < vocab]
         self._begin_suppress_ids = torch.tensor(begin, dtype=torch.long, device=self.device)
         prompt = 4 if self.multilingual else 2  # <|sot|>[<|lang|><|task|>]<|notimestamps|>
@@ -434,15 +433,11 @@ class WhisperTranscriber:
         attempts = [g.Attempt(text, c, lp, no_speech[i // per_clip], labels[i % per_clip // samples],
                               segments=segments, ran_out=loop_cut and not end, ids=_before(rows[i], self.eot_id))
                     for i, ((text, segments), c, lp, end) in enumerate(zip(parsed, counts, logprobs, ended))]
-        out = []
-        for i in range(n):
-            best = []
-            for r in range(len(temperatures)):
-                group = attempts[(i * len(temperatures) + r) * samples:(i * len(temperatures) + r + 1) * samples]
-                best.append(min(group, key=lambda a: (g.is_suspect(a, durations[i], self.guard),
-                                                      -(a.avg_logprob or float("-inf")))))
-            out.append(best)
-        return out
+        # per clip and run, the best of its samples: unsuspect first, then the most confident
+        best = [min(attempts[j:j + samples], key=lambda a: (g.is_suspect(a, repeated[j], self.guard),
+                                                            -(a.avg_logprob or float("-inf"))))
+                for j in range(0, len(attempts), samples)]
+        return [best[i:i + len(temperatures)] for i in range(0, len(best), len(temperatures))]
 
     def _generate(self, **kwargs: Any) -> Any:
         """GenerationMixin's generate, not Whisper's: one call with our prompt and rules (Whisper's own

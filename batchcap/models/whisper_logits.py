@@ -35,18 +35,16 @@ class Suppress:
         return scores
 
 
-class SuppressAtBegin:
+class SuppressAtBegin(Suppress):
     """Rules out the tokens ``ids`` at the first generated position only (the checkpoint's
     ``begin_suppress_tokens``: a blank or the end token as the first text token)."""
 
     def __init__(self, ids: Any, begin_index: int):
-        self.ids = ids
+        super().__init__(ids)
         self.begin_index = begin_index
 
     def __call__(self, input_ids: Any, scores: Any) -> Any:
-        if input_ids.shape[-1] == self.begin_index:
-            scores[:, self.ids[self.ids < scores.shape[-1]]] = NEG_INF
-        return scores
+        return super().__call__(input_ids, scores) if input_ids.shape[-1] == self.begin_index else scores
 
 
 class Sample:
@@ -66,14 +64,15 @@ class Sample:
         if not values or min(values) <= 0:
             raise ValueError("Sample needs temperatures above 0")
         self.temperature = values
+        self._divisor: Any = None  # the temperatures as a tensor, built on the first step's device
 
     def __call__(self, input_ids: Any, scores: Any) -> Any:
         import torch
 
-        temperature = torch.tensor(self.temperature, dtype=torch.float32, device=scores.device)
-        if len(self.temperature) > 1:
-            temperature = temperature[:, None]
-        cdf = (scores.float() / temperature).softmax(-1).cumsum(-1)
+        if self._divisor is None:
+            divisor = torch.tensor(self.temperature, dtype=torch.float32, device=scores.device)
+            self._divisor = divisor[:, None] if len(self.temperature) > 1 else divisor
+        cdf = (scores.float() / self._divisor).softmax(-1).cumsum(-1)
         total = cdf[:, -1:]
         u = torch.rand((scores.shape[0], 1), dtype=torch.float32, device=scores.device) * total
         # below the total even where rand x total rounds up to it (then: the last token that has mass)
