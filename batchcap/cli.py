@@ -191,7 +191,7 @@ def main() -> None:
               "before decoding and enforced while decoding (a tiny FLAC or Opus file can hold hours).")
 @click.option("--long-form", type=click.Choice(["batched", "sequential"]), default=AudioOptions.long_form,
               show_default=True,
-              help="Recordings over 30 s: cut at pauses into windows batched with the other clips, or "
+              help="Recordings over 30 s: cut at pauses into windows of at most 24 s batched with the other clips, or "
                    "transformers' sequential decoding (30 s windows one after another).")
 @click.option("--vad", type=click.Choice(["energy", "silero"]), default=AudioOptions.vad, show_default=True,
               help="How --long-form batched finds pauses: frame energy, or Silero VAD "

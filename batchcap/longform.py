@@ -1,6 +1,6 @@
 """Batched long-form transcription: recordings over 30 s as VAD windows batched with short clips.
 
-A long recording is decoded and split into windows of at most 30 s at pauses (``vad.py``) in a
+A long recording is decoded and split into windows of at most 24 s at pauses (``vad.py``) in a
 worker thread; its features are NOT computed there. :func:`transcribe_units` then treats every
 short clip and every window of every long recording in a model batch as one unit, sorts the
 units by duration, and runs them through the model ``batch_size`` at a time; a window's log-mel
