@@ -340,8 +340,40 @@ def _layout(columns: Sequence[str], spec: InputSpec, manifest: str) -> _Layout:
     language = pick(spec.language_column, spec.language_candidates, "language", "--language-column")
     used = {path, *refs} | ({id_col} if id_col else set()) | ({language} if language else set())
     carried = tuple(c for c in columns if c not in used)
-    renamed = {c: f"input_{c}" for c in carried if c.lower() in spec.reserved}
+    # a carried column named like an output column gets an input_ prefix, and a number where even that
+    # name is taken (a manifest with both status and input_status keeps both)
+    taken = {c.lower() for c in carried} | set(spec.reserved)
+    renamed = {}
+    for c in carried:
+        if c.lower() in spec.reserved:
+            renamed[c] = _free_name(f"input_{c}", taken)
     return _Layout(path, refs, id_col, language, carried, renamed)
+
+
+def _free_name(name: str, taken: set[str]) -> str:
+    """``name``, or ``name_2``, ``name_3``, ... whichever is not in ``taken`` (lower-cased names); taken after."""
+    out, k = name, 2
+    while out.lower() in taken:
+        out, k = f"{name}_{k}", k + 1
+    taken.add(out.lower())
+    return out
+
+
+def _unique_header(header: list[str], manifest: str, warn: bool = True) -> list[str]:
+    """A CSV header whose repeated names get a number (``a``, ``a_2``): rows are dicts by column name, so a
+    second ``a`` would otherwise replace the first one's values."""
+    if len(set(header)) == len(header):
+        return header
+    taken = {c.lower() for c in header}
+    seen: set[str] = set()
+    out = []
+    for c in header:
+        out.append(_free_name(c, taken) if c in seen else c)
+        seen.add(c)
+    if warn:
+        log.warning("manifest %s repeats column names; read as %s", manifest,
+                    ", ".join(new for old, new in zip(header, out) if old != new))
+    return out
 
 
 def _peek_columns(manifest: str, spec: InputSpec) -> _Layout:
@@ -362,7 +394,7 @@ def _read_columns(manifest: str) -> list[str]:
         if any(_bad_byte(c) is not None for c in header):
             raise FatalError(f"cannot read manifest {manifest}: its header line is not valid UTF-8 "
                              "(save the manifest as UTF-8)")
-        return header
+        return _unique_header(header, manifest)
     except (OSError, ValueError, csv.Error) as exc:
         raise FatalError(f"cannot read manifest {manifest}: {exc}") from exc
 
@@ -396,6 +428,7 @@ def _csv_records(manifest: str) -> Iterator[_Record]:
         header = next(reader, None)
         if header is None:
             return
+        header = _unique_header(header, manifest, warn=False)  # the names _read_columns gave (and warned of)
         while True:
             line = reader.line_num + 1
             try:

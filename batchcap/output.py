@@ -85,6 +85,25 @@ def writing(target: str) -> Iterator[str]:
         raise FatalError(f"cannot write {target}: {_reason(exc)}") from None
 
 
+def _check_sibling_names(path: str) -> None:
+    """Stop before any work when a file written beside ``path`` would have too long a name (the summary,
+    the CSV schema, the report, a temporary name of any of them): found only at the end of a run, that
+    error would recur on every rerun, and the table would never be finished."""
+    base = os.path.basename(path)
+    stem = os.path.splitext(base)[0]
+    names = [base + ".lock", base + ".parts", stem + ".schema.json", stem + ".summary.json", stem + ".report.html"]
+    longest = max(names, key=lambda n: len(n.encode("utf-8", "surrogateescape")))
+    size = len(longest.encode("utf-8", "surrogateescape")) + len("..0123456789ab.tmp")  # atomic_path's temp name
+    try:
+        limit = os.pathconf(os.path.dirname(path), "PC_NAME_MAX")
+    except (OSError, ValueError, AttributeError):
+        limit = 255
+    if size > limit:
+        raise FatalError(f"output name too long: {base!r} ({len(base.encode('utf-8', 'surrogateescape'))} bytes); "
+                         f"the files written beside it (e.g. {longest!r} while it is written) need "
+                         f"{size} of the {limit} bytes a file name may have here")
+
+
 class ResultStore:
     """Collects rows of one run into ``path``; one row per item id.
 
@@ -119,6 +138,7 @@ class ResultStore:
         parent = os.path.dirname(self.path)
         if not os.path.isdir(parent):
             raise FatalError(f"output folder does not exist: {parent}")
+        _check_sibling_names(self.path)
         self._lock()
         try:
             if self.overwrite:

@@ -7,7 +7,7 @@ import sys
 import time
 from collections import Counter
 
-from .items import OK
+from .items import EMPTY, OK
 
 log = logging.getLogger(__name__)
 
@@ -36,18 +36,22 @@ class Progress:
             self.counts[status] += 1
         if self.bar is not None:
             self.bar.update(1)
-            failed = sum(n for s, n in self.counts.items() if s != OK)
+            failed = self.failed()
             if failed or self.skipped:
                 self.bar.set_postfix(failed=failed, skipped=self.skipped, refresh=False)
         elif not self.quiet and time.monotonic() - self.last_log >= self.log_every:
             self.last_log = time.monotonic()
             self.log()
 
+    def failed(self) -> int:
+        """Rows that failed so far: not ok and not empty (silence is an answer, not a failure)."""
+        return sum(n for s, n in self.counts.items() if s not in (OK, EMPTY))
+
     def log(self) -> None:
         done = sum(self.counts.values())
         elapsed = time.monotonic() - self.started
         rate = done / elapsed if elapsed > 0 else 0.0
-        failed = sum(n for s, n in self.counts.items() if s != OK)
+        failed = self.failed()
         of = f" of ~{self.total}" if self.total else ""
         log.info("%s: %d processed (%d failed), %d already done%s, %.2f items/s", self.kind, done, failed,
                  self.skipped, of, rate)

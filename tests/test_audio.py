@@ -506,7 +506,9 @@ def test_progress_total_and_cron_log_lines(tiny_whisper, clips, tmp_path, caplog
     with caplog.at_level(logging.INFO, logger="batchcap"):
         progress.update(status="ok")
         progress.update(status="fetch_error")
+        progress.update(status="empty")  # silence is an answer, not a failure
     assert "audio: 2 processed (1 failed), 0 already done of ~4" in caplog.text
+    assert "audio: 3 processed (1 failed), 0 already done of ~4" in caplog.text
 
 
 @pytest.mark.parametrize("groups", [1, 3])

@@ -368,6 +368,26 @@ def test_auto_precision_on_cpu(tiny_captioner):
     assert len(auto.caption(caption_images())) == 5
 
 
+def test_bf16_captioner_casts_its_matmul_weights_once(tiny_captioner):
+    """Under bf16 autocast the matmul weights are stored in bf16 at load (GPT-2's Conv1D layers too), not
+    cast again in every generate call; the captions are those of the float32 weights under autocast."""
+    import torch
+    from transformers.pytorch_utils import Conv1D
+
+    from batchcap.models.captioner import Captioner
+
+    cast = Captioner(tiny_captioner, device="cpu", dtype="bfloat16", max_new_tokens=8, num_beams=2)
+    layers = [m for m in cast.model.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d, Conv1D))]
+    assert any(isinstance(m, Conv1D) for m in layers)
+    assert all(m.weight.dtype == torch.bfloat16 for m in layers)
+    assert cast.model.decoder.get_input_embeddings().weight.dtype == torch.float32  # lookups stay exact
+    fp32 = Captioner(tiny_captioner, device="cpu", dtype="float32", max_new_tokens=8, num_beams=2)
+    autocast_only = Captioner.from_model(fp32.model, fp32.image_processor, fp32.tokenizer, device=torch.device("cpu"),
+                                         autocast=torch.bfloat16, max_new_tokens=8, num_beams=2)
+    images = caption_images()
+    assert cast.caption(images) == autocast_only.caption(images)
+
+
 def test_prompt_is_fed_and_stripped(tiny_captioner):
     from batchcap.models.captioner import Captioner
 

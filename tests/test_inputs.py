@@ -167,3 +167,27 @@ def test_csv_rows_as_before(tmp_path: Path, name: str, eol: str) -> None:
         (str(tmp_path / "a.wav"), ["hi"], {"extra": "1"}, None),
         (str(tmp_path / "b.wav"), [], {"extra": None}, None),
     ]
+
+
+def test_carried_columns_never_overwrite_each_other(tmp_path: Path) -> None:
+    # `status` is an output column (carried as input_status), but the manifest has its own input_status;
+    # and a repeated header name: every value must survive under a name of its own
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("id,path,status,input_status,a,a\nx,a.wav,S,IS,A1,A2\n", encoding="utf-8")
+    spec = audio_spec()
+    spec.reserved = ("status", "error", "text")
+    (item,) = list(Inputs([str(manifest)], spec))
+    assert item.extra == {"input_status_2": "S", "input_status": "IS", "a": "A1", "a_2": "A2"}
+
+
+def test_repeated_columns_end_to_end(tiny_whisper: str, tmp_path: Path) -> None:
+    import numpy as np
+    import soundfile as sf
+
+    sf.write(tmp_path / "a.wav", np.zeros(1600, np.float32), 16000)
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("path,status,a,a\na.wav,S,A1,A2\n", encoding="utf-8")
+    code, output = run_cli("audio", manifest, "-o", tmp_path / "out.parquet", "--model", tiny_whisper)
+    assert code == 0, output
+    (row,) = rows_of(str(tmp_path / "out.parquet"))
+    assert (row["input_status"], row["a"], row["a_2"]) == ("S", "A1", "A2")

@@ -44,6 +44,28 @@ def test_bad_output_name_and_missing_folder(tmp_path):
         ResultStore(str(tmp_path / "nope" / "o.parquet")).open()
 
 
+def test_an_output_name_too_long_for_its_side_files_stops_before_the_run(tmp_path, tiny_whisper):
+    # out.csv and out.csv.lock fit in 255 bytes, out.summary.json's temporary name does not: refused up
+    # front (before, the whole run was transcribed and then failed at the summary, on every rerun)
+    name = "b" * 232 + ".csv"
+    with pytest.raises(FatalError, match="output name too long"):
+        ResultStore(str(tmp_path / name)).open()
+    assert os.listdir(tmp_path) == []
+    shorter = ResultStore(str(tmp_path / ("b" * 200 + ".csv")))
+    shorter.open()  # fine
+    shorter.close()
+    from tests.helpers import run_cli
+
+    (tmp_path / "in").mkdir()
+    import numpy as np
+    import soundfile as sf
+
+    sf.write(tmp_path / "in" / "a.wav", np.zeros(1600, np.float32), 16000)
+    code, output = run_cli("audio", tmp_path / "in", "-o", tmp_path / name, "--model", tiny_whisper)
+    assert code == 1 and "output name too long" in output and "Traceback" not in output
+    assert not (tmp_path / (name + ".parts")).exists()
+
+
 def _rows(ids, status="ok", **extra):
     return [{"id": i, "status": status, **{k: v[n] if isinstance(v, list) else v for k, v in extra.items()},
              ORDER: n} for n, i in enumerate(ids)]

@@ -20,6 +20,7 @@ from .common import (
     autocast_context,
     hub_guard,
     load_error_message,
+    load_for_autocast,
     load_pretrained,
     padding_warnings_off,
     resolve_device,
@@ -92,8 +93,11 @@ class Captioner:
                 self.tokenizer = AutoTokenizer.from_pretrained(model)
             except Exception as exc:
                 raise FatalError(load_error_message(model, exc)) from exc
-        self.model = load_pretrained(AutoModelForImageTextToText, model, self.dtype, attn_implementation, config=config)
-        self.model.to(self.device).eval()
+        # under autocast, the matmuls' weights in bf16 once: identical captions, ~12 % more images/s at beam 4
+        # than casting them in every generate call (README, captioning)
+        self.model = load_for_autocast(
+            lambda: load_pretrained(AutoModelForImageTextToText, model, self.dtype, attn_implementation,
+                                    config=config).to(self.device).eval(), self.autocast)
         use_step_attention(self.model, self.device)
         self.model_type = config.model_type
         self._fix_special_tokens()

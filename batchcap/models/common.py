@@ -6,7 +6,7 @@ import contextlib
 import logging
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -212,7 +212,13 @@ def cast_matmul_weights(model: Any, dtype: Any) -> int:
     """
     import torch
 
-    kinds = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d)
+    kinds: tuple[type, ...] = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d)
+    try:  # GPT-2's linear layers (an addmm over a [in, out] weight)
+        from transformers.pytorch_utils import Conv1D
+
+        kinds += (Conv1D,)
+    except ImportError:  # pragma: no cover - a transformers without it
+        pass
     cast: dict[int, Any] = {}  # by the id of the old parameter: layers that shared a weight still share it
     count = 0
     for module in model.modules():
@@ -229,6 +235,23 @@ def cast_matmul_weights(model: Any, dtype: Any) -> int:
     for param in model.parameters():
         param.requires_grad_(False)
     return count
+
+
+def load_for_autocast(load: Callable[[], Any], autocast: Any, cap_kernels: bool = False) -> Any:
+    """``load()`` (a model on its device, in eval mode), then, for a model run under ``torch.autocast``:
+    its matmul weights cast once (:func:`cast_matmul_weights`) and the float32 checkpoint pages the casts
+    read released (``memory.py``; files mapped before are left alone); with ``cap_kernels``, oneDNN's
+    kernel cache capped (Whisper's live windows come in many lengths: ``limit_onednn_cache``)."""
+    from ..memory import limit_onednn_cache, mapped_checkpoint_ranges, release_checkpoint_pages
+
+    mapped_before = {path for _, _, path in mapped_checkpoint_ranges()} if autocast is not None else set()
+    model = load()
+    if autocast is not None:
+        cast_matmul_weights(model, autocast)
+        if cap_kernels:
+            limit_onednn_cache()
+        release_checkpoint_pages(keep=mapped_before)
+    return model
 
 
 def announce_load(model: str) -> None:

@@ -27,13 +27,13 @@ import numpy as np
 
 from ..audio import SAMPLE_RATE
 from ..items import MODEL_ERROR, FatalError, ItemError
-from ..memory import limit_onednn_cache, mapped_checkpoint_ranges, release_checkpoint_pages
 from . import guard as g
 from .attention import cache_rows, repeated_cross_cache, use_step_attention, uses_step_attention
 from .common import (
     autocast_context,
     hub_guard,
     load_error_message,
+    load_for_autocast,
     load_pretrained,
     padding_warnings_off,
     resolve_device,
@@ -140,16 +140,10 @@ class WhisperTranscriber:
                 self.tokenizer = WhisperTokenizerFast.from_pretrained(model)
             except Exception as exc:
                 raise FatalError(load_error_message(model, exc)) from exc
-        # files mapped before this model (another model's): left alone when its pages are released below
-        mapped_before = {path for _, _, path in mapped_checkpoint_ranges()} if self.autocast is not None else set()
-        self.model = load_pretrained(WhisperForConditionalGeneration, model, self.dtype, attn_implementation)
-        self.model.to(self.device).eval()
-        if self.autocast is not None:  # the matmuls' weights in the autocast dtype, once (see cast_matmul_weights)
-            from .common import cast_matmul_weights
-
-            cast_matmul_weights(self.model, self.autocast)
-            limit_onednn_cache()
-            release_checkpoint_pages(keep=mapped_before)  # the float32 weights the casts read (memory.py)
+        # under autocast, the matmuls' weights in the autocast dtype, once (see cast_matmul_weights)
+        self.model = load_for_autocast(
+            lambda: load_pretrained(WhisperForConditionalGeneration, model, self.dtype, attn_implementation)
+            .to(self.device).eval(), self.autocast, cap_kernels=True)
         use_step_attention(self.model, self.device)
         self._torch = torch
         gen = self.model.generation_config
