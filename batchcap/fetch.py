@@ -80,6 +80,9 @@ class FetchConfig:
     root: str | None = None  # local files must lie inside this folder (symlinks and .. resolved)
 
 
+CANCELLED = "cancelled: the run was interrupted before this download finished"
+
+
 def _fmt_size(n: int) -> str:
     if n >= 2**20 and n % 2**20 == 0:
         return f"{n // 2**20} MiB"
@@ -288,6 +291,8 @@ class Fetcher:
         self._sessions: list[requests.Session] = []
         self._host_slots: dict[str, threading.BoundedSemaphore] = {}
         self._guard = _Guard(self.config.allow_networks) if self.config.block_private else None
+        self._cancelled = threading.Event()
+        self._reading: set[socket.socket] = set()  # sockets of bodies being read (cancel shuts them down)
         root = self.config.root
         self._root = os.path.realpath(os.path.expanduser(root)) if root else None
 
@@ -296,6 +301,8 @@ class Fetcher:
     def fetch(self, item: Item) -> Fetched:
         if item.error:  # the item could not be formed (e.g. an unreadable manifest line)
             return _error(item.error)
+        if self._cancelled.is_set():
+            return _error(CANCELLED)
         if item.data is not None:
             return Fetched(data=item.data)
         source = item.source
@@ -312,6 +319,17 @@ class Fetcher:
         except Exception as exc:  # never raise for one item
             log.debug("unexpected error fetching %s", source, exc_info=True)
             return _error(f"{type(exc).__name__}: {exc}")
+
+    def cancel(self) -> None:
+        """End every download now (an interrupted run): bodies being read have their sockets shut down,
+        retries and waits for a host's slot give up, later fetches return at once; each such item is a
+        ``fetch_error`` "cancelled". Without this an interrupted run would wait at exit for its fetch
+        threads, i.e. for the slowest download's deadline (minutes)."""
+        self._cancelled.set()
+        with self._lock:
+            reading = list(self._reading)
+        for sock in reading:
+            _shut(sock)
 
     def close(self) -> None:
         with self._lock:
@@ -434,6 +452,8 @@ class Fetcher:
         for attempt in range(attempts):
             retry_after: float | None = None
             http_status: int | None = None
+            if self._cancelled.is_set():
+                return _error(CANCELLED)
             try:
                 http_status, data, retry_after = self._attempt(url, clock)
                 if data is not None:
@@ -457,6 +477,8 @@ class Fetcher:
                     reason = _connection_reason(exc)
             except (requests.exceptions.ChunkedEncodingError, urllib3.exceptions.ProtocolError):
                 reason = "connection reset"
+            if self._cancelled.is_set():  # what failed was the cancel's doing
+                return _error(CANCELLED)
             delay = cfg.backoff * 2**attempt
             delay += random.uniform(0, delay * 0.1)
             if retry_after is not None:
@@ -474,7 +496,7 @@ class Fetcher:
                 return _error(reason, http_status)
             log.debug("fetch %s: %s, retry %d/%d in %.2fs", url, reason, attempt + 1, cfg.retries, delay)
             if delay > 0:
-                time.sleep(delay)
+                self._cancelled.wait(delay)
         raise AssertionError("unreachable")
 
     def _attempt(self, url: str, clock: _Clock) -> tuple[int, bytes | None, float | None]:
@@ -494,7 +516,9 @@ class Fetcher:
             except ValueError as exc:
                 raise _Fail(f"invalid URL: {exc}", code) from None
             wait = clock.slot_wait()
-            if not slot.acquire(timeout=wait):
+            if not self._acquire(slot, wait):
+                if self._cancelled.is_set():
+                    raise _Fail(CANCELLED)
                 if clock.expired():
                     raise _Fail(clock.message())
                 raise _Fail(f"no free connection slot for {host} within {_fmt_seconds(wait)} "
@@ -508,6 +532,19 @@ class Fetcher:
                 return code, body, retry_after
             url = urljoin(url, location)
         raise _Fail(f"too many redirects (>{cfg.max_redirects})", code)
+
+    def _acquire(self, slot: threading.BoundedSemaphore, wait: float) -> bool:
+        """``slot.acquire(timeout=wait)``, given up when the fetcher is cancelled (checked every second)."""
+        ends = time.monotonic() + wait
+        while not self._cancelled.is_set():
+            if slot.acquire(timeout=max(0.0, min(1.0, ends - time.monotonic()))):
+                if not self._cancelled.is_set():
+                    return True
+                slot.release()  # freed by a cancelled download: nothing more is asked
+                return False
+            if time.monotonic() >= ends:
+                return False
+        return False
 
     def _get(self, url: str, clock: _Clock) -> tuple[int, bytes | None, float | None, str | None]:
         """(status, body, retry_after, redirect location) of one request, without following redirects."""
@@ -539,9 +576,17 @@ class Fetcher:
             raise _Fail(cap_msg, code)
         sock = _socket_of(resp.raw)
         chunks: list[bytes] = []
+        if sock is not None:
+            with self._lock:
+                self._reading.add(sock)
+            if self._cancelled.is_set():  # cancelled before the socket was seen
+                _shut(sock)
         try:
             self._read_body(resp, clock, sock, chunks)
         finally:
+            if sock is not None:
+                with self._lock:
+                    self._reading.discard(sock)
             if sock is not None and clock.ends is not None:
                 try:
                     sock.settimeout(cfg.read_timeout)  # a kept-alive connection starts its next request as usual
@@ -557,6 +602,8 @@ class Fetcher:
         raw = resp.raw
         total = 0
         while True:
+            if self._cancelled.is_set():
+                raise _Fail(CANCELLED, code)
             if clock.expired():
                 raise _Fail(clock.message(total), code)
             if sock is not None and clock.ends is not None:
@@ -576,6 +623,14 @@ class Fetcher:
             if total > cfg.max_bytes:
                 raise _Fail(cap_msg, code)
             chunks.append(chunk)
+
+
+def _shut(sock: socket.socket) -> None:
+    """Wake a thread blocked reading ``sock`` (its read returns or fails at once)."""
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
 
 
 def _socket_of(raw: Any) -> socket.socket | None:

@@ -147,6 +147,29 @@ def test_sigterm_flushes_buffered_rows_exits_143_and_the_rerun_resumes(tiny_capt
     assert summary["skipped_already_done"] == saved and summary["processed_this_run"] == 13 - saved
 
 
+def test_ctrl_c_does_not_wait_for_a_download_under_way(tiny_whisper, http_server, tmp_path):
+    # a URL dripping its body (one byte every 0.2 s: never a read timeout) when the run is interrupted: the
+    # run used to print its error line and then wait at exit for that download (up to --fetch-deadline)
+    write_audio(tmp_path / "a.wav", 1.0)
+    manifest = tmp_path / "m.csv"
+    manifest.write_text(f"path\n{tmp_path / 'a.wav'}\n{http_server.url('/drip?bytes=150&interval=0.2')}\n")
+    out = str(tmp_path / "out.parquet")
+    cmd = [sys.executable, "-m", "batchcap.cli", "audio", str(manifest), "-o", out, "--model", tiny_whisper,
+           "--fetch-deadline", "600"]
+    proc = _start(cmd)
+    _wait_for(lambda: http_server.hits["/drip"] >= 1, proc, "the URL was requested")
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    try:
+        out_text, err_text = proc.communicate(timeout=12)  # the drip alone lasts 30 s
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        pytest.fail("the interrupted run waited for its download")
+    assert proc.returncode == 130, out_text + err_text
+    assert "interrupted" in err_text and "Traceback" not in err_text
+
+
 def test_unexpected_error_is_one_line_and_leaves_no_temp(tiny_captioner, tmp_path, monkeypatch):
     from batchcap import output
 

@@ -289,6 +289,26 @@ def test_slot_wait_is_bounded(server: LoopbackServer) -> None:
     assert server.hits["/img/1.png"] == 0
 
 
+def test_cancel_ends_downloads_under_way_and_waits_for_slots(server: LoopbackServer) -> None:
+    # an interrupted run must not wait for the slowest download: a body stalled in a read (deadline and
+    # read timeout far away) and an item waiting for the host's only slot both end at once on cancel()
+    from batchcap.fetch import CANCELLED
+
+    with make(per_host=1, deadline=60.0, read_timeout=20.0, retries=3) as f, ThreadPoolExecutor(2) as pool:
+        reading = pool.submit(f.fetch, item(server.url("/slow?delay=20&stage=body")))
+        while server.hits["/slow"] == 0:
+            time.sleep(0.01)
+        waiting = pool.submit(f.fetch, item(server.url("/img/1.png")))
+        time.sleep(0.3)
+        assert not reading.done() and not waiting.done()
+        f.cancel()
+        first, second = reading.result(timeout=5), waiting.result(timeout=5)
+        assert (first.status, first.error) == (FETCH_ERROR, CANCELLED)
+        assert (second.status, second.error) == (FETCH_ERROR, CANCELLED)
+        assert f.fetch(item(server.url("/img/1.png"))).error == CANCELLED
+    assert server.hits["/img/1.png"] == 0 and server.hits["/slow"] == 1  # no retry of what was cancelled
+
+
 @pytest.mark.parametrize("value", ["\u00b2", "\u0663", "1.5", "soon", "-1", "Sat, 99 Foo 2020 99:99:99 GMT"])
 def test_odd_retry_after_means_normal_backoff(server: LoopbackServer, value: str) -> None:
     # "²" and "٣" pass str.isdigit() and then fail float(): the item used to fail with a ValueError.

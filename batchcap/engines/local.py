@@ -159,7 +159,8 @@ def stream_rows(items: Iterable[Item], job: Job, predictor: Predictor, options: 
                         yield row
                 del entries
                 loader.release(batch)
-    finally:  # on Ctrl-C or an error, don't wait for queued downloads
+    finally:  # on Ctrl-C or an error, don't wait for queued downloads, nor for those under way
+        fetcher.cancel()
         loader.shutdown()
         fetcher.close()
         log.debug("decoded bytes in flight: peak %s in %d item(s), budget %s; %d value(s) dropped and decoded "
