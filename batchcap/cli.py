@@ -27,11 +27,18 @@ from .runner import ENGINES
 log = logging.getLogger("batchcap")
 
 
+def _not_empty(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """An option given as '' (an unset shell variable, say) is an error, not the default."""
+    if value is not None and not value.strip():
+        raise click.BadParameter("is empty")
+    return value
+
+
 def job_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Options every inference job shares: inputs, output, model runtime, fetching, resume."""
     decorators = [
         click.argument("inputs", nargs=-1, required=True, metavar="INPUT..."),
-        click.option("-o", "--output", default=None, metavar="FILE",
+        click.option("-o", "--output", default=None, metavar="FILE", callback=_not_empty,
                      help="Result file, .parquet or .csv (format from the extension)."),
         click.option("--device", default=JobOptions.device, show_default=True, help="auto, cpu, cuda, cuda:N or mps."),
         click.option("--dtype", default=JobOptions.dtype, show_default=True,

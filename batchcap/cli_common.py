@@ -80,6 +80,8 @@ def setup_logging(verbose: int, quiet: bool) -> None:
         os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
         logging.getLogger("transformers").setLevel(logging.ERROR)
         warnings.filterwarnings("ignore", category=FutureWarning)
+    # Pillow warns of images above its own pixel limit; batchcap's --max-pixels decides (and says why per row)
+    warnings.filterwarnings("ignore", message=r"Image size \(\d+ pixels\) exceeds limit")
     if quiet or not sys.stderr.isatty():  # no "Loading weights" bars in cron logs
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
         try:

@@ -135,10 +135,13 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.
 
     Raises ``ItemError(DECODE_ERROR, ...)`` for empty or non-image bytes, truncated or corrupt files,
     and images with more than ``max_pixels`` pixels (checked from the header, before any pixel is decoded).
-    Pillow's global ``MAX_IMAGE_PIXELS`` still applies on top (refused at twice its value).
+    Pillow's global ``MAX_IMAGE_PIXELS`` is raised to ``max_pixels`` where that is higher (never lowered):
+    Pillow refuses images over twice its limit itself, which would cap ``max_pixels`` at ~179 MP.
     """
     if not data:
         raise ItemError(DECODE_ERROR, "empty file")
+    if Image.MAX_IMAGE_PIXELS is not None and max_pixels > Image.MAX_IMAGE_PIXELS:
+        Image.MAX_IMAGE_PIXELS = max_pixels
     try:
         im = Image.open(io.BytesIO(data))  # reads the header only
     except UnidentifiedImageError:

@@ -453,6 +453,11 @@ def test_fatal_errors_are_one_line(tiny_whisper, tmp_path, clips):
     assert code == 1 and ".parquet or .csv" in output
     code, output = run_cli("audio", str(clips), "--batch-size", "0")
     assert code == 2
+    # -o "" (an unset variable in a cron line): a usage error, not ./transcripts.parquet
+    for args in (["-o", ""], ["--output="], ["-o", "  "]):
+        code, output = run_cli("images" if args[0] == "--output=" else "audio", str(clips), *args)
+        assert code == 2 and "is empty" in output, output
+    assert not (tmp_path / "transcripts.parquet").exists() and not os.path.exists("transcripts.parquet.lock")
 
 
 def test_lock_refuses_a_second_run(tiny_whisper, clips, tmp_path):

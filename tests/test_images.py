@@ -263,8 +263,20 @@ def test_max_pixels_is_ours_not_pillows():
     assert decode_image(data, max_pixels=20_000).size == (200, 100)
     from PIL import ImageFile
 
-    assert Image.MAX_IMAGE_PIXELS == 1024 * 1024 * 1024 // 4 // 3  # Pillow's default: nothing global set
+    assert Image.MAX_IMAGE_PIXELS == 1024 * 1024 * 1024 // 4 // 3  # below Pillow's limit: nothing global set
     assert ImageFile.LOAD_TRUNCATED_IMAGES is False
+
+
+def test_max_pixels_above_pillows_own_refusal(monkeypatch):
+    # Pillow refuses over twice its limit (~179 MP) by itself: --max-pixels 250 MP must still let a
+    # 196 MP image through the size checks (this one's pixel data is missing: it fails decoding instead)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)  # restored after the test
+    data = png_claiming(14000, 14000)
+    assert "too large" in decode_error(data)  # the default limit
+    message = decode_error(data, max_pixels=250_000_000)
+    assert "too large" not in message and message.startswith("image truncated or corrupt")
+    assert decode_error(png_claiming(20000, 20000), max_pixels=250_000_000) == (
+        "image too large: 20000x20000 = 400.0 MP exceeds --max-pixels 250.0 MP")
 
 
 # --- Captioner ----------------------------------------------------------------------------------
