@@ -85,6 +85,23 @@ def writing(target: str) -> Iterator[str]:
         raise FatalError(f"cannot write {target}: {_reason(exc)}") from None
 
 
+def check_output(path: str) -> None:
+    """Whether a local output can be written at ``path``: its folder exists, and the files beside it can be
+    named; a ``FatalError`` line if not. Remote outputs (URLs) pass. Run before a model loads, so that a
+    typo in ``-o`` fails at once, and again when the store opens."""
+    from . import storage
+
+    if storage.is_remote(path):
+        return
+    path = os.path.abspath(path)
+    parent = os.path.dirname(path)
+    if not os.path.isdir(parent):
+        if os.path.exists(parent):
+            raise FatalError(f"output folder is not a folder: {parent}")
+        raise FatalError(f"output folder does not exist: {parent}")
+    _check_sibling_names(path)
+
+
 def _check_sibling_names(path: str) -> None:
     """Stop before any work when a file written beside ``path`` would have too long a name (the summary,
     the CSV schema, the report, a temporary name of any of them): found only at the end of a run, that
@@ -135,10 +152,7 @@ class ResultStore:
 
     # --- lifecycle ----------------------------------------------------------------------------
     def open(self) -> None:
-        parent = os.path.dirname(self.path)
-        if not os.path.isdir(parent):
-            raise FatalError(f"output folder does not exist: {parent}")
-        _check_sibling_names(self.path)
+        check_output(self.path)
         self._lock()
         try:
             if self.overwrite:

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from .items import CRASHED, EMPTY, OK, FatalError, Item, ItemError
 from .job import Job, JobOptions
 from .journal import CRASH_LIMIT, Journal
-from .output import result_store, write_summary
+from .output import check_output, result_store, write_summary
 from .progress import Progress
 from .stages import Loaded, Predictor, make_row
 
@@ -63,6 +63,7 @@ def run_job(items: Iterable[Item], job: Job, output: str, options: JobOptions | 
     if options.engine not in ENGINES:
         raise FatalError(f"unknown engine {options.engine!r} (use {' or '.join(ENGINES)})")
     started = time.time()
+    check_output(output)  # a bad -o fails now, not after the model has loaded
     if options.engine == "local" and predictor is None:
         predictor = job.load_predictor()  # before the store: a model that won't load leaves nothing behind
     store = result_store(output, overwrite=options.overwrite, retry_failed=options.retry_failed,

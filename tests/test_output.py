@@ -42,6 +42,18 @@ def test_bad_output_name_and_missing_folder(tmp_path):
         ResultStore(str(tmp_path / "o.json"))
     with pytest.raises(FatalError, match="does not exist"):
         ResultStore(str(tmp_path / "nope" / "o.parquet")).open()
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(FatalError, match="output folder is not a folder: "):
+        ResultStore(str(tmp_path / "file" / "o.parquet")).open()
+
+
+def test_a_bad_output_folder_fails_before_the_model_loads(tmp_path):
+    from tests.helpers import run_cli
+
+    (tmp_path / "a.wav").write_bytes(b"")
+    code, output = run_cli("audio", tmp_path / "a.wav", "-o", tmp_path / "nope" / "o.parquet",
+                           "--model", tmp_path / "no-such-model")
+    assert code == 1 and output.strip().splitlines()[-1] == f"Error: output folder does not exist: {tmp_path / 'nope'}"
 
 
 def test_an_output_name_too_long_for_its_side_files_stops_before_the_run(tmp_path, tiny_whisper):
