@@ -193,3 +193,14 @@ def test_unsure_live_detection_is_redone_on_the_zero_padded_full_window(tiny_whi
         assert inputs == []
     finally:
         handle.remove()
+
+
+def test_language_codes_whisper_spells_otherwise():
+    from batchcap.models.whisper import language_code
+
+    # a code, a name, a locale (FLEURS' jv_id, Java's iw_IL), withdrawn ISO codes, Whisper's own jw
+    assert [language_code(x) for x in ("it", "Italian", "it-IT", "pt_BR", "jv", "jv_id", "jw", "iw", "iw_IL",
+                                       "in", "ji", "mo", "Javanese")] == [
+        "it", "it", "it", "pt", "jw", "jw", "jw", "he", "he", "id", "yi", "ro", "jw"]
+    with pytest.raises(ValueError, match="does not know language 'xx'"):
+        language_code("xx")

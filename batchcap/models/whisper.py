@@ -704,12 +704,18 @@ class WhisperTranscriber:
         return kwargs
 
 
+# ISO 639-1 codes Whisper spells otherwise: its own "jw" for Javanese; the withdrawn codes still found in
+# locale data (Java's iw, in, ji) and Moldavian, which Whisper (as ISO) folds into Romanian
+LANGUAGE_ALIASES = {"jv": "jw", "iw": "he", "in": "id", "ji": "yi", "mo": "ro"}
+
+
 def language_code(language: str) -> str:
     """Whisper's code for ``language``: a code, a name, or a locale ("it", "Italian", "it-IT", "pt_BR")."""
     from transformers.models.whisper.tokenization_whisper import LANGUAGES, TO_LANGUAGE_CODE
 
     name = language.strip().lower()
     for candidate in (name, name.replace("_", "-").split("-")[0]):
+        candidate = LANGUAGE_ALIASES.get(candidate, candidate)
         code = TO_LANGUAGE_CODE.get(candidate, candidate)
         if code in LANGUAGES:
             return code

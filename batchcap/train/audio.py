@@ -68,10 +68,14 @@ class AudioTrainResult(FineTuneResult):
 
 
 def _language_code(language: str) -> str:
-    from transformers.models.whisper.tokenization_whisper import TO_LANGUAGE_CODE
+    """Whisper's code for a row's language, as inference reads it (``language_code``); as given where
+    Whisper does not know it (the model check says so)."""
+    from ..models.whisper import language_code
 
-    lang = language.strip().lower()
-    return TO_LANGUAGE_CODE.get(lang, lang)
+    try:
+        return language_code(language)
+    except ValueError:
+        return language.strip().lower()
 
 
 NO_LANGUAGE = "no_language"
