@@ -326,6 +326,9 @@ def _layout(columns: Sequence[str], spec: InputSpec, manifest: str) -> _Layout:
             return found
         return next((c for c in (_find(columns, w) for w in candidates) if c), None)
 
+    if not columns:
+        raise FatalError(f"{manifest}: no columns (an empty file, a CSV without a header line, or a JSONL "
+                         "file without a line that is a JSON object)")
     path = pick(spec.path_column, spec.path_candidates, "path", "--path-column")
     if path is None:
         raise FatalError(f"{manifest}: cannot tell which column holds the media (looked for "

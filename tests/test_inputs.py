@@ -191,3 +191,13 @@ def test_repeated_columns_end_to_end(tiny_whisper: str, tmp_path: Path) -> None:
     assert code == 0, output
     (row,) = rows_of(str(tmp_path / "out.parquet"))
     assert (row["input_status"], row["a"], row["a_2"]) == ("S", "A1", "A2")
+
+
+@pytest.mark.parametrize("content", [b"", b"\xef\xbb\xbf", b"not json\n[1]\n"])
+def test_manifest_without_columns_is_one_clear_line(tmp_path: Path, content: bytes) -> None:
+    from batchcap.items import FatalError
+
+    manifest = tmp_path / ("m.jsonl" if content.startswith(b"not") else "m.csv")
+    manifest.write_bytes(content)
+    with pytest.raises(FatalError, match=r"m\.(csv|jsonl): no columns \(an empty file"):
+        list(Inputs([str(manifest)], audio_spec()))
