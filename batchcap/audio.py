@@ -70,10 +70,13 @@ def decode_audio(data: bytes, *, sample_rate: int = SAMPLE_RATE, min_duration: f
     """
     if not data:
         raise ItemError(DECODE_ERROR, "empty file (0 bytes)")
-    samples, rate = _read(data, _Budget(max_duration_s))
-    if samples.size == 0:
-        raise ItemError(EMPTY, "the file holds no audio samples", fields={"duration_s": 0.0})
-    if not np.isfinite(samples.sum(dtype=np.float64)):  # NaN / inf propagate; no temporary array of flags
+    # NaN / inf samples (float files) are refused below with their count, not warned of on stderr
+    with np.errstate(invalid="ignore", over="ignore"):
+        samples, rate = _read(data, _Budget(max_duration_s))
+        if samples.size == 0:
+            raise ItemError(EMPTY, "the file holds no audio samples", fields={"duration_s": 0.0})
+        finite = np.isfinite(samples.sum(dtype=np.float64))  # NaN / inf propagate; no temporary array of flags
+    if not finite:
         bad = int((~np.isfinite(samples)).sum())
         raise ItemError(DECODE_ERROR, f"audio contains {bad} NaN or infinite samples")
     duration = samples.shape[0] / rate

@@ -90,6 +90,17 @@ def test_decode_rejects_silence_short_clips_and_nan(tmp_path):
     with pytest.raises(ItemError) as err:
         decode_audio(path.read_bytes())
     assert err.value.status == DECODE_ERROR and "10 NaN" in err.value.message
+    # +inf and -inf in two channels (the downmix and the check meet inf - inf): a row, no numpy warning
+    both = np.zeros((16000, 2), np.float32)
+    both[10, 0], both[11, 1] = np.inf, -np.inf
+    sf.write(str(path), both, 16000, subtype="FLOAT")
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(ItemError) as err:
+            decode_audio(path.read_bytes())
+    assert err.value.status == DECODE_ERROR and "NaN or infinite samples" in err.value.message
 
 
 # --- the command ----------------------------------------------------------------------------------
