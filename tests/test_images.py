@@ -267,6 +267,7 @@ def test_max_pixels_is_ours_not_pillows():
     assert ImageFile.LOAD_TRUNCATED_IMAGES is False
 
 
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
 def test_max_pixels_above_pillows_own_refusal(monkeypatch):
     # Pillow refuses over twice its limit (~179 MP) by itself: --max-pixels 250 MP must still let a
     # 196 MP image through the size checks (this one's pixel data is missing: it fails decoding instead)
