@@ -618,6 +618,8 @@ class Fetcher:
                 encoding = resp.headers.get("Content-Encoding", "?")
                 raise _Fail(f"cannot decode the response body (Content-Encoding: {encoding}): {exc}", code) from None
             if not chunk:
+                if self._cancelled.is_set():  # the end a shut-down socket reads: not the whole body
+                    raise _Fail(CANCELLED, code)
                 return
             total += len(chunk)
             if total > cfg.max_bytes:
