@@ -13,7 +13,8 @@ Built-in routes (hits are counted per path, query string excluded):
 - ``/slow?delay=3&body=...``                sleeps (at most 30 s) before answering
 - ``/slow?delay=3&stage=body``              sends headers and half the body, then sleeps
 - ``/big?mb=60&length=1``                   streams ``mb`` MiB of zeros; ``length=0`` omits Content-Length
-- ``/drip?bytes=20&interval=0.25``          sends the body one byte per ``interval`` seconds (at most 30 s)
+- ``/drip?bytes=20&interval=0.25``          sends the body one byte per ``interval`` seconds (at most 30 s);
+                                             ``&length=0``: without Content-Length (ends at close)
 - ``/redirect-loop``                        302 to itself
 - ``/redirect?to=/img/1.png``               302 to ``to``
 - ``/html``                                 a text/html page
@@ -114,7 +115,8 @@ class _Handler(BaseHTTPRequestHandler):
             time.sleep(min(float(query.get("delay", "1")), MAX_DELAY))
             self._send_body(owner, query, default=b"slow")
         elif path == "/drip":
-            self._drip(int(query.get("bytes", "20")), float(query.get("interval", "0.25")))
+            self._drip(int(query.get("bytes", "20")), float(query.get("interval", "0.25")),
+                       with_length=query.get("length", "1") != "0")
         elif path == "/big":
             self._send_big(float(query.get("mb", "1")), query.get("length", "1") != "0")
         elif path == "/redirect-loop":
@@ -146,11 +148,15 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
-    def _drip(self, size: int, interval: float) -> None:
+    def _drip(self, size: int, interval: float, with_length: bool = True) -> None:
         self._leave()
         self.send_response(200)
         self.send_header("Content-Type", "application/octet-stream")
-        self.send_header("Content-Length", str(size))
+        if with_length:
+            self.send_header("Content-Length", str(size))
+        else:  # the body ends when the connection closes
+            self.send_header("Connection", "close")
+            self.close_connection = True
         self.end_headers()
         self.wfile.flush()
         started = time.monotonic()

@@ -309,6 +309,20 @@ def test_cancel_ends_downloads_under_way_and_waits_for_slots(server: LoopbackSer
     assert server.hits["/img/1.png"] == 0 and server.hits["/slow"] == 1  # no retry of what was cancelled
 
 
+def test_cancel_mid_body_without_length_is_not_a_short_success(server: LoopbackServer) -> None:
+    # no Content-Length: the end of a shut-down socket reads like the end of the body
+    from batchcap.fetch import CANCELLED
+
+    with make(deadline=60.0, read_timeout=20.0) as f, ThreadPoolExecutor(1) as pool:
+        reading = pool.submit(f.fetch, item(server.url("/drip?bytes=200&interval=0.1&length=0")))
+        while server.hits["/drip"] == 0:
+            time.sleep(0.01)
+        time.sleep(0.5)
+        f.cancel()
+        res = reading.result(timeout=5)
+    assert (res.status, res.error, res.data) == (FETCH_ERROR, CANCELLED, None)
+
+
 @pytest.mark.parametrize("value", ["\u00b2", "\u0663", "1.5", "soon", "-1", "Sat, 99 Foo 2020 99:99:99 GMT"])
 def test_odd_retry_after_means_normal_backoff(server: LoopbackServer, value: str) -> None:
     # "²" and "٣" pass str.isdigit() and then fail float(): the item used to fail with a ValueError.
