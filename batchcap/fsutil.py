@@ -10,6 +10,21 @@ import tempfile
 from collections.abc import Callable, Iterator
 from typing import IO, Any
 
+_TEMP_SUFFIX = ".tmp"
+_TEMP_TOKEN_BYTES = 6  # random bytes in a temporary name, written in hex
+
+
+def temp_name(target_name: str, token: str | None = None) -> str:
+    """The name :func:`atomic_path` writes ``target_name`` under first: ``.NAME.<12 hex digits>.tmp``
+    (``token`` in place of the random digits: a name as long as a real one, for length checks)."""
+    token = secrets.token_hex(_TEMP_TOKEN_BYTES) if token is None else token
+    return f".{target_name}.{token}{_TEMP_SUFFIX}"
+
+
+def longest_temp_name(target_name: str) -> str:
+    """A name exactly as long as any temporary name of ``target_name``."""
+    return temp_name(target_name, "0" * (2 * _TEMP_TOKEN_BYTES))
+
 
 @contextlib.contextmanager
 def atomic_path(target: str) -> Iterator[str]:
@@ -28,7 +43,7 @@ def atomic_path(target: str) -> Iterator[str]:
             yield tmp
         return
     directory = os.path.dirname(os.path.abspath(target)) or "."
-    tmp = _create_unique(directory, f".{os.path.basename(target)}.", ".tmp")
+    tmp = _create_unique(directory, os.path.basename(target))
     try:
         yield tmp
         fsync_path(tmp)
@@ -40,18 +55,18 @@ def atomic_path(target: str) -> Iterator[str]:
     fsync_dir(directory)
 
 
-def _create_unique(directory: str, prefix: str, suffix: str) -> str:
-    """Create an empty file with a name no one else has in ``directory``, as ``open`` would create it
-    (mode 0666, less the process's umask), and return its path."""
+def _create_unique(directory: str, target_name: str) -> str:
+    """Create an empty file with a temporary name of ``target_name`` (:func:`temp_name`) no one else has in
+    ``directory``, as ``open`` would create it (mode 0666, less the process's umask), and return its path."""
     for _ in range(100):
-        path = os.path.join(directory, f"{prefix}{secrets.token_hex(6)}{suffix}")
+        path = os.path.join(directory, temp_name(target_name))
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
         except FileExistsError:
             continue
         os.close(fd)
         return path
-    raise FileExistsError(errno.EEXIST, "no unique temporary name left", os.path.join(directory, prefix))
+    raise FileExistsError(errno.EEXIST, "no unique temporary name left", os.path.join(directory, target_name))
 
 
 @contextlib.contextmanager

@@ -36,7 +36,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from .fsutil import atomic_path, atomic_write
+from .fsutil import atomic_path, atomic_write, longest_temp_name
 from .items import FatalError
 
 log = logging.getLogger(__name__)
@@ -106,11 +106,12 @@ def _check_sibling_names(path: str) -> None:
     """Stop before any work when a file written beside ``path`` would have too long a name (the summary,
     the CSV schema, the report, a temporary name of any of them): found only at the end of a run, that
     error would recur on every rerun, and the table would never be finished."""
+    from .report import default_report_path
+
     base = os.path.basename(path)
-    stem = os.path.splitext(base)[0]
-    names = [base + ".lock", base + ".parts", stem + ".schema.json", stem + ".summary.json", stem + ".report.html"]
-    longest = max(names, key=lambda n: len(n.encode("utf-8", "surrogateescape")))
-    size = len(longest.encode("utf-8", "surrogateescape")) + len("..0123456789ab.tmp")  # atomic_path's temp name
+    siblings = [path + ".lock", path + ".parts", schema_path(path), summary_path(path), default_report_path(path)]
+    longest = max((os.path.basename(p) for p in siblings), key=lambda n: len(n.encode("utf-8", "surrogateescape")))
+    size = len(longest_temp_name(longest).encode("utf-8", "surrogateescape"))
     try:
         limit = os.pathconf(os.path.dirname(path), "PC_NAME_MAX")
     except (OSError, ValueError, AttributeError):
@@ -706,11 +707,15 @@ def _atomic_text(path: str, text: str) -> None:
         raise FatalError(f"cannot write {path}: {_reason(exc)}") from None
 
 
+def summary_path(path: str) -> str:
+    """Where the run summary of an output is kept (``out.parquet`` -> ``out.summary.json``)."""
+    return os.path.splitext(path)[0] + ".summary.json"
+
+
 def write_summary(path: str, summary: dict[str, Any]) -> str:
     """The run summary as JSON beside the output (``out.parquet`` -> ``out.summary.json``; a remote output's
     summary is an object beside it)."""
-    base, _ = os.path.splitext(path)
-    target = base + ".summary.json"
+    target = summary_path(path)
     _atomic_text(target, json.dumps(summary, indent=2, default=str) + "\n")
     return target
 

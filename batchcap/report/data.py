@@ -14,7 +14,7 @@ from typing import Any
 from urllib.parse import quote, urlsplit
 
 from ..items import FatalError
-from ..output import read_table
+from ..output import read_table, summary_path
 
 log = logging.getLogger(__name__)
 
@@ -100,11 +100,6 @@ class Result:
         return [c for c in self.columns if c not in own and not c.startswith("_")]
 
 
-def summary_path_for(result_path: str) -> str:
-    base, _ = os.path.splitext(result_path)
-    return base + ".summary.json"
-
-
 def load_result(path: str, summary: dict[str, Any] | None = None) -> Result:
     """Read ``path`` (parquet or CSV) and the summary JSON beside it (``summary`` given: that one instead)."""
     if not os.path.isfile(path):
@@ -116,7 +111,7 @@ def load_result(path: str, summary: dict[str, Any] | None = None) -> Result:
     if "id" not in table.column_names or "status" not in table.column_names:
         raise FatalError(f"{path} is not a batchcap result table (no id / status columns)")
     if summary is None:
-        summary = _read_summary(summary_path_for(path))
+        summary = _read_summary(summary_path(path))
     kind = _kind(table.column_names, summary)
     convert: dict[str, Callable[[Any], Any]] = {"id": lambda v: None if v is None else str(v)}
     if kind == "images":
