@@ -14,7 +14,7 @@ import shutil
 import sys
 import tempfile
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -141,7 +141,7 @@ class Inputs:
         index = 0
         for src in self.sources:
             for item in self._items(src, walked):
-                item.id = _unique(item.id, seen)
+                item.id = _free_name(item.id, seen, "#", str)
                 item.index = index
                 index += 1
                 yield item
@@ -288,15 +288,14 @@ def walk_files(root: str, seen: _Seen | None = None) -> Iterator[str]:
             yield path
 
 
-def _unique(item_id: str, seen: set[str]) -> str:
-    if item_id not in seen:
-        seen.add(item_id)
-        return item_id
-    n = 2
-    while f"{item_id}#{n}" in seen:
-        n += 1
-    seen.add(f"{item_id}#{n}")
-    return f"{item_id}#{n}"
+def _free_name(name: str, taken: set[str], sep: str = "_", fold: Callable[[str], str] = str.lower) -> str:
+    """``name``, or ``name<sep>2``, ``name<sep>3``, ... whichever is not in ``taken`` (names as ``fold`` gives
+    them: column names case-blind); added to ``taken``. Item ids: ``_free_name(id, seen, "#", str)``."""
+    out, k = name, 2
+    while fold(out) in taken:
+        out, k = f"{name}{sep}{k}", k + 1
+    taken.add(fold(out))
+    return out
 
 
 # --- manifests -------------------------------------------------------------------------------
@@ -351,15 +350,6 @@ def _layout(columns: Sequence[str], spec: InputSpec, manifest: str) -> _Layout:
         if c.lower() in spec.reserved:
             renamed[c] = _free_name(f"input_{c}", taken)
     return _Layout(path, refs, id_col, language, carried, renamed)
-
-
-def _free_name(name: str, taken: set[str]) -> str:
-    """``name``, or ``name_2``, ``name_3``, ... whichever is not in ``taken`` (lower-cased names); taken after."""
-    out, k = name, 2
-    while out.lower() in taken:
-        out, k = f"{name}_{k}", k + 1
-    taken.add(out.lower())
-    return out
 
 
 def _unique_header(header: list[str], manifest: str, warn: bool = True) -> list[str]:

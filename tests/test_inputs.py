@@ -201,3 +201,10 @@ def test_manifest_without_columns_is_one_clear_line(tmp_path: Path, content: byt
     manifest.write_bytes(content)
     with pytest.raises(FatalError, match=r"m\.(csv|jsonl): no columns \(an empty file"):
         list(Inputs([str(manifest)], audio_spec()))
+
+
+def test_repeated_ids_get_numbers_that_no_other_row_has(tmp_path: Path) -> None:
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("id,path\nx,a.wav\nx,b.wav\nx#2,c.wav\nX,d.wav\nx,e.wav\n", encoding="utf-8")
+    ids = [i.id for i in Inputs([str(manifest)], audio_spec())]
+    assert ids == ["x", "x#2", "x#2#2", "X", "x#3"]  # ids are case-sensitive, unlike column names
