@@ -1,41 +1,61 @@
 #!/usr/bin/env bash
-# The GPU checks of the issues, run as one script on a lent GPU machine (see README "Benchmarks").
-# Expects /tmp/keep to hold: wheels/ (jiwer, soundfile, soxr, ...), speech/ (FLAC clips + manifest.csv),
-# w1..w3.safetensors (whisper-base, fp16, split to fit the transfer limit) and model-base/ (its other files).
-# Writes every result under $OUT.
+# The GPU checks of the issues, as one run on a lent GPU machine (see README "Benchmarks").
+#
+# The machine is bare and offline: everything it needs beyond its own PyTorch/transformers travels in
+# .gpu/ (scripts/gpu_bundle.py: whisper-tiny.en packed to fit the transfer, FLAC clips, wheels).
+#   device run: carry [".gpu"], command "bash scripts/gpu_checks.sh", timeout about 420 s
+# Dry run on a CPU: DEVICE=cpu QUICK=1 OUT=/tmp/gpu-out bash scripts/gpu_checks.sh
+# Every result lands under $OUT: machine.txt, one .log and one .json per check.
 set -uo pipefail
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error
-K=/tmp/keep
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site $K/wheels/*.whl \
-  || exit 1
-export PYTHONPATH=/tmp/site:$PWD
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee $OUT/machine.txt
-python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" \
-  | tee -a $OUT/machine.txt
-# whisper-base from its three parts
-python3 - <<'PY'
-import os, shutil
-from safetensors.torch import load_file, save_file
-k = "/tmp/keep"; dst = "/tmp/whisper-base"
-if not os.path.exists(f"{dst}/model.safetensors"):
-    shutil.copytree(f"{k}/model-base", dst, dirs_exist_ok=True)
-    sd = {}
-    for n in (1, 2, 3):
-        sd.update(load_file(f"{k}/w{n}.safetensors"))
-    save_file(sd, f"{dst}/model.safetensors", metadata={"format": "pt"})
-print("whisper-base ready")
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error TOKENIZERS_PARALLELISM=false
+DEVICE=${DEVICE:-cuda}
+OUT=${OUT:-/tmp/gpu-out}
+B=${BUNDLE:-.gpu}
+export QUICK=${QUICK:-0}
+mkdir -p "$OUT"
+if [ "$DEVICE" = cuda ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+    "$B"/wheels/*.whl || exit 1
+  export PYTHONPATH=/tmp/site:$PWD
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/machine.txt"
+else
+  export PYTHONPATH=$PWD
+fi
+python3 -c "import os, torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__,
+'cpus', os.cpu_count())" | tee -a "$OUT/machine.txt"
+
+MODEL=/tmp/gpu-tiny.en
+[ -f $MODEL/model.safetensors ] || python3 scripts/gpu_bundle.py --unpack "$B/model" $MODEL || exit 1
+# the same clips listed four times: a longer run, so that the first batch's CUDA warm-up weighs less
+python3 - "$B/speech/manifest.csv" /tmp/gpu-speech-x4.csv <<'PY'
+import csv, os, sys
+src, dst = sys.argv[1:]
+rows = list(csv.DictReader(open(src, newline="", encoding="utf-8")))
+if os.environ.get("QUICK") == "1":
+    rows = rows[:3]
+base = os.path.dirname(os.path.abspath(src))
+with open(dst, "w", newline="", encoding="utf-8") as handle:
+    writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+    writer.writeheader()
+    for _ in range(4):
+        writer.writerows(dict(r, path=os.path.join(base, r["path"])) for r in rows)
 PY
-run() { local name=$1; shift; echo "=== $name: $*"; timeout "${T:-240}" "$@" 2>&1 | tail -n 60 | tee "$OUT/$name.log"; }
-T=150 run asr python3 scripts/bench_asr.py --device cuda --model /tmp/whisper-base --manifest $K/speech/manifest.csv \
-  --systems batchcap batchcap-full batchcap-fp32 hf-pipeline --batch-size 32 --json $OUT/asr.json
-T=90 run images python3 scripts/bench_images.py --device cuda --images 64 --rounds 2 --url-images 128 \
-  --batch-size 16 64 --json $OUT/images.json
-T=110 run train_audio python3 scripts/finetune_whisper_real.py --model /tmp/whisper-base --language en \
-  --train $K/speech/train.csv --test $K/speech/test.csv --out /tmp/ft-audio --device cuda --max-steps 80 \
-  --batch-size 16
-cp /tmp/ft-audio/report.json $OUT/train_audio_report.json 2>/dev/null
-T=35 run train_images python3 -m batchcap.cli train images samples/images/manifest.csv -o /tmp/ft-images \
-  --model "$HOME/.cache/batchcap-dev/bench-vit-gpt2" --epochs 2 --batch-size 3 --val-fraction 0 --device cuda
-T=25 run caption_after_train python3 -m batchcap.cli images samples/images -o /tmp/ft-caps.parquet \
-  --model /tmp/ft-images --device cuda
+
+run() { local name=$1 limit=$2; shift 2; echo "=== $name: $*"; timeout "$limit" "$@" > "$OUT/$name.log" 2>&1;
+        echo "exit $?" >> "$OUT/$name.log"; tail -n 25 "$OUT/$name.log"; }
+if [ "$QUICK" = 1 ]; then LIMIT=(--limit 12); BS=8; REP=1; IMG=(--images 8 --rounds 1 --url-images 16);
+else LIMIT=(); BS=64; REP=3; IMG=(--images 64 --rounds 2 --url-images 128); fi
+
+# 1. whisper-tiny.en on the clips: batchcap (default and full window) against the transformers pipeline
+run asr 150 python3 scripts/bench_asr.py --device "$DEVICE" --model $MODEL --manifest "$B/speech/manifest.csv" \
+  "${LIMIT[@]}" --systems batchcap hf-pipeline batchcap-full --batch-size $BS --repeat $REP --json "$OUT/asr.json"
+# 2. four times the audio, batch 64 and 128
+run asr_x4 150 python3 scripts/bench_asr.py --device "$DEVICE" --model $MODEL --manifest /tmp/gpu-speech-x4.csv \
+  "${LIMIT[@]}" --systems batchcap hf-pipeline --batch-size $BS --repeat 2 --json "$OUT/asr_x4.json"
+# 3. the CLI end to end, imports and model load included
+run cli 60 bash -c "TIMEFORMAT='wall %R s'; time python3 -m batchcap.cli audio /tmp/gpu-speech-x4.csv \
+  -o /tmp/gpu-cli.parquet --overwrite --model $MODEL --device $DEVICE --batch-size $BS"
+# 4. captions: random ViT-base + GPT-2 (built there), fp16 batch 64 against the pipeline; URLs vs local files
+run images 120 python3 scripts/bench_images.py --device "$DEVICE" "${IMG[@]}" --batch-size $BS \
+  --systems pipeline-b8 batchcap url --json "$OUT/images.json"
 echo done

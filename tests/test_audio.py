@@ -16,6 +16,7 @@ from batchcap import transcribe
 from batchcap.audio import decode_audio
 from batchcap.items import DECODE_ERROR, EMPTY, ItemError
 from batchcap.metrics import get_normalizer, load_english_spelling, wer_counts
+from batchcap.models.common import cache_kwarg
 from tests.conftest import tone, write_audio
 from tests.helpers import rows_of, run_cli  # noqa: F401
 
@@ -377,7 +378,8 @@ def test_cross_attention_cache_projects_only_the_live_positions(tiny_whisper_en)
 
             states, cross = transcriber._encode(batch, False)
             encoded, cache = BaseModelOutput(last_hidden_state=states), transcriber._cache(cross)
-            with_cache = transcriber.model.generate(encoder_outputs=encoded, cache=cache, max_new_tokens=8)
+            with_cache = transcriber.model.generate(encoder_outputs=encoded, max_new_tokens=8,
+                                                    **{cache_kwarg(transcriber.model): cache})
             # the two silent windows (two loudness levels) once each, then the live 2.5 s + 1 s = 175 positions
             assert projected == [1500, 1500, 175]
             projected.clear()

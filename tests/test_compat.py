@@ -28,3 +28,41 @@ def test_code_runs_on_the_oldest_python_setup_py_allows():
                os.path.join(ROOT, "setup.py")]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+
+
+def test_the_kv_cache_keyword_follows_the_installed_transformers():
+    """setup.py allows any transformers 5.x; 5.17 knows only ``past_key_values`` and rejected ``cache``
+    (every row a model_error), 5.2x renamed it to ``cache``. Decorated forwards (transformers'
+    ``deprecate_kwarg`` wraps them) are read through to the real signature."""
+    import functools
+
+    from batchcap.models.common import cache_kwarg
+
+    class Old:
+        def forward(self, input_ids=None, past_key_values=None, use_cache=None):
+            return past_key_values
+
+    def renamed(fn):
+        @functools.wraps(fn)
+        def wrapper(*args, past_key_values=None, **kwargs):
+            return fn(*args, **kwargs)
+        return wrapper
+
+    class New:
+        @renamed
+        def forward(self, input_ids=None, cache=None, use_cache=None):
+            return cache
+
+    assert cache_kwarg(Old()) == "past_key_values"
+    assert cache_kwarg(New()) == "cache"
+    from transformers import WhisperConfig, WhisperForConditionalGeneration
+
+    model = WhisperForConditionalGeneration(WhisperConfig(vocab_size=64, pad_token_id=0, d_model=16, encoder_layers=1,
+                                                          decoder_layers=1, encoder_attention_heads=2,
+                                                          decoder_attention_heads=2, encoder_ffn_dim=16,
+                                                          decoder_ffn_dim=16, max_source_positions=8,
+                                                          max_target_positions=8))
+    import inspect
+
+    for module in (model, model.get_decoder()):
+        assert cache_kwarg(module) in inspect.signature(type(module).forward).parameters

@@ -10,6 +10,7 @@ import shutil
 import pytest
 import torch
 
+from batchcap.models.common import cache_kwarg
 from batchcap.models.whisper_logits import Sample, SuppressAtBegin
 from tests.conftest import tone
 
@@ -76,8 +77,8 @@ def test_samples_share_their_clips_cross_attention_keys(tiny_whisper):
         assert shared.layers[0].keys.shape[2] == 1  # per sample: one position; the rest once per clip
         ids = torch.tensor([[t.sot_id, 5]] * 6)
         decoder = t.model.get_decoder()
-        out = [decoder(input_ids=ids, encoder_hidden_states=states.repeat_interleave(3, 0),
-                       cache=t._cache(c), use_cache=True).last_hidden_state for c in (shared, copied)]
+        out = [decoder(input_ids=ids, encoder_hidden_states=states.repeat_interleave(3, 0), use_cache=True,
+                       **{cache_kwarg(decoder): t._cache(c)}).last_hidden_state for c in (shared, copied)]
     assert torch.allclose(out[0], out[1], atol=1e-5)
     assert (out[0][0] - out[0][3]).abs().max() > 0.1  # the two clips' rows do differ
 

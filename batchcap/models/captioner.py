@@ -18,6 +18,7 @@ from ..items import FatalError
 from .attention import repeated_cross_cache, use_step_attention
 from .common import (
     autocast_context,
+    cache_kwarg,
     hub_guard,
     load_error_message,
     load_for_autocast,
@@ -226,12 +227,12 @@ class Captioner:
         beam_cache = _beam_cache_class()
         first = beam_cache(DynamicCache(), DynamicCache())
         self.model(encoder_outputs=BaseModelOutput(last_hidden_state=encoder_states), decoder_input_ids=start,
-                   cache=first, use_cache=True)
+                   use_cache=True, **{cache_kwarg(self.model): first})
         # copied per beam: reading one copy per image (shared=True, as the guard's samples do) was slower here,
         # 16 images' groups per step against 197 positions each (2.73-2.82 vs 2.97-3.30 images/s, beam 4)
         cross = repeated_cross_cache(first.cross_attention_cache, self.num_beams, shared=False)
         inputs["encoder_outputs"] = BaseModelOutput(last_hidden_state=encoder_states)
-        inputs["cache"] = beam_cache(DynamicCache(), cross)
+        inputs[cache_kwarg(self.model)] = beam_cache(DynamicCache(), cross)
         return inputs
 
     def _autocast(self) -> Any:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import logging
 import os
 import threading
@@ -16,6 +18,18 @@ log = logging.getLogger(__name__)
 
 _DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16", "half": "float16",
            "bfloat16": "bfloat16", "bf16": "bfloat16"}
+
+
+def cache_kwarg(module: Any) -> str:
+    """The keyword under which ``module.forward`` (and so ``generate``) takes a KV cache in the installed
+    transformers: ``cache`` since it was renamed (5.2x; the old name is deprecated until 5.40), else
+    ``past_key_values``. setup.py allows any 5.x, and a name the model does not know is a ValueError."""
+    return _cache_kwarg(type(module))
+
+
+@functools.cache
+def _cache_kwarg(cls: type) -> str:
+    return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
 
 
 def resolve_device(spec: str = "auto") -> Any:

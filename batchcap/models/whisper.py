@@ -31,6 +31,7 @@ from . import guard as g
 from .attention import cache_rows, repeated_cross_cache, use_step_attention, uses_step_attention
 from .common import (
     autocast_context,
+    cache_kwarg,
     hub_guard,
     load_error_message,
     load_for_autocast,
@@ -290,8 +291,9 @@ class WhisperTranscriber:
         and the probability of the no-speech token."""
         torch = self._torch
         sot = torch.full((len(batch), 1), self.sot_id, dtype=torch.long, device=self.device)
-        hidden = self.model.get_decoder()(input_ids=sot, encoder_hidden_states=states, cache=self._cache(cross),
-                                          use_cache=True).last_hidden_state
+        decoder = self.model.get_decoder()
+        hidden = decoder(input_ids=sot, encoder_hidden_states=states, use_cache=True,
+                         **{cache_kwarg(decoder): self._cache(cross)}).last_hidden_state
         logits = self.model.proj_out(hidden[:, -1]).float()
         no_speech = logits.softmax(-1)[:, self.no_speech_id].tolist()
         if not self.multilingual:
@@ -401,10 +403,10 @@ class WhisperTranscriber:
         if kwargs["num_beams"] == 1:
             recorder = TokenLogprobs(self.eot_id)
             processors.append(recorder)
-            if per_clip == 1 and cross is not None:
-                kwargs["cache"] = self._cache(cross)
-            elif cross is not None:  # each clip's cross-attention keys shared by its rows
-                kwargs["cache"] = self._cache(repeated_cross_cache(cross, per_clip, uses_step_attention(self.model)))
+            if per_clip > 1 and cross is not None:  # each clip's cross-attention keys shared by its rows
+                cross = repeated_cross_cache(cross, per_clip, uses_step_attention(self.model))
+            if cross is not None:
+                kwargs[cache_kwarg(self.model)] = self._cache(cross)
         if sampled:
             row_temperatures = [t for _ in range(n) for t in temperatures for _ in range(samples)]
             processors.append(Sample(row_temperatures))

@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from .common import cache_kwarg
 from .whisper_timestamps import Segment, Word, split_timestamped
 
 log = logging.getLogger(__name__)
@@ -409,7 +410,7 @@ def align_words(model: Any, states: Any, prompts: Sequence[Sequence[int]], text_
     capture = _Capture(decoder, heads, positions)
     kwargs: dict[str, Any] = {"use_cache": False}
     if cross_cache is not None:
-        kwargs = {"cache": EncoderDecoderCache(DynamicCache(), cross_cache), "use_cache": True}
+        kwargs = {cache_kwarg(decoder): EncoderDecoderCache(DynamicCache(), cross_cache), "use_cache": True}
     try:
         with torch.no_grad():
             hidden = decoder(input_ids=ids, encoder_hidden_states=sub, **kwargs).last_hidden_state

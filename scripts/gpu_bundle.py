@@ -1,0 +1,125 @@
+#!/usr/bin/env python3
+"""Pack what ``scripts/gpu_checks.sh`` needs on a bare GPU machine into one folder (default ``.gpu/``).
+
+The device tool sends the checkout and at most 64 MiB of carried paths per call, and the GPU machine
+reaches no network. whisper-tiny.en is 151 MB in float32, so its weights travel rounded to bfloat16
+(exact in fp16, the dtype the GPU runs use) with the two bytes of each value in separate streams:
+the high byte (sign and exponent) compresses about 3x with xz, the low byte hardly at all. About 51 MB.
+
+    python scripts/gpu_bundle.py --model ~/.cache/batchcap-dev/models/whisper-tiny.en \
+        --manifest ~/.cache/batchcap-dev/speech-en/manifest.csv --wheels DIR
+    # then: device run, carry [".gpu"], command "bash scripts/gpu_checks.sh"
+
+Unpacked on the machine by ``python scripts/gpu_bundle.py --unpack .gpu/model DEST``.
+Clips are re-encoded as FLAC (lossless) with a manifest of relative paths.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import lzma
+import os
+import shutil
+import sys
+
+MODEL_FILES = ("config.json", "generation_config.json", "preprocessor_config.json", "tokenizer.json",
+               "tokenizer_config.json", "normalizer.json")
+
+
+def pack_model(src: str, dst: str) -> None:
+    import numpy as np
+    import torch
+    from safetensors.torch import load_file
+
+    os.makedirs(dst, exist_ok=True)
+    state = load_file(os.path.join(src, "model.safetensors"))
+    index, high, low = [], [], []
+    for name, tensor in state.items():
+        pairs = tensor.to(torch.bfloat16).contiguous().view(torch.int16).numpy().view(np.uint8).reshape(-1, 2)
+        low.append(pairs[:, 0].tobytes())
+        high.append(pairs[:, 1].tobytes())
+        index.append({"name": name, "shape": list(tensor.shape)})
+    with open(os.path.join(dst, "index.json"), "w") as handle:
+        json.dump(index, handle)
+    for part, chunks in (("high.xz", high), ("low.xz", low)):
+        with lzma.open(os.path.join(dst, part), "wb", preset=6) as handle:
+            handle.write(b"".join(chunks))
+    for name in MODEL_FILES:
+        if os.path.exists(os.path.join(src, name)):
+            with open(os.path.join(src, name), "rb") as fin, lzma.open(os.path.join(dst, name + ".xz"), "wb") as fout:
+                fout.write(fin.read())
+
+
+def unpack_model(src: str, dst: str) -> None:
+    import numpy as np
+    import torch
+    from safetensors.torch import save_file
+
+    os.makedirs(dst, exist_ok=True)
+    with open(os.path.join(src, "index.json")) as handle:
+        index = json.load(handle)
+    with lzma.open(os.path.join(src, "high.xz")) as handle:
+        high = np.frombuffer(handle.read(), dtype=np.uint8)
+    with lzma.open(os.path.join(src, "low.xz")) as handle:
+        low = np.frombuffer(handle.read(), dtype=np.uint8)
+    pairs = np.empty((len(low), 2), dtype=np.uint8)
+    pairs[:, 0], pairs[:, 1] = low, high
+    values = torch.from_numpy(pairs.reshape(-1).copy()).view(torch.bfloat16)
+    state, at = {}, 0
+    for entry in index:
+        count = int(np.prod(entry["shape"])) if entry["shape"] else 1
+        state[entry["name"]] = values[at:at + count].reshape(entry["shape"]).clone()
+        at += count
+    save_file(state, os.path.join(dst, "model.safetensors"), metadata={"format": "pt"})
+    for name in MODEL_FILES:
+        packed = os.path.join(src, name + ".xz")
+        if os.path.exists(packed):
+            with lzma.open(packed) as fin, open(os.path.join(dst, name), "wb") as fout:
+                fout.write(fin.read())
+
+
+def pack_speech(manifest: str, dst: str, limit: int) -> None:
+    import soundfile as sf
+
+    os.makedirs(os.path.join(dst, "clips"), exist_ok=True)
+    with open(manifest, newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    if limit:
+        rows = rows[:: max(1, len(rows) // limit)][:limit]
+    out = []
+    for number, row in enumerate(rows):
+        audio, rate = sf.read(row["path"], dtype="int16")
+        name = f"clips/{number:04d}.flac"
+        sf.write(os.path.join(dst, name), audio, rate, format="FLAC")
+        out.append({"path": name, "reference": row["reference"], "language": row.get("language", "")})
+    with open(os.path.join(dst, "manifest.csv"), "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["path", "reference", "language"])
+        writer.writeheader()
+        writer.writerows(out)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", help="a transformers Whisper checkpoint directory to pack")
+    parser.add_argument("--manifest", help="CSV with path,reference[,language] whose clips to pack")
+    parser.add_argument("--limit", type=int, default=0, help="only N clips, spread over the manifest")
+    parser.add_argument("--wheels", help="a folder of wheels to copy in")
+    parser.add_argument("--out", default=".gpu")
+    parser.add_argument("--unpack", nargs=2, metavar=("PACKED", "DEST"), help="rebuild a packed model")
+    args = parser.parse_args()
+    if args.unpack:
+        unpack_model(*args.unpack)
+        return 0
+    if args.model:
+        pack_model(args.model, os.path.join(args.out, "model"))
+    if args.manifest:
+        pack_speech(args.manifest, os.path.join(args.out, "speech"), args.limit)
+    if args.wheels:
+        shutil.copytree(args.wheels, os.path.join(args.out, "wheels"), dirs_exist_ok=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
