@@ -10,7 +10,8 @@ the high byte (sign and exponent) compresses about 3x with xz, the low byte hard
         --manifest ~/.cache/batchcap-dev/speech-en/manifest.csv --wheels DIR
     # then: device run, carry [".gpu"], command "bash scripts/gpu_checks.sh"
 
-Unpacked on the machine by ``python scripts/gpu_bundle.py --unpack .gpu/model DEST``.
+On the machine: ``--unpack .gpu/model DEST`` rebuilds the checkpoint; ``--repeat`` and ``--join`` make
+longer runs and long recordings from the clips.
 Clips are re-encoded as FLAC (lossless) with a manifest of relative paths.
 """
 
@@ -100,6 +101,52 @@ def pack_speech(manifest: str, dst: str, limit: int) -> None:
         writer.writerows(out)
 
 
+def repeat_manifest(src: str, dst: str, times: int, limit: int = 0) -> None:
+    """The manifest's rows ``times`` over, with absolute paths (a longer run of the same clips)."""
+    with open(src, newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))[: limit or None]
+    base = os.path.dirname(os.path.abspath(src))
+    with open(dst, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        for _ in range(times):
+            writer.writerows(dict(r, path=os.path.join(base, r["path"])) for r in rows)
+
+
+def join_long(src: str, dst: str, seconds: float, limit: int = 0) -> None:
+    """Long recordings for ``scripts/bench_long.py``: the clips joined in manifest order with 0.6-1.8 s of
+    silence between them, a new recording every ``seconds``, and a ``clips`` column of [start, end, text]."""
+    import random
+
+    import numpy as np
+    import soundfile as sf
+
+    os.makedirs(dst, exist_ok=True)
+    with open(src, newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))[: limit or None]
+    base, rng = os.path.dirname(os.path.abspath(src)), random.Random(0)
+    out: list[dict[str, str]] = []
+    parts: list[object] = []
+    clips: list[list[object]] = []
+    at = 0.0
+    for number, row in enumerate(rows):
+        audio, rate = sf.read(os.path.join(base, row["path"]), dtype="float32")
+        gap = np.zeros(int(rng.uniform(0.6, 1.8) * rate), np.float32)
+        parts += [audio, gap]
+        clips.append([round(at, 3), round(at + len(audio) / rate, 3), row["reference"]])
+        at += (len(audio) + len(gap)) / rate
+        if at >= seconds or number == len(rows) - 1:
+            path = os.path.join(os.path.abspath(dst), f"long{len(out)}.wav")
+            sf.write(path, np.concatenate(parts), rate, subtype="PCM_16")
+            out.append({"path": path, "reference": " ".join(str(c[2]) for c in clips),
+                        "language": row.get("language") or "en", "clips": json.dumps(clips)})
+            parts, clips, at = [], [], 0.0
+    with open(os.path.join(dst, "manifest.csv"), "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["path", "reference", "language", "clips"])
+        writer.writeheader()
+        writer.writerows(out)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="a transformers Whisper checkpoint directory to pack")
@@ -108,9 +155,17 @@ def main() -> int:
     parser.add_argument("--wheels", help="a folder of wheels to copy in")
     parser.add_argument("--out", default=".gpu")
     parser.add_argument("--unpack", nargs=2, metavar=("PACKED", "DEST"), help="rebuild a packed model")
+    parser.add_argument("--repeat", nargs=3, metavar=("MANIFEST", "DEST", "N"), help="a manifest's rows N times")
+    parser.add_argument("--join", nargs=3, metavar=("MANIFEST", "FOLDER", "SECONDS"),
+                        help="long recordings of about SECONDS joined from the clips, with FOLDER/manifest.csv")
     args = parser.parse_args()
     if args.unpack:
         unpack_model(*args.unpack)
+    if args.repeat:
+        repeat_manifest(args.repeat[0], args.repeat[1], int(args.repeat[2]), args.limit)
+    if args.join:
+        join_long(args.join[0], args.join[1], float(args.join[2]), args.limit)
+    if args.unpack or args.repeat or args.join:
         return 0
     if args.model:
         pack_model(args.model, os.path.join(args.out, "model"))

@@ -5,7 +5,7 @@
 # .gpu/ (scripts/gpu_bundle.py: whisper-tiny.en packed to fit the transfer, FLAC clips, wheels).
 #   device run: carry [".gpu"], command "bash scripts/gpu_checks.sh", timeout about 420 s
 # Dry run on a CPU: DEVICE=cpu QUICK=1 OUT=/tmp/gpu-out bash scripts/gpu_checks.sh
-# Every result lands under $OUT: machine.txt, one .log and one .json per check.
+# Every result lands under $OUT (at most 8 files come back): machine.txt, one .log per check, asr.json.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error TOKENIZERS_PARALLELISM=false
 DEVICE=${DEVICE:-cuda}
@@ -26,36 +26,34 @@ python3 -c "import os, torch, transformers; print('torch', torch.__version__, 't
 
 MODEL=/tmp/gpu-tiny.en
 [ -f $MODEL/model.safetensors ] || python3 scripts/gpu_bundle.py --unpack "$B/model" $MODEL || exit 1
-# the same clips listed four times: a longer run, so that the first batch's CUDA warm-up weighs less
-python3 - "$B/speech/manifest.csv" /tmp/gpu-speech-x4.csv <<'PY'
-import csv, os, sys
-src, dst = sys.argv[1:]
-rows = list(csv.DictReader(open(src, newline="", encoding="utf-8")))
-if os.environ.get("QUICK") == "1":
-    rows = rows[:3]
-base = os.path.dirname(os.path.abspath(src))
-with open(dst, "w", newline="", encoding="utf-8") as handle:
-    writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-    writer.writeheader()
-    for _ in range(4):
-        writer.writerows(dict(r, path=os.path.join(base, r["path"])) for r in rows)
-PY
+if [ "$QUICK" = 1 ]; then LIMIT=(--limit 12); BS=8; REP=1; IMG=(--images 8 --rounds 1 --url-images 16); FEW=12;
+else LIMIT=(); BS=64; REP=3; IMG=(--images 64 --rounds 2 --url-images 128); FEW=0; fi
+# the same clips listed four times (a longer run: the first batch's CUDA warm-up weighs less), and long
+# recordings of about 150 s joined from them
+python3 scripts/gpu_bundle.py --limit $FEW --repeat "$B/speech/manifest.csv" /tmp/gpu-speech-x4.csv 4 || exit 1
+python3 scripts/gpu_bundle.py --limit $FEW --join "$B/speech/manifest.csv" /tmp/gpu-long $([ "$QUICK" = 1 ] && echo 20 || echo 150) \
+  || exit 1
 
 run() { local name=$1 limit=$2; shift 2; echo "=== $name: $*"; timeout "$limit" "$@" > "$OUT/$name.log" 2>&1;
         echo "exit $?" >> "$OUT/$name.log"; tail -n 25 "$OUT/$name.log"; }
-if [ "$QUICK" = 1 ]; then LIMIT=(--limit 12); BS=8; REP=1; IMG=(--images 8 --rounds 1 --url-images 16);
-else LIMIT=(); BS=64; REP=3; IMG=(--images 64 --rounds 2 --url-images 128); fi
 
 # 1. whisper-tiny.en on the clips: batchcap (default and full window) against the transformers pipeline
-run asr 150 python3 scripts/bench_asr.py --device "$DEVICE" --model $MODEL --manifest "$B/speech/manifest.csv" \
+run asr 130 python3 scripts/bench_asr.py --device "$DEVICE" --model $MODEL --manifest "$B/speech/manifest.csv" \
   "${LIMIT[@]}" --systems batchcap hf-pipeline batchcap-full --batch-size $BS --repeat $REP --json "$OUT/asr.json"
-# 2. four times the audio, batch 64 and 128
-run asr_x4 150 python3 scripts/bench_asr.py --device "$DEVICE" --model $MODEL --manifest /tmp/gpu-speech-x4.csv \
-  "${LIMIT[@]}" --systems batchcap hf-pipeline --batch-size $BS --repeat 2 --json "$OUT/asr_x4.json"
-# 3. the CLI end to end, imports and model load included
-run cli 60 bash -c "TIMEFORMAT='wall %R s'; time python3 -m batchcap.cli audio /tmp/gpu-speech-x4.csv \
+# 2. four times the audio
+run asr_x4 100 python3 scripts/bench_asr.py --device "$DEVICE" --model $MODEL --manifest /tmp/gpu-speech-x4.csv \
+  --systems batchcap hf-pipeline --batch-size $BS --repeat 2
+# 3. captions: random ViT-base + GPT-2 (built there), fp16 batch 64 against the pipeline; URLs vs local files
+run images 110 python3 scripts/bench_images.py --device "$DEVICE" "${IMG[@]}" --batch-size $BS \
+  --systems pipeline-b8 batchcap url
+# 4. long recordings (#10): batched long-form against sequential and against the same speech as clips,
+#    then all of them joined (repeated) into one recording of about an hour
+run long 130 python3 scripts/bench_long.py --manifest /tmp/gpu-long/manifest.csv --model $MODEL --batch-size $BS \
+  --systems batchcap batchcap-sequential batchcap-clips $([ "$QUICK" = 1 ] || echo --hour)
+# 5. the CLI end to end, imports and model load included
+run cli 50 bash -c "TIMEFORMAT='wall %R s'; time python3 -m batchcap.cli audio /tmp/gpu-speech-x4.csv \
   -o /tmp/gpu-cli.parquet --overwrite --model $MODEL --device $DEVICE --batch-size $BS"
-# 4. captions: random ViT-base + GPT-2 (built there), fp16 batch 64 against the pipeline; URLs vs local files
-run images 120 python3 scripts/bench_images.py --device "$DEVICE" "${IMG[@]}" --batch-size $BS \
-  --systems pipeline-b8 batchcap url --json "$OUT/images.json"
+# 6. where the time goes on this device (torch.profiler over one warm pass)
+run profile 50 python3 scripts/profile_asr.py --device "$DEVICE" --model $MODEL --manifest "$B/speech/manifest.csv" \
+  "${LIMIT[@]}" --batch-size $BS --rows 30
 echo done
