@@ -179,7 +179,8 @@ def main() -> None:
                    "--batch-size", str(args.batch_size), "--manifest", args.manifest]
             if args.language:
                 cmd += ["--language", args.language]
-            env = dict(os.environ, BENCH_SYSTEM=system, PYTHONPATH=str(ROOT))
+            env = dict(os.environ, BENCH_SYSTEM=system,
+                       PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p))
             proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
             line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
             if line is None:

@@ -17,9 +17,9 @@ from PIL import Image
 from ..items import FatalError
 from .attention import repeated_cross_cache, use_step_attention
 from .common import (
-    autocast_context,
     cache_kwarg,
     hub_guard,
+    inference_context,
     load_error_message,
     load_for_autocast,
     load_pretrained,
@@ -236,7 +236,7 @@ class Captioner:
         return inputs
 
     def _autocast(self) -> Any:
-        return autocast_context(self.device, self.autocast)
+        return inference_context(self.device, self.autocast)
 
     def _strip_prompt(self, text: str) -> str:
         """Drop the prompt if the model echoes it (BLIP, GIT and VED outputs start with their inputs)."""

@@ -30,9 +30,9 @@ from ..items import MODEL_ERROR, FatalError, ItemError
 from . import guard as g
 from .attention import cache_rows, repeated_cross_cache, use_step_attention, uses_step_attention
 from .common import (
-    autocast_context,
     cache_kwarg,
     hub_guard,
+    inference_context,
     load_error_message,
     load_for_autocast,
     load_pretrained,
@@ -247,7 +247,7 @@ class WhisperTranscriber:
         return [r for r in out if r is not None]
 
     def _autocast(self) -> Any:
-        return autocast_context(self.device, self.autocast)
+        return inference_context(self.device, self.autocast)
 
     def _pad_stack(self, batch: list[Prepared], width: int | None = None) -> Any:
         """Stack features of different lengths (to ``width`` frames if given); padding frames take each
