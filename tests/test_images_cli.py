@@ -200,3 +200,18 @@ def test_hf_datasets_image_layout(tiny_captioner, tmp_path):
     rows = rows_of(result.output)
     assert [(r["source"], r["status"]) for r in rows] == [("coffee.jpg", "ok"), ("junk.jpg", "decode_error")]
     assert rows[0]["references"] == ["a cup"]
+
+
+def test_captions_where_auto_image_processor_wants_torchvision(tiny_captioner, photos, tmp_path, monkeypatch):
+    """transformers 5.17's AutoImageProcessor raises ImportError without torchvision, even for processors
+    with a PIL backend (every caption run failed at load there). The config's own class is loaded instead."""
+    import transformers
+
+    def wants_torchvision(*args, **kwargs):
+        raise ImportError("AutoImageProcessor requires the Torchvision library but it was not found")
+
+    monkeypatch.setattr(transformers.AutoImageProcessor, "from_pretrained", wants_torchvision)
+    out = tmp_path / "caps.parquet"
+    code, output = run_cli("images", str(photos), "-o", str(out), "--model", tiny_captioner, "--batch-size", "2")
+    assert code == 0, output
+    assert [r["status"] for r in rows_of(out)] == ["ok"] * 3

@@ -22,6 +22,7 @@ from .common import (
     inference_context,
     load_error_message,
     load_for_autocast,
+    load_image_processor,
     load_pretrained,
     padding_warnings_off,
     resolve_device,
@@ -55,11 +56,9 @@ class CaptionFeatures:
     threads and Ray CPU tasks need."""
 
     def __init__(self, model: str):
-        from transformers import AutoImageProcessor
-
         with hub_guard(model):  # no hub: fail at once, or load from the cache without its retries
             try:
-                self.image_processor = AutoImageProcessor.from_pretrained(model)
+                self.image_processor = load_image_processor(model)
             except Exception as exc:
                 raise FatalError(load_error_message(model, exc)) from exc
 
@@ -75,7 +74,7 @@ class Captioner:
                  num_beams: int = 1, prompt: str | None = None, min_new_tokens: int | None = None,
                  attn_implementation: str | None = "sdpa", share_cross_attention: bool = True):
         import torch
-        from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
+        from transformers import AutoConfig, AutoModelForImageTextToText, AutoTokenizer
 
         self.name = model
         self.device = resolve_device(device)
@@ -90,7 +89,7 @@ class Captioner:
         with hub_guard(model):  # no hub: fail at once, or load from the cache without its retries
             try:
                 config = AutoConfig.from_pretrained(model)
-                self.image_processor = AutoImageProcessor.from_pretrained(model)
+                self.image_processor = load_image_processor(model)
                 self.tokenizer = AutoTokenizer.from_pretrained(model)
             except Exception as exc:
                 raise FatalError(load_error_message(model, exc)) from exc

@@ -32,6 +32,27 @@ def _cache_kwarg(cls: type) -> str:
     return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
 
 
+def load_image_processor(source: str) -> Any:
+    """``AutoImageProcessor.from_pretrained(source)``. Where that asks for torchvision (transformers 5.17
+    does, even for processors with a PIL backend), the config's own class is loaded instead: it falls back
+    to PIL by itself."""
+    import transformers
+    from transformers import AutoImageProcessor
+
+    try:
+        return AutoImageProcessor.from_pretrained(source)
+    except ImportError as exc:
+        if "torchvision" not in str(exc).lower():
+            raise
+        from transformers.image_processing_base import ImageProcessingMixin
+
+        config, _ = ImageProcessingMixin.get_image_processor_dict(source)
+        cls = getattr(transformers, str(config.get("image_processor_type") or ""), None)
+        if cls is None:
+            raise
+        return cls.from_pretrained(source)
+
+
 def resolve_device(spec: str = "auto") -> Any:
     """``auto`` -> cuda if available, else mps, else cpu; ``cuda:N``, ``cpu``, ``mps`` as given."""
     import torch

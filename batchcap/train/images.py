@@ -33,7 +33,7 @@ from ..inputs import image_spec
 from ..items import FatalError, Item
 from ..metrics import caption_metrics
 from ..models.captioner import Captioner
-from ..models.common import hub_guard, load_error_message
+from ..models.common import hub_guard, load_error_message, load_image_processor
 from .base import FineTuneResult, TrainRun, autocast_dtype, count_parameters, start_run
 from .checkpoints import INFO_FILE, fresh_dir, jsonable, replace_dir, write_info
 from .data import Example
@@ -65,7 +65,7 @@ class TrainResult(FineTuneResult):
 
 def load_captioner_for_training(opts: ImageTrainOptions, checkpoint: str | None = None) -> tuple[Any, Any, Any]:
     """(model, image processor, tokenizer), special tokens set in config and generation_config."""
-    from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer, VisionEncoderDecoderModel
+    from transformers import AutoConfig, AutoTokenizer, VisionEncoderDecoderModel
 
     if checkpoint:
         source = checkpoint
@@ -82,12 +82,12 @@ def load_captioner_for_training(opts: ImageTrainOptions, checkpoint: str | None 
         try:
             if checkpoint or not opts.encoder:
                 model = VisionEncoderDecoderModel.from_pretrained(source)
-                image_processor = AutoImageProcessor.from_pretrained(source)
+                image_processor = load_image_processor(source)
                 tokenizer = AutoTokenizer.from_pretrained(source)
             else:
                 assert opts.decoder is not None
                 source = opts.encoder
-                image_processor = AutoImageProcessor.from_pretrained(opts.encoder)
+                image_processor = load_image_processor(opts.encoder)
                 source = opts.decoder
                 tokenizer = AutoTokenizer.from_pretrained(opts.decoder)
                 # v5: from_encoder_decoder_pretrained reads ``decoder_config.is_decoder``, which configs no longer
