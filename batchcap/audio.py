@@ -139,6 +139,8 @@ def _read(data: bytes, budget: _Budget) -> tuple[np.ndarray, int]:
     except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as exc:
         # "Error opening <_io.BytesIO object at 0x...>: Format not recognised." -> "Format not recognised"
         first_error = str(exc).rsplit(">: ", 1)[-1].rstrip(".") or type(exc).__name__
+        if first_error.startswith("File does not exist"):  # what libsndfile's MPEG reader says of bad frames
+            first_error = "MPEG data that does not decode"
     return _read_av(data, first_error, _Budget(budget.limit_s))
 
 

@@ -82,6 +82,9 @@ def setup_logging(verbose: int, quiet: bool) -> None:
         warnings.filterwarnings("ignore", category=FutureWarning)
     # Pillow warns of images above its own pixel limit; batchcap's --max-pixels decides (and says why per row)
     warnings.filterwarnings("ignore", message=r"Image size \(\d+ pixels\) exceeds limit")
+    # and of EXIF it cannot parse ("Corrupt EXIF data", "Tag data larger than file"): the pixels still decode,
+    # and a damaged image is its row's decode_error
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.TiffImagePlugin")
     if quiet or not sys.stderr.isatty():  # no "Loading weights" bars in cron logs
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
         try:

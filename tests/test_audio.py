@@ -64,12 +64,15 @@ def test_decode_m4a_through_pyav(tmp_path):
     (b"", DECODE_ERROR, "empty file"),
     (b"RIFF\x00\x00garbage-that-is-not-audio" * 10, DECODE_ERROR, "not a readable audio file"),
     (b"<html><body>Not found</body></html>", DECODE_ERROR, "not a readable audio file"),
+    # MPEG frame syncs with nothing decodable: libsndfile says "File does not exist", of bytes in memory
+    (b"\xff\xfb\x90\x00" * 2000, DECODE_ERROR, "not a readable audio file (MPEG data that does not decode)"),
 ])
 def test_decode_rejects_non_audio(data, status, words):
     with pytest.raises(ItemError) as err:
         decode_audio(data)
     assert err.value.status == status and words in err.value.message
     assert " at 0x" not in err.value.message  # same input, same message: no object addresses
+    assert "does not exist" not in err.value.message
 
 
 def test_decode_rejects_silence_short_clips_and_nan(tmp_path):

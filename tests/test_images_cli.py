@@ -215,3 +215,24 @@ def test_captions_where_auto_image_processor_wants_torchvision(tiny_captioner, p
     code, output = run_cli("images", str(photos), "-o", str(out), "--model", tiny_captioner, "--batch-size", "2")
     assert code == 0, output
     assert [r["status"] for r in rows_of(out)] == ["ok"] * 3
+
+
+def test_unparsable_exif_is_no_stderr_noise(tiny_captioner, tmp_path):
+    """Pillow warns on stderr of EXIF it cannot parse ("Tag data larger than file", "Corrupt EXIF data");
+    the pixels decode, the row is ok, and the CLI prints no library warning for it."""
+    import subprocess
+    import sys
+
+    # one IFD entry (Make, ASCII) whose 64 bytes lie past the end of the EXIF block
+    exif = (b"Exif\x00\x00MM\x00*\x00\x00\x00\x08\x00\x01"
+            b"\x01\x0f\x00\x02\x00\x00\x00\x40\x00\x00\x00\x1a\x00\x00\x00\x00")
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    Image.new("RGB", (64, 48), (200, 10, 10)).save(folder / "bad-exif.jpg", "JPEG", exif=exif)
+    out = tmp_path / "caps.parquet"
+    result = subprocess.run([sys.executable, "-m", "batchcap.cli", "images", str(folder), "-o", str(out),
+                             "--model", tiny_captioner, "--device", "cpu"], capture_output=True, text=True,
+                            timeout=300, env=dict(os.environ, PYTHONWARNINGS="default"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert [r["status"] for r in rows_of(out)] == ["ok"]
+    assert "Warning" not in result.stderr and "EXIF" not in result.stderr, result.stderr[-2000:]
