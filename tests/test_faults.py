@@ -329,3 +329,29 @@ def test_each_row_of_an_item_done_alone_is_kept_at_once(tmp_path):
     run_job(items, job, out, JobOptions(batch_size=4, workers=1, fetch_workers=1), predictor=Predictor())
     assert "a" in written_before["b"] and {"a", "b"} <= set(written_before["c"])
     assert [r["id"] for r in rows_of(out)] == list("abcdef")
+
+
+def test_a_second_ctrl_c_while_stopping_prints_no_traceback(tiny_whisper, http_server, tmp_path):
+    # an impatient user presses Ctrl-C twice; the run is already on its way out after the first
+    write_audio(tmp_path / "a.wav", 1.0)
+    manifest = tmp_path / "m.csv"
+    manifest.write_text(f"path\n{tmp_path / 'a.wav'}\n{http_server.url('/drip?bytes=150&interval=0.2')}\n")
+    cmd = [sys.executable, "-m", "batchcap.cli", "audio", str(manifest), "-o", str(tmp_path / "out.parquet"),
+           "--model", tiny_whisper, "--fetch-deadline", "600"]
+    proc = _start(cmd)
+    _wait_for(lambda: http_server.hits["/drip"] >= 1, proc, "the URL was requested")
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.05)
+    assert proc.poll() is None, "the run exited before the second Ctrl-C"
+    proc.send_signal(signal.SIGINT)
+    try:
+        out_text, err_text = proc.communicate(timeout=12)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        pytest.fail("the twice-interrupted run did not exit")
+    # the first Ctrl-C starts the orderly exit; the second ends the process at once (SIGINT's default
+    # action, which a shell reports as 130 too): either way, no traceback
+    assert proc.returncode in (130, -signal.SIGINT), out_text + err_text
+    assert "Traceback" not in err_text, err_text[-2000:]
