@@ -72,7 +72,7 @@ def transcribe(t: WhisperTranscriber, clips: list[np.ndarray]) -> list[dict]:
 
     t._parse = keep
     try:
-        with torch.inference_mode(), t._autocast():
+        with torch.inference_mode(), t._inference():
             states, cross = t._encode(batch, t.full_window)
             languages, _, no_speech = t._first_position(batch, states, cross)
             durations = [p.duration_s for p in batch]

@@ -210,7 +210,10 @@ def test_captions_where_auto_image_processor_wants_torchvision(tiny_captioner, p
     def wants_torchvision(*args, **kwargs):
         raise ImportError("AutoImageProcessor requires the Torchvision library but it was not found")
 
-    monkeypatch.setattr(transformers.AutoImageProcessor, "from_pretrained", wants_torchvision)
+    try:
+        monkeypatch.setattr(transformers.AutoImageProcessor, "from_pretrained", wants_torchvision)
+    except ImportError:  # transformers 5.17 without torchvision: its AutoImageProcessor is such a placeholder
+        pass
     out = tmp_path / "caps.parquet"
     code, output = run_cli("images", str(photos), "-o", str(out), "--model", tiny_captioner, "--batch-size", "2")
     assert code == 0, output

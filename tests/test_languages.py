@@ -180,7 +180,7 @@ def test_unsure_live_detection_is_redone_on_the_zero_padded_full_window(tiny_whi
             frames = int(p.duration_s * 100) + 1
             assert torch.equal(window[k, :, :frames], torch.from_numpy(p.features[:, :frames]).to(window.dtype))
             assert float(window[k, :, frames:].abs().max()) == 0.0 and p.pad_value != 0.0
-        with torch.inference_mode(), t._autocast():
+        with torch.inference_mode(), t._inference():
             sub = [w.detection_window(p) for p in clips]
             states, cross = t._encode(sub, True)
             languages, probs, _ = t._first_position(sub, states, cross)

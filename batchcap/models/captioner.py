@@ -201,7 +201,7 @@ class Captioner:
                                   "do_sample": False}
         if self.min_new_tokens:
             kwargs["min_new_tokens"] = self.min_new_tokens
-        with torch.inference_mode(), self._autocast(), padding_warnings_off():  # nothing here is padded
+        with torch.inference_mode(), self._inference(), padding_warnings_off():  # nothing here is padded
             if self.num_beams > 1 and self.model_type == VED and self.share_cross_attention:
                 inputs = self._beam_inputs(inputs)
             out = self.model.generate(**inputs, **kwargs)
@@ -234,7 +234,7 @@ class Captioner:
         inputs[cache_kwarg(self.model)] = beam_cache(DynamicCache(), cross)
         return inputs
 
-    def _autocast(self) -> Any:
+    def _inference(self) -> Any:
         return inference_context(self.device, self.autocast)
 
     def _strip_prompt(self, text: str) -> str:

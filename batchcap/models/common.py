@@ -205,8 +205,9 @@ def inference_context(device: Any, autocast: Any) -> contextlib.ExitStack:
 
     PyTorch 2.11 picks cuDNN's fused attention on Hopper GPUs, and cuDNN builds a kernel graph for every new
     shape. Decoding makes a new shape at every step (the keys grow by one) and the live window at every
-    batch, so on an H200 the first pass over 250 clips took 10.4 s against 1.7 s once warm. Flash and
-    memory-efficient attention need no per-shape build. ``BATCHCAP_CUDNN_ATTENTION=1`` keeps cuDNN."""
+    batch, so on an H200 the first pass over 250 clips took 8.6-10.4 s against 1.5 s once warm (3.8 s
+    without cuDNN). Flash and memory-efficient attention need no per-shape build.
+    ``BATCHCAP_CUDNN_ATTENTION=1`` keeps cuDNN."""
     import torch
 
     stack = contextlib.ExitStack()

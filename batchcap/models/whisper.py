@@ -273,7 +273,7 @@ class WhisperTranscriber:
         out: list[dict[str, Any] | None] = [None] * len(batch)
         short = [i for i, p in enumerate(batch) if not p.long_form]
         long = [i for i, p in enumerate(batch) if p.long_form]
-        with self._torch.inference_mode(), self._autocast():
+        with self._torch.inference_mode(), self._inference():
             if short:
                 for i, res in zip(short, self._short([batch[i] for i in short])):
                     out[i] = res
@@ -282,7 +282,7 @@ class WhisperTranscriber:
                     out[i] = res
         return [r for r in out if r is not None]
 
-    def _autocast(self) -> Any:
+    def _inference(self) -> Any:
         return inference_context(self.device, self.autocast)
 
     def _pad_stack(self, batch: list[Prepared], width: int | None = None) -> Any:
