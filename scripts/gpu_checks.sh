@@ -5,7 +5,8 @@
 # .gpu/ (scripts/gpu_bundle.py: whisper-tiny.en packed to fit the transfer, FLAC clips, wheels).
 #   device run: carry [".gpu"], command "bash scripts/gpu_checks.sh", timeout about 420 s
 # Dry run on a CPU: DEVICE=cpu QUICK=1 OUT=/tmp/gpu-out bash scripts/gpu_checks.sh
-# Every result lands under $OUT (at most 8 files come back): machine.txt, one .log per check, asr.json.
+# Every result lands under $OUT: asr.json and one .log per check (8 files, the most that come back);
+# the machine's name and versions are printed first.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error TOKENIZERS_PARALLELISM=false
 DEVICE=${DEVICE:-cuda}
@@ -17,12 +18,12 @@ if [ "$DEVICE" = cuda ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
     "$B"/wheels/*.whl || exit 1
   export PYTHONPATH=/tmp/site:$PWD
-  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/machine.txt"
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 else
   export PYTHONPATH=$PWD
 fi
 python3 -c "import os, torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__,
-'cpus', os.cpu_count())" | tee -a "$OUT/machine.txt"
+'cpus', os.cpu_count())"
 
 MODEL=/tmp/gpu-tiny.en
 [ -f $MODEL/model.safetensors ] || python3 scripts/gpu_bundle.py --unpack "$B/model" $MODEL || exit 1
@@ -57,4 +58,7 @@ run cli 50 bash -c "TIMEFORMAT='wall %R s'; time python3 -m batchcap.cli audio /
 # 6. where the time goes on this device (torch.profiler over one warm pass)
 run profile 50 python3 scripts/profile_asr.py --device "$DEVICE" --model $MODEL --manifest "$B/speech/manifest.csv" \
   "${LIMIT[@]}" --batch-size $BS --rows 30
+# 7. what the first pass of a fresh process pays once (compare with 6)
+run profile_first 50 python3 scripts/profile_asr.py --device "$DEVICE" --model $MODEL \
+  --manifest "$B/speech/manifest.csv" "${LIMIT[@]}" --batch-size $BS --rows 30 --first
 echo done
