@@ -125,17 +125,20 @@ def join_long(src: str, dst: str, seconds: float, limit: int = 0) -> None:
     with open(src, newline="", encoding="utf-8") as handle:
         rows = list(csv.DictReader(handle))[: limit or None]
     base, rng = os.path.dirname(os.path.abspath(src)), random.Random(0)
+    paths = [os.path.join(base, row["path"]) for row in rows]
+    left = sum(sf.info(p).duration for p in paths)  # a short remainder joins the last recording
     out: list[dict[str, str]] = []
     parts: list[object] = []
     clips: list[list[object]] = []
     at = 0.0
-    for number, row in enumerate(rows):
-        audio, rate = sf.read(os.path.join(base, row["path"]), dtype="float32")
+    for number, (row, path) in enumerate(zip(rows, paths)):
+        audio, rate = sf.read(path, dtype="float32")
         gap = np.zeros(int(rng.uniform(0.6, 1.8) * rate), np.float32)
         parts += [audio, gap]
         clips.append([round(at, 3), round(at + len(audio) / rate, 3), row["reference"]])
         at += (len(audio) + len(gap)) / rate
-        if at >= seconds or number == len(rows) - 1:
+        left -= len(audio) / rate
+        if (at >= seconds and left >= seconds / 2) or number == len(rows) - 1:
             path = os.path.join(os.path.abspath(dst), f"long{len(out)}.wav")
             sf.write(path, np.concatenate(parts), rate, subtype="PCM_16")
             out.append({"path": path, "reference": " ".join(str(c[2]) for c in clips),
