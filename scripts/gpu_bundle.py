@@ -12,6 +12,12 @@ the high byte (sign and exponent) compresses about 3x with xz, the low byte hard
 
 On the machine: ``--unpack .gpu/model DEST`` rebuilds the checkpoint; ``--repeat`` and ``--join`` make
 longer runs and long recordings from the clips.
+
+A bundle over the limit (whisper-base: about 190 MB packed) travels in parts, one call each, while the
+machine stays warm (30 s between calls): ``--split 60`` writes ``.gpu-parts/part1..N``; call N carries
+``.gpu-parts/partN`` and copies it to /tmp/keep/partN; the last call runs
+``python3 scripts/gpu_bundle.py --gather /tmp/keep/part* --out /tmp/bundle`` and then the checks with
+``BUNDLE=/tmp/bundle``.
 Clips are re-encoded as FLAC (lossless) with a manifest of relative paths.
 """
 
@@ -150,6 +156,49 @@ def join_long(src: str, dst: str, seconds: float, limit: int = 0) -> None:
         writer.writerows(out)
 
 
+def split_bundle(src: str, parts_root: str, max_mb: float) -> list[str]:
+    """Cut a bundle too big for one call into folders of at most ``max_mb`` MB each (files cut into
+    numbered pieces where needed), to be carried one call after another while the machine stays warm and
+    put back together there with :func:`gather_bundle`. Returns the part folders."""
+    limit = int(max_mb * 1e6)
+    parts: list[str] = []
+    room = 0
+    for folder, _, names in sorted(os.walk(src)):
+        for name in sorted(names):
+            path = os.path.join(folder, name)
+            rel, size = os.path.relpath(path, src), os.path.getsize(path)
+            offset = piece = 0
+            with open(path, "rb") as handle:
+                while piece == 0 or offset < size:
+                    if room <= 0:
+                        parts.append(os.path.join(parts_root, f"part{len(parts) + 1}"))
+                        room = limit
+                    chunk = handle.read(min(room, size - offset))
+                    target = os.path.join(parts[-1], f"{rel}.piece{piece:03d}")
+                    os.makedirs(os.path.dirname(target), exist_ok=True)
+                    with open(target, "wb") as out:
+                        out.write(chunk)
+                    offset, room, piece = offset + len(chunk), room - max(len(chunk), 1), piece + 1
+    return parts
+
+
+def gather_bundle(parts: list[str], dest: str) -> None:
+    """Put a split bundle back together: every ``NAME.pieceNNN`` of the part folders, in order, into NAME."""
+    pieces: dict[str, list[tuple[int, str]]] = {}
+    for part in parts:
+        for folder, _, names in os.walk(part):
+            for name in names:
+                stem, _, number = name.rpartition(".piece")
+                rel = os.path.relpath(os.path.join(folder, stem), part)
+                pieces.setdefault(rel, []).append((int(number), os.path.join(folder, name)))
+    for rel, found in pieces.items():
+        os.makedirs(os.path.dirname(os.path.join(dest, rel)) or dest, exist_ok=True)
+        with open(os.path.join(dest, rel), "wb") as out:
+            for _, path in sorted(found):
+                with open(path, "rb") as handle:
+                    shutil.copyfileobj(handle, out)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="a transformers Whisper checkpoint directory to pack")
@@ -159,6 +208,9 @@ def main() -> int:
     parser.add_argument("--out", default=".gpu")
     parser.add_argument("--unpack", nargs=2, metavar=("PACKED", "DEST"), help="rebuild a packed model")
     parser.add_argument("--repeat", nargs=3, metavar=("MANIFEST", "DEST", "N"), help="a manifest's rows N times")
+    parser.add_argument("--split", type=float, metavar="MB",
+                        help="also cut --out into OUT-parts/partN folders of at most MB each (see split_bundle)")
+    parser.add_argument("--gather", nargs="+", metavar="PART", help="put split parts back together into --out")
     parser.add_argument("--join", nargs=3, metavar=("MANIFEST", "FOLDER", "SECONDS"),
                         help="long recordings of about SECONDS joined from the clips, with FOLDER/manifest.csv")
     args = parser.parse_args()
@@ -168,7 +220,9 @@ def main() -> int:
         repeat_manifest(args.repeat[0], args.repeat[1], int(args.repeat[2]), args.limit)
     if args.join:
         join_long(args.join[0], args.join[1], float(args.join[2]), args.limit)
-    if args.unpack or args.repeat or args.join:
+    if args.gather:
+        gather_bundle(args.gather, args.out)
+    if args.unpack or args.repeat or args.join or args.gather:
         return 0
     if args.model:
         pack_model(args.model, os.path.join(args.out, "model"))
@@ -176,6 +230,9 @@ def main() -> int:
         pack_speech(args.manifest, os.path.join(args.out, "speech"), args.limit)
     if args.wheels:
         shutil.copytree(args.wheels, os.path.join(args.out, "wheels"), dirs_exist_ok=True)
+    if args.split:
+        for part in split_bundle(args.out, args.out.rstrip("/") + "-parts", args.split):
+            print(part, sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(part) for f in fs))
     return 0
 
 
