@@ -13,9 +13,9 @@ the high byte (sign and exponent) compresses about 3x with xz, the low byte hard
 On the machine: ``--unpack .gpu/model DEST`` rebuilds the checkpoint; ``--repeat`` and ``--join`` make
 longer runs and long recordings from the clips.
 
-A bundle over the limit (whisper-base packs to 97 MB: two calls with the clips) travels in parts, one call each, while the
-machine stays warm (30 s between calls): ``--split 60`` writes ``.gpu-parts/part1..N``; call N carries
-``.gpu-parts/partN`` and copies it to /tmp/keep/partN; the last call runs
+A bundle over the limit (whisper-base packs to 97 MB: two calls with the clips) travels in parts, one
+call each, while the machine stays warm (30 s between calls): ``--split 60`` writes
+``.gpu-parts/part1..N``; call N carries ``.gpu-parts/partN`` and copies it to /tmp/keep/partN; the last call runs
 ``python3 scripts/gpu_bundle.py --gather /tmp/keep/part* --out /tmp/bundle`` and then the checks with
 ``BUNDLE=/tmp/bundle``.
 Clips are re-encoded as FLAC (lossless) with a manifest of relative paths.
