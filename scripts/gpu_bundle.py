@@ -7,7 +7,9 @@ reaches no network. whisper-tiny.en is 151 MB in float32, so its weights travel 
 the high byte (sign and exponent) compresses about 3x with xz, the low byte hardly at all. About 51 MB.
 
     python scripts/gpu_bundle.py --model ~/.cache/batchcap-dev/models/whisper-tiny.en \
-        --manifest ~/.cache/batchcap-dev/speech-en/manifest.csv --wheels DIR
+        --manifest ~/.cache/batchcap-dev/speech-en/manifest.csv --limit 250 --wheels DIR
+    # DIR: wheels of soundfile, cffi, pycparser, soxr, jiwer, rapidfuzz for the machine's Python 3.12
+    # (pip download --only-binary=:all: --python-version 3.12 --platform manylinux_2_28_x86_64 ...)
     # then: device run, carry [".gpu"], command "bash scripts/gpu_checks.sh"
 
 On the machine: ``--unpack .gpu/model DEST`` rebuilds the checkpoint; ``--repeat`` and ``--join`` make
@@ -15,8 +17,8 @@ longer runs and long recordings from the clips.
 
 A bundle over the limit (whisper-base packs to 97 MB: two calls with the clips) travels in parts, one
 call each, while the machine stays warm (30 s between calls): ``--split 60`` writes
-``.gpu-parts/part1..N``; call N carries ``.gpu-parts/partN`` and copies it to /tmp/keep/partN; the last call runs
-``python3 scripts/gpu_bundle.py --gather /tmp/keep/part* --out /tmp/bundle`` and then the checks with
+``.gpu-parts/part1..N``; call N carries ``.gpu-parts/partN`` and copies it to /tmp/keep/partN; the
+last call runs ``python3 scripts/gpu_bundle.py --gather /tmp/keep/part* --out /tmp/bundle`` and then the checks with
 ``BUNDLE=/tmp/bundle``.
 Clips are re-encoded as FLAC (lossless) with a manifest of relative paths.
 """

@@ -25,10 +25,10 @@ fi
 python3 -c "import os, torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__,
 'cpus', os.cpu_count())"
 
-MODEL=/tmp/gpu-tiny.en
+MODEL=/tmp/gpu-model  # whisper-tiny.en as the bundle carries it (or another packed checkpoint)
 [ -f $MODEL/model.safetensors ] || python3 scripts/gpu_bundle.py --unpack "$B/model" $MODEL || exit 1
 if [ "$QUICK" = 1 ]; then LIMIT=(--limit 12); BS=8; REP=1; IMG=(--images 8 --rounds 1 --url-images 16); FEW=12;
-else LIMIT=(); BS=64; REP=3; IMG=(--images 64 --rounds 2 --url-images 128); FEW=0; fi
+else LIMIT=(); BS=${BS:-64}; REP=3; IMG=(--images 64 --rounds 2 --url-images 128); FEW=0; fi
 # the same clips listed four times (a longer run: the first batch's CUDA warm-up weighs less), and long
 # recordings of about 150 s joined from them
 python3 scripts/gpu_bundle.py --limit $FEW --repeat "$B/speech/manifest.csv" /tmp/gpu-speech-x4.csv 4 || exit 1
