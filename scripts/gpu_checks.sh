@@ -3,7 +3,8 @@
 #
 # The machine is bare and offline: everything it needs beyond its own PyTorch/transformers travels in
 # .gpu/ (scripts/gpu_bundle.py: whisper-tiny.en packed to fit the transfer, FLAC clips, wheels).
-#   device run: carry [".gpu"], command "bash scripts/gpu_checks.sh", timeout about 420 s
+#   device run: carry [".gpu"], command "bash scripts/gpu_checks.sh", timeout_s 600 (each check has its own
+#   limit; on an H200 checks 1-3 and 5-6 took about 290 s, check 4 alone 140 s: use ONLY= to split)
 # Dry run on a CPU: DEVICE=cpu QUICK=1 OUT=/tmp/gpu-out bash scripts/gpu_checks.sh
 # Every result lands under $OUT: asr.json and one .log per check (8 files, the most that come back);
 # the machine's name and versions are printed first.
@@ -36,8 +37,14 @@ python3 scripts/gpu_bundle.py --limit $FEW --join "$B/speech/manifest.csv" /tmp/
   || exit 1
 
 ONLY=${ONLY:-}  # e.g. ONLY="long cli": only those checks
-run() { local name=$1 limit=$2; shift 2; [ -z "$ONLY" ] || [[ " $ONLY " == *" $name "* ]] || return 0; echo "=== $name: $*"; timeout "$limit" "$@" > "$OUT/$name.log" 2>&1;
-        echo "exit $?" >> "$OUT/$name.log"; tail -n 25 "$OUT/$name.log"; }
+run() {
+  local name=$1 limit=$2; shift 2
+  [ -z "$ONLY" ] || [[ " $ONLY " == *" $name "* ]] || return 0
+  echo "=== $name: $*"
+  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+  echo "exit $?" >> "$OUT/$name.log"
+  tail -n 25 "$OUT/$name.log"
+}
 
 # 1. whisper-tiny.en on the clips: batchcap (default and full window) against the transformers pipeline
 run asr 130 python3 scripts/bench_asr.py --device "$DEVICE" --model $MODEL --manifest "$B/speech/manifest.csv" \
