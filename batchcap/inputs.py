@@ -417,7 +417,8 @@ def _bad_byte(value: str) -> int | None:
 
 def _csv_records(manifest: str) -> Iterator[_Record]:
     with _open_csv(manifest) as f:
-        reader = csv.reader(f, delimiter=_delimiter(manifest))
+        # strict: a quote never closed is an error, not a field that swallows every later line as one row
+        reader = csv.reader(f, delimiter=_delimiter(manifest), strict=True)
         header = next(reader, None)
         if header is None:
             return
@@ -429,6 +430,9 @@ def _csv_records(manifest: str) -> Iterator[_Record]:
             except StopIteration:
                 return
             except csv.Error as exc:  # e.g. a field larger than the csv module takes
+                if "unexpected end of data" in str(exc):  # nothing after this line can be read as rows
+                    raise FatalError(f"{manifest} line {line}: a quoted field is never closed (a stray quote?), "
+                                     "so no row after it can be read; fix the manifest") from None
                 yield line, None, f"not valid CSV: {exc}"
                 continue
             if not values:  # a blank line, as csv.DictReader skips it

@@ -208,3 +208,17 @@ def test_repeated_ids_get_numbers_that_no_other_row_has(tmp_path: Path) -> None:
     manifest.write_text("id,path\nx,a.wav\nx,b.wav\nx#2,c.wav\nX,d.wav\nx,e.wav\n", encoding="utf-8")
     ids = [i.id for i in Inputs([str(manifest)], audio_spec())]
     assert ids == ["x", "x#2", "x#2#2", "X", "x#3"]  # ids are case-sensitive, unlike column names
+
+
+def test_a_quote_never_closed_stops_the_run_instead_of_swallowing_rows(tmp_path: Path) -> None:
+    # the csv module read everything after a stray quote as one field: 4 lines gave 2 rows, silently
+    from batchcap.items import FatalError
+
+    manifest = tmp_path / "m.csv"
+    manifest.write_text('path,reference\na.wav,one\n"b.wav,two\nc.wav,three\nd.wav,four\n', encoding="utf-8")
+    with pytest.raises(FatalError, match=r"m\.csv line 3: a quoted field is never closed"):
+        list(Inputs([str(manifest)], audio_spec()))
+    # quoted fields over several lines are still fine, and a quote inside an unquoted field is text
+    manifest.write_text('path,reference\na.wav,"one\ntwo"\nb.wav,he said "hi"\n', encoding="utf-8")
+    rows = [(i.source.rsplit("/", 1)[-1], i.references) for i in Inputs([str(manifest)], audio_spec())]
+    assert rows == [("a.wav", ["one\ntwo"]), ("b.wav", ['he said "hi"'])]
