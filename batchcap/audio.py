@@ -27,6 +27,7 @@ SAMPLE_RATE = 16_000
 # decoded). Longer recordings need an explicit --max-duration.
 DEFAULT_MAX_DURATION_S = 4 * 3600.0
 BLOCK_FRAMES = 1 << 16  # libsndfile reads this many frames at a time
+EMPTY_FILE_BYTES = 1024  # a file with no samples and fewer bytes is empty; with more, FFmpeg has a look
 _UNKNOWN_FRAMES = 2**62  # libsndfile reports SF_COUNT_MAX when a stream does not say its length
 
 
@@ -135,7 +136,12 @@ def _read(data: bytes, budget: _Budget) -> tuple[np.ndarray, int]:
 
     try:
         with sf.SoundFile(io.BytesIO(data)) as f:
-            return _read_blocks(f, budget), int(f.samplerate)
+            samples, rate = _read_blocks(f, budget), int(f.samplerate)
+        if samples.size or len(data) < EMPTY_FILE_BYTES:
+            return samples, rate
+        # no samples, yet bytes after the header: a WAV whose recorder died before writing the data size
+        # (0) leaves it so; FFmpeg reads up to the end of the file
+        first_error = "the header announces no audio samples"
     except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as exc:
         # "Error opening <_io.BytesIO object at 0x...>: Format not recognised." -> "Format not recognised"
         first_error = str(exc).rsplit(">: ", 1)[-1].rstrip(".") or type(exc).__name__

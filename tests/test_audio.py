@@ -650,3 +650,22 @@ libc.free(block)
     counts = {mode: subprocess.run([sys.executable, "-c", code, mode], capture_output=True, text=True, check=True,
                                    env=env).stdout.strip() for mode in ("default", "tuned")}
     assert counts == {"default": "0", "tuned": "1"}
+
+
+def test_a_wav_whose_data_size_was_never_written_is_read_to_the_end():
+    # a recorder that died before closing leaves the data chunk's size at 0: libsndfile reads no samples,
+    # so the row was "empty" and the run exited 0 with the recording lost; FFmpeg reads to the end
+    import io
+    import struct
+
+    buffer = io.BytesIO()
+    sf.write(buffer, tone(1.0), 16000, format="WAV", subtype="PCM_16")
+    data = bytearray(buffer.getvalue())
+    at = data.find(b"data")
+    data[at + 4:at + 8] = struct.pack("<I", 0)
+    assert len(decode_audio(bytes(data))) == 16000
+    empty = io.BytesIO()
+    sf.write(empty, np.zeros(0, np.float32), 16000, format="WAV", subtype="PCM_16")
+    with pytest.raises(ItemError) as err:
+        decode_audio(empty.getvalue())
+    assert err.value.status == EMPTY and "no audio samples" in err.value.message
