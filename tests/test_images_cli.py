@@ -239,3 +239,16 @@ def test_unparsable_exif_is_no_stderr_noise(tiny_captioner, tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert [r["status"] for r in rows_of(out)] == ["ok"]
     assert "Warning" not in result.stderr and "EXIF" not in result.stderr, result.stderr[-2000:]
+
+
+def test_the_wrong_kind_of_model_is_one_clear_line(tiny_captioner, tiny_whisper, photos, tmp_path):
+    # were: "AttributeError: 'dict' object has no attribute 'to_dict'" and a 5 KB list of model types
+    from tests.conftest import write_audio
+
+    code, output = run_cli("images", str(photos), "-o", str(tmp_path / "c.parquet"), "--model", tiny_whisper)
+    assert code != 0 and "is a Whisper checkpoint: transcribe with batchcap audio" in output, output
+    assert len(output.strip().splitlines()[-1]) < 300
+    write_audio(tmp_path / "a.wav", 1.0)
+    code, output = run_cli("audio", str(tmp_path / "a.wav"), "-o", str(tmp_path / "t.parquet"), "--model",
+                           tiny_captioner)
+    assert code != 0 and "is a vision-encoder-decoder checkpoint, not Whisper" in output, output

@@ -18,6 +18,7 @@ from ..items import FatalError
 from .attention import repeated_cross_cache, use_step_attention
 from .common import (
     cache_kwarg,
+    check_model_kind,
     hub_guard,
     inference_context,
     load_error_message,
@@ -57,6 +58,7 @@ class CaptionFeatures:
 
     def __init__(self, model: str):
         with hub_guard(model):  # no hub: fail at once, or load from the cache without its retries
+            check_model_kind(model, whisper=False)
             try:
                 self.image_processor = load_image_processor(model)
             except Exception as exc:
@@ -87,6 +89,7 @@ class Captioner:
         self.prompt = prompt.strip() if prompt and prompt.strip() else None
         self._torch = torch
         with hub_guard(model):  # no hub: fail at once, or load from the cache without its retries
+            check_model_kind(model, whisper=False)
             try:
                 config = AutoConfig.from_pretrained(model)
                 self.image_processor = load_image_processor(model)

@@ -178,6 +178,25 @@ def load_error_message(model: str, exc: BaseException) -> str:
             "(huggingface-cli download), or pass --model /path/to/a/local/model/dir")
 
 
+def check_model_kind(model: str, whisper: bool) -> None:
+    """A one-line FatalError when ``model``'s config names the other kind of model: a Whisper checkpoint
+    given to ``batchcap images`` or an image-to-text one to ``batchcap audio`` (transformers' own errors
+    there were an AttributeError about dicts or a list of 250 model types). Anything the config cannot
+    tell is left to the load itself."""
+    from transformers import AutoConfig
+
+    try:
+        kind = str(getattr(AutoConfig.from_pretrained(model), "model_type", "") or "")
+    except Exception:  # no config (or no hub): the load says why
+        return
+    if whisper and kind and kind != "whisper":
+        raise FatalError(f"{model} is a {kind} checkpoint, not Whisper: batchcap audio needs a Whisper model "
+                         "(image-to-text models caption with batchcap images)")
+    if not whisper and kind == "whisper":
+        raise FatalError(f"{model} is a Whisper checkpoint: transcribe with batchcap audio; batchcap images "
+                         "needs an image-to-text model")
+
+
 def load_pretrained(model_class: Any, model: str, dtype: Any, attn_implementation: str | None = "sdpa",
                     **kwargs: Any) -> Any:
     """``model_class.from_pretrained`` with ``attn_implementation`` where the model has it (else the

@@ -31,6 +31,7 @@ from . import guard as g
 from .attention import cache_rows, repeated_cross_cache, use_step_attention, uses_step_attention
 from .common import (
     cache_kwarg,
+    check_model_kind,
     hub_guard,
     inference_context,
     load_error_message,
@@ -123,6 +124,7 @@ class WhisperFeatures:
         if not full_window and window_margin_s <= 0:
             raise FatalError("the window margin must be positive (it holds the padding the encoder sees)")
         with hub_guard(model):  # no hub: fail at once, or load from the cache without its retries
+            check_model_kind(model, whisper=True)
             try:
                 self.feature_extractor = WhisperFeatureExtractor.from_pretrained(model)
             except Exception as exc:
