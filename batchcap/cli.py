@@ -113,6 +113,9 @@ def summary_lines(summary: dict[str, Any]) -> list[str]:
     lines = [f"wrote {summary['rows']} rows to {summary['output']} ({parts})"]
     lines.append(f"this run: {summary['processed_this_run']} processed, {summary['skipped_already_done']} "
                  f"already done, {summary['wall_time_s']:.1f} s")
+    skipped = summary.get("skipped_files") or 0
+    if skipped:  # a folder of the wrong kind of files says so, not only "nothing to do"
+        lines.append(f"skipped {skipped} file{'s' if skipped != 1 else ''} of other types in the input folders")
     if summary.get("audio_hours") is not None:
         rtfx = summary.get("rtfx_this_run")
         lines.append(f"audio: {summary['audio_hours']:.3f} h" + (f", RTFx {rtfx:.1f} this run" if rtfx else ""))

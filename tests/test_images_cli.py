@@ -46,6 +46,7 @@ def test_directory_of_photos(tiny_captioner, photos, tmp_path):
     assert all(r["status"] == "ok" and r["caption"] and r["error"] is None for r in rows)
     assert [(r["width"], r["height"]) for r in rows] == [(512, 512), (600, 400), (451, 300)]
     assert f"wrote 3 rows to {out} (3 ok)" in output
+    assert "skipped 1 file of other types in the input folders" in output
     summary = json.loads((tmp_path / "caps.summary.json").read_text())
     assert summary["skipped_files"] == 1 and summary["images_this_run"] == 3
 
