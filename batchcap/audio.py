@@ -27,6 +27,7 @@ SAMPLE_RATE = 16_000
 # decoded). Longer recordings need an explicit --max-duration.
 DEFAULT_MAX_DURATION_S = 4 * 3600.0
 BLOCK_FRAMES = 1 << 16  # libsndfile reads this many frames at a time
+MIN_DECODED_SHARE = 0.9  # damaged audio is transcribed when at least this share of its duration decodes
 EMPTY_FILE_BYTES = 1024  # a file with no samples and fewer bytes is empty; with more, FFmpeg has a look
 _UNKNOWN_FRAMES = 2**62  # libsndfile reports SF_COUNT_MAX when a stream does not say its length
 
@@ -172,17 +173,35 @@ def _read_av(data: bytes, first_error: str, budget: _Budget) -> tuple[np.ndarray
                 raise ItemError(DECODE_ERROR, "no audio stream in the file")
             stream = container.streams.audio[0]
             rate = stream.rate or SAMPLE_RATE
-            budget.check_header(_container_seconds(container, stream))
+            declared = _container_seconds(container, stream)
+            budget.check_header(declared)
             resampler = av.AudioResampler(format="flt", layout="mono", rate=rate)
             chunks = []
-            for frame in container.decode(stream):
-                budget.add(frame.samples, frame.sample_rate or rate)
-                for out in resampler.resample(frame):
-                    chunks.append(out.to_ndarray().reshape(-1))
+            packets = damaged = 0
+            for packet in container.demux(stream):
+                packets += 1
+                try:
+                    frames = packet.decode()
+                except av.error.FFmpegError:  # a damaged stretch: skipped, as the ffmpeg command does
+                    damaged += 1
+                    continue
+                for frame in frames:
+                    budget.add(frame.samples, frame.sample_rate or rate)
+                    for out in resampler.resample(frame):
+                        chunks.append(out.to_ndarray().reshape(-1))
             for out in resampler.resample(None):
                 chunks.append(out.to_ndarray().reshape(-1))
     except ItemError:
         raise
     except Exception as exc:  # PyAV raises many error types (av.error.*, ValueError, ...)
         raise ItemError(DECODE_ERROR, f"not a readable audio file ({first_error})") from exc
-    return _joined(chunks), int(rate)
+    samples = _joined(chunks)
+    if damaged:  # a little damage is skipped; a file that is mostly damage is the row's decode_error
+        got = len(samples) / rate
+        if declared and got < MIN_DECODED_SHARE * declared:
+            raise ItemError(DECODE_ERROR, f"damaged audio: {damaged} packets do not decode, and only {got:.1f} s "
+                            f"of its {declared:.1f} s do")
+        if not declared and (not len(samples) or damaged * 10 > packets):
+            raise ItemError(DECODE_ERROR, f"damaged audio: {damaged} of {packets} packets do not decode")
+        log.info("skipped %d damaged packet(s); %.1f s of the audio decode", damaged, got)
+    return samples, int(rate)

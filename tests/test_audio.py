@@ -669,3 +669,36 @@ def test_a_wav_whose_data_size_was_never_written_is_read_to_the_end():
     with pytest.raises(ItemError) as err:
         decode_audio(empty.getvalue())
     assert err.value.status == EMPTY and "no audio samples" in err.value.message
+
+
+def _mp3(seconds: float) -> bytes:
+    import io
+
+    av = pytest.importorskip("av")
+    buffer = io.BytesIO()
+    with av.open(buffer, "w", format="mp3") as container:
+        stream = container.add_stream("libmp3lame", rate=16000)
+        stream.layout = "mono"
+        samples = tone(seconds, 16000)
+        for start in range(0, len(samples), 1152):
+            frame = av.AudioFrame.from_ndarray(samples[None, start:start + 1152], format="fltp", layout="mono")
+            frame.sample_rate = 16000
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode(None):
+            container.mux(packet)
+    return buffer.getvalue()
+
+
+def test_a_little_damage_in_an_mp3_is_skipped_and_much_is_a_decode_error():
+    # 2000 bad bytes in 20 s of MP3 failed the whole file (FFmpeg stopped at the first bad packet)
+    data = bytearray(_mp3(20.0))
+    rng = np.random.default_rng(0)
+    middle = len(data) // 2
+    data[middle:middle + 2000] = rng.integers(0, 256, 2000, dtype=np.uint8).tobytes()
+    assert 18.5 < len(decode_audio(bytes(data))) / 16000 < 20.1
+    start, stop = len(data) // 20, len(data) // 20 + len(data) * 3 // 10  # 30 % of the file
+    data[start:stop] = rng.integers(0, 256, stop - start, dtype=np.uint8).tobytes()
+    with pytest.raises(ItemError) as err:
+        decode_audio(bytes(data))
+    assert err.value.status == DECODE_ERROR and "damaged audio" in err.value.message
