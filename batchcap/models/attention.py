@@ -73,6 +73,22 @@ def uses_step_attention(module: Any) -> bool:
     return getattr(getattr(module, "config", None), "_attn_implementation", None) == NAME
 
 
+@functools.cache
+def beam_cache_class() -> type:
+    """An EncoderDecoderCache that reorders only its self-attention part when beams are reordered.
+
+    Beams never leave their input, and the cross-attention keys and values of an input's beams are the
+    same, so reordering them changes nothing; transformers copies them all at every step anyway
+    (Whisper-tiny, 3 beams: 55 MB per step, and on 25 s of noise 80 s where greedy took 4)."""
+    from transformers.cache_utils import EncoderDecoderCache
+
+    class EncoderDecoderCacheForBeams(EncoderDecoderCache):
+        def reorder_cache(self, beam_idx: Any) -> None:
+            self.self_attention_cache.reorder_cache(beam_idx)
+
+    return EncoderDecoderCacheForBeams
+
+
 def repeated_cross_cache(cross: Any, repeats: int, shared: bool) -> Any:
     """A cross-attention cache (a DynamicCache) for ``repeats`` consecutive rows per row of ``cross``
     (a filled DynamicCache, one row per input): the samples of one clip, the beams of one image.

@@ -8,14 +8,13 @@ BLIP and GIT. In transformers v5 they all load through ``AutoModelForImageTextTo
 
 from __future__ import annotations
 
-import functools
 import logging
 from typing import Any
 
 from PIL import Image
 
 from ..items import FatalError
-from .attention import repeated_cross_cache, use_step_attention
+from .attention import beam_cache_class, repeated_cross_cache, use_step_attention
 from .common import (
     cache_kwarg,
     check_model_kind,
@@ -38,18 +37,6 @@ VED = "vision-encoder-decoder"
 def _first(*values: Any) -> Any:
     """The first value that is not None (token ids may be 0)."""
     return next((v for v in values if v is not None), None)
-
-
-@functools.cache
-def _beam_cache_class() -> type:
-    """An EncoderDecoderCache that reorders only its self-attention part when beams are reordered."""
-    from transformers.cache_utils import EncoderDecoderCache
-
-    class EncoderDecoderCacheForBeams(EncoderDecoderCache):
-        def reorder_cache(self, beam_idx: Any) -> None:
-            self.self_attention_cache.reorder_cache(beam_idx)
-
-    return EncoderDecoderCacheForBeams
 
 
 class CaptionFeatures:
@@ -226,7 +213,7 @@ class Captioner:
 
         encoder_states = self.model.encoder(pixel_values=inputs.pop("pixel_values")).last_hidden_state
         start = inputs["decoder_input_ids"][:, :1]
-        beam_cache = _beam_cache_class()
+        beam_cache = beam_cache_class()
         first = beam_cache(DynamicCache(), DynamicCache())
         self.model(encoder_outputs=BaseModelOutput(last_hidden_state=encoder_states), decoder_input_ids=start,
                    use_cache=True, **{cache_kwarg(self.model): first})

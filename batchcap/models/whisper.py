@@ -28,7 +28,13 @@ import numpy as np
 from ..audio import SAMPLE_RATE
 from ..items import MODEL_ERROR, FatalError, ItemError
 from . import guard as g
-from .attention import cache_rows, repeated_cross_cache, use_step_attention, uses_step_attention
+from .attention import (
+    beam_cache_class,
+    cache_rows,
+    repeated_cross_cache,
+    use_step_attention,
+    uses_step_attention,
+)
 from .common import (
     cache_kwarg,
     check_model_kind,
@@ -445,6 +451,10 @@ class WhisperTranscriber:
                 cross = repeated_cross_cache(cross, per_clip, uses_step_attention(self.model))
             if cross is not None:
                 kwargs[cache_kwarg(self.model)] = self._cache(cross)
+        else:  # beam search: its cross-attention filled at the first step and never reordered (beam_cache_class)
+            from transformers.cache_utils import DynamicCache
+
+            kwargs[cache_kwarg(self.model)] = beam_cache_class()(DynamicCache(), DynamicCache())
         if sampled:
             row_temperatures = [t for _ in range(n) for t in temperatures for _ in range(samples)]
             processors.append(Sample(row_temperatures))
