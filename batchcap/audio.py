@@ -201,7 +201,7 @@ def _read_av(data: bytes, first_error: str, budget: _Budget) -> tuple[np.ndarray
         if declared and got < MIN_DECODED_SHARE * declared:
             raise ItemError(DECODE_ERROR, f"damaged audio: {damaged} packets do not decode, and only {got:.1f} s "
                             f"of its {declared:.1f} s do")
-        if not declared and (not len(samples) or damaged * 10 > packets):
+        if not declared and (not len(samples) or damaged > (1 - MIN_DECODED_SHARE) * packets):
             raise ItemError(DECODE_ERROR, f"damaged audio: {damaged} of {packets} packets do not decode")
         log.info("skipped %d damaged packet(s); %.1f s of the audio decode", damaged, got)
     return samples, int(rate)

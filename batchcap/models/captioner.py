@@ -75,11 +75,11 @@ class Captioner:
         self.share_cross_attention = share_cross_attention  # beam search: one cross-attention K/V per image
         self.prompt = prompt.strip() if prompt and prompt.strip() else None
         self._torch = torch
+        # the model's kind checked and its image processor loaded once, as the decode threads' features do
+        self.image_processor = CaptionFeatures(model).image_processor
         with hub_guard(model):  # no hub: fail at once, or load from the cache without its retries
-            check_model_kind(model, whisper=False)
             try:
                 config = AutoConfig.from_pretrained(model)
-                self.image_processor = load_image_processor(model)
                 self.tokenizer = AutoTokenizer.from_pretrained(model)
             except Exception as exc:
                 raise FatalError(load_error_message(model, exc)) from exc
