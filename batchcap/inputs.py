@@ -24,8 +24,11 @@ from .items import FatalError, Item
 log = logging.getLogger(__name__)
 
 MANIFEST_EXTENSIONS = (".csv", ".tsv", ".parquet", ".jsonl", ".ndjson")
+# Containers FFmpeg reads are listed by their usual extension: phone recorders write .amr and .3gp,
+# audiobooks .m4b, Apple tools .caf, screen and meeting recorders .mkv / .mka / .mov.
 AUDIO_EXTENSIONS = (".wav", ".flac", ".mp3", ".ogg", ".oga", ".opus", ".m4a", ".aac", ".wma", ".webm",
-                    ".mp4", ".aiff", ".aif", ".au")
+                    ".mp4", ".aiff", ".aif", ".au", ".mka", ".mkv", ".mov", ".3gp", ".amr", ".caf", ".m4b",
+                    ".wv")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
 
 ID_COLUMNS = ("id", "key", "uid", "image_id", "audio_id")

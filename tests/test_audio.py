@@ -60,6 +60,47 @@ def test_decode_m4a_through_pyav(tmp_path):
     assert 1.3 < len(decoded) / 16000 < 1.7
 
 
+def _encode_with_pyav(path, container_format: str, codec: str, rate: int, seconds: float = 1.5) -> None:
+    import av
+
+    with av.open(str(path), "w", format=container_format) as container:
+        stream = container.add_stream(codec, rate=rate)
+        samples = (tone(seconds, rate) * 32767).astype(np.int16).reshape(1, -1)
+        frame = av.AudioFrame.from_ndarray(samples, format="s16", layout="mono")
+        frame.sample_rate = rate
+        for packet in stream.encode(frame):
+            container.mux(packet)
+        for packet in stream.encode(None):
+            container.mux(packet)
+
+
+def test_folder_walk_reads_phone_audiobook_and_video_containers(tmp_path):
+    """.amr/.3gp (phone recorders), .m4b (audiobooks), .caf, .wv and .mka/.mkv/.mov are picked up and decoded."""
+    pytest.importorskip("av")
+    from batchcap.inputs import Inputs, audio_spec
+
+    made = {
+        "a.mka": ("matroska", "libopus", 48000), "b.mkv": ("matroska", "aac", 44100),
+        "c.mov": ("mov", "aac", 44100), "d.3gp": ("3gp", "aac", 16000), "e.caf": ("caf", "alac", 44100),
+        "f.m4b": ("ipod", "aac", 44100), "g.wv": ("wv", "wavpack", 44100),
+    }
+    for name, (container_format, codec, rate) in made.items():
+        _encode_with_pyav(tmp_path / name, container_format, codec, rate)
+    # AMR-NB has no encoder in PyAV's FFmpeg: 75 frames of 20 ms written by hand (mode 12.2k: 0x3C + 31 bytes)
+    rng = np.random.default_rng(0)
+    (tmp_path / "h.AMR").write_bytes(b"#!AMR\n" + b"".join(
+        b"\x3c" + rng.integers(0, 256, 31, dtype=np.uint8).tobytes() for _ in range(75)))
+    (tmp_path / "notes.txt").write_text("not audio")
+
+    inputs = Inputs([str(tmp_path)], audio_spec())
+    found = sorted(os.path.basename(item.source) for item in inputs)
+    assert found == sorted([*made, "h.AMR"])
+    assert inputs.stats.skipped_files == 1
+    for name in found:
+        seconds = len(decode_audio((tmp_path / name).read_bytes())) / 16000
+        assert 1.4 < seconds < 1.7, (name, seconds)
+
+
 @pytest.mark.parametrize("data,status,words", [
     (b"", DECODE_ERROR, "empty file"),
     (b"RIFF\x00\x00garbage-that-is-not-audio" * 10, DECODE_ERROR, "not a readable audio file"),
