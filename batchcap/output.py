@@ -100,6 +100,30 @@ def check_output(path: str) -> None:
             raise FatalError(f"output folder is not a folder: {parent}")
         raise FatalError(f"output folder does not exist: {parent}")
     _check_sibling_names(path)
+    _check_not_locked(path)
+
+
+def _check_not_locked(path: str) -> None:
+    """Stop before a model loads when another run holds ``path.lock``. A shared, non-blocking flock on a
+    read-only descriptor: it creates nothing, and two runs checking at once do not block each other (the
+    exclusive lock taken when the store opens still decides)."""
+    try:
+        fd = os.open(path + ".lock", os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError:
+        return  # absent (the usual case), or a link or unreadable: opening the store says what is wrong
+    try:
+        if stat.S_ISREG(os.fstat(fd).st_mode):
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise _busy(path, fd) from None
+    finally:
+        os.close(fd)  # releases the shared lock
+
+
+def _busy(path: str, lock_fd: int) -> FatalError:
+    other = os.read(lock_fd, 64).decode(errors="replace").strip() or "?"
+    return FatalError(f"another batchcap run (pid {other}) is writing {path}; wait for it to finish")
 
 
 def _check_sibling_names(path: str) -> None:
@@ -232,9 +256,7 @@ class ResultStore:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            other = os.read(fd, 64).decode(errors="replace").strip() or "?"
-            raise FatalError(f"another batchcap run (pid {other}) is writing {self.path}; "
-                             "wait for it to finish") from None
+            raise _busy(self.path, fd) from None
         mine = os.fstat(fd)
         try:
             there = os.stat(self.lock_path, follow_symlinks=False)

@@ -528,6 +528,20 @@ def test_lock_refuses_a_second_run(tiny_whisper, clips, tmp_path):
     assert code == 0, output
 
 
+def test_a_held_lock_stops_the_run_before_the_model_loads(clips, tmp_path):
+    """The lock is a whole-run error found before the (slow) model load: with a model that does not exist,
+    the lock's line comes out, not the model's; once the lock is free, the model's."""
+    from batchcap.output import ResultStore
+
+    out = tmp_path / "out.parquet"
+    missing_model = str(tmp_path / "no-such-model")
+    with ResultStore(str(out)):
+        code, output = run_cli("audio", str(clips), "-o", str(out), "--model", missing_model)
+        assert code == 1 and "another batchcap run" in output and "no-such-model" not in output, output
+    code, output = run_cli("audio", str(clips), "-o", str(out), "--model", missing_model)
+    assert code == 1 and "no-such-model" in output and "another batchcap run" not in output, output
+
+
 def test_rerun_skips_done_items_and_picks_up_new_ones(tiny_whisper, clips, tmp_path):
     out = tmp_path / "out.parquet"
     assert run_cli("audio", str(clips), "-o", str(out), "--model", tiny_whisper)[0] == 0
