@@ -85,10 +85,11 @@ def writing(target: str) -> Iterator[str]:
         raise FatalError(f"cannot write {target}: {_reason(exc)}") from None
 
 
-def check_output(path: str) -> None:
-    """Whether a local output can be written at ``path``: its folder exists, and the files beside it can be
-    named; a ``FatalError`` line if not. Remote outputs (URLs) pass. Run before a model loads, so that a
-    typo in ``-o`` fails at once, and again when the store opens."""
+def check_output(path: str, *, unlocked: bool = True) -> None:
+    """Whether a local output can be written at ``path``: its folder exists, the files beside it can be
+    named and (``unlocked``) no other run holds its lock; a ``FatalError`` line if not. Remote outputs (URLs)
+    pass. Run before a model loads, so that a typo in ``-o`` or a run still going fails at once, and again
+    when the store opens (there the store's own exclusive lock decides)."""
     from . import storage
 
     if storage.is_remote(path):
@@ -100,7 +101,8 @@ def check_output(path: str) -> None:
             raise FatalError(f"output folder is not a folder: {parent}")
         raise FatalError(f"output folder does not exist: {parent}")
     _check_sibling_names(path)
-    _check_not_locked(path)
+    if unlocked:
+        _check_not_locked(path)
 
 
 def _check_not_locked(path: str) -> None:
@@ -177,7 +179,7 @@ class ResultStore:
 
     # --- lifecycle ----------------------------------------------------------------------------
     def open(self) -> None:
-        check_output(self.path)
+        check_output(self.path, unlocked=False)
         self._lock()
         try:
             if self.overwrite:
