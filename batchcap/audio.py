@@ -27,6 +27,8 @@ SAMPLE_RATE = 16_000
 # decoded). Longer recordings need an explicit --max-duration.
 DEFAULT_MAX_DURATION_S = 4 * 3600.0
 BLOCK_FRAMES = 1 << 16  # libsndfile reads this many frames at a time
+CANCELLED_MIX = 0.01  # a channel mean with under 1 % of the loudest channel's energy: channels in antiphase
+DC_OFFSET = 1e-3  # a mean sample value beyond this (-60 dBFS) is an offset, removed before the silence check
 MIN_DECODED_SHARE = 0.9  # damaged audio is transcribed when at least this share of its duration decodes
 EMPTY_FILE_BYTES = 1024  # a file with no samples and fewer bytes is empty; with more, FFmpeg has a look
 _UNKNOWN_FRAMES = 2**62  # libsndfile reports SF_COUNT_MAX when a stream does not say its length
@@ -85,6 +87,9 @@ def decode_audio(data: bytes, *, sample_rate: int = SAMPLE_RATE, min_duration: f
     if duration < min_duration:
         raise ItemError(EMPTY, f"clip is {duration * 1000:.0f} ms long, shorter than the {min_duration:g} s "
                         "minimum (--min-duration)", fields={"duration_s": round(duration, 3)})
+    offset = float(samples.mean(dtype=np.float64))
+    if abs(offset) > DC_OFFSET:  # a recorder's DC offset: silence with an offset is still silence
+        samples -= np.float32(offset)
     peak = max(float(samples.max()), -float(samples.min()))  # no temporary copy of hours of samples
     peak_db = 20 * math.log10(peak) if peak > 0 else -math.inf
     if peak_db < silence_dbfs:
@@ -98,8 +103,21 @@ def decode_audio(data: bytes, *, sample_rate: int = SAMPLE_RATE, min_duration: f
 
 
 def _mono(block: np.ndarray) -> np.ndarray:
-    """[frames, channels] -> [frames]: the mean of the channels."""
-    return block[:, 0] if block.shape[1] == 1 else block.mean(axis=1, dtype=np.float32)
+    """[frames, channels] -> [frames]: the mean of the channels, or the loudest channel where the channels
+    cancel in the mean (a phase-inverted microphone or a miswired balanced line: left = -right)."""
+    if block.shape[1] == 1:
+        return block[:, 0]
+    mix = block.mean(axis=1, dtype=np.float32)
+    energy = np.einsum("ij,ij->j", block, block, dtype=np.float64)
+    loudest = int(energy.argmax())
+    if float(np.dot(mix, mix)) < CANCELLED_MIX * float(energy[loudest]):
+        return np.ascontiguousarray(block[:, loudest])
+    return mix
+
+
+def _frames_mono(frames: Any) -> list[np.ndarray]:
+    """Mono samples of PyAV's packed float frames ([1, frames * channels] each)."""
+    return [_mono(f.to_ndarray().reshape(-1, f.layout.nb_channels)) for f in frames]
 
 
 def _joined(chunks: list[np.ndarray]) -> np.ndarray:
@@ -175,7 +193,7 @@ def _read_av(data: bytes, first_error: str, budget: _Budget) -> tuple[np.ndarray
             rate = stream.rate or SAMPLE_RATE
             declared = _container_seconds(container, stream)
             budget.check_header(declared)
-            resampler = av.AudioResampler(format="flt", layout="mono", rate=rate)
+            resampler = av.AudioResampler(format="flt", rate=rate)  # channels kept: mixed by ``_mono``
             chunks = []
             packets = damaged = 0
             for packet in container.demux(stream):
@@ -187,10 +205,8 @@ def _read_av(data: bytes, first_error: str, budget: _Budget) -> tuple[np.ndarray
                     continue
                 for frame in frames:
                     budget.add(frame.samples, frame.sample_rate or rate)
-                    for out in resampler.resample(frame):
-                        chunks.append(out.to_ndarray().reshape(-1))
-            for out in resampler.resample(None):
-                chunks.append(out.to_ndarray().reshape(-1))
+                    chunks.extend(_frames_mono(resampler.resample(frame)))
+            chunks.extend(_frames_mono(resampler.resample(None)))
     except ItemError:
         raise
     except Exception as exc:  # PyAV raises many error types (av.error.*, ValueError, ...)

@@ -101,6 +101,45 @@ def test_folder_walk_reads_phone_audiobook_and_video_containers(tmp_path):
         assert 1.4 < seconds < 1.7, (name, seconds)
 
 
+@pytest.mark.parametrize("container", ["wav", "mka"])
+def test_channels_in_antiphase_do_not_cancel(tmp_path, container):
+    """left = -right (a phase-inverted microphone) averages to silence; the loudest channel is taken instead,
+    through libsndfile (wav) and FFmpeg (mka) alike. Ordinary stereo is still the mean of its channels."""
+    left = tone(2.0, 16000)
+    path = tmp_path / f"a.{container}"
+    if container == "wav":
+        sf.write(str(path), np.stack([left, -left], axis=1), 16000)
+    else:
+        import av
+
+        with av.open(str(path), "w", format="matroska") as out:
+            stream = out.add_stream("pcm_s16le", rate=16000, layout="stereo")
+            packed = (np.stack([left, -left], axis=1) * 32767).astype(np.int16).reshape(1, -1)
+            frame = av.AudioFrame.from_ndarray(packed, format="s16", layout="stereo")
+            frame.sample_rate = 16000
+            for packet in [*stream.encode(frame), *stream.encode(None)]:
+                out.mux(packet)
+    samples = decode_audio(path.read_bytes())
+    assert len(samples) == len(left)
+    assert np.sqrt(np.mean(samples ** 2)) == pytest.approx(np.sqrt(np.mean(left ** 2)), rel=0.01)
+    sf.write(str(tmp_path / "b.wav"), np.stack([left, 0.5 * left], axis=1), 16000)
+    np.testing.assert_allclose(decode_audio((tmp_path / "b.wav").read_bytes()), 0.75 * left, atol=1e-4)
+
+
+def test_a_dc_offset_is_removed_and_offset_silence_is_silent(tmp_path):
+    rng = np.random.default_rng(0)
+    sf.write(str(tmp_path / "hum.wav"), (0.2 + 1e-5 * rng.standard_normal(32000)).astype(np.float32), 16000,
+             subtype="FLOAT")
+    with pytest.raises(ItemError) as err:
+        decode_audio((tmp_path / "hum.wav").read_bytes())
+    assert err.value.status == EMPTY and "silent" in err.value.message
+    voice = tone(2.0, 16000)
+    sf.write(str(tmp_path / "offset.wav"), voice + 0.25, 16000, subtype="FLOAT")
+    samples = decode_audio((tmp_path / "offset.wav").read_bytes())
+    assert abs(float(samples.mean())) < 1e-4
+    np.testing.assert_allclose(samples, voice - voice.mean(), atol=1e-5)
+
+
 @pytest.mark.parametrize("data,status,words", [
     (b"", DECODE_ERROR, "empty file"),
     (b"RIFF\x00\x00garbage-that-is-not-audio" * 10, DECODE_ERROR, "not a readable audio file"),
