@@ -32,6 +32,7 @@ setup(
         "soxr>=0.3",
         "av>=11",
         "jiwer>=3.0",
+        "num2words>=0.5.12",  # WER: numbers spelled in the row's language ("1" and "uno" are one word)
         "rapidfuzz>=3",  # jiwer's aligner, called directly by batchcap report
         "jinja2>=3.0",  # batchcap report
         "fsspec>=2024.6",  # object-store URLs (s3://, gs://, az://, hf://); the backends are extras

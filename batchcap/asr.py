@@ -14,7 +14,7 @@ from .fetch import FetchConfig
 from .inputs import audio_spec
 from .items import EMPTY, OK, FatalError, Item, ItemError
 from .job import Job, JobOptions, run_pipeline
-from .metrics import cer_counts, get_normalizer, load_english_spelling, wer_counts
+from .metrics import error_counts, get_normalizer, load_english_spelling
 from .predictions import Transcript
 from .runner import RunResult
 from .stages import ModelFreePreprocessor
@@ -39,7 +39,7 @@ class AudioOptions(JobOptions):
     window_margin_s: float = 1.0  # otherwise: the encoder computes the clip plus this much padding
     timestamps: bool = True  # Whisper's timestamp tokens (segments with times); off: one segment per clip/window
     word_timestamps: bool = False  # words with times in each segment (cross-attention alignment)
-    normalize: str = "auto"  # auto | whisper | basic | none
+    normalize: str = "auto"  # auto | whisper | language | basic | none (metrics.get_normalizer)
     min_duration: float = 0.1
     silence_dbfs: float = -60.0
     max_duration_s: float | None = DEFAULT_MAX_DURATION_S  # longer recordings: decode_error, found before decoding
@@ -169,11 +169,10 @@ class AudioScorer:
         return table
 
     def _score(self, reference: str, text: str, language: str | None) -> RowScores:
+        if self.options.task == "translate":  # the text is English whatever the recording's language
+            language = "en"
         norm = get_normalizer(self.options.normalize, language, self._spelling)
-        ref, hyp = norm(reference), norm(text)
-        w_err, w_tot = wer_counts(ref, hyp)
-        c_err, c_tot = cer_counts(ref, hyp)
-        return RowScores(w_err, w_tot, c_err, c_tot)
+        return RowScores(*error_counts(norm(reference), norm(text), norm))
 
     def summarize(self, table: Any, wall_time_s: float) -> dict[str, Any]:
         audio_s = 0.0
@@ -214,6 +213,7 @@ class AudioScorer:
                 "scored_rows": scored,
                 "word_errors": w[0], "reference_words": w[1],
                 "normalize": self.options.normalize,
+                "task": self.options.task,  # the report scores translations as English, as here
             })
         return summary
 

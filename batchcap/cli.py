@@ -165,8 +165,9 @@ def main() -> None:
 @click.option("--task", type=click.Choice(["transcribe", "translate"]), default=AudioOptions.task, show_default=True)
 @click.option("--normalize", type=click.Choice(list(NORMALIZER_MODES)), default=AudioOptions.normalize,
               show_default=True,
-              help="Text normalization before WER: Whisper's English normalizer (auto for English), "
-                   "a basic one for other languages, or none.")
+              help="Text normalization before WER: auto is Whisper's English normalizer for English and "
+                   "'language' for others (Whisper's basic normalizer, numbers spelled in the row's language, "
+                   "languages written without spaces scored by character); or whisper, basic, none.")
 @click.option("--full-window", is_flag=True,
               help="Run Whisper's encoder over its whole 30 s window for every clip, exactly as transformers "
                    "and openai-whisper do (slower). By default a clip's encoder computes the clip plus "

@@ -414,12 +414,16 @@ def _cpu_busy_s() -> float | None:
 
 def score(clips: list[Clip], outcome: Outcome, normalize: Callable[[Clip], Callable[[str], str]],
           bound: Callable[[Clip, str], bool]) -> dict[str, Any]:
-    from batchcap.metrics import wer_counts
+    from batchcap.metrics import get_normalizer, is_english, wer_counts
 
+    basic = get_normalizer("basic", None)
     errors, words, short_errors, short_words = 0, 0, 0, 0
+    basic_errors, basic_words = 0, 0  # Whisper's basic normalizer for other languages: numbers as written
     per_clip = []
     for clip, text in zip(clips, outcome.texts):
         e, n = wer_counts(normalize(clip)(clip.reference), normalize(clip)(text or ""))
+        be, bn = (e, n) if is_english(clip.language) else wer_counts(basic(clip.reference), basic(text or ""))
+        basic_errors, basic_words = basic_errors + be, basic_words + bn
         per_clip.append(e)
         errors, words = errors + e, words + n
         if clip.duration_s <= LONG_S:
@@ -429,6 +433,8 @@ def score(clips: list[Clip], outcome: Outcome, normalize: Callable[[Clip], Calla
     return {"wer": errors / words if words else None, "wer_le30": short_errors / short_words if short_words else None,
             "language_accuracy": accuracy, "over_bound": sum(bound(c, t) for c, t in zip(clips, outcome.texts)),
             "word_errors": errors, "reference_words": words, "clip_errors": per_clip,
+            "wer_basic": basic_errors / basic_words if basic_words and (basic_errors, basic_words) != (errors, words)
+            else None,
             "empty": sum(1 for t in outcome.texts if not (t or "").strip())}
 
 
@@ -498,6 +504,8 @@ def report(clips: list[Clip], outcomes: list[Outcome], scores: dict[str, dict[st
         wer30 = _fmt(s["wer_le30"] * 100 if s["wer_le30"] is not None else None, ".2f")
         rtfx = audio_s / o.wall_s if o.wall_s else None
         notes = list(o.notes) + ([f"{s['empty']} empty"] if s["empty"] else [])
+        if s.get("wer_basic") is not None:
+            notes.append(f"WER {s['wer_basic'] * 100:.2f} % with the basic normalizer (numbers as written)")
         if len(o.walls) > 1:
             notes.append("best of " + "/".join(f"{w:.1f}" for w in o.walls) + " s")
         if o.others_cpu is not None and o.others_cpu >= 0.05:

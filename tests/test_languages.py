@@ -204,3 +204,30 @@ def test_language_codes_whisper_spells_otherwise():
         "it", "it", "it", "pt", "jw", "jw", "jw", "he", "he", "id", "yi", "ro", "jw"]
     with pytest.raises(ValueError, match="does not know language 'xx'"):
         language_code("xx")
+
+
+def test_rows_are_scored_in_their_language_and_translations_in_english(tmp_path):
+    """A row's language picks its normalizer: "1" and "uno" are one word in Italian. With --task translate the
+    text is English whatever the recording's language, so it is scored with the English normalizer."""
+    from batchcap.asr import AudioOptions, AudioScorer
+
+    model = str(tmp_path / "no-model")  # the scorer needs no model (its spelling map is read if present)
+    italian = AudioScorer(AudioOptions(model=model))._score("Premere 1 per continuare", "premere uno per continuare",
+                                                          "it")
+    assert (italian.word_errors, italian.reference_words) == (0, 4)
+    translated = AudioScorer(AudioOptions(model=model, task="translate"))
+    scores = translated._score("Press one to continue.", "press 1 to continue", "it")
+    assert (scores.word_errors, scores.reference_words) == (0, 4)
+    as_italian = AudioScorer(AudioOptions(model=model))._score("Press one to continue.", "press 1 to continue", "it")
+    assert as_italian.word_errors == 1  # "one" against "uno"
+
+
+def test_the_report_scores_translations_in_english():
+    from batchcap.report.audio import score_result
+    from batchcap.report.data import Result
+
+    columns = {"id": ["a"], "status": ["ok"], "reference": ["Press one to continue."],
+               "text": ["press 1 to continue"], "language": ["it"]}
+    translated = score_result(Result("t.parquet", columns, summary={"task": "translate"}))
+    transcribed = score_result(Result("t.parquet", columns, summary={"task": "transcribe"}))
+    assert (translated.word_errors[0], transcribed.word_errors[0]) == (0, 1)

@@ -151,8 +151,51 @@ def test_auto_mode_picks_by_language() -> None:
         assert get_normalizer("auto", language).mode == "whisper"  # type: ignore[attr-defined]
         assert is_english(language)
     for language in ("fr", "german", "zh"):
-        assert get_normalizer("auto", language).mode == "basic"  # type: ignore[attr-defined]
+        assert get_normalizer("auto", language).mode == "language"  # type: ignore[attr-defined]
         assert not is_english(language)
+
+
+def test_language_normalizer_spells_numbers_in_the_rows_language() -> None:
+    """A reference's "1" and a transcript's "один" are the same word; Whisper's basic normalizer calls them
+    a substitution (as `--normalize basic` still does)."""
+    for language in ("ru", "Russian", "ru-RU"):
+        russian = get_normalizer("auto", language)
+        assert russian("Нажмите 1, потом 21.") == "нажмите один потом двадцать один"
+        assert score_transcript("Нажмите 1 для перехода", "Нажмите один для перехода.", russian)["wer"] == 0.0
+    assert score_transcript("Nażmite 1", "nażmite один", get_normalizer("basic", "ru"))["word_errors"] == 1
+    italian = get_normalizer("language", "it")
+    assert score_transcript("Premere 3, poi il 1990", "premere tre poi il millenovecentonovanta", italian)["wer"] == 0
+    # digit runs too long to be said as one number (ids, phone numbers) stay digits; so do languages num2words
+    # does not know, and digits inside words
+    assert italian("chiama 0039061234567890123") == "chiama 0039061234567890123"
+    assert get_normalizer("auto", "yo")("ọmọ 5") == "ọmọ 5"
+    assert italian("covid19") == "covid19"
+
+
+def test_languages_without_spaces_are_scored_by_character() -> None:
+    japanese = get_normalizer("auto", "ja")
+    assert japanese.by_characters and japanese("東京は3時です。") == "東 京 は 三 時 で す"  # type: ignore[attr-defined]
+    # one wrong character of seven: WER and CER both 1/7 (CER not diluted by the spaces between characters)
+    scores = score_transcript("東京は三時です", "東京は二時です", japanese)
+    assert (scores["word_errors"], scores["ref_words"], scores["char_errors"], scores["ref_chars"]) == (1, 7, 1, 7)
+    chinese = get_normalizer("auto", "zh")
+    assert score_transcript("你好 世界", "你好世界", chinese)["wer"] == 0.0
+    # the same pair scored as whitespace-separated words: one "word" wrong out of one
+    assert score_transcript("東京は三時です", "東京は二時です", get_normalizer("basic", "ja"))["wer"] == 1.0
+
+
+def test_report_scores_rows_as_the_run_does() -> None:
+    """The report's per-row counts (rapidfuzz, its own loop) equal the run's (error_counts) in every language."""
+    from batchcap.report.align import Normalizers, score_rows
+
+    rows = [("The colour is red.", "the color is red", "en"), ("Нажмите 1", "нажмите один", "ru"),
+            ("Нажмите 2", "нажмите три", "ru"), ("東京は三時です", "東京は二時でした", "ja"), ("你好 世界", "", "zh")]
+    refs, hyps, languages = zip(*rows)
+    report = score_rows(["ok"] * len(rows), refs, hyps, languages, Normalizers("auto"))
+    for i, (ref, hyp, language) in enumerate(rows):
+        run = score_transcript(ref, hyp, get_normalizer("auto", language))
+        assert (report.word_errors[i], report.ref_words[i], report.char_errors[i], report.ref_chars[i]) == (
+            run["word_errors"], run["ref_words"], run["char_errors"], run["ref_chars"]), (ref, hyp, language)
 
 
 def test_unknown_mode_rejected() -> None:

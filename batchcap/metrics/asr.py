@@ -20,10 +20,18 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
-NORMALIZER_MODES = ("auto", "whisper", "basic", "none")
+NORMALIZER_MODES = ("auto", "whisper", "language", "basic", "none")
 CAPTION_METRICS = ("bleu_1", "bleu_2", "bleu_3", "bleu_4", "rouge_l", "cider_d")
 
 _ENGLISH_NAMES = frozenset({"en", "eng", "english"})
+
+# Languages written without spaces between words: a "word" error rate over whitespace-split text would be a
+# sentence error rate. Their WER counts characters (grapheme clusters), as the Whisper paper's
+# ``split_letters`` scoring does for Chinese, Japanese, Thai, Lao and Burmese.
+CHARACTER_LANGUAGES = frozenset({"zh", "yue", "ja", "th", "lo", "my", "km", "bo"})
+# Whisper codes that num2words spells under another name
+_NUM2WORDS_CODES = {"kk": "kz"}
+_LONGEST_SPELLED = 15  # digits; longer runs (ids, phone numbers read digit by digit) stay digits
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -63,12 +71,37 @@ def load_english_spelling(model_dir: str | os.PathLike[str] | None) -> dict[str,
     return data
 
 
-class TextNormalizer:
-    """A text normalizer for scoring; call it on a string. ``mode`` is the resolved mode (never ``auto``)."""
+def language_key(language: str | None) -> str | None:
+    """Whisper's code for a language given as a code, a name or a locale (``it``, ``Italian``, ``pt_BR``);
+    the lowercased first part of the tag where Whisper does not know it; None for None or blank."""
+    if language is None or not str(language).strip():
+        return None
+    from transformers.models.whisper.tokenization_whisper import TO_LANGUAGE_CODE
 
-    def __init__(self, mode: str, impl: Callable[[str], str] | None = None):
+    name = str(language).strip().lower()
+    return TO_LANGUAGE_CODE.get(name) or name.replace("_", "-").split("-")[0]
+
+
+def resolve_mode(mode: str, language: str | None) -> str:
+    """The normalizer mode ``auto`` stands for: ``whisper`` for English (or no language), else ``language``."""
+    if mode not in NORMALIZER_MODES:
+        raise ValueError(f"unknown normalizer mode {mode!r}; expected one of {', '.join(NORMALIZER_MODES)}")
+    if mode == "auto":
+        return "whisper" if is_english(language) else "language"
+    return mode
+
+
+class TextNormalizer:
+    """A text normalizer for scoring; call it on a string. ``mode`` is the resolved mode (never ``auto``).
+
+    ``by_characters``: the output is split into characters (languages without spaces), so that WER counts
+    characters; CER is then counted on the text without those separating spaces (:func:`error_counts`).
+    """
+
+    def __init__(self, mode: str, impl: Callable[[str], str] | None = None, by_characters: bool = False):
         self.mode = mode
         self._impl = impl
+        self.by_characters = by_characters
 
     def __call__(self, text: str) -> str:
         if self._impl is None:
@@ -80,6 +113,60 @@ class TextNormalizer:
         return f"TextNormalizer({self.mode!r})"
 
 
+class _LanguageNormalizer:
+    """Whisper's ``BasicTextNormalizer``, then whole numbers written in words of ``code`` (num2words: "1" and
+    "один" are the same word to a listener, and references and models write numbers either way), then, for
+    languages without spaces, one token per character."""
+
+    def __init__(self, code: str | None):
+        from transformers.models.whisper.english_normalizer import BasicTextNormalizer
+
+        self._basic = BasicTextNormalizer()
+        self._spell = _number_speller(code)
+        self._spelled: dict[str, str] = {}
+        self._by_characters = code in CHARACTER_LANGUAGES
+
+    def __call__(self, text: str) -> str:
+        text = self._basic(text)
+        if self._by_characters:
+            import regex
+
+            if self._spell is not None:  # digits inside a run of characters: there are no word boundaries
+                text = regex.sub(r"\d+", lambda m: "".join(self._number(m.group()).split()), text)
+            return " ".join(regex.findall(r"\X", "".join(text.split())))
+        if self._spell is not None:
+            text = " ".join(self._number(t) if t.isdigit() else t for t in text.split())
+        return text
+
+    def _number(self, digits: str) -> str:
+        words = self._spelled.get(digits)
+        if words is None:
+            words = digits
+            if len(digits) <= _LONGEST_SPELLED:
+                try:
+                    words = self._basic(self._spell(int(digits))) or digits
+                except Exception:  # noqa: BLE001 - num2words raises assorted errors on numbers it cannot say
+                    words = digits
+            if len(self._spelled) < 10_000:
+                self._spelled[digits] = words
+        return words
+
+
+def _number_speller(code: str | None) -> Callable[[int], str] | None:
+    """num2words for ``code``, or None where it has no such language (or is not installed)."""
+    if not code or code in _ENGLISH_NAMES:
+        return None
+    try:
+        from num2words import CONVERTER_CLASSES, num2words
+    except ImportError:  # pragma: no cover - a declared dependency
+        logger.warning("num2words is not installed: numbers are scored as written")
+        return None
+    lang = _NUM2WORDS_CODES.get(code, code)
+    if lang not in CONVERTER_CLASSES:
+        return None
+    return lambda number: num2words(number, lang=lang)
+
+
 def get_normalizer(
     mode: str, language: str | None, english_spelling: dict[str, str] | None = None
 ) -> Callable[[str], str]:
@@ -89,17 +176,20 @@ def get_normalizer(
       lowercase, drop bracketed text and fillers (uh, um, hmm), expand contractions, write numbers as digits
       ("twenty five" -> "25"), map British to American spelling with ``english_spelling`` (see
       :func:`load_english_spelling`; with none, spellings are left as they are), strip punctuation.
+    * ``language``: ``basic``, then whole numbers written in words of ``language`` (num2words, for the ~50
+      languages it knows: "1" -> "один"), and for languages written without spaces (:data:`CHARACTER_LANGUAGES`)
+      one token per character, so that WER counts characters.
     * ``basic``: Whisper's language-agnostic ``BasicTextNormalizer``: lowercase, drop bracketed text,
       replace punctuation and symbols with spaces (diacritics kept).
     * ``none``: the text unchanged (WER still splits on whitespace; CER collapses whitespace).
-    * ``auto``: ``whisper`` for English (``language`` None, ``en``, ``english``...), else ``basic``.
+    * ``auto``: ``whisper`` for English (``language`` None, ``en``, ``english``...), else ``language``.
     """
-    if mode not in NORMALIZER_MODES:
-        raise ValueError(f"unknown normalizer mode {mode!r}; expected one of {', '.join(NORMALIZER_MODES)}")
-    if mode == "auto":
-        mode = "whisper" if is_english(language) else "basic"
+    mode = resolve_mode(mode, language)
     if mode == "none":
         return TextNormalizer("none")
+    if mode == "language":
+        code = language_key(language)
+        return TextNormalizer("language", _LanguageNormalizer(code), by_characters=code in CHARACTER_LANGUAGES)
 
     from transformers.models.whisper.english_normalizer import BasicTextNormalizer, EnglishTextNormalizer
 
@@ -149,6 +239,18 @@ def cer_counts(ref: str, hyp: str) -> tuple[int, int]:
     return out.substitutions + out.deletions + out.insertions, len(ref_text)
 
 
+def error_counts(ref: str, hyp: str, normalizer: Callable[[str], str] | None = None) -> tuple[int, int, int, int]:
+    """(word errors, reference words, character errors, reference characters) of already normalized text.
+
+    With a ``by_characters`` normalizer the "words" are characters, and CER ignores the spaces put between
+    them (a wrong character is one error, not one in twice the length)."""
+    word_errors, ref_words = wer_counts(ref, hyp)
+    if getattr(normalizer, "by_characters", False):
+        ref, hyp = "".join(ref.split()), "".join(hyp.split())
+    char_errors, ref_chars = cer_counts(ref, hyp)
+    return word_errors, ref_words, char_errors, ref_chars
+
+
 @dataclass
 class ErrorRate:
     """Accumulates error counts; ``rate`` = total errors / total reference length (None while that is 0)."""
@@ -174,8 +276,7 @@ def score_transcript(ref: str, hyp: str | None, normalize: Callable[[str], str] 
     norm = normalize or (lambda text: text)
     ref_n = norm(ref)
     hyp_n = norm(hyp or "")
-    word_errors, ref_words = wer_counts(ref_n, hyp_n)
-    char_errors, ref_chars = cer_counts(ref_n, hyp_n)
+    word_errors, ref_words, char_errors, ref_chars = error_counts(ref_n, hyp_n, norm)
     return {
         "wer": word_errors / ref_words if ref_words else None,
         "cer": char_errors / ref_chars if ref_chars else None,

@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..metrics import get_normalizer, is_english, load_english_spelling
+from ..metrics import get_normalizer, language_key, load_english_spelling, resolve_mode
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ class Scores:
 
 class Normalizers:
     """The WER's normalizer for each row's language: ``mode`` as the run used it (auto: Whisper's English
-    normalizer for English, the basic one otherwise), Whisper's spelling mapping of ``model`` when it can be
+    normalizer for English, the language one otherwise), Whisper's spelling mapping of ``model`` when it can be
     found offline. Normalized strings are cached (references repeat in many test sets)."""
 
     def __init__(self, mode: str = "auto", model: str | None = None):
@@ -77,10 +77,17 @@ class Normalizers:
         self._cache: dict[tuple[str, str], str] = {}
 
     def for_language(self, language: str | None) -> tuple[str, Callable[[str], str]]:
-        kind = self.mode if self.mode != "auto" else ("whisper" if is_english(language) else "basic")
+        kind = resolve_mode(self.mode, language)
+        if kind == "language":  # per language: numbers are spelled in it, some scripts are split by character
+            kind = f"language:{language_key(language)}"
         if kind not in self._by_kind:
-            self._by_kind[kind] = get_normalizer(kind, language if kind != "whisper" else "en", self.spelling)
+            self._by_kind[kind] = get_normalizer(kind.split(":")[0], language if kind != "whisper" else "en",
+                                                 self.spelling)
         return kind, self._by_kind[kind]
+
+    def by_characters(self, language: str | None) -> bool:
+        """Whether ``language``'s normalized text is one token per character (see ``TextNormalizer``)."""
+        return bool(getattr(self.for_language(language)[1], "by_characters", False))
 
     def __call__(self, text: str, language: str | None) -> str:
         kind, norm = self.for_language(language)
@@ -126,13 +133,15 @@ def score_rows(status: Sequence[Any], references: Sequence[Any], texts: Sequence
         scores.ref_norm[i], scores.hyp_norm[i] = ref, hyp
         ref_words, hyp_words = ref.split(), hyp.split()
         scores.ref_words[i] = len(ref_words)
-        scores.ref_chars[i] = len(ref)
+        ref_c, hyp_c = _char_texts(ref, hyp, normalizers.by_characters(languages[i]))
+        scores.ref_chars[i] = len(ref_c)
         if ref_words and hyp_words:
+            scores.char_errors[i] = Levenshtein.distance(ref_c, hyp_c)
             pairs.append(i)
             continue
         # one side empty: every word is a deletion or an insertion (jiwer refuses empty input)
         scores.word_errors[i] = len(ref_words) + len(hyp_words)
-        scores.char_errors[i] = len(ref) + len(hyp)
+        scores.char_errors[i] = len(ref_c) + len(hyp_c)
         scores.deletions.update(ref_words)
         scores.insertions.update(hyp_words)
         scores.del_total += len(ref_words)
@@ -157,7 +166,6 @@ def score_rows(status: Sequence[Any], references: Sequence[Any], texts: Sequence
                 scores.ins_total += j2 - j1
                 scores.insertions.update(hyp_words[j1:j2])
         scores.word_errors[i] = errors
-        scores.char_errors[i] = Levenshtein.distance(scores.ref_norm[i], scores.hyp_norm[i])
     return scores
 
 
@@ -182,3 +190,9 @@ def align(ref: str, hyp: str) -> list[Token]:
         else:
             tokens.extend(Token("ins", hyp=h) for h in hyps)
     return tokens
+
+
+def _char_texts(ref: str, hyp: str, by_characters: bool) -> tuple[str, str]:
+    """The texts CER compares: as normalized, or without the spaces put between characters (as
+    ``metrics.error_counts`` does)."""
+    return ("".join(ref.split()), "".join(hyp.split())) if by_characters else (ref, hyp)

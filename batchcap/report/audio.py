@@ -26,7 +26,10 @@ def duration_bucket(seconds: Any) -> str | None:
 def score_result(result: Result, normalize: str | None = None) -> Scores:
     mode = normalize or result.summary.get("normalize") or "auto"
     model = result.summary.get("model") or next((m for m in result.col("model") if m), None)
-    return score_rows(result.col("status"), result.col("reference"), result.col("text"), result.col("language"),
+    languages = result.col("language")
+    if result.summary.get("task") == "translate":  # English text, whatever each recording's language
+        languages = ["en"] * len(languages)
+    return score_rows(result.col("status"), result.col("reference"), result.col("text"), languages,
                       Normalizers(mode, model))
 
 

@@ -11,6 +11,7 @@ import click
 from ..cli_common import EXIT_INTERRUPTED, CommandError, setup_logging
 from ..cli_options import apply, http_options, logging_options, manifest_options
 from ..items import FatalError
+from ..metrics.asr import NORMALIZER_MODES
 from .options import (
     BEST_METRICS,
     LANGUAGE_COLUMN,
@@ -212,7 +213,7 @@ def images(manifest: str, out_dir: str, **options: Any) -> None:
               help="Linear warmup: a fraction of the steps (< 1) or a number of steps.")
 @click.option("--beam-size", type=click.IntRange(1), default=_a("num_beams"), show_default=True,
               help="Beams for the validation transcripts.")
-@click.option("--normalize", type=click.Choice(["auto", "whisper", "basic", "none"]), default=_a("normalize"),
+@click.option("--normalize", type=click.Choice(list(NORMALIZER_MODES)), default=_a("normalize"),
               show_default=True, help="Text normalization before the validation WER (as in batchcap audio).")
 def audio(manifest: str, out_dir: str, **options: Any) -> None:
     """LoRA-fine-tune Whisper on MANIFEST with Seq2SeqTrainer.
