@@ -160,6 +160,12 @@ class Inputs:
             self.stats.manifests += 1
             yield from _manifest_items(src, self.spec)
         else:
+            ident = _identity(src)
+            if ident is not None:
+                if ident in walked.files:  # named twice, or also inside a folder given before it: read once
+                    log.info("%s is already an input; reading it once", src)
+                    return
+                walked.files.add(ident)
             self.stats.files += 1
             yield Item(0, src, src)
 

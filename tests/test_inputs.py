@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import itertools
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -222,3 +223,19 @@ def test_a_quote_never_closed_stops_the_run_instead_of_swallowing_rows(tmp_path:
     manifest.write_text('path,reference\na.wav,"one\ntwo"\nb.wav,he said "hi"\n', encoding="utf-8")
     rows = [(i.source.rsplit("/", 1)[-1], i.references) for i in Inputs([str(manifest)], audio_spec())]
     assert rows == [("a.wav", ["one\ntwo"]), ("b.wav", ['he said "hi"'])]
+
+
+def test_a_file_named_twice_or_also_inside_a_given_folder_is_one_item(tmp_path):
+    folder = tmp_path / "calls"
+    folder.mkdir()
+    for name in ("a.wav", "b.wav"):
+        (folder / name).write_bytes(b"RIFF")
+    a = str(folder / "a.wav")
+    for sources in ([str(folder), a], [a, str(folder)], [a, a, str(tmp_path / "calls" / ".." / "calls" / "a.wav")]):
+        items = list(Inputs(sources, audio_spec()))
+        names = sorted(os.path.basename(item.source) for item in items)
+        assert names == (["a.wav"] if len(sources) == 3 else ["a.wav", "b.wav"]), sources
+        assert all("#" not in item.id for item in items)
+    # a missing file is still its own row (fetch says it is missing), however often it is named
+    missing = str(tmp_path / "gone.wav")
+    assert len(list(Inputs([missing, missing], audio_spec()))) == 2
