@@ -117,7 +117,7 @@ def _mono(block: np.ndarray) -> np.ndarray:
 
 def _frames_mono(frames: Any) -> list[np.ndarray]:
     """Mono samples of PyAV's packed float frames ([1, frames * channels] each)."""
-    return [_mono(f.to_ndarray().reshape(-1, f.layout.nb_channels)) for f in frames]
+    return [_mono(f.to_ndarray().reshape(-1, len(f.layout.channels))) for f in frames]
 
 
 def _joined(chunks: list[np.ndarray]) -> np.ndarray:
