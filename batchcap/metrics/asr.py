@@ -32,6 +32,8 @@ CHARACTER_LANGUAGES = frozenset({"zh", "yue", "ja", "th", "lo", "my", "km", "bo"
 # Whisper codes that num2words spells under another name
 _NUM2WORDS_CODES = {"kk": "kz"}
 _LONGEST_SPELLED = 15  # digits; longer runs (ids, phone numbers read digit by digit) stay digits
+# Letters a language's writers may leave out: Russian and Belarusian write ё as е in most printed text
+_OPTIONAL_LETTERS = {"ru": str.maketrans("ё", "е"), "be": str.maketrans("ё", "е")}
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -125,9 +127,12 @@ class _LanguageNormalizer:
         self._spell = _number_speller(code)
         self._spelled: dict[str, str] = {}
         self._by_characters = code in CHARACTER_LANGUAGES
+        self._letters = _OPTIONAL_LETTERS.get(code or "")
 
     def __call__(self, text: str) -> str:
         text = self._basic(text)
+        if self._letters is not None:
+            text = text.translate(self._letters)
         if self._by_characters:
             import regex
 
@@ -177,8 +182,9 @@ def get_normalizer(
       ("twenty five" -> "25"), map British to American spelling with ``english_spelling`` (see
       :func:`load_english_spelling`; with none, spellings are left as they are), strip punctuation.
     * ``language``: ``basic``, then whole numbers written in words of ``language`` (num2words, for the ~50
-      languages it knows: "1" -> "один"), and for languages written without spaces (:data:`CHARACTER_LANGUAGES`)
-      one token per character, so that WER counts characters.
+      languages it knows: "1" -> "один"), optional letters written plainly (Russian ё as е), and
+      for languages written without spaces (:data:`CHARACTER_LANGUAGES`) one token per character, so that WER
+      counts characters.
     * ``basic``: Whisper's language-agnostic ``BasicTextNormalizer``: lowercase, drop bracketed text,
       replace punctuation and symbols with spaces (diacritics kept).
     * ``none``: the text unchanged (WER still splits on whitespace; CER collapses whitespace).
