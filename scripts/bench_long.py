@@ -3,7 +3,8 @@
 
 On ``~/.cache/batchcap-dev/speech-en/long/manifest.csv`` (recordings of 2-5 minutes joined from
 real clips, a ``clips`` column of [start_s, end_s, text]), each system in its own subprocess:
-WER (Whisper's English normalizer, or the basic one with --language other than en), RTFx (audio
+WER (each recording's language's normalizer, as ``batchcap audio`` scores: ``--language`` or the manifest's
+``language`` column), RTFx (audio
 seconds / wall seconds, model load excluded), peak RSS, and the share of clip boundaries within
 0.5 s of a segment boundary.
 
@@ -24,7 +25,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -89,6 +92,7 @@ def worker(system: str, paths: list[str], args: argparse.Namespace) -> dict:
         by_id = {r["id"]: r for r in rows}
         out["texts"] = [by_id[p]["text"] or "" for p in paths]
         out["segments"] = [[(s["start"], s["end"]) for s in by_id[p]["segments"] or []] for p in paths]
+        out["languages"] = [by_id[p].get("language") for p in paths]
     else:
         from faster_whisper import BatchedInferencePipeline, WhisperModel
 
@@ -98,11 +102,13 @@ def worker(system: str, paths: list[str], args: argparse.Namespace) -> dict:
         out["load_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         out["texts"], out["segments"] = [], []
+        out["languages"] = []
         for p in paths:
             if pipe is not None:
-                segs, _ = pipe.transcribe(p, batch_size=16, language=args.language, beam_size=1)
+                segs, info = pipe.transcribe(p, batch_size=16, language=args.language, beam_size=1)
             else:
-                segs, _ = model.transcribe(p, language=args.language, beam_size=1)
+                segs, info = model.transcribe(p, language=args.language, beam_size=1)
+            out["languages"].append(info.language)
             segs = list(segs)
             out["texts"].append(" ".join(s.text.strip() for s in segs))
             out["segments"].append([(s.start, s.end) for s in segs])
@@ -150,6 +156,9 @@ def main() -> None:
     ap.add_argument("--model", default=str(DEV / "models/whisper-tiny.en"))
     ap.add_argument("--ct2", default=str(DEV / "models/.dl/tiny.en-ct2"))
     ap.add_argument("--language", default=None)
+    ap.add_argument("--detect", action="store_true",
+                    help="let each system detect the language (--language, or the manifest's language column, "
+                         "then only picks the normalizer)")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--systems", nargs="*", default=list(SYSTEMS))
     ap.add_argument("--hour", action="store_true", help="also one recording of about an hour (joined)")
@@ -166,7 +175,8 @@ def main() -> None:
         sets.append(("1-hour join", [hour]))
     from batchcap.metrics import get_normalizer, wer_counts
 
-    norm = get_normalizer("auto" if (args.language or "en") == "en" else "basic", args.language or "en", None)
+    def norm(row: dict) -> Any:
+        return get_normalizer("auto", args.language or row.get("language") or "en", None)
     print("| set | system | WER | RTFx | peak RSS MB | clip bounds within 0.5 s |")
     # batchcap-clips: the same speech as short clips cut at the clips' own bounds (its bounds column is trivial)
     print("| --- | --- | ---: | ---: | ---: | ---: |")
@@ -177,7 +187,7 @@ def main() -> None:
                 continue
             cmd = [sys.executable, __file__, "--worker", json.dumps(paths), "--model", args.model, "--ct2", args.ct2,
                    "--batch-size", str(args.batch_size), "--manifest", args.manifest]
-            if args.language:
+            if args.language and not args.detect:
                 cmd += ["--language", args.language]
             env = dict(os.environ, BENCH_SYSTEM=system,
                        PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p))
@@ -189,12 +199,14 @@ def main() -> None:
             res = json.loads(line[7:])
             errors = words = found = total = 0
             for r, text, segs in zip(subset, res["texts"], res["segments"]):
-                e, n = wer_counts(norm(r["reference"]), norm(text))
+                e, n = wer_counts(norm(r)(r["reference"]), norm(r)(text))
                 errors, words = errors + e, words + n
                 f, t = boundary_share(json.loads(r["clips"]), segs)
                 found, total = found + f, total + t
+            detected = Counter(res.get("languages") or [])
             print(f"| {label} | {system} | {errors / words:.2%} | {res['audio_s'] / res['wall_s']:.1f} "
-                  f"| {res['peak_rss_mb']:.0f} | {found / total:.1%} |", flush=True)
+                  f"| {res['peak_rss_mb']:.0f} | {found / total:.1%} |"
+                  + (f" detected: {dict(detected)}" if args.detect and detected else ""), flush=True)
 
 
 if __name__ == "__main__":
