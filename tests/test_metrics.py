@@ -163,6 +163,9 @@ def test_language_normalizer_spells_numbers_in_the_rows_language() -> None:
         assert russian("Нажмите 1, потом 21.") == "нажмите один потом двадцать один"
         assert score_transcript("Нажмите 1 для перехода", "Нажмите один для перехода.", russian)["wer"] == 0.0
     assert score_transcript("Nażmite 1", "nażmite один", get_normalizer("basic", "ru"))["word_errors"] == 1
+    # digits grouped by thousands are one number; leading zeros are read digit by digit
+    assert russian("10\u00a0000 рублей, код 007") == "десять тысяч рублей код ноль ноль семь"
+    assert get_normalizer("auto", "it")("3.000 euro, 2,5 litri") == "tremila euro due cinque litri"
     # ё is optional in Russian print: "вперёд" and "вперед" are one word
     assert score_transcript("Шаг вперёд", "шаг вперед", get_normalizer("auto", "ru"))["wer"] == 0.0
     italian = get_normalizer("language", "it")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,10 @@ CHARACTER_LANGUAGES = frozenset({"zh", "yue", "ja", "th", "lo", "my", "km", "bo"
 # Whisper codes that num2words spells under another name
 _NUM2WORDS_CODES = {"kk": "kz"}
 _LONGEST_SPELLED = 15  # digits; longer runs (ids, phone numbers read digit by digit) stay digits
+# A whole number written in groups of three digits ("1.000.000", "3,500", "10 000" with a no-break space):
+# one number. Only a group separator repeated the same way, and not before a decimal part.
+_GROUPED_NUMBER = re.compile(r"(?<![\d.,'’])\d{1,3}(?P<sep>[.,'’\u00a0\u202f])\d{3}(?:(?P=sep)\d{3})*"
+                             r"(?![\d'’]|[.,]\d)")
 # Letters a language's writers may leave out: Russian and Belarusian write ё as е in most printed text
 _OPTIONAL_LETTERS = {"ru": str.maketrans("ё", "е"), "be": str.maketrans("ё", "е")}
 
@@ -130,6 +135,8 @@ class _LanguageNormalizer:
         self._letters = _OPTIONAL_LETTERS.get(code or "")
 
     def __call__(self, text: str) -> str:
+        if self._spell is not None:
+            text = _GROUPED_NUMBER.sub(lambda m: "".join(ch for ch in m.group() if ch.isdigit()), text)
         text = self._basic(text)
         if self._letters is not None:
             text = text.translate(self._letters)
@@ -147,9 +154,11 @@ class _LanguageNormalizer:
         words = self._spelled.get(digits)
         if words is None:
             words = digits
+            # "007", "0451": read digit by digit, as leading zeros are
+            parts = list(digits) if len(digits) > 1 and int(digits[0]) == 0 else [digits]
             if len(digits) <= _LONGEST_SPELLED:
                 try:
-                    words = self._basic(self._spell(int(digits))) or digits
+                    words = " ".join(self._basic(self._spell(int(part))) for part in parts) or digits
                 except Exception:  # noqa: BLE001 - num2words raises assorted errors on numbers it cannot say
                     words = digits
             if len(self._spelled) < 10_000:
