@@ -179,6 +179,7 @@ class AudioScorer:
         decodes: dict[str, int] = {}
         w, c = [0, 0], [0, 0]
         scored = 0
+        by_language: dict[str, list[int]] = {}  # language -> [word errors, reference words, char errors, chars, rows]
         wanted = [n for n in ("status", "duration_s", "reference", "text", "language", "decode")
                   if n in table.column_names]
         for batch in table.select(wanted).to_batches(max_chunksize=4096):  # never the whole table as Python objects
@@ -196,6 +197,9 @@ class AudioScorer:
                 c[0] += s.char_errors
                 c[1] += s.reference_chars
                 scored += 1
+                counts = by_language.setdefault(str(r.get("language") or "unknown"), [0, 0, 0, 0, 0])
+                for k, v in enumerate((s.word_errors, s.reference_words, s.char_errors, s.reference_chars, 1)):
+                    counts[k] += v
         summary: dict[str, Any] = {
             "model": self.model_name,
             "audio_hours": round(audio_s / 3600, 4),
@@ -215,6 +219,11 @@ class AudioScorer:
                 "normalize": self.options.normalize,
                 "task": self.options.task,  # the report scores translations as English, as here
             })
+            if len(by_language) > 1:  # a multilingual set: each language's own corpus rates
+                summary["wer_by_language"] = {
+                    lang: {"wer": round(we / wr, 5) if wr else None, "cer": round(ce / cr, 5) if cr else None,
+                           "scored_rows": n}
+                    for lang, (we, wr, ce, cr, n) in sorted(by_language.items(), key=lambda kv: -kv[1][4])}
         return summary
 
 

@@ -125,6 +125,12 @@ def summary_lines(summary: dict[str, Any]) -> list[str]:
         cer = summary.get("cer")
         lines.append(f"WER {summary['wer']:.2%}" + (f", CER {cer:.2%}" if cer is not None else "")
                      + f" over {summary['scored_rows']} rows with references")
+    by_language = summary.get("wer_by_language") or {}
+    if by_language:
+        shown = [f"{lang} {v['wer']:.2%} ({v['scored_rows']})" for lang, v in list(by_language.items())[:8]
+                 if v.get("wer") is not None]
+        more = len(by_language) - 8
+        lines.append("WER by language: " + ", ".join(shown) + (f", {more} more in the summary" if more > 0 else ""))
     for name in ("bleu_4", "rouge_l", "cider_d"):
         if summary.get(name) is not None:
             lines.append(f"{name.upper().replace('_', '-')} {summary[name]:.4f}")

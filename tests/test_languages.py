@@ -140,6 +140,12 @@ def test_manifest_language_column_sets_each_rows_language(tiny_whisper, tmp_path
     summary = json.loads((tmp_path / "out.summary.json").read_text())
     assert summary["decode_counts"] == {"unresolved": 3} and summary["fallbacks"] == 3
     assert "decode: 3 unresolved" in output
+    # a multilingual set: each language's own rates beside the corpus's, from the rows' own scores
+    by_language = summary["wer_by_language"]
+    assert sorted(by_language) == ["de", "es", "fr"] and all(v["scored_rows"] == 1 for v in by_language.values())
+    for r in rows[:3]:
+        assert by_language[r["language"]]["wer"] == pytest.approx(r["wer"], abs=1e-5)
+    assert "WER by language: " in output
 
 
 def test_language_column_option_and_candidates(tiny_whisper, tmp_path):
