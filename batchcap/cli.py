@@ -18,7 +18,7 @@ from . import __version__
 from .asr import AudioOptions
 from .captioning import ImageOptions
 from .cli_common import EXIT_ITEMS_FAILED, EXIT_OK, guarded_run, setup_logging
-from .cli_options import ByteSize, apply, http_options, logging_options, manifest_options
+from .cli_options import ByteSize, Duration, apply, http_options, logging_options, manifest_options
 from .fetch import FetchConfig
 from .job import JobOptions
 from .metrics.asr import NORMALIZER_MODES
@@ -202,10 +202,11 @@ def main() -> None:
               help="Clips shorter than this (seconds) get status 'empty'.")
 @click.option("--silence-threshold", type=float, default=AudioOptions.silence_dbfs, show_default=True,
               help="Clips whose peak is below this (dBFS) get status 'empty'.")
-@click.option("--max-duration", "max_duration_s", type=click.FloatRange(0, min_open=True),
-              default=AudioOptions.max_duration_s,
-              show_default=True, help="Longer recordings (seconds) are a decode_error, found from the header "
-              "before decoding and enforced while decoding (a tiny FLAC or Opus file can hold hours).")
+@click.option("--max-duration", "max_duration_s", type=Duration(),
+              default=f"{AudioOptions.max_duration_s / 3600:g}h", show_default=True,
+              help="Longer recordings are a decode_error, found from the header before decoding and enforced "
+                   "while decoding (a tiny FLAC or Opus file can hold hours): seconds, 90m, 11h, 1:30:00, or "
+                   "none. A recording's samples take about 230 MB an hour.")
 @click.option("--long-form", type=click.Choice(["batched", "sequential"]), default=AudioOptions.long_form,
               show_default=True,
               help="Recordings over 30 s: cut at pauses into windows of at most 24 s batched with the other clips, or "

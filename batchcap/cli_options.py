@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import string
 from collections.abc import Callable
 from typing import Any
 
@@ -43,6 +44,51 @@ class ByteSize(click.ParamType):
             return value
         try:
             return parse_size(value)
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+_SECONDS = {"": 1, "s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600, "hr": 3600, "d": 86400}
+_DURATION_HELP = "e.g. 14400, 90m, 11h, 1:30:00; none for no limit"
+
+
+def parse_duration(text: str) -> float | None:
+    """``14400``, ``90s``, ``30m`` / ``30min``, ``11h``, ``1.5h``, ``1:30:00`` or ``90:00`` -> seconds;
+    ``0``, ``none``, ``off``: None (no limit). ValueError for anything else."""
+    value = str(text).strip().lower().replace(" ", "")
+    if value in _NO_LIMIT:
+        return None
+    try:
+        if ":" in value:
+            parts = [float(p) for p in value.split(":")]
+            if len(parts) > 3 or any(p < 0 for p in parts):
+                raise ValueError
+            seconds = 0.0
+            for part in parts:
+                seconds = seconds * 60 + part
+        else:
+            number = value.rstrip(string.ascii_lowercase)
+            unit = value[len(number):]
+            if unit not in _SECONDS or not number:
+                raise ValueError
+            seconds = float(number) * _SECONDS[unit]
+    except ValueError:
+        raise ValueError(f"{text!r} is not a duration ({_DURATION_HELP})") from None
+    if not 0 < seconds < float("inf"):
+        raise ValueError(f"{text!r} is not a duration ({_DURATION_HELP})")
+    return seconds
+
+
+class Duration(click.ParamType):
+    """A duration in seconds with an optional unit or as H:MM:SS (see :func:`parse_duration`); None for none."""
+
+    name = "DURATION"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> float | None:
+        if value is None or isinstance(value, (int, float)):
+            return value
+        try:
+            return parse_duration(value)
         except ValueError as exc:
             self.fail(str(exc), param, ctx)
 

@@ -127,3 +127,22 @@ def test_cli_max_duration_makes_a_decode_error_row(tiny_whisper, tmp_path):
     assert rows["long.flac"]["status"] == DECODE_ERROR
     assert "longer than --max-duration (10.0 min)" in rows["long.flac"]["error"]
     assert rows["long.flac"]["duration_s"] == pytest.approx(1801)
+    # the same cap written with a unit, or as H:MM:SS; a duration that is not one is a usage error
+    for cap in ("10m", "0:10:00"):
+        code, output = run_cli("audio", folder, "--model", tiny_whisper, "-o", tmp_path / f"o{cap[-1]}.csv",
+                               "--device", "cpu", "--max-duration", cap, "-q")
+        assert code == 3 and "longer than --max-duration (10.0 min)" in rows_of(tmp_path / f"o{cap[-1]}.csv")[0][
+            "error"], output
+    code, output = run_cli("audio", folder, "--model", tiny_whisper, "--max-duration", "ten minutes")
+    assert code == 2 and "is not a duration" in output
+
+
+def test_parse_duration():
+    from batchcap.cli_options import parse_duration
+
+    assert [parse_duration(t) for t in ("14400", "90s", "30min", "11h", "1.5h", "1:30:00", "90:00")] == [
+        14400, 90, 1800, 39600, 5400, 5400, 5400]
+    assert parse_duration("none") is None and parse_duration("0") is None
+    for bad in ("abc", "-5", "1:-2", "nan", "inf", "5x", "1:2:3:4", ""):
+        with pytest.raises(ValueError, match="is not a duration"):
+            parse_duration(bad)
