@@ -160,12 +160,9 @@ class Inputs:
             self.stats.manifests += 1
             yield from _manifest_items(src, self.spec)
         else:
-            ident = _identity(src)
-            if ident is not None:
-                if ident in walked.files:  # named twice, or also inside a folder given before it: read once
-                    log.info("%s is already an input; reading it once", src)
-                    return
-                walked.files.add(ident)
+            if not walked.first(src):  # named twice, or also inside a folder given before it: read once
+                log.info("%s is already an input; reading it once", src)
+                return
             self.stats.files += 1
             yield Item(0, src, src)
 
@@ -252,6 +249,18 @@ class _Seen:
     dirs: set[tuple[int, int]] = field(default_factory=set)
     files: set[tuple[int, int]] = field(default_factory=set)
 
+    def first(self, path: str, folder: bool = False) -> bool:
+        """Whether ``path``'s real file (or folder) is reached for the first time, noting it. A path that
+        cannot be stat'ed (missing, a broken link) is always first: its row says what is wrong."""
+        ident = _identity(path)
+        if ident is None:
+            return True
+        seen = self.dirs if folder else self.files
+        if ident in seen:
+            return False
+        seen.add(ident)
+        return True
+
 
 def _identity(path: str) -> tuple[int, int] | None:
     try:
@@ -267,34 +276,22 @@ def walk_files(root: str, seen: _Seen | None = None) -> Iterator[str]:
     until the path is too long, and a file reached through two links is one item. A broken link is yielded
     (its row says the file is missing)."""
     seen = seen if seen is not None else _Seen()
-    top = _identity(root)
-    if top is not None:
-        if top in seen.dirs:
-            return
-        seen.dirs.add(top)
+    if not seen.first(root, folder=True):
+        return
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         kept = []
         for name in sorted(dirnames):
             if name.startswith("."):
                 continue
-            ident = _identity(os.path.join(dirpath, name))
-            if ident is not None and ident in seen.dirs:
+            if not seen.first(os.path.join(dirpath, name), folder=True):
                 log.debug("not walking %s again (reached through a link)", os.path.join(dirpath, name))
                 continue
-            if ident is not None:
-                seen.dirs.add(ident)
             kept.append(name)
         dirnames[:] = kept
         for name in sorted(filenames):
-            if name.startswith("."):
-                continue
             path = os.path.join(dirpath, name)
-            ident = _identity(path)
-            if ident is not None:
-                if ident in seen.files:
-                    continue
-                seen.files.add(ident)
-            yield path
+            if not name.startswith(".") and seen.first(path):
+                yield path
 
 
 def _free_name(name: str, taken: set[str], sep: str = "_", fold: Callable[[str], str] = str.lower) -> str:

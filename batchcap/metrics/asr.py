@@ -260,10 +260,14 @@ def error_counts(ref: str, hyp: str, normalizer: Callable[[str], str] | None = N
     With a ``by_characters`` normalizer the "words" are characters, and CER ignores the spaces put between
     them (a wrong character is one error, not one in twice the length)."""
     word_errors, ref_words = wer_counts(ref, hyp)
-    if getattr(normalizer, "by_characters", False):
-        ref, hyp = "".join(ref.split()), "".join(hyp.split())
-    char_errors, ref_chars = cer_counts(ref, hyp)
+    char_errors, ref_chars = cer_counts(*character_texts(ref, hyp, getattr(normalizer, "by_characters", False)))
     return word_errors, ref_words, char_errors, ref_chars
+
+
+def character_texts(ref: str, hyp: str, by_characters: bool) -> tuple[str, str]:
+    """The normalized texts CER compares: as they are, or, for a ``by_characters`` normalizer, without the
+    spaces it put between the characters."""
+    return ("".join(ref.split()), "".join(hyp.split())) if by_characters else (ref, hyp)
 
 
 @dataclass

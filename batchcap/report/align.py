@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..metrics import get_normalizer, language_key, load_english_spelling, resolve_mode
+from ..metrics.asr import character_texts, get_normalizer, language_key, load_english_spelling, resolve_mode
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +133,7 @@ def score_rows(status: Sequence[Any], references: Sequence[Any], texts: Sequence
         scores.ref_norm[i], scores.hyp_norm[i] = ref, hyp
         ref_words, hyp_words = ref.split(), hyp.split()
         scores.ref_words[i] = len(ref_words)
-        ref_c, hyp_c = _char_texts(ref, hyp, normalizers.by_characters(languages[i]))
+        ref_c, hyp_c = character_texts(ref, hyp, normalizers.by_characters(languages[i]))
         scores.ref_chars[i] = len(ref_c)
         if ref_words and hyp_words:
             scores.char_errors[i] = Levenshtein.distance(ref_c, hyp_c)
@@ -190,9 +190,3 @@ def align(ref: str, hyp: str) -> list[Token]:
         else:
             tokens.extend(Token("ins", hyp=h) for h in hyps)
     return tokens
-
-
-def _char_texts(ref: str, hyp: str, by_characters: bool) -> tuple[str, str]:
-    """The texts CER compares: as normalized, or without the spaces put between characters (as
-    ``metrics.error_counts`` does)."""
-    return ("".join(ref.split()), "".join(hyp.split())) if by_characters else (ref, hyp)
