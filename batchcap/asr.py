@@ -177,8 +177,6 @@ class AudioScorer:
     def summarize(self, table: Any, wall_time_s: float) -> dict[str, Any]:
         audio_s = 0.0
         decodes: dict[str, int] = {}
-        w, c = [0, 0], [0, 0]
-        scored = 0
         by_language: dict[str, list[int]] = {}  # language -> [word errors, reference words, char errors, chars, rows]
         wanted = [n for n in ("status", "duration_s", "reference", "text", "language", "decode")
                   if n in table.column_names]
@@ -192,11 +190,6 @@ class AudioScorer:
                 if not r.get("reference") or r.get("text") is None:
                     continue
                 s = self._score(r["reference"], r["text"], r.get("language"))
-                w[0] += s.word_errors
-                w[1] += s.reference_words
-                c[0] += s.char_errors
-                c[1] += s.reference_chars
-                scored += 1
                 counts = by_language.setdefault(str(r.get("language") or "unknown"), [0, 0, 0, 0, 0])
                 for k, v in enumerate((s.word_errors, s.reference_words, s.char_errors, s.reference_chars, 1)):
                     counts[k] += v
@@ -210,20 +203,21 @@ class AudioScorer:
         if decodes:
             summary["decode_counts"] = dict(sorted(decodes.items(), key=lambda kv: -kv[1]))
             summary["fallbacks"] = sum(n for d, n in decodes.items() if d not in ("greedy", "beam", "long_form"))
+        we, wr, ce, cr, scored = (sum(column) for column in zip(*by_language.values())) if by_language else [0] * 5
         if scored:
             summary.update({
-                "wer": round(w[0] / w[1], 5) if w[1] else None,
-                "cer": round(c[0] / c[1], 5) if c[1] else None,
+                "wer": round(we / wr, 5) if wr else None,
+                "cer": round(ce / cr, 5) if cr else None,
                 "scored_rows": scored,
-                "word_errors": w[0], "reference_words": w[1],
+                "word_errors": we, "reference_words": wr,
                 "normalize": self.options.normalize,
                 "task": self.options.task,  # the report scores translations as English, as here
             })
             if len(by_language) > 1:  # a multilingual set: each language's own corpus rates
                 summary["wer_by_language"] = {
-                    lang: {"wer": round(we / wr, 5) if wr else None, "cer": round(ce / cr, 5) if cr else None,
-                           "scored_rows": n}
-                    for lang, (we, wr, ce, cr, n) in sorted(by_language.items(), key=lambda kv: -kv[1][4])}
+                    lang: {"wer": round(e / n, 5) if n else None, "cer": round(c / k, 5) if k else None,
+                           "scored_rows": rows}
+                    for lang, (e, n, c, k, rows) in sorted(by_language.items(), key=lambda kv: -kv[1][4])}
         return summary
 
 
