@@ -3,11 +3,17 @@
 A long recording is decoded and split into windows of at most 24 s at pauses (``vad.py``) in a
 worker thread; its features are NOT computed there. :func:`transcribe_units` then treats every
 short clip and every window of every long recording in a model batch as one unit, sorts the
-units by duration, and runs them through the model ``batch_size`` at a time; a window's log-mel
+units by duration (longest first), and runs them through the model ``batch_size`` at a time; a window's log-mel
 features are computed just before its sub-batch runs (the next sub-batch's in a helper thread
 while the model works) and dropped right after, so at most two sub-batches of window features
 are alive, whatever the recordings' lengths. Each recording's text and segments are stitched
 back from its windows in time order.
+
+Languages: every window detects its own (a recording may switch languages), but sub-batches run
+longest first, and a window whose own detection is unsure (a short utterance between long pauses, as
+in calls) takes the language of most of its recording's confidently detected windows so far, as
+``Prepared.language_prior``, instead of detecting again. A recording's ``language`` is the language of
+most of its speech.
 
 :data:`FEATURES` counts the window feature arrays alive (and the peak), for tests and logs.
 """
@@ -24,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from .models.whisper_timestamps import WindowResult, shift_segment, stitch
+from .models.whisper_timestamps import WindowResult, map_segment, stitch
 from .vad import SAMPLE_RATE, Window
 
 log = logging.getLogger(__name__)
@@ -84,8 +90,13 @@ class _Unit:
 @dataclass
 class _Assembly:
     windows: list[WindowResult] = field(default_factory=list)
-    languages: Counter = field(default_factory=Counter)
+    languages: Counter = field(default_factory=Counter)  # seconds of windows per language
+    sure: Counter = field(default_factory=Counter)  # ... of windows detected confidently in it
     decodes: list[Any] = field(default_factory=list)
+
+    def language_so_far(self) -> str | None:
+        """The language of most of the recording's confidently detected windows so far (None: none yet)."""
+        return self.sure.most_common(1)[0][0] if self.sure else None
 
 
 def transcribe_units(transcriber: Any, batch: Sequence[Any], batch_size: int,
@@ -105,14 +116,21 @@ def transcribe_units(transcriber: Any, batch: Sequence[Any], batch_size: int,
         idx = sequential[start:start + batch_size]
         for i, res in zip(idx, transcriber.transcribe([batch[i] for i in idx])):
             results[i] = res
-    units.sort(key=lambda u: u.duration_s)
+    # longest first: a recording's long windows, whose language detection is surest, are decoded before
+    # its short ones, which then follow the recording's language where their own detection is unsure
+    units.sort(key=lambda u: -u.duration_s)
     chunks = [units[s:s + batch_size] for s in range(0, len(units), batch_size)]
+    sure = getattr(transcriber, "confident_language_prob", None)
     assemblies: dict[int, _Assembly] = {i: _Assembly() for i, item in enumerate(batch)
                                         if isinstance(item, LongRecording)}
     with ThreadPoolExecutor(1, thread_name_prefix="batchcap-features") as pool:
         pending: Future | None = pool.submit(_prepare, transcriber, batch, chunks[0]) if chunks else None
         for n, chunk in enumerate(chunks):
             prepared = pending.result() if pending is not None else []
+            if sure is not None:
+                for unit, p in zip(chunk, prepared):
+                    if unit.window is not None and getattr(p, "language", None) is None:
+                        p.language_prior = assemblies[unit.owner].language_so_far()
             pending = pool.submit(_prepare, transcriber, batch, chunks[n + 1]) if n + 1 < len(chunks) else None
             try:
                 outputs = transcriber.transcribe(prepared)
@@ -131,10 +149,12 @@ def transcribe_units(transcriber: Any, batch: Sequence[Any], batch_size: int,
                     continue
                 a = assemblies[unit.owner]
                 w = unit.window
-                segs = [shift_segment(s, w.start_s) for s in res.get("segments") or []]
-                a.windows.append(WindowResult(w.start_s, w.duration_s, res["text"], segs))
+                segs = [map_segment(s, w.recording_time) for s in res.get("segments") or []]
+                a.windows.append(WindowResult(w.start_s, w.end_s - w.start_s, res["text"], segs))
                 if res.get("language"):
                     a.languages[res["language"]] += w.duration_s
+                    if sure is not None and (res.get("language_prob") or 0.0) >= sure:
+                        a.sure[res["language"]] += w.duration_s
                 if "decode" in res:
                     a.decodes.append(res["decode"])
     for i, a in assemblies.items():
@@ -156,7 +176,7 @@ def _prepare(transcriber: Any, batch: Sequence[Any], chunk: list[_Unit]) -> list
             out.append(unit.prepared)
             continue
         recording = batch[unit.owner]
-        out.append(transcriber.prepare(recording.samples[unit.window.start:unit.window.end],
+        out.append(transcriber.prepare(unit.window.audio(recording.samples),
                                        language=recording.language))
         FEATURES.acquire()
     return out

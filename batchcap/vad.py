@@ -3,8 +3,10 @@
 A voice activity detector (VAD) scores short frames of the recording; :func:`plan_windows` turns
 the scores into speech regions and packs consecutive regions into windows of at most
 ``max_window_s`` seconds, cutting only in pauses (a region longer than that is cut at its quietest
-point). Windows are spans of the original recording, silences inside them included, so a time
-inside a window is ``window.start_s + t``; pure silence between windows is never transcribed.
+point). Windows are spans of the original recording, pauses of up to 3 s inside them included;
+speech either side of a longer pause may share a window, joined without the pause (``Window.pieces``;
+``Window.recording_time`` maps a time of the window back to the recording). Pure silence is never
+transcribed.
 
 Two detectors, both returning per-frame scores (higher = more speech-like):
 
@@ -40,10 +42,13 @@ MAX_WINDOW_S = 24.0
 
 @dataclass(frozen=True)
 class Window:
-    """A span of a recording, in samples at 16 kHz: ``samples[start:end]``."""
+    """What the model hears of a recording, in samples at 16 kHz: ``samples[start:end]``, or, for a
+    window that bridges pauses longer than ``max_merge_gap_s``, its ``pieces`` (spans of the
+    recording, in order) joined end to end, the pauses between them left out."""
 
     start: int
     end: int
+    pieces: tuple[tuple[int, int], ...] = ()
 
     @property
     def start_s(self) -> float:
@@ -54,8 +59,32 @@ class Window:
         return self.end / SAMPLE_RATE
 
     @property
+    def spans(self) -> tuple[tuple[int, int], ...]:
+        return self.pieces or ((self.start, self.end),)
+
+    @property
     def duration_s(self) -> float:
-        return (self.end - self.start) / SAMPLE_RATE
+        """Seconds of audio the model hears (the pieces' total)."""
+        return sum(b - a for a, b in self.spans) / SAMPLE_RATE
+
+    def audio(self, samples: np.ndarray) -> np.ndarray:
+        """The window's samples of the recording ``samples`` (a view unless pieces are joined)."""
+        if not self.pieces:
+            return samples[self.start:self.end]
+        return np.concatenate([samples[a:b] for a, b in self.pieces])
+
+    def recording_time(self, t: float, end: bool = False) -> float:
+        """The time in the recording (s) of time ``t`` of the window's audio. At a join, a start
+        (``end`` False) is placed at the start of the later piece, an end at the end of the earlier."""
+        at = max(0.0, t) * SAMPLE_RATE
+        offset = 0
+        spans = self.spans
+        for k, (a, b) in enumerate(spans):
+            n = b - a
+            if at < offset + n or (end and at <= offset + n) or k == len(spans) - 1:
+                return (a + min(at - offset, n)) / SAMPLE_RATE
+            offset += n
+        return self.end_s  # pragma: no cover - the loop returns at its last piece
 
 
 @dataclass
@@ -83,7 +112,9 @@ class VadConfig:
     min_silence_s: float = 0.25  # shorter pauses do not end a speech region
     min_speech_s: float = 0.08  # shorter bursts (clicks) are dropped
     pad_s: float = 0.2  # kept around each region (never past half the pause to the next)
-    max_merge_gap_s: float = 3.0  # longer pauses always end a window (no compute spent on silence)
+    max_merge_gap_s: float = 3.0  # longer pauses are left out of a window (no compute spent on silence)
+    join_pauses: bool = True  # speech either side of such a pause may share a window, joined (else: two windows)
+    join_pad_s: float = 0.5  # ... keeping this much of the pause either side (a pause Whisper hears as one)
     min_window_s: float = 0.1
 
 
@@ -223,7 +254,10 @@ def plan_windows(scores: FrameScores, n_samples: int, config: VadConfig | None =
 
     Regions are padded (into the pause, never past its middle), regions longer than a window are
     cut at their quietest frames, and consecutive regions are packed into one window while the
-    window stays within the limit and no pause inside it is longer than ``max_merge_gap_s``.
+    window stays within the limit. A pause of up to ``max_merge_gap_s`` stays inside the window; a
+    longer one is left out, the regions either side joined as the window's ``pieces`` (``join_pauses``;
+    off, it ends the window). Joined, a short answer after a long pause is heard with the speech around
+    it, as in one stretch of talk, rather than alone.
     """
     config = config or VadConfig()
     hop = scores.hop
@@ -240,18 +274,33 @@ def plan_windows(scores: FrameScores, n_samples: int, config: VadConfig | None =
         pieces.extend(_split_long(a, b, scores, max_len))
     windows: list[Window] = []
     max_gap = int(config.max_merge_gap_s * SAMPLE_RATE)
-    cur: list[int] | None = None
+    # what a join keeps of the pause beyond each side's padding (never more than a third of the pause)
+    join_extra = max(0, min(int(config.join_pad_s * SAMPLE_RATE) - pad, max_gap // 3))
+    cur: list[list[int]] = []  # the spans of the window being packed
+    heard = 0  # its samples
     for a, b in pieces:
-        if cur is not None and b - cur[0] <= max_len and a - cur[1] <= max_gap:
-            cur[1] = b
+        if cur and a - cur[-1][1] <= max_gap and heard + b - cur[-1][1] <= max_len:
+            heard += b - cur[-1][1]  # the pause stays in: one span
+            cur[-1][1] = b
             continue
-        if cur is not None:
-            windows.append(Window(cur[0], cur[1]))
-        cur = [a, b]
-    if cur is not None:
-        windows.append(Window(cur[0], cur[1]))
+        if cur and config.join_pauses and heard + b - a + 2 * join_extra <= max_len:
+            # after a long pause: joined without it, but for join_pad_s of it either side
+            cur[-1][1] += join_extra
+            cur.append([a - join_extra, b])
+            heard += b - a + 2 * join_extra
+            continue
+        if cur:
+            windows.append(_window(cur))
+        cur, heard = [[a, b]], b - a
+    if cur:
+        windows.append(_window(cur))
     min_len = int(config.min_window_s * SAMPLE_RATE)
-    return [w for w in windows if w.end - w.start >= min_len]
+    return [w for w in windows if w.duration_s * SAMPLE_RATE >= min_len]
+
+
+def _window(spans: list[list[int]]) -> Window:
+    pieces = tuple((a, b) for a, b in spans) if len(spans) > 1 else ()
+    return Window(spans[0][0], spans[-1][1], pieces)
 
 
 def _split_long(a: int, b: int, scores: FrameScores, max_len: int) -> list[tuple[int, int]]:

@@ -201,6 +201,39 @@ def test_unsure_live_detection_is_redone_on_the_zero_padded_full_window(tiny_whi
         handle.remove()
 
 
+def test_an_unsure_window_takes_its_recordings_language_instead_of_detecting_again(tiny_whisper, monkeypatch):
+    # the tiny model is never sure of a language (test above): a clip detects again on the full window,
+    # a long recording's window with a prior (its recording's language so far) takes the prior instead
+    from batchcap.models import whisper as w
+
+    t = _transcriber(tiny_whisper)
+    calls: list = []
+    handle = t.model.get_encoder().register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
+    try:
+        detected = t.transcribe([t.prepare(tone(1.0)), t.prepare(tone(2.0, freq=300))])
+        assert calls == [2]  # both detected again on the full window
+        priors = [next(c for c in ("fr", "es", "de", "en") if c != r["language"]) for r in detected]
+        clips = [t.prepare(tone(1.0)), t.prepare(tone(2.0, freq=300))]
+        for p, prior in zip(clips, priors):
+            p.language_prior = prior
+        calls.clear()
+        spy = _generate_spy(t)
+        rows = t.transcribe(clips)
+        assert [r["language"] for r in rows] == priors and spy == [priors]
+        assert calls == []  # no second detection
+        # a window sure of its own language keeps it (a recording may switch languages)
+        monkeypatch.setattr(w, "LIVE_DETECTION_MIN_PROB", 0.1)
+        live = [r["language"] for r in t.transcribe([t.prepare(tone(1.0)), t.prepare(tone(2.0, freq=300))])]
+        assert live != priors  # the prior would change the answer
+        spy.clear()
+        assert [r["language"] for r in t.transcribe(clips)] == live and spy == [live]
+        # a language given for the clip wins over both
+        clips[0].language = "de"
+        assert t.transcribe(clips[:1])[0]["language"] == "de"
+    finally:
+        handle.remove()
+
+
 def test_language_codes_whisper_spells_otherwise():
     from batchcap.models.whisper import language_code
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 
 import numpy as np
+import pytest
 import soundfile as sf
 
 from batchcap import longform
@@ -82,7 +83,9 @@ def test_long_files_are_windowed_batched_and_stitched(tiny_whisper, tmp_path):
 
 
 def test_two_hour_file_keeps_only_a_few_windows_of_features(tiny_whisper, tmp_path):
-    # 2 hours: a 1 s tone every 30 s (so that the tiny model's time stays small), 240 windows
+    # 2 hours: a 1 s tone every 30 s (so that the tiny model's time stays small); the pauses are left out,
+    # 12 tones joined per window of at most 24 s (each heard with 0.5 s of pause either side): 20 windows,
+    # in 5 sub-batches of 4
     samples, _ = tones_and_silences([("silence", 14.5)] + [("tone", 1.0), ("silence", 29.0)] * 240)
     path = str(tmp_path / "two-hours.wav")
     sf.write(path, samples, SR, subtype="PCM_16")
@@ -90,13 +93,15 @@ def test_two_hour_file_keeps_only_a_few_windows_of_features(tiny_whisper, tmp_pa
     transcriber = load_transcriber(AudioOptions(model=tiny_whisper, max_new_tokens=2))
     count_batches(transcriber)
     longform.FEATURES.reset()
-    result = transcribe([path], str(tmp_path / "out.parquet"), transcriber=transcriber, quiet=True, batch_size=16)
+    result = transcribe([path], str(tmp_path / "out.parquet"), transcriber=transcriber, quiet=True, batch_size=4)
     (row,) = rows_of(result.output)
     assert row["status"] == "ok" and row["duration_s"] > 7100
-    assert longform.FEATURES.made == 240  # one window per tone
-    assert longform.FEATURES.peak <= 2 * 16  # the sub-batch running and the one being prepared
+    assert longform.FEATURES.made == 20
+    assert longform.FEATURES.peak <= 2 * 4  # the sub-batch running and the one being prepared
     assert longform.FEATURES.alive == 0
-    assert len(row["segments"]) == 240 and row["segments"][-1]["end"] > 7000
+    segments = row["segments"]
+    assert len(segments) >= 20 and segments[-1]["end"] > 7000 and segments[0]["start"] >= 14.0
+    assert all(x["end"] <= y["start"] for x, y in zip(segments, segments[1:]))
 
 
 def test_write_subtitles_resume_keeps_them_overwrite_redoes(tiny_whisper, tmp_path):
@@ -177,3 +182,74 @@ def test_sequential_features_are_the_extractors_a_chunk_at_a_time(tiny_whisper, 
     assert prepared.long_form and prepared.features.shape[-1] == 150 * 100
     bound = (whisper.LONG_CHUNK_FRAMES - 1) * extractor.hop_length + extractor.n_fft
     assert len(seen) == 3 and max(seen) <= bound, seen  # 15,000 frames in 3 STFTs of at most a minute
+
+
+def test_unsure_windows_follow_their_recordings_language(tiny_whisper, tmp_path):
+    # a call: two long utterances, then two short ones, each after a pause: a window each for the long
+    # ones, one window for the two short ones joined (less than 4 s heard)
+    samples, _ = tones_and_silences([("silence", 0.5), ("tone", 22.0), ("silence", 4.0), ("tone", 22.0),
+                                     ("silence", 4.0), ("tone", 1.5), ("silence", 4.0), ("tone", 1.5),
+                                     ("silence", 0.5)])
+    path = str(tmp_path / "call.wav")
+    sf.write(path, samples, SR, subtype="PCM_16")
+
+    def run(sure_language):
+        """Transcribe the call; the first sub-batch's windows are reported as surely in ``sure_language``
+        (the tiny random model is never sure), as a real model is of long utterances."""
+        transcriber = load_transcriber(AudioOptions(model=tiny_whisper, max_new_tokens=4))
+        calls: list = []
+        inner = transcriber.transcribe
+
+        def recording(batch):
+            results = inner(batch)
+            if sure_language and not calls:
+                for r in results:
+                    r["language"], r["language_prob"] = sure_language, 0.99
+            calls.append([(round(p.duration_s), p.language_prior, r["language"]) for p, r in zip(batch, results)])
+            return results
+        transcriber.transcribe = recording
+        result = transcribe([path], str(tmp_path / "out.parquet"), transcriber=transcriber, quiet=True,
+                            batch_size=2, overwrite=True)
+        return calls, rows_of(result.output)[0]
+
+    calls, _ = run(None)
+    # longest first: the long windows, then the short ones; no window was sure, so there is no prior
+    assert [[d for d, _, _ in c] for c in calls] == [[22, 22], [4]]
+    assert all(prior is None for c in calls for _, prior, _ in c)
+    alone = [language for _, _, language in calls[1]]  # the short windows' own (full-window) detections
+    sure = next(c for c in ("fr", "es", "de", "en") if c not in alone)
+    calls, row = run(sure)
+    assert [(prior, language) for _, prior, language in calls[1]] == [(sure, sure)]
+    assert row["language"] == sure and row["status"] == "ok"
+
+
+def test_segments_of_a_joined_window_land_on_its_pieces_in_the_recording(tiny_whisper, tmp_path):
+    # 36 s: speech, 8 s of quiet, speech, 8 s of quiet, speech: one window of three joined pieces
+    samples, spans = tones_and_silences([("silence", 1.0), ("tone", 5.0), ("silence", 8.0), ("tone", 6.0),
+                                         ("silence", 8.0), ("tone", 7.0), ("silence", 1.0)])
+    path = str(tmp_path / "gaps.wav")
+    sf.write(path, samples, SR, subtype="PCM_16")
+    from batchcap.models.whisper_timestamps import Segment
+
+    transcriber = load_transcriber(AudioOptions(model=tiny_whisper, max_new_tokens=4))
+    inner = transcriber.transcribe
+    heard: list = []
+
+    def one_segment_per_tone(batch):  # as if the model had said each tone as a segment of its own
+        results = inner(batch)
+        for p, r in zip(batch, results):
+            heard.append(p.duration_s)
+            at, r["segments"] = 0.0, []
+            # each tone heard with 0.5 s of the pause either side at a join, 0.2 s at the window's edges
+            for k, ((lo, hi), before, after) in enumerate(zip(spans, (0.2, 0.5, 0.5), (0.5, 0.5, 0.2))):
+                r["segments"].append(Segment(round(at + before, 3), round(at + before + hi - lo, 3), f"t{k}"))
+                at += before + hi - lo + after
+            r["text"] = " ".join(s.text for s in r["segments"])
+        return results
+    transcriber.transcribe = one_segment_per_tone
+    result = transcribe([path], str(tmp_path / "out.parquet"), transcriber=transcriber, quiet=True)
+    (row,) = rows_of(result.output)
+    assert heard == [pytest.approx(18.0 + 2.4, abs=0.05)]  # one window: the tones, not the pauses
+    assert [s["text"] for s in row["segments"]] == ["t0", "t1", "t2"]
+    for s, (lo, hi) in zip(row["segments"], spans):  # each segment on its tone, in the recording's time
+        assert s["start"] == pytest.approx(lo, abs=0.05) and s["end"] == pytest.approx(hi, abs=0.05)

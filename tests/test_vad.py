@@ -67,12 +67,44 @@ def test_speech_longer_than_a_window_is_cut_at_its_quietest_point():
     assert windows[0].end == windows[1].start  # a forced cut: the windows touch
 
 
-def test_long_pauses_end_a_window_even_when_it_would_fit():
+def test_long_pauses_are_left_out_of_a_window_that_joins_the_speech_around_them():
     samples, spans = tones_and_silences([("tone", 3.0), ("silence", 6.0), ("tone", 3.0)])
-    windows = split_recording(samples, EnergyVad(), VadConfig(max_merge_gap_s=3.0))
-    assert len(windows) == 2
-    windows = split_recording(samples, EnergyVad(), VadConfig(max_merge_gap_s=10.0))
-    assert len(windows) == 1
+    (window,) = split_recording(samples, EnergyVad(), VadConfig(max_merge_gap_s=3.0))
+    (a0, b0), (a1, b1) = window.pieces  # the two tones and 0.5 s of the pause each side, joined
+    assert a0 == 0 and 3.45 <= b0 / SR <= 3.55 and 8.45 <= a1 / SR <= 8.55 and b1 == len(samples)
+    assert (window.start, window.end) == (a0, b1)
+    assert window.duration_s == pytest.approx((b0 - a0 + b1 - a1) / SR) and window.duration_s < 7.2
+    heard = window.audio(samples)
+    assert np.array_equal(heard, np.concatenate([samples[a0:b0], samples[a1:b1]]))
+    # times of the window's audio in the recording: the second tone starts 3 s into the window
+    assert window.recording_time(1.0) == pytest.approx(1.0)
+    assert window.recording_time(b0 / SR) == pytest.approx(a1 / SR)  # a start at the join: the later piece
+    assert window.recording_time(b0 / SR, end=True) == pytest.approx(b0 / SR)  # an end: the earlier one
+    assert window.recording_time(b0 / SR + 2.0) == pytest.approx(a1 / SR + 2.0)
+    assert window.recording_time(99.0) == pytest.approx(b1 / SR)  # past the end: the end
+    # a window with the pause in it when it is short enough; two windows when joining is off
+    (whole,) = split_recording(samples, EnergyVad(), VadConfig(max_merge_gap_s=10.0))
+    assert whole.pieces == () and whole.duration_s == pytest.approx(len(samples) / SR)
+    assert np.shares_memory(whole.audio(samples), samples)
+    apart = split_recording(samples, EnergyVad(), VadConfig(max_merge_gap_s=3.0, join_pauses=False))
+    extra = int(0.3 * SR)  # a join keeps 0.5 s of the pause either side, a window's own edge 0.2 s
+    assert [(w.start, w.end, w.pieces) for w in apart] == [(a0, b0 - extra, ()), (a1 + extra, b1, ())]
+
+
+def test_joined_windows_stay_within_the_limit():
+    pattern = [("silence", 0.5)]
+    for _ in range(12):  # 12 x 4 s of speech, each after 5 s of quiet: 48 s heard, ~110 s long
+        pattern += [("tone", 4.0), ("silence", 5.0)]
+    samples, spans = tones_and_silences(pattern)
+    windows = split_recording(samples, EnergyVad(), VadConfig(max_window_s=24.0))
+    assert all(w.duration_s <= 24.0 for w in windows)
+    # each window took as many tones as fit: 4 s of tone and 2 x 0.5 s of pause each (the first window's
+    # first tone has 0.2 s before it, the recording's edge)
+    assert [len(w.pieces) for w in windows] == [4, 4, 4]
+    # every tone lies in one piece of one window, pieces in time order and apart
+    pieces = [p for w in windows for p in w.spans]
+    assert all(b < c for (_, b), (c, _) in zip(pieces, pieces[1:]))
+    assert all(any(a / SR <= lo and hi <= b / SR for a, b in pieces) for lo, hi in spans)
 
 
 def test_silence_and_clicks_give_no_windows():

@@ -81,6 +81,9 @@ class Prepared:
     long_form: bool
     pad_value: float  # what padding frames take: the clip's log-mel floor (Whisper's value for zero samples)
     language: str | None = None  # the clip's language code when known (manifest column), else detected
+    # a long recording's window: the language its other windows were confidently detected in so far,
+    # taken instead of a second detection on the full window when this window's own is unsure
+    language_prior: str | None = None
 
 
 LONG_CHUNK_FRAMES = 6000  # 1 min of features per STFT in long_log_mel
@@ -162,6 +165,9 @@ class WhisperFeatures:
 
 
 class WhisperTranscriber:
+    # a window detected at least this sure of its language sets its recording's (longform.py)
+    confident_language_prob = LIVE_DETECTION_MIN_PROB
+
     def __init__(self, model: str, *, device: str = "auto", dtype: str = "auto",
                  language: str | Sequence[str] | None = None, task: str = "transcribe", num_beams: int = 1,
                  max_new_tokens: int | None = None, full_window: bool = False, window_margin_s: float = 1.0,
@@ -568,6 +574,11 @@ class WhisperTranscriber:
         states, cross = self._encode(batch, self.full_window)
         languages, language_probs, no_speech = self._first_position(batch, states, cross)
         unsure = [i for i, p in enumerate(language_probs) if p is not None and p < LIVE_DETECTION_MIN_PROB]
+        if unsure and languages is not None:  # a recording's window follows its recording's language
+            for i in unsure:
+                if batch[i].language_prior in self._lang_to_id:
+                    languages[i] = batch[i].language_prior
+            unsure = [i for i in unsure if batch[i].language_prior not in self._lang_to_id]
         if unsure and languages is not None:
             sub = [detection_window(batch[i]) for i in unsure]
             full_states, full_cross = self._encode(sub, True)

@@ -128,9 +128,20 @@ def parse_timestamped(tokens: Sequence[int], *, timestamp_begin: int, special: C
 
 def shift_segment(segment: Segment, offset_s: float) -> Segment:
     """``segment`` (and its words) moved ``offset_s`` seconds later."""
+    return map_segment(segment, lambda t, end: t + offset_s)
+
+
+def map_segment(segment: Segment, to_time: Callable[[float, bool], float]) -> Segment:
+    """``segment`` (and its words) with every start ``t`` at ``to_time(t, False)`` and every end at
+    ``to_time(t, True)`` (a window's times placed in its recording), to the millisecond."""
+    def start(t: float) -> float:
+        return round(to_time(t, False), 3)
+
+    def end(t: float) -> float:
+        return round(to_time(t, True), 3)
     words = None if segment.words is None else [
-        Word(round(w.start + offset_s, 3), round(w.end + offset_s, 3), w.word, w.probability) for w in segment.words]
-    return Segment(round(segment.start + offset_s, 3), round(segment.end + offset_s, 3), segment.text, words)
+        Word(start(w.start), end(w.end), w.word, w.probability) for w in segment.words]
+    return Segment(start(segment.start), end(segment.end), segment.text, words)
 
 
 def whole_clip(text: str, duration_s: float, offset_s: float = 0.0) -> list[Segment]:
