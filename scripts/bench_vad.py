@@ -56,7 +56,8 @@ def evaluate(samples: np.ndarray, clips: list, vad) -> dict:
     found = sum(1 for x in clip_bounds if len(bounds) and np.min(np.abs(bounds - x)) <= 0.5)
     covered = np.zeros(len(samples), bool)
     for w in windows:
-        covered[w.start:w.end] = True
+        for a, b in w.spans:  # what the model hears: a joined window's pauses are not in it
+            covered[a:b] = True
     in_clip = np.zeros(len(samples), bool)
     for a, b, _ in clips:
         in_clip[int(a * SAMPLE_RATE):int(b * SAMPLE_RATE)] = True
