@@ -283,7 +283,7 @@ def plan_windows(scores: FrameScores, n_samples: int, config: VadConfig | None =
             heard += b - cur[-1][1]  # the pause stays in: one span
             cur[-1][1] = b
             continue
-        if cur and config.join_pauses and heard + b - a + 2 * join_extra <= max_len:
+        if cur and config.join_pauses and a - cur[-1][1] > max_gap and heard + b - a + 2 * join_extra <= max_len:
             # after a long pause: joined without it, but for join_pad_s of it either side
             cur[-1][1] += join_extra
             cur.append([a - join_extra, b])

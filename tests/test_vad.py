@@ -137,3 +137,22 @@ def test_silero_vad_when_installed():
     scores = SileroVad().score(samples)
     assert scores.hop == 512 and len(scores.scores) == -(-len(samples) // 512)
     assert np.all((scores.scores >= 0) & (scores.scores <= 1))
+
+
+def test_windows_never_overlap_and_join_only_across_long_pauses():
+    rng = np.random.default_rng(5)
+    for trial in range(30):
+        pattern: list[tuple[str, float]] = [("silence", 0.5)]
+        while sum(seconds for _, seconds in pattern) < 120:
+            pattern += [("tone", float(rng.choice([0.6, 2.0, 7.0, 19.0, 30.0]))),
+                        ("silence", float(rng.choice([0.4, 0.8, 2.5, 3.5, 8.0])))]
+        samples, spans = tones_and_silences(pattern, seed=trial)
+        windows = split_recording(samples, EnergyVad())
+        pieces = [p for w in windows for p in w.spans]
+        assert all(b <= c for (_, b), (c, _) in zip(pieces, pieces[1:])), trial  # no sample heard twice
+        assert all(w.duration_s <= 24.0 + 1e-9 for w in windows)
+        for w in windows:  # a join leaves out a pause of over 3 s but for 0.5 s either side
+            assert all(c - b >= 2.0 * SR for (_, b), (c, _) in zip(w.pieces, w.pieces[1:])), trial
+        assert all(any(a / SR <= lo + 0.05 and hi - 0.05 <= b / SR for a, b in pieces)
+                   for lo, hi in spans if hi - lo < 24), trial
+
