@@ -76,15 +76,13 @@ class Window:
     def recording_time(self, t: float, end: bool = False) -> float:
         """The time in the recording (s) of time ``t`` of the window's audio. At a join, a start
         (``end`` False) is placed at the start of the later piece, an end at the end of the earlier."""
-        at = max(0.0, t) * SAMPLE_RATE
-        offset = 0
-        spans = self.spans
-        for k, (a, b) in enumerate(spans):
-            n = b - a
-            if at < offset + n or (end and at <= offset + n) or k == len(spans) - 1:
-                return (a + min(at - offset, n)) / SAMPLE_RATE
-            offset += n
-        return self.end_s  # pragma: no cover - the loop returns at its last piece
+        at = max(0.0, t) * SAMPLE_RATE  # samples into what is left of the window's audio
+        *before, (a, b) = self.spans
+        for first, last in before:
+            if at < last - first or (end and at <= last - first):
+                return (first + at) / SAMPLE_RATE
+            at -= last - first
+        return (a + min(at, b - a)) / SAMPLE_RATE  # in the last piece, or past it: its end
 
 
 @dataclass

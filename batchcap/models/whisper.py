@@ -574,12 +574,12 @@ class WhisperTranscriber:
         states, cross = self._encode(batch, self.full_window)
         languages, language_probs, no_speech = self._first_position(batch, states, cross)
         unsure = [i for i, p in enumerate(language_probs) if p is not None and p < LIVE_DETECTION_MIN_PROB]
-        if unsure and languages is not None:  # a recording's window follows its recording's language
-            for i in unsure:
-                if batch[i].language_prior in self._lang_to_id:
-                    languages[i] = batch[i].language_prior
-            unsure = [i for i in unsure if batch[i].language_prior not in self._lang_to_id]
         if unsure and languages is not None:
+            guided = [i for i in unsure if batch[i].language_prior in self._lang_to_id]
+            for i in guided:  # a recording's window follows its recording's language
+                languages[i] = batch[i].language_prior
+            unsure = [i for i in unsure if i not in guided]
+        if unsure and languages is not None:  # the others: detected again on the full window
             sub = [detection_window(batch[i]) for i in unsure]
             full_states, full_cross = self._encode(sub, True)
             sub_languages, sub_probs, _ = self._first_position(sub, full_states, full_cross)
