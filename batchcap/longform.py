@@ -176,8 +176,10 @@ def _prepare(transcriber: Any, batch: Sequence[Any], chunk: list[_Unit]) -> list
             out.append(unit.prepared)
             continue
         recording = batch[unit.owner]
-        out.append(transcriber.prepare(unit.window.audio(recording.samples),
-                                       language=recording.language))
+        prepared = transcriber.prepare(unit.window.audio(recording.samples), language=recording.language)
+        if hasattr(prepared, "joins"):  # where its pieces meet: no segment is left spanning a pause
+            prepared.joins = unit.window.joins_s
+        out.append(prepared)
         FEATURES.acquire()
     return out
 

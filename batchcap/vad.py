@@ -67,6 +67,15 @@ class Window:
         """Seconds of audio the model hears (the pieces' total)."""
         return sum(b - a for a, b in self.spans) / SAMPLE_RATE
 
+    @property
+    def joins_s(self) -> tuple[float, ...]:
+        """Where the pieces meet, in seconds of the window's audio (none for a window of one span)."""
+        out, at = [], 0
+        for a, b in self.spans[:-1]:
+            at += b - a
+            out.append(at / SAMPLE_RATE)
+        return tuple(out)
+
     def audio(self, samples: np.ndarray) -> np.ndarray:
         """The window's samples of the recording ``samples`` (a view unless pieces are joined)."""
         if not self.pieces:

@@ -128,6 +128,13 @@ def boundary_share(clips: list, segments: list[tuple[float, float]], tol: float 
     return found, total
 
 
+def over_pauses(clips: list, segments: list[tuple[float, float]], pause_s: float = 2.0) -> int:
+    """Segments that cover a pause of over ``pause_s`` between two clips (all but 0.5 s of it each side):
+    a subtitle shown through a silence."""
+    pauses = [(a[1] + 0.5, b[0] - 0.5) for a, b in zip(clips, clips[1:]) if b[0] - a[1] > pause_s]
+    return sum(1 for start, end in segments if any(start <= lo and end >= hi for lo, hi in pauses))
+
+
 def make_hour(rows: list[dict], target: Path, minutes: float = 60.0) -> dict:
     """Join the recordings (repeated) into one of about ``minutes`` minutes, at 8 kHz like them."""
     import numpy as np
@@ -177,9 +184,9 @@ def main() -> None:
 
     def norm(row: dict) -> Any:
         return get_normalizer("auto", args.language or row.get("language") or "en", None)
-    print("| set | system | WER | RTFx | peak RSS MB | clip bounds within 0.5 s |")
+    print("| set | system | WER | RTFx | peak RSS MB | clip bounds within 0.5 s | segments over a pause |")
     # batchcap-clips: the same speech as short clips cut at the clips' own bounds (its bounds column is trivial)
-    print("| --- | --- | ---: | ---: | ---: | ---: |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
     for label, subset in sets:
         paths = [r["path"] for r in subset]
         for system in args.systems:
@@ -194,18 +201,20 @@ def main() -> None:
             proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
             line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
             if line is None:
-                print(f"| {label} | {system} | failed: {proc.stderr.strip().splitlines()[-1:]} | | | |")
+                print(f"| {label} | {system} | failed: {proc.stderr.strip().splitlines()[-1:]} | | | | |")
                 continue
             res = json.loads(line[7:])
-            errors = words = found = total = 0
+            errors = words = found = total = spanning = count = 0
             for r, text, segs in zip(subset, res["texts"], res["segments"]):
+                spanning += over_pauses(json.loads(r["clips"]), segs)
+                count += len(segs)
                 e, n = wer_counts(norm(r)(r["reference"]), norm(r)(text))
                 errors, words = errors + e, words + n
                 f, t = boundary_share(json.loads(r["clips"]), segs)
                 found, total = found + f, total + t
             detected = Counter(res.get("languages") or [])
             print(f"| {label} | {system} | {errors / words:.2%} | {res['audio_s'] / res['wall_s']:.1f} "
-                  f"| {res['peak_rss_mb']:.0f} | {found / total:.1%} |"
+                  f"| {res['peak_rss_mb']:.0f} | {found / total:.1%} | {spanning} of {count} |"
                   + (f" detected: {dict(detected)}" if args.detect and detected else ""), flush=True)
 
 

@@ -288,3 +288,29 @@ def test_beam_search_keeps_cross_attention_in_place_with_the_same_results(tiny_w
     stock = [(r["text"], r["avg_logprob"]) for r in t.transcribe([t.prepare(c) for c in clips])]
     assert ours == stock
     assert 0 < ours_reorders and len(reordered) == 2 * ours_reorders  # stock: self- and cross-attention
+
+
+def test_a_segment_over_a_join_is_cut_there_by_its_words():
+    from batchcap.models.whisper_timestamps import Segment, Word, crosses, split_at_joins
+
+    words = [Word(0.3, 0.8, " Press", 0.9), Word(0.8, 1.2, " one.", 0.8),  # before the join at 2.0
+             Word(2.6, 3.0, " Press", 0.9), Word(3.0, 3.5, " two.", 0.7)]  # after it
+    whole = Segment(0.2, 3.6, "Press one. Press two.", words)
+    assert crosses(whole, [2.0]) and not crosses(whole, [3.6, 5.0])
+    first, second = split_at_joins(whole, [2.0, 5.0])
+    assert (first.start, first.end, first.text) == (0.2, 1.2, "Press one.")  # Whisper's start, its last word's end
+    assert (second.start, second.end, second.text) == (2.6, 3.6, "Press two.")  # its first word's start, Whisper's end
+    assert first.words == words[:2] and second.words == words[2:]
+    # a word whose middle is past the join goes after it, clamped into its part
+    straddling = Segment(0.0, 4.0, "a b", [Word(0.5, 1.0, " a"), Word(1.8, 2.6, " b")])
+    a, b = split_at_joins(straddling, [2.0])
+    assert (a.text, b.text) == ("a", "b") and b.start == 2.0 and b.words[0].start == 2.0
+    # all words on one side: one part, not reaching over the join; two joins: three parts
+    (only,) = split_at_joins(Segment(0.0, 4.0, "x", [Word(2.5, 3.0, " x")]), [2.0])
+    assert (only.start, only.end) == (2.5, 4.0)
+    assert [p.text for p in split_at_joins(Segment(0.0, 9.0, "a b c", [Word(0.5, 1.0, " a"), Word(3.0, 3.5, " b"),
+                                                                            Word(7.0, 8.0, " c")]), [2.0, 5.0])] \
+        == ["a", "b", "c"]
+    # no words, or no join inside: unchanged
+    bare = Segment(0.0, 4.0, "no words")
+    assert split_at_joins(bare, [2.0]) == [bare] and split_at_joins(whole, [9.0]) == [whole]

@@ -82,9 +82,10 @@ def test_long_pauses_are_left_out_of_a_window_that_joins_the_speech_around_them(
     assert window.recording_time(b0 / SR, end=True) == pytest.approx(b0 / SR)  # an end: the earlier one
     assert window.recording_time(b0 / SR + 2.0) == pytest.approx(a1 / SR + 2.0)
     assert window.recording_time(99.0) == pytest.approx(b1 / SR)  # past the end: the end
+    assert window.joins_s == pytest.approx(((b0 - a0) / SR,))  # where the pieces meet in its audio
     # a window with the pause in it when it is short enough; two windows when joining is off
     (whole,) = split_recording(samples, EnergyVad(), VadConfig(max_merge_gap_s=10.0))
-    assert whole.pieces == () and whole.duration_s == pytest.approx(len(samples) / SR)
+    assert whole.pieces == () and whole.duration_s == pytest.approx(len(samples) / SR) and whole.joins_s == ()
     assert np.shares_memory(whole.audio(samples), samples)
     apart = split_recording(samples, EnergyVad(), VadConfig(max_merge_gap_s=3.0, join_pauses=False))
     extra = int(0.3 * SR)  # a join keeps 0.5 s of the pause either side, a window's own edge 0.2 s

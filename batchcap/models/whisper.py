@@ -51,9 +51,11 @@ from .whisper_logits import Sample, Suppress, SuppressAtBegin, TimestampRules, T
 from .whisper_timestamps import (
     TIME_PRECISION,
     Segment,
+    crosses,
     parse_generate_output,
     parse_timestamped,
     shift_segment,
+    split_at_joins,
     unfinished_at,
     whole_clip,
 )
@@ -84,6 +86,9 @@ class Prepared:
     # a long recording's window: the language its other windows were confidently detected in so far,
     # taken instead of a second detection on the full window when this window's own is unsure
     language_prior: str | None = None
+    # a window of pieces joined across left-out pauses: where they meet (s into its audio); a segment
+    # over one is cut there by its words' times, so that no segment spans the pause in the recording
+    joins: tuple[float, ...] = ()
 
 
 LONG_CHUNK_FRAMES = 6000  # 1 min of features per STFT in long_log_mel
@@ -567,7 +572,8 @@ class WhisperTranscriber:
         feats = p.features[:, start:start + frames]
         if feats.shape[-1] < frames:
             feats = np.pad(feats, ((0, 0), (0, frames - feats.shape[-1])), constant_values=p.pad_value)
-        return Prepared(np.ascontiguousarray(feats), duration, False, p.pad_value, language)
+        return Prepared(np.ascontiguousarray(feats), duration, False, p.pad_value, language,
+                        joins=tuple(round(j - at_s, 3) for j in p.joins if j > at_s))
 
     def _decode_clips(self, batch: list[Prepared], seek: bool = False) -> list[dict[str, Any]]:
         first = g.BEAM if self.num_beams > 1 else g.GREEDY
@@ -646,8 +652,19 @@ class WhisperTranscriber:
                     result["_resume_at"] = cut[1]
             results.append(result)
             kept.append(ids)
-        if self.word_timestamps:
-            self._add_words(batch, results, kept, states, cross, languages)
+        # words for the segments over a join of a joined window, when they are not asked for anyway
+        joined = [i for i, (p, r) in enumerate(zip(batch, results))
+                  if p.joins and any(crosses(s, p.joins) for s in r["segments"] or [])]
+        if self.word_timestamps or joined:
+            self._add_words(batch, results, kept if self.word_timestamps else
+                            [ids if i in joined else None for i, ids in enumerate(kept)], states, cross, languages,
+                            probabilities=self.word_timestamps)
+        for i in joined:
+            joins = batch[i].joins
+            results[i]["segments"] = [part for s in results[i]["segments"] for part in split_at_joins(s, joins)]
+            if not self.word_timestamps:
+                for s in results[i]["segments"]:
+                    s.words = None
         return results
 
     def _sample_stage(self, keep: list[int], stage: list[float], pending: list[int], batch: list[Prepared],
@@ -667,10 +684,11 @@ class WhisperTranscriber:
                     break
 
     def _add_words(self, batch: list[Prepared], results: list[dict[str, Any]], kept: list[list[int] | None],
-                   states: Any, cross: Any, languages: list[str] | None) -> None:
+                   states: Any, cross: Any, languages: list[str] | None, probabilities: bool = True) -> None:
         """Words with times for each segment of ``results`` (in place), by aligning the decoder's
         cross-attention over the clips' first-pass encoder states; one decoder pass for the batch.
-        ``kept``: the generated ids each result's segments come from."""
+        ``kept``: the generated ids each result's segments come from (None: no words for that clip).
+        ``probabilities`` False: times only (words that only place a segment's cut)."""
         from .whisper_words import align_words, words_per_segment
 
         gen = self.model.generation_config
@@ -692,7 +710,7 @@ class WhisperTranscriber:
                             [math.ceil(p.duration_s * 50) for p in batch], self.tokenizer,
                             eot_id=self.eot_id, no_timestamps_id=no_ts, languages=languages,
                             cross_cache=cross.cross_attention_cache if hasattr(cross, "cross_attention_cache")
-                            else cross)
+                            else cross, probabilities=probabilities)
         for res, ids, clip_words in zip(results, per_segment, words):
             if not ids:
                 continue

@@ -144,6 +144,39 @@ def map_segment(segment: Segment, to_time: Callable[[float, bool], float]) -> Se
     return Segment(start(segment.start), end(segment.end), segment.text, words)
 
 
+def crosses(segment: Segment, joins: Sequence[float]) -> bool:
+    """Whether ``segment`` reaches over one of ``joins`` (times where a window's joined pieces meet)."""
+    return any(segment.start < j < segment.end for j in joins)
+
+
+def split_at_joins(segment: Segment, joins: Sequence[float]) -> list[Segment]:
+    """``segment`` cut at every join it reaches over, by its words: each word goes to the side its
+    middle is on, a part keeps the text of its words and spans from its first word to its last (the
+    segment's own start and end at the outer sides), never past a join. Whisper can write two
+    utterances joined across a left-out pause as one segment; in the recording that segment would
+    cover the whole pause. A segment without words, or over no join, is returned as it is; a part
+    with no words is left out."""
+    inside = sorted(j for j in joins if segment.start < j < segment.end)
+    if not inside or not segment.words:
+        return [segment]
+    bounds = [segment.start, *inside, segment.end]
+    groups: list[list[Word]] = [[] for _ in inside] + [[]]
+    for w in segment.words:
+        middle = (w.start + w.end) / 2
+        groups[sum(1 for j in inside if middle >= j)].append(w)
+    parts = []
+    for k, words in enumerate(groups):
+        if not words:
+            continue
+        low, high = bounds[k], bounds[k + 1]
+        start = low if k == 0 else min(max(low, words[0].start), high)
+        end = high if k == len(inside) else max(min(high, words[-1].end), start)
+        kept = [Word(min(max(w.start, start), end), min(max(w.end, start), end), w.word, w.probability)
+                for w in words]
+        parts.append(Segment(round(start, 3), round(end, 3), "".join(w.word for w in words).strip(), kept))
+    return parts
+
+
 def whole_clip(text: str, duration_s: float, offset_s: float = 0.0) -> list[Segment]:
     """One segment for a transcript that came without times (e.g. sequential long-form text)."""
     text = text.strip()

@@ -19,6 +19,7 @@ segment.
 from __future__ import annotations
 
 import logging
+import math
 import string
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -364,7 +365,7 @@ def align_words(model: Any, states: Any, prompts: Sequence[Sequence[int]], text_
                 num_frames: Sequence[int], tokenizer: Any, *, alignment_heads: Sequence[Sequence[int]] | None = None,
                 eot_id: int, no_timestamps_id: int, medfilt_width: int = 7,
                 languages: Sequence[str | None] | None = None, cross_cache: Any = None,
-                chunk_elements: int = 1 << 25) -> list[list[WordTiming]]:
+                chunk_elements: int = 1 << 25, probabilities: bool = True) -> list[list[WordTiming]]:
     """Words with times of every clip of a batch.
 
     ``model``: a transformers ``WhisperForConditionalGeneration`` (any attention implementation: the
@@ -380,6 +381,8 @@ def align_words(model: Any, states: Any, prompts: Sequence[Sequence[int]], text_
     per clip, e.g. the one ``WhisperTranscriber._encode`` gives and greedy decoding filled), so the pass
     reads the encoder's keys and values instead of projecting all 1,500 positions again (most of its
     cost); an empty one is filled. ``chunk_elements`` bounds the attention logits held at once.
+    ``probabilities`` False: words get NaN probabilities, without the vocabulary projection of every text
+    token (times only: most of the pass's cost and memory on a CPU).
     """
     import torch
     from transformers.cache_utils import DynamicCache, EncoderDecoderCache
@@ -419,8 +422,12 @@ def align_words(model: Any, states: Any, prompts: Sequence[Sequence[int]], text_
     if cross_cache is not None:
         capture.keys_from_cache(cross_cache)
     place = {i: r for r, i in enumerate(todo_rows)}
-    probabilities = _token_probabilities(model, hidden, [place[i] for i in todo], [len(prompts[i]) for i in todo],
-                                         [list(text_tokens[i]) for i in todo], no_timestamps_id, tokenizer, eot_id)
+    if probabilities:
+        token_probs = _token_probabilities(model, hidden, [place[i] for i in todo], [len(prompts[i]) for i in todo],
+                                           [list(text_tokens[i]) for i in todo], no_timestamps_id, tokenizer, eot_id)
+    else:
+        token_probs = [[math.nan] * len(text_tokens[i]) for i in todo]
+    del hidden
     costs = []
     per_row = len(heads) * width * positions
     step = max(1, chunk_elements // max(1, per_row))
@@ -438,7 +445,7 @@ def align_words(model: Any, states: Any, prompts: Sequence[Sequence[int]], text_
     for k, i in enumerate(todo):
         text_indices, time_indices = paths[k]
         language = languages[i] if languages is not None else None
-        results[i] = words_from_path(text_tokens[i], probabilities[k], text_indices, time_indices, tokenizer,
+        results[i] = words_from_path(text_tokens[i], token_probs[k], text_indices, time_indices, tokenizer,
                                      eot_id=eot_id, language=language)
     return results
 
