@@ -177,6 +177,27 @@ def test_language_normalizer_spells_numbers_in_the_rows_language() -> None:
     assert italian("covid19") == "covid19"
 
 
+def test_language_normalizer_keeps_a_words_marks() -> None:
+    """Whisper's basic normalizer turns every combining mark into a space: a Hindi or Tamil word becomes a
+    run of bare consonants, and WER counts the pieces. Each word's marks stay in it; Arabic and Hebrew
+    optional vowel points are dropped (written in some texts, left out of most)."""
+    hindi = get_normalizer("auto", "hi")
+    assert hindi("नमस्ते दुनिया, आप कैसे हैं?") == "नमस्ते दुनिया आप कैसे हैं"
+    scores = score_transcript("नमस्ते दुनिया", "नमस्ते दुनिया", hindi)
+    assert (scores["ref_words"], scores["wer"]) == (2, 0.0)
+    # a wrong vowel sign is one wrong word of two; Whisper's basic normalizer sees five "words" and no error
+    assert score_transcript("नमस्ते दुनिया", "नमस्ते दूनिया", hindi)["word_errors"] == 1
+    basic = score_transcript("नमस्ते दुनिया", "नमस्ते दूनिया", get_normalizer("basic", "hi"))
+    assert (basic["ref_words"], basic["word_errors"]) == (5, 0)
+    assert get_normalizer("auto", "ta")("வணக்கம் உலகம்!") == "வணக்கம் உலகம்"
+    thai = get_normalizer("auto", "th")  # scored by character: a base and its marks are one character
+    assert thai("สวัสดีครับ") == "ส วั ส ดี ค รั บ"
+    assert get_normalizer("auto", "ar")("مَرْحَبًا بالعالم") == "مرحبا بالعالم"
+    assert score_transcript("שָׁלוֹם", "שלום", get_normalizer("auto", "he"))["wer"] == 0.0
+    # precomposed accents are unchanged, decomposed ones composed
+    assert get_normalizer("auto", "fr")("E\u0301le\u0300ve, café!") == "élève café"
+
+
 def test_languages_without_spaces_are_scored_by_character() -> None:
     japanese = get_normalizer("auto", "ja")
     assert japanese.by_characters and japanese("東京は3時です。") == "東 京 は 三 時 で す"  # type: ignore[attr-defined]

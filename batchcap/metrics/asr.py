@@ -11,10 +11,12 @@ whitespace does not.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
 import re
+import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +41,10 @@ _GROUPED_NUMBER = re.compile(r"(?<![\d.,'’])\d{1,3}(?P<sep>[.,'’\u00a0\u202f
                              r"(?![\d'’]|[.,]\d)")
 # Letters a language's writers may leave out: Russian and Belarusian write ё as е in most printed text
 _OPTIONAL_LETTERS = {"ru": str.maketrans("ё", "е"), "be": str.maketrans("ё", "е")}
+# Languages whose combining marks are optional vowel points (Arabic harakat and shadda, Hebrew niqqud),
+# written in some texts and left out of most: dropped. Every other language's marks are part of its
+# spelling (Devanagari and the other Brahmic vowel signs and viramas, Thai vowels and tones) and kept.
+_OPTIONAL_MARKS = frozenset({"ar", "fa", "ur", "ps", "sd", "ug", "he", "yi"})
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -120,15 +126,35 @@ class TextNormalizer:
         return f"TextNormalizer({self.mode!r})"
 
 
+def basic_keeping_marks(text: str, drop_marks: bool = False) -> str:
+    """Whisper's ``BasicTextNormalizer`` (lowercase, bracketed and parenthesised text dropped, NFKC,
+    symbols and punctuation as spaces, whitespace collapsed), except for combining marks: Whisper's
+    replaces them with spaces too, which cuts a Hindi, Tamil or Thai word into bare consonants ("नमस्ते"
+    becomes "नमस त", and WER counts the pieces as words); here they stay in their word, or, with
+    ``drop_marks``, are removed from it (optional vowel points)."""
+    text = text.lower()
+    text = re.sub(r"[<\[][^>\]]*[>\]]", "", text)
+    text = re.sub(r"\(([^)]+?)\)", "", text)
+    out = []
+    for ch in unicodedata.normalize("NFKC", text):
+        kind = unicodedata.category(ch)[0]
+        if kind == "M":
+            if not drop_marks:
+                out.append(ch)
+        else:
+            out.append(" " if kind in "SP" else ch)
+    return re.sub(r"\s+", " ", "".join(out).lower())
+
+
 class _LanguageNormalizer:
-    """Whisper's ``BasicTextNormalizer``, then whole numbers written in words of ``code`` (num2words: "1" and
-    "один" are the same word to a listener, and references and models write numbers either way), then, for
-    languages without spaces, one token per character."""
+    """Whisper's ``BasicTextNormalizer`` with each word's marks kept (:func:`basic_keeping_marks`), then whole
+    numbers written in words of ``code`` (num2words: "1" and "один" are the same word to a listener, and
+    references and models write numbers either way), then, for languages without spaces, one token per
+    character."""
 
     def __init__(self, code: str | None):
-        from transformers.models.whisper.english_normalizer import BasicTextNormalizer
-
-        self._basic = BasicTextNormalizer()
+        drop = code in _OPTIONAL_MARKS
+        self._basic = functools.partial(basic_keeping_marks, drop_marks=drop)
         self._spell = _number_speller(code)
         self._spelled: dict[str, str] = {}
         self._by_characters = code in CHARACTER_LANGUAGES
