@@ -627,14 +627,25 @@ def test_progress_total_and_cron_log_lines(tiny_whisper, clips, tmp_path, caplog
 
 
 @pytest.mark.parametrize("groups", [1, 3])
-@pytest.mark.parametrize("steps", [1, 3])
-def test_shared_tail_attention_equals_sdpa_over_whole_keys(groups, steps):
+@pytest.mark.parametrize("steps", [1, 3, 40])
+def test_shared_tail_attention_equals_sdpa_over_whole_keys(groups, steps, monkeypatch):
     """Cross-attention over per-row live keys + a tail shared by each group of rows gives SDPA's
-    result over the materialised keys, for one-token steps and the prompt's first step."""
+    result over the materialised keys, for one-token steps, the prompt's first step, and a whole
+    transcript at once (taken a few positions at a time: the scores cap is set below one slice)."""
     import torch
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+    from batchcap.models import attention
     from batchcap.models.attention import SharedTail, _step_attention, attach_shared_tail
+
+    monkeypatch.setattr(attention, "SCORES_PER_CALL", 5 * 3 * 37 * 6)  # 6 positions per slice
+    calls = []
+    inner = attention._split_attention
+
+    def counted(query, *args):
+        calls.append(query.shape[2])
+        return inner(query, *args)
+    monkeypatch.setattr(attention, "_split_attention", counted)
 
     gen = torch.Generator().manual_seed(groups * 10 + steps)
     module = torch.nn.Module().eval()
@@ -657,6 +668,8 @@ def test_shared_tail_attention_equals_sdpa_over_whole_keys(groups, steps):
         torch.testing.assert_close(ours, stock, atol=1e-5, rtol=1e-5)
     full_key, full_value = tail.full(key, value)  # the fallback (a mask given) materialises the same keys
     assert torch.equal(full_key, whole_key) and torch.equal(full_value, whole_value)
+    if steps == 40:  # per call: the whole query, then its slices of at most 6 positions
+        assert calls[:8] == [40, 6, 6, 6, 6, 6, 6, 4]
 
 
 def test_cross_attention_cache_holds_the_silent_tail_once(tiny_whisper_en):

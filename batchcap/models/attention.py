@@ -137,11 +137,22 @@ def _whole_layers(cross: Any) -> Any:
         yield tail.full(layer.keys, layer.values) if tail is not None else (layer.keys, layer.values)
 
 
+SCORES_PER_CALL = 1 << 22  # attention scores held at once (float32) by the split path: 16 MB
+
+
 def _split_attention(query: Any, key: Any, value: Any, tail: SharedTail, scaling: float) -> Any:
-    """softmax(q [k; tail_k]^T) [v; tail_v], with each group's tail multiplied once for all its rows."""
+    """softmax(q [k; tail_k]^T) [v; tail_v], with each group's tail multiplied once for all its rows.
+    Many query positions at once (a teacher-forced pass over a transcript: word alignment) are taken a
+    slice at a time, so that the scores of every row, head, position and key are never all held: 16 rows
+    x 8 heads x 150 tokens x 1,500 keys would be 115 MB, and its softmax as much again."""
     import torch
 
     rows, heads, steps, dim = query.shape
+    per_step = rows * heads * (key.shape[2] + tail.keys[0].shape[1])
+    step = max(1, SCORES_PER_CALL // per_step)
+    if steps > step:
+        return torch.cat([_split_attention(query[:, :, a:a + step], key, value, tail, scaling)
+                          for a in range(0, steps, step)], dim=1)
     live = key.shape[2]
     span = tail.keys[0].shape[1]
     scores = query.new_empty((rows, heads, steps, live + span), dtype=torch.float32)
