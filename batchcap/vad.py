@@ -38,6 +38,7 @@ SAMPLE_RATE = 16_000
 # left that to 2 windows in ~70 where 30 s left it to 19-26, and ran faster at the same WER (long
 # recordings of real speech, English / Italian / Russian: the README's long-form section).
 MAX_WINDOW_S = 24.0
+JOIN_SNAP_S = 0.02  # one step of Whisper's timestamps: a time this close to a join is at the join
 
 
 @dataclass(frozen=True)
@@ -82,15 +83,20 @@ class Window:
             return samples[self.start:self.end]
         return np.concatenate([samples[a:b] for a, b in self.pieces])
 
-    def recording_time(self, t: float, end: bool = False) -> float:
+    def recording_time(self, t: float, end: bool = False, snap_s: float = JOIN_SNAP_S) -> float:
         """The time in the recording (s) of time ``t`` of the window's audio. At a join, a start
-        (``end`` False) is placed at the start of the later piece, an end at the end of the earlier."""
+        (``end`` False) is placed at the start of the later piece, an end at the end of the earlier;
+        so is a start less than ``snap_s`` before a join, and an end less than ``snap_s`` after one
+        (Whisper's times come in 20 ms steps, the joins anywhere: a segment that starts at a join
+        must not start in the piece before it, a pause away from its words)."""
         at = max(0.0, t) * SAMPLE_RATE  # samples into what is left of the window's audio
+        snap = snap_s * SAMPLE_RATE
         *before, (a, b) = self.spans
         for first, last in before:
-            if at < last - first or (end and at <= last - first):
-                return (first + at) / SAMPLE_RATE
-            at -= last - first
+            length = last - first
+            if (end and at <= length + snap) or (not end and at < length - snap):
+                return (first + min(at, length)) / SAMPLE_RATE
+            at = max(0.0, at - length)
         return (a + min(at, b - a)) / SAMPLE_RATE  # in the last piece, or past it: its end
 
 
@@ -121,7 +127,10 @@ class VadConfig:
     pad_s: float = 0.2  # kept around each region (never past half the pause to the next)
     max_merge_gap_s: float = 3.0  # longer pauses are left out of a window (no compute spent on silence)
     join_pauses: bool = True  # speech either side of such a pause may share a window, joined (else: two windows)
-    join_pad_s: float = 0.5  # ... keeping this much of the pause either side (a pause Whisper hears as one)
+    # ... keeping this much of the pause either side. Whisper may then write the two sides as one segment;
+    # the transcriber cuts such a segment at the join by its words' times (WhisperTranscriber._decode_clips).
+    # 0.5 s made Whisper cut there itself more often, but cost 1.2-1.3x the time (README: long pauses)
+    join_pad_s: float = 0.2
     min_window_s: float = 0.1
 
 

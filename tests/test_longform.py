@@ -84,8 +84,8 @@ def test_long_files_are_windowed_batched_and_stitched(tiny_whisper, tmp_path):
 
 def test_two_hour_file_keeps_only_a_few_windows_of_features(tiny_whisper, tmp_path):
     # 2 hours: a 1 s tone every 30 s (so that the tiny model's time stays small); the pauses are left out,
-    # 12 tones joined per window of at most 24 s (each heard with 0.5 s of pause either side): 20 windows,
-    # in 5 sub-batches of 4
+    # 17 tones joined per window of at most 24 s (each heard with 0.2 s of pause either side): 15 windows,
+    # in 4 sub-batches of 4
     samples, _ = tones_and_silences([("silence", 14.5)] + [("tone", 1.0), ("silence", 29.0)] * 240)
     path = str(tmp_path / "two-hours.wav")
     sf.write(path, samples, SR, subtype="PCM_16")
@@ -96,13 +96,13 @@ def test_two_hour_file_keeps_only_a_few_windows_of_features(tiny_whisper, tmp_pa
     result = transcribe([path], str(tmp_path / "out.parquet"), transcriber=transcriber, quiet=True, batch_size=4)
     (row,) = rows_of(result.output)
     assert row["status"] == "ok" and row["duration_s"] > 7100
-    assert longform.FEATURES.made == 20
+    assert longform.FEATURES.made == 15
     assert longform.FEATURES.peak <= 2 * 4  # the sub-batch running and the one being prepared
     assert longform.FEATURES.alive == 0
     segments = row["segments"]
-    # a segment in every window, the last one's included (it starts at the 229th tone, 6854 s); a segment
+    # a segment in every window, the last one's included (it starts at the 239th tone, 7154 s); a segment
     # over joined tones is cut by its words, so it need not reach the last tone itself
-    assert len(segments) >= 20 and segments[-1]["end"] > 6854 and segments[0]["start"] >= 14.0
+    assert len(segments) >= 15 and segments[-1]["end"] > 7154 and segments[0]["start"] >= 14.0
     assert all(x["end"] <= y["start"] for x, y in zip(segments, segments[1:]))
 
 
@@ -242,16 +242,15 @@ def test_segments_of_a_joined_window_land_on_its_pieces_in_the_recording(tiny_wh
         for p, r in zip(batch, results):
             heard.append(p.duration_s)
             at, r["segments"] = 0.0, []
-            # each tone heard with 0.5 s of the pause either side at a join, 0.2 s at the window's edges
-            for k, ((lo, hi), before, after) in enumerate(zip(spans, (0.2, 0.5, 0.5), (0.5, 0.5, 0.2))):
-                r["segments"].append(Segment(round(at + before, 3), round(at + before + hi - lo, 3), f"t{k}"))
-                at += before + hi - lo + after
+            for k, (lo, hi) in enumerate(spans):  # each tone heard with 0.2 s of the pause either side
+                r["segments"].append(Segment(round(at + 0.2, 3), round(at + 0.2 + hi - lo, 3), f"t{k}"))
+                at += 0.2 + hi - lo + 0.2
             r["text"] = " ".join(s.text for s in r["segments"])
         return results
     transcriber.transcribe = one_segment_per_tone
     result = transcribe([path], str(tmp_path / "out.parquet"), transcriber=transcriber, quiet=True)
     (row,) = rows_of(result.output)
-    assert heard == [pytest.approx(18.0 + 2.4, abs=0.05)]  # one window: the tones, not the pauses
+    assert heard == [pytest.approx(18.0 + 1.2, abs=0.05)]  # one window: the tones, not the pauses
     assert [s["text"] for s in row["segments"]] == ["t0", "t1", "t2"]
     for s, (lo, hi) in zip(row["segments"], spans):  # each segment on its tone, in the recording's time
         assert s["start"] == pytest.approx(lo, abs=0.05) and s["end"] == pytest.approx(hi, abs=0.05)

@@ -311,6 +311,10 @@ def test_a_segment_over_a_join_is_cut_there_by_its_words():
     assert [p.text for p in split_at_joins(Segment(0.0, 9.0, "a b c", [Word(0.5, 1.0, " a"), Word(3.0, 3.5, " b"),
                                                                             Word(7.0, 8.0, " c")]), [2.0, 5.0])] \
         == ["a", "b", "c"]
+    # a segment that starts or ends within a timestamp step (20 ms) of a join does not reach over it
+    assert not crosses(Segment(4.06, 4.4, "con"), [4.0602]) and not crosses(Segment(3.0, 4.07, "x"), [4.06])
+    near = Segment(4.06, 4.4, "con", [Word(4.1, 4.3, " con")])
+    assert split_at_joins(near, [4.0602]) == [near]
     # no words, or no join inside: unchanged
     bare = Segment(0.0, 4.0, "no words")
     assert split_at_joins(bare, [2.0]) == [bare] and split_at_joins(whole, [9.0]) == [whole]

@@ -70,10 +70,14 @@ def test_speech_longer_than_a_window_is_cut_at_its_quietest_point():
 def test_long_pauses_are_left_out_of_a_window_that_joins_the_speech_around_them():
     samples, spans = tones_and_silences([("tone", 3.0), ("silence", 6.0), ("tone", 3.0)])
     (window,) = split_recording(samples, EnergyVad(), VadConfig(max_merge_gap_s=3.0))
-    (a0, b0), (a1, b1) = window.pieces  # the two tones and 0.5 s of the pause each side, joined
-    assert a0 == 0 and 3.45 <= b0 / SR <= 3.55 and 8.45 <= a1 / SR <= 8.55 and b1 == len(samples)
+    (a0, b0), (a1, b1) = window.pieces  # the two tones and 0.2 s of the pause each side, joined
+    assert a0 == 0 and 3.15 <= b0 / SR <= 3.25 and 8.75 <= a1 / SR <= 8.85 and b1 == len(samples)
     assert (window.start, window.end) == (a0, b1)
-    assert window.duration_s == pytest.approx((b0 - a0 + b1 - a1) / SR) and window.duration_s < 7.2
+    assert window.duration_s == pytest.approx((b0 - a0 + b1 - a1) / SR) and window.duration_s < 6.6
+    # more of the pause kept at a join on request
+    (wide,) = split_recording(samples, EnergyVad(), VadConfig(max_merge_gap_s=3.0, join_pad_s=0.5))
+    (_, wb0), (wa1, _) = wide.pieces
+    assert 3.45 <= wb0 / SR <= 3.55 and 8.45 <= wa1 / SR <= 8.55
     heard = window.audio(samples)
     assert np.array_equal(heard, np.concatenate([samples[a0:b0], samples[a1:b1]]))
     # times of the window's audio in the recording: the second tone starts 3 s into the window
@@ -83,13 +87,22 @@ def test_long_pauses_are_left_out_of_a_window_that_joins_the_speech_around_them(
     assert window.recording_time(b0 / SR + 2.0) == pytest.approx(a1 / SR + 2.0)
     assert window.recording_time(99.0) == pytest.approx(b1 / SR)  # past the end: the end
     assert window.joins_s == pytest.approx(((b0 - a0) / SR,))  # where the pieces meet in its audio
+    # Whisper's times are 20 ms steps: a start 10 ms before the join is at it (the later piece), an end
+    # 10 ms after it too (the earlier piece); 30 ms before, a start is still in the earlier piece
+    join = (b0 - a0) / SR
+    assert window.recording_time(join - 0.01) == pytest.approx(a1 / SR)
+    assert window.recording_time(join + 0.01, end=True) == pytest.approx(b0 / SR)
+    assert window.recording_time(join - 0.03) == pytest.approx(b0 / SR - 0.03)
+    assert window.recording_time(join + 0.03, end=True) == pytest.approx(a1 / SR + 0.03)
     # a window with the pause in it when it is short enough; two windows when joining is off
     (whole,) = split_recording(samples, EnergyVad(), VadConfig(max_merge_gap_s=10.0))
     assert whole.pieces == () and whole.duration_s == pytest.approx(len(samples) / SR) and whole.joins_s == ()
     assert np.shares_memory(whole.audio(samples), samples)
     apart = split_recording(samples, EnergyVad(), VadConfig(max_merge_gap_s=3.0, join_pauses=False))
-    extra = int(0.3 * SR)  # a join keeps 0.5 s of the pause either side, a window's own edge 0.2 s
-    assert [(w.start, w.end, w.pieces) for w in apart] == [(a0, b0 - extra, ()), (a1 + extra, b1, ())]
+    assert [(w.start, w.end, w.pieces) for w in apart] == [(a0, b0, ()), (a1, b1, ())]  # 0.2 s either way
+    extra = int(0.3 * SR)  # a join keeping 0.5 s of the pause either side, a window's own edge 0.2 s
+    apart = split_recording(samples, EnergyVad(), VadConfig(max_merge_gap_s=3.0, join_pauses=False, join_pad_s=0.5))
+    assert [(w.start, w.end) for w in apart] == [(a0, wb0 - extra), (wa1 + extra, b1)]
 
 
 def test_joined_windows_stay_within_the_limit():
@@ -99,9 +112,8 @@ def test_joined_windows_stay_within_the_limit():
     samples, spans = tones_and_silences(pattern)
     windows = split_recording(samples, EnergyVad(), VadConfig(max_window_s=24.0))
     assert all(w.duration_s <= 24.0 for w in windows)
-    # each window took as many tones as fit: 4 s of tone and 2 x 0.5 s of pause each (the first window's
-    # first tone has 0.2 s before it, the recording's edge)
-    assert [len(w.pieces) for w in windows] == [4, 4, 4]
+    # each window took as many tones as fit: 4 s of tone and 2 x 0.2 s of pause each
+    assert [len(w.pieces) for w in windows] == [5, 5, 2]
     # every tone lies in one piece of one window, pieces in time order and apart
     pieces = [p for w in windows for p in w.spans]
     assert all(b < c for (_, b), (c, _) in zip(pieces, pieces[1:]))

@@ -144,9 +144,10 @@ def map_segment(segment: Segment, to_time: Callable[[float, bool], float]) -> Se
     return Segment(start(segment.start), end(segment.end), segment.text, words)
 
 
-def crosses(segment: Segment, joins: Sequence[float]) -> bool:
-    """Whether ``segment`` reaches over one of ``joins`` (times where a window's joined pieces meet)."""
-    return any(segment.start < j < segment.end for j in joins)
+def crosses(segment: Segment, joins: Sequence[float], tolerance: float = TIME_PRECISION) -> bool:
+    """Whether ``segment`` reaches over one of ``joins`` (times where a window's joined pieces meet) by
+    more than ``tolerance`` either side (a time that close to a join is placed at it: Window.recording_time)."""
+    return any(segment.start < j - tolerance and segment.end > j + tolerance for j in joins)
 
 
 def split_at_joins(segment: Segment, joins: Sequence[float]) -> list[Segment]:
@@ -156,7 +157,7 @@ def split_at_joins(segment: Segment, joins: Sequence[float]) -> list[Segment]:
     utterances joined across a left-out pause as one segment; in the recording that segment would
     cover the whole pause. A segment without words, or over no join, is returned as it is; a part
     with no words is left out."""
-    inside = sorted(j for j in joins if segment.start < j < segment.end)
+    inside = sorted(j for j in joins if crosses(segment, [j]))
     if not inside or not segment.words:
         return [segment]
     bounds = [segment.start, *inside, segment.end]
