@@ -96,6 +96,9 @@ class Inputs:
     sources: Sequence[str]
     spec: InputSpec
     stats: InputStats = field(default_factory=InputStats)
+    # files and folders the run itself writes (its output and what goes beside it): left out of folder and
+    # prefix walks without a word, so that an output put in an input folder is not taken for an input
+    exclude: Sequence[str] = ()
     _copies: dict[str, str] = field(default_factory=dict, init=False, repr=False)  # remote manifest -> local copy
     _copy_dir: str | None = field(default=None, init=False, repr=False)
 
@@ -125,7 +128,8 @@ class Inputs:
             elif is_url(src) or not os.path.exists(src):
                 total += 1
             elif os.path.isdir(src):
-                total += sum(1 for path in walk_files(src, seen) if path.lower().endswith(self.spec.extensions))
+                total += sum(1 for path in walk_files(src, seen, self._own_local())
+                             if path.lower().endswith(self.spec.extensions))
             elif is_manifest(src) and src.lower().endswith(".parquet"):
                 import pyarrow.parquet as pq
 
@@ -166,8 +170,17 @@ class Inputs:
             self.stats.files += 1
             yield Item(0, src, src)
 
+    def _own_local(self) -> dict[str, set[str]]:
+        """The local paths of ``exclude``: names per real folder (the files need not exist yet)."""
+        own: dict[str, set[str]] = {}
+        for path in self.exclude:
+            if not storage.is_remote(path) and not is_url(path):
+                path = os.path.abspath(path)
+                own.setdefault(os.path.realpath(os.path.dirname(path)), set()).add(os.path.basename(path))
+        return own
+
     def _walk(self, root: str, walked: _Seen) -> Iterator[Item]:
-        for path in walk_files(root, walked):
+        for path in walk_files(root, walked, self._own_local()):
             if not path.lower().endswith(self.spec.extensions):
                 self.stats.skipped_files += 1
                 continue
@@ -229,7 +242,10 @@ class Inputs:
                 raise FatalError(str(exc).replace(copy, url)) from None
         elif kind == "prefix":
             try:
+                own = {p.rstrip("/") for p in self.exclude if storage.is_remote(p)}
                 for obj in storage.walk(url):
+                    if obj in own or any(obj.startswith(p + "/") for p in own):
+                        continue
                     if not obj.lower().endswith(self.spec.extensions):
                         self.stats.skipped_files += 1
                         continue
@@ -270,18 +286,21 @@ def _identity(path: str) -> tuple[int, int] | None:
     return st.st_dev, st.st_ino
 
 
-def walk_files(root: str, seen: _Seen | None = None) -> Iterator[str]:
+def walk_files(root: str, seen: _Seen | None = None, exclude: dict[str, set[str]] | None = None) -> Iterator[str]:
     """Files under ``root`` (hidden ones skipped), sorted, following symlinks, each real folder visited once
     and each real file yielded once: a symlink loop (a link to a parent) ends instead of repeating the tree
     until the path is too long, and a file reached through two links is one item. A broken link is yielded
-    (its row says the file is missing)."""
+    (its row says the file is missing). ``exclude``: names of files and folders to leave out, per real
+    folder path."""
     seen = seen if seen is not None else _Seen()
     if not seen.first(root, folder=True):
         return
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        skip = exclude.get(os.path.realpath(dirpath), set()) if exclude else set()
+        filenames = [name for name in filenames if name not in skip]
         kept = []
         for name in sorted(dirnames):
-            if name.startswith("."):
+            if name.startswith(".") or name in skip:
                 continue
             if not seen.first(os.path.join(dirpath, name), folder=True):
                 log.debug("not walking %s again (reached through a link)", os.path.join(dirpath, name))

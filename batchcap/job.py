@@ -9,7 +9,7 @@ from typing import Any
 
 from .fetch import FetchConfig
 from .inputs import Inputs, InputSpec
-from .output import output_format
+from .output import output_format, own_files
 from .stages import Predictor, Preprocessor, Scorer
 
 DEFAULT_MAX_INFLIGHT_BYTES = 2 * 2**30  # decoded items (samples, features, pixels) waiting for the model
@@ -81,6 +81,7 @@ def run_pipeline(inputs: str | Sequence[str], output: str, options: JobOptions, 
     from .runner import run_job
 
     output_format(output)  # a bad output name fails before the model loads
-    items = Inputs([inputs] if isinstance(inputs, str) else list(inputs), spec)
+    own = [*own_files(output), *(p for p in [getattr(options, "write_dir", None)] if p)]
+    items = Inputs([inputs] if isinstance(inputs, str) else list(inputs), spec, exclude=own)
     items.check()
     return run_job(items, job, output, options, predictor=predictor)

@@ -731,6 +731,17 @@ def _atomic_text(path: str, text: str) -> None:
         raise FatalError(f"cannot write {path}: {_reason(exc)}") from None
 
 
+def own_files(path: str) -> list[str]:
+    """What a run writing ``path`` may write beside it (the table, its lock, parts, CSV schema, summary,
+    report, and the default folder of subtitle files): not inputs when the output is put in an input
+    folder."""
+    from .report import default_report_path
+
+    base = os.path.splitext(path)[0]
+    return [path, path + ".lock", path + ".parts", schema_path(path), summary_path(path),
+            default_report_path(path), base + ".subtitles"]
+
+
 def summary_path(path: str) -> str:
     """Where the run summary of an output is kept (``out.parquet`` -> ``out.summary.json``)."""
     return os.path.splitext(path)[0] + ".summary.json"

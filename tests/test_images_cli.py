@@ -51,6 +51,20 @@ def test_directory_of_photos(tiny_captioner, photos, tmp_path):
     assert summary["skipped_files"] == 1 and summary["images_this_run"] == 3
 
 
+def test_an_output_inside_the_input_folder_is_not_an_input(tiny_captioner, photos):
+    # the table, its CSV schema, summary and report written among the photos: the rerun neither reads
+    # them as inputs nor counts them as files of other types (the readme still is one)
+    out = photos / "caps.csv"
+    for _ in range(2):
+        code, output = run_cli("images", str(photos), "-o", str(out), "--model", tiny_captioner, "--batch-size", "2",
+                               "--report")
+        assert code == 0, output
+        assert "skipped 1 file of other types in the input folders" in output
+    assert {"caps.csv", "caps.schema.json", "caps.summary.json", "caps.report.html"} <= set(os.listdir(photos))
+    assert len(rows_of(out)) == 3
+    assert json.loads((photos / "caps.summary.json").read_text())["skipped_files"] == 1
+
+
 def test_bad_files_in_a_directory(tiny_captioner, tmp_path):
     folder = tmp_path / "bad"
     folder.mkdir()
