@@ -182,8 +182,13 @@ def main() -> None:
         sets.append(("1-hour join", [hour]))
     from batchcap.metrics import get_normalizer, wer_counts
 
+    normalizers: dict[str, Any] = {}
+
     def norm(row: dict) -> Any:
-        return get_normalizer("auto", args.language or row.get("language") or "en", None)
+        language = args.language or row.get("language") or "en"
+        if language not in normalizers:
+            normalizers[language] = get_normalizer("auto", language, None)
+        return normalizers[language]
     print("| set | system | WER | RTFx | peak RSS MB | clip bounds within 0.5 s | segments over a pause |")
     # batchcap-clips: the same speech as short clips cut at the clips' own bounds (its bounds column is trivial)
     print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")

@@ -73,16 +73,16 @@ class Normalizers:
     def __init__(self, mode: str = "auto", model: str | None = None):
         self.mode = mode or "auto"
         self.spelling = english_spelling(model) if self.mode in ("auto", "whisper") else {}
-        self._by_kind: dict[str, Callable[[str], str]] = {}
-        self._cache: dict[tuple[str, str], str] = {}
+        self._by_kind: dict[tuple[str, str | None], Callable[[str], str]] = {}
+        self._cache: dict[tuple[tuple[str, str | None], str], str] = {}
 
-    def for_language(self, language: str | None) -> tuple[str, Callable[[str], str]]:
-        kind = resolve_mode(self.mode, language)
-        if kind == "language":  # per language: numbers are spelled in it, some scripts are split by character
-            kind = f"language:{language_key(language)}"
+    def for_language(self, language: str | None) -> tuple[tuple[str, str | None], Callable[[str], str]]:
+        """(mode, language code or None), and the normalizer: one per language in the language mode
+        (numbers are spelled in it, some scripts are split by character), one per mode otherwise."""
+        mode = resolve_mode(self.mode, language)
+        kind = (mode, language_key(language) if mode == "language" else None)
         if kind not in self._by_kind:
-            self._by_kind[kind] = get_normalizer(kind.split(":")[0], language if kind != "whisper" else "en",
-                                                 self.spelling)
+            self._by_kind[kind] = get_normalizer(mode, language if mode != "whisper" else "en", self.spelling)
         return kind, self._by_kind[kind]
 
     def by_characters(self, language: str | None) -> bool:
