@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from .memory import release_free_heap
 from .models.whisper_timestamps import WindowResult, map_segment, stitch
 from .vad import SAMPLE_RATE, Window
 
@@ -143,6 +144,7 @@ def transcribe_units(transcriber: Any, batch: Sequence[Any], batch_size: int,
             finally:
                 del prepared
                 FEATURES.release(sum(1 for u in chunk if u.window is not None))
+                release_free_heap()
             for unit, res in zip(chunk, outputs):
                 if unit.window is None:
                     results[unit.owner] = res

@@ -103,3 +103,39 @@ print(json.dumps({"before": before, "after": resident_kb(path)}))
 def test_another_models_checkpoint_pages_are_left_alone(tiny_whisper, tiny_whisper_en):
     seen = _script(OTHER, tiny_whisper, tiny_whisper_en)
     assert seen["before"] > 0 and seen["after"] >= seen["before"] * 0.9
+
+
+TRIM = r"""
+import json, sys
+from batchcap import memory
+
+def rss_kb():
+    with open("/proc/self/status") as handle:
+        return next(int(line.split()[1]) for line in handle if line.startswith("VmRSS:"))
+
+memory.tune_malloc()  # as a run does: blocks under 256 kB come from malloc's heaps
+blocks = [bytearray(100_000) for _ in range(3000)]  # 300 MB of heap blocks, every page written
+kept = blocks[::20]  # a few stay alive between the freed ones: the heap cannot shrink from its top
+del blocks
+before = rss_kb()
+applied = memory.release_free_heap()
+print(json.dumps({"applied": applied, "before": before, "after": rss_kb(), "kept": len(kept)}))
+"""
+
+
+def test_free_heap_pages_are_given_back_after_a_batch(tiny_whisper_en, tmp_path, monkeypatch):
+    # the free pages of malloc's heaps go back to the kernel when asked (glibc keeps them otherwise)
+    released = _script(TRIM, BATCHCAP_MALLOC="1")
+    assert released["applied"] and released["before"] - released["after"] > 200_000  # kB
+    kept = _script(TRIM, BATCHCAP_MALLOC="0")
+    assert not kept["applied"] and kept["before"] - kept["after"] < 50_000
+    # ... and a run asks after every model batch
+    from batchcap import transcribe
+    from batchcap.engines import local
+
+    calls = []
+    monkeypatch.setattr(local, "release_free_heap", lambda: calls.append(1))
+    clips = [write_audio(tmp_path / f"c{i}.wav", 1.0 + i / 4) for i in range(5)]
+    result = transcribe(clips, str(tmp_path / "out.parquet"), model=tiny_whisper_en, batch_size=2, quiet=True,
+                        max_new_tokens=2)
+    assert result.summary["status_counts"] == {"ok": 5} and len(calls) == 3
