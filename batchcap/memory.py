@@ -69,8 +69,9 @@ def release_free_heap() -> bool:
     """Give the free pages inside malloc's heaps back to the kernel (glibc's ``malloc_trim``); called
     after each model batch. A batch frees thousands of blocks under the mmap threshold, scattered
     between live ones, and glibc keeps their pages: whisper-tiny.en on the 563 English clips ended
-    with ~190 MB of free heap resident. Trimming after each batch took that run's peak RSS from 1,254
-    to 1,119 MB at no measurable cost (a few ms per batch). False where it does not apply."""
+    with ~190 MB of free heap resident. Trimming after each batch took that run's peak RSS from
+    1,250-1,275 to 1,117-1,124 MB (with the 256 kB mmap threshold of an earlier round) at no measurable
+    cost, a few ms per batch. False where it does not apply."""
     if not sys.platform.startswith("linux") or os.environ.get("BATCHCAP_MALLOC", "1") == "0":
         return False
     trim = _malloc_trim()
