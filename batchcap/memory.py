@@ -17,6 +17,7 @@ README's memory table).
 Settings the user made through glibc's own environment variables (MALLOC_ARENA_MAX,
 MALLOC_MMAP_THRESHOLD_) are left alone; BATCHCAP_MALLOC=0 turns this off.
 """
+
 from __future__ import annotations
 
 import ctypes
