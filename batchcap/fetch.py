@@ -366,7 +366,10 @@ class Fetcher:
             if st.st_size > cfg.max_bytes:
                 return _error(f"file larger than {_fmt_size(cfg.max_bytes)} cap (--max-bytes): {path}")
             with open(path_to_read, "rb") as fh:
-                data = fh.read(cfg.max_bytes + 1)
+                # the size stat gave, plus one byte: read(max_bytes + 1) would allocate the whole cap per file
+                data = fh.read(st.st_size + 1)
+                if len(data) > st.st_size:  # grew since stat: read on, up to one byte past the cap
+                    data += fh.read(cfg.max_bytes + 1 - len(data))
         except FileNotFoundError:
             return _error(f"file not found: {path}")
         except PermissionError:

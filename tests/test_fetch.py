@@ -191,6 +191,37 @@ def test_local_file_ok_missing_dir_and_cap(tmp_path: Path) -> None:
         assert over.error == f"file larger than 2 KiB cap (--max-bytes): {big}"
 
 
+def test_a_local_file_is_read_without_allocating_the_whole_cap(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 3 kB file under a 50 MB cap costs about 3 kB, not 50 MB per file (Python allocates what read(n) asks
+    for before it reads); a file that grows between stat and read is still read up to the cap."""
+    import os
+    import tracemalloc
+
+    small = tmp_path / "a.png"
+    small.write_bytes(PNG * 20)
+    with make(max_bytes=50 * 2**20) as f:
+        tracemalloc.start()
+        try:
+            assert f.fetch(item(str(small))).data == PNG * 20
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+    assert peak < 2**20, peak
+    grows = tmp_path / "grows.bin"
+    grows.write_bytes(b"x" * 100)
+    real_stat = os.stat
+
+    def stale_stat(path, *args, **kwargs):  # the file had 10 bytes when stat looked
+        st = real_stat(path, *args, **kwargs)
+        return os.stat_result((st.st_mode, *st[1:6], 10, *st[7:])) if str(path) == str(grows) else st
+    monkeypatch.setattr(os, "stat", stale_stat)
+    with make(max_bytes=50) as f:
+        grown = f.fetch(item(str(grows)))
+        assert grown.status == FETCH_ERROR and grown.error == f"file larger than 50 bytes cap (--max-bytes): {grows}"
+    with make(max_bytes=200) as f:
+        assert f.fetch(item(str(grows))).data == b"x" * 100
+
+
 def test_local_permission_denied(tmp_path: Path, fetcher: Fetcher, monkeypatch: pytest.MonkeyPatch) -> None:
     secret = tmp_path / "secret.png"
     secret.write_bytes(PNG)
