@@ -113,7 +113,7 @@ def rss_kb():
     with open("/proc/self/status") as handle:
         return next(int(line.split()[1]) for line in handle if line.startswith("VmRSS:"))
 
-memory.tune_malloc()  # as a run does: blocks under 256 kB come from malloc's heaps
+memory.tune_malloc()  # as a run does: blocks under the mmap threshold (16 MB) come from malloc's heaps
 blocks = [bytearray(100_000) for _ in range(3000)]  # 300 MB of heap blocks, every page written
 kept = blocks[::20]  # a few stay alive between the freed ones: the heap cannot shrink from its top
 del blocks
