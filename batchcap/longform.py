@@ -144,7 +144,8 @@ def transcribe_units(transcriber: Any, batch: Sequence[Any], batch_size: int,
             finally:
                 del prepared
                 FEATURES.release(sum(1 for u in chunk if u.window is not None))
-                release_free_heap()
+                if n + 1 < len(chunks):  # between sub-batches; after the last, stages.predict_batch does it
+                    release_free_heap()
             for unit, res in zip(chunk, outputs):
                 if unit.window is None:
                     results[unit.owner] = res

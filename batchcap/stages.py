@@ -26,6 +26,7 @@ from typing import Any, Protocol
 
 from .fetch import Fetcher
 from .items import DECODE_ERROR, FETCH_ERROR, MODEL_ERROR, FatalError, Fetched, Item, ItemError
+from .memory import release_free_heap
 from .output import ORDER
 
 log = logging.getLogger(__name__)
@@ -166,6 +167,7 @@ def predict_batch(predictor: Predictor, scorer: Scorer, batch: list[Loaded]) -> 
         for entry in batch:
             yield from predict_batch(predictor, scorer, [entry])
         return
+    release_free_heap()  # what the model freed, back to the kernel before the next batch (memory.py)
     for entry, prediction in zip(batch, predictions):
         yield make_row(scorer, entry, prediction)
 

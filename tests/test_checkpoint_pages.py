@@ -130,11 +130,10 @@ def test_free_heap_pages_are_given_back_after_a_batch(tiny_whisper_en, tmp_path,
     kept = _script(TRIM, BATCHCAP_MALLOC="0")
     assert not kept["applied"] and kept["before"] - kept["after"] < 50_000
     # ... and a run asks after every model batch
-    from batchcap import transcribe
-    from batchcap.engines import local
+    from batchcap import stages, transcribe
 
     calls = []
-    monkeypatch.setattr(local, "release_free_heap", lambda: calls.append(1))
+    monkeypatch.setattr(stages, "release_free_heap", lambda: calls.append(1))
     clips = [write_audio(tmp_path / f"c{i}.wav", 1.0 + i / 4) for i in range(5)]
     result = transcribe(clips, str(tmp_path / "out.parquet"), model=tiny_whisper_en, batch_size=2, quiet=True,
                         max_new_tokens=2)

@@ -43,7 +43,7 @@ from typing import Any, Protocol
 from ..fetch import Fetcher
 from ..items import Fetched, Item
 from ..job import Job, JobOptions
-from ..memory import decoded_nbytes, release_free_heap, tune_malloc
+from ..memory import decoded_nbytes, tune_malloc
 from ..stages import Loaded, Predictor, fetch_item, make_row, predict_batch, preprocess_item
 
 log = logging.getLogger(__name__)
@@ -159,7 +159,6 @@ def stream_rows(items: Iterable[Item], job: Job, predictor: Predictor, options: 
                         yield row
                 del entries
                 loader.release(batch)
-                release_free_heap()
     finally:  # on Ctrl-C or an error, don't wait for queued downloads, nor for those under way
         fetcher.cancel()
         loader.shutdown()
