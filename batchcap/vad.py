@@ -29,6 +29,7 @@ from typing import Protocol
 import numpy as np
 
 from .items import FatalError
+from .models.whisper_timestamps import TIME_PRECISION
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,7 @@ SAMPLE_RATE = 16_000
 # left that to 2 windows in ~70 where 30 s left it to 19-26, and ran faster at the same WER (long
 # recordings of real speech, English / Italian / Russian: the README's long-form section).
 MAX_WINDOW_S = 24.0
-JOIN_SNAP_S = 0.02  # one step of Whisper's timestamps: a time this close to a join is at the join
+JOIN_SNAP_S = TIME_PRECISION  # one step of Whisper's timestamps: a time this close to a join is at the join
 
 
 @dataclass(frozen=True)

@@ -146,7 +146,8 @@ def map_segment(segment: Segment, to_time: Callable[[float, bool], float]) -> Se
 
 def crosses(segment: Segment, joins: Sequence[float], tolerance: float = TIME_PRECISION) -> bool:
     """Whether ``segment`` reaches over one of ``joins`` (times where a window's joined pieces meet) by
-    more than ``tolerance`` either side (a time that close to a join is placed at it: Window.recording_time)."""
+    more than ``tolerance`` either side (a time that close to a join is placed at it: Window.recording_time,
+    whose ``vad.JOIN_SNAP_S`` is this same step)."""
     return any(segment.start < j - tolerance and segment.end > j + tolerance for j in joins)
 
 
