@@ -12,7 +12,9 @@ it come from the heaps. An earlier round fixed it at 256 kB, with no trimming: e
 decoding step was then mapped, faulted in and unmapped, and the kernel's share of the run was 35 s
 of a 75 s run (whisper-tiny.en, the 563-clip English benchmark, 2 cores); at 16 MB, with the
 heaps trimmed after each batch, 14 s, the run 1.1-1.2x faster at about the same peak RSS (the
-README's memory table).
+README's memory table). Trimming inside a batch as well (every 0.25 s, or whenever RSS had grown by
+64 MB) lowered that peak by ~90 MB but made the run 5-7 % slower: not done. The caches of compiled
+oneDNN kernels behind bf16 matmuls are capped here too (``limit_onednn_cache``).
 
 Settings the user made through glibc's own environment variables (MALLOC_ARENA_MAX,
 MALLOC_MMAP_THRESHOLD_) are left alone; BATCHCAP_MALLOC=0 turns this off.
