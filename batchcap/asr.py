@@ -283,8 +283,7 @@ def _subtitle_writer(options: AudioOptions) -> Any:
 
 
 def _check_long_form_options(options: AudioOptions, output: str) -> None:
-    from .export import default_subtitle_dir
-    from .subtitles import parse_formats
+    from .subtitles import default_subtitle_dir, parse_formats
 
     if options.long_form not in ("batched", "sequential"):
         raise FatalError(f"unknown long-form mode {options.long_form!r}: batched or sequential")

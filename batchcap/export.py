@@ -11,7 +11,7 @@ import click
 from .cli_common import CommandError, setup_logging
 from .cli_options import apply, logging_options
 from .items import OK
-from .subtitles import SubtitleOptions, SubtitleWriter, parse_formats, row_segments
+from .subtitles import SubtitleOptions, SubtitleWriter, default_subtitle_dir, parse_formats, row_segments
 
 log = logging.getLogger(__name__)
 
@@ -88,8 +88,3 @@ def export(table: str, formats: str, output_dir: str | None, max_line_width: int
         click.echo(f"{result.exported} of {result.rows} rows exported to {result.directory}: "
                    f"{result.written} files written, {result.kept} kept"
                    + (f", {result.skipped} rows skipped (not ok)" if result.skipped else ""))
-
-
-def default_subtitle_dir(output: str) -> str:
-    """``OUT.parquet`` -> ``OUT.subtitles``."""
-    return os.path.splitext(output)[0] + ".subtitles"

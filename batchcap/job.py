@@ -81,7 +81,8 @@ def run_pipeline(inputs: str | Sequence[str], output: str, options: JobOptions, 
     from .runner import run_job
 
     output_format(output)  # a bad output name fails before the model loads
-    own = [*own_files(output), *(p for p in [getattr(options, "write_dir", None)] if p)]
+    write_dir = getattr(options, "write_dir", None)  # subtitle files put elsewhere (audio)
+    own = own_files(output) + ([write_dir] if write_dir else [])
     items = Inputs([inputs] if isinstance(inputs, str) else list(inputs), spec, exclude=own)
     items.check()
     return run_job(items, job, output, options, predictor=predictor)

@@ -128,14 +128,19 @@ def _busy(path: str, lock_fd: int) -> FatalError:
     return FatalError(f"another batchcap run (pid {other}) is writing {path}; wait for it to finish")
 
 
+def _siblings(path: str) -> list[str]:
+    """The files a run writing ``path`` keeps beside it: its lock, parts, CSV schema, summary and report."""
+    from .report import default_report_path
+
+    return [path + ".lock", path + ".parts", schema_path(path), summary_path(path), default_report_path(path)]
+
+
 def _check_sibling_names(path: str) -> None:
     """Stop before any work when a file written beside ``path`` would have too long a name (the summary,
     the CSV schema, the report, a temporary name of any of them): found only at the end of a run, that
     error would recur on every rerun, and the table would never be finished."""
-    from .report import default_report_path
-
     base = os.path.basename(path)
-    siblings = [path + ".lock", path + ".parts", schema_path(path), summary_path(path), default_report_path(path)]
+    siblings = _siblings(path)
     longest = max((os.path.basename(p) for p in siblings), key=lambda n: len(n.encode("utf-8", "surrogateescape")))
     size = len(longest_temp_name(longest).encode("utf-8", "surrogateescape"))
     try:
@@ -735,11 +740,9 @@ def own_files(path: str) -> list[str]:
     """What a run writing ``path`` may write beside it (the table, its lock, parts, CSV schema, summary,
     report, and the default folder of subtitle files): not inputs when the output is put in an input
     folder."""
-    from .report import default_report_path
+    from .subtitles import default_subtitle_dir
 
-    base = os.path.splitext(path)[0]
-    return [path, path + ".lock", path + ".parts", schema_path(path), summary_path(path),
-            default_report_path(path), base + ".subtitles"]
+    return [path, *_siblings(path), default_subtitle_dir(path)]
 
 
 def summary_path(path: str) -> str:

@@ -77,6 +77,11 @@ def safe_name(item_id: str) -> str:
     return f"{stem}~{digest}"
 
 
+def default_subtitle_dir(output: str) -> str:
+    """Where a run writing ``output`` puts its subtitle files by default: ``OUT.parquet`` -> ``OUT.subtitles``."""
+    return os.path.splitext(output)[0] + ".subtitles"
+
+
 def subtitle_path(directory: str, item_id: str, fmt: str) -> str:
     return os.path.join(directory, f"{safe_name(item_id)}.{fmt}")
 
