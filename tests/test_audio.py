@@ -514,7 +514,7 @@ def test_step_attention_gives_sdpa_transcripts(tiny_whisper, tmp_path):
     def recording(generate):
         def record(*args, **kwargs):
             out = generate(*args, **kwargs)
-            seqs = out["sequences"] if isinstance(out, dict) else out
+            seqs = out["sequences"] if isinstance(out, dict) else getattr(out, "sequences", out)
             tokens.append(seqs.tolist())
             return out
         return record

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from batchcap.models import guard as g
+from batchcap.models.decoding import Decoded
 from batchcap.models.whisper_logits import TimestampRules, timestamp_limits
 from tests.conftest import tone
 
@@ -101,7 +102,7 @@ def _record(t):
 
     def generate(**kwargs):
         out = original(**kwargs)
-        seen.append(out[:, kwargs["decoder_input_ids"].shape[1]:].tolist())
+        seen.append(out.sequences[:, kwargs["decoder_input_ids"].shape[1]:].tolist())
         return out
     t._generate = generate
     return seen
@@ -189,7 +190,7 @@ def test_a_clip_that_stopped_short_has_the_rest_of_its_audio_decoded(tiny_whispe
         out = original(**kwargs)
         if len(calls) == 1:  # <|0.00|> Hello there <|1.00|><|1.00|> <|end|>
             made = kwargs["decoder_input_ids"][0].tolist() + [tb, *text_ids, tb + 50, tb + 50, t.eot_id]
-            out = torch.tensor([made])
+            out = Decoded(torch.tensor([made]), out.logprobs)
         return out
     t._generate = generate
     seen = []

@@ -62,6 +62,25 @@ class SharedTail:
                 tail_v.index_copy_(0, index, v.to(value.dtype).expand(len(index), *v.shape))
         return torch.cat([key, tail_k], dim=2), torch.cat([value, tail_v], dim=2)
 
+    def kept(self, keep: Any, rows: int) -> SharedTail:
+        """The tail of the rows ``keep`` (indices among the ``rows`` rows), renumbered from 0 in that
+        order; a group left without rows is left out."""
+        import torch
+
+        if len(self.index) == 1 and self.index[0] is None:  # one group holds every row
+            return self
+        position = torch.full((rows,), -1, dtype=torch.long, device=keep.device)
+        position[keep] = torch.arange(len(keep), device=keep.device)
+        keys, values, index = [], [], []
+        for k, v, members in zip(self.keys, self.values, self.index):
+            members = position[members]
+            members = members[members >= 0]
+            if len(members):
+                keys.append(k)
+                values.append(v)
+                index.append(members)
+        return SharedTail(keys, values, index)
+
 
 def attach_shared_tail(key: Any, tail: SharedTail) -> None:
     """Mark a cached key tensor as followed by ``tail`` (read by this module's attention function)."""
@@ -128,6 +147,24 @@ def cache_rows(cross: Any, index: Any) -> Any:
     for i, (key, value) in enumerate(_whole_layers(cross)):
         out.update(key.index_select(0, index), value.index_select(0, index), i)
     return out
+
+
+def keep_cache_rows(cache: Any, keep: Any) -> None:
+    """Keep only the rows ``keep`` (a LongTensor of row indices, in order) of a cache, in place: an
+    EncoderDecoderCache (both parts) or a DynamicCache, shared tails renumbered with their rows."""
+    parts = [cache.self_attention_cache, cache.cross_attention_cache] if hasattr(cache, "cross_attention_cache") \
+        else [cache]
+    for part in parts:
+        for layer in part.layers:
+            keys = getattr(layer, "keys", None)
+            if keys is None or not hasattr(keys, "index_select"):
+                continue  # a layer not filled yet
+            tail = getattr(keys, TAIL_ATTR, None)
+            rows = keys.shape[0]
+            layer.keys = keys.index_select(0, keep)
+            layer.values = layer.values.index_select(0, keep)
+            if tail is not None:
+                attach_shared_tail(layer.keys, tail.kept(keep, rows))
 
 
 def _whole_layers(cross: Any) -> Any:

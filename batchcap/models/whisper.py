@@ -47,7 +47,8 @@ from .common import (
     resolve_device,
     resolve_precision,
 )
-from .whisper_logits import Sample, Suppress, SuppressAtBegin, TimestampRules, TokenLogprobs, timestamp_limits
+from .decoding import Decoded, decode
+from .whisper_logits import Sample, Suppress, SuppressAtBegin, TimestampRules, timestamp_limits
 from .whisper_timestamps import (
     TIME_PRECISION,
     Segment,
@@ -404,12 +405,12 @@ class WhisperTranscriber:
     def _sample(self, states: Any, cross: Any, languages: list[str] | None, no_speech: list[float],
                 durations: list[float], temperatures: Sequence[float]) -> list[list[g.Attempt]]:
         """Per clip, the best of ``best_of`` samples at each of ``temperatures`` (openai-whisper's
-        fallback decoding), in that order: every temperature of every clip in one generate call."""
+        fallback decoding), in that order: every temperature of every clip in one decoding call."""
         return self._hypotheses(states, cross, languages, no_speech, durations, list(temperatures))
 
     def _hypotheses(self, states: Any, cross: Any, languages: list[str] | None, no_speech: list[float],
                     durations: list[float], runs: list[str] | list[float]) -> list[list[g.Attempt]]:
-        """Decode every clip of ``states`` once per run, in one ``generate`` call: ``runs`` is either
+        """Decode every clip of ``states`` once per run, in one ``_generate`` call: ``runs`` is either
         one label (greedy, or beam search: temperature 0) or temperatures above 0, each giving the
         best of ``best_of`` samples. Rows are clip-major: clip, then run, then sample. With timestamp
         tokens (segments) unless ``timestamps`` is off.
@@ -439,10 +440,11 @@ class WhisperTranscriber:
                                   "suppress_tokens": None, "begin_suppress_tokens": None}
         samples = max(1, self.guard.best_of) if sampled else 1
         per_clip = len(temperatures) * samples
-        if sampled:  # drawn by our last processor (Sample), picked by greedy generate
+        if sampled:  # drawn by Sample, after the processors
             kwargs["num_beams"] = 1
             if per_clip > 1:
-                states = states.repeat_interleave(per_clip, 0)
+                if cross is None:  # the first step projects the states' keys: one copy per row
+                    states = states.repeat_interleave(per_clip, 0)
                 prompts = [p for p in prompts for _ in range(per_clip)]
         # no special token but the end (text the guard could not see); timestamps by Whisper's grammar
         processors: list[Any] = [Suppress(self._special_ids if self.timestamps else self._not_text_ids),
@@ -454,37 +456,28 @@ class WhisperTranscriber:
                 no_timestamps_id=int(gen.no_timestamps_token_id), begin_index=begin,
                 limits=timestamp_limits(durations, self.timestamp_begin, self.last_timestamp),
                 max_initial_s=float(getattr(gen, "max_initial_timestamp_index", None) or 50) * TIME_PRECISION))
-        recorder = None
         if kwargs["num_beams"] == 1:
-            recorder = TokenLogprobs(self.eot_id)
-            processors.append(recorder)
             if per_clip > 1 and cross is not None:  # each clip's cross-attention keys shared by its rows
                 cross = repeated_cross_cache(cross, per_clip, uses_step_attention(self.model))
-            if cross is not None:
-                kwargs[cache_kwarg(self.model)] = self._cache(cross)
+            kwargs[cache_kwarg(self.model)] = self._cache(cross)
         else:  # beam search: its cross-attention filled at the first step and never reordered (beam_cache_class)
             from transformers.cache_utils import DynamicCache
 
             kwargs[cache_kwarg(self.model)] = beam_cache_class()(DynamicCache(), DynamicCache())
         if sampled:
-            row_temperatures = [t for _ in range(n) for t in temperatures for _ in range(samples)]
-            processors.append(Sample(row_temperatures))
+            kwargs["sample"] = Sample([t for _ in range(n) for t in temperatures for _ in range(samples)])
         ids = torch.tensor(prompts, dtype=torch.long, device=self.device)
         with self._seeded(int(temperatures[0] * 1000)) if sampled else contextlib.nullcontext():
-            tokens = self._generate(encoder_outputs=BaseModelOutput(last_hidden_state=states), decoder_input_ids=ids,
-                                    logits_processor=LogitsProcessorList(processors), **kwargs)
-        if not isinstance(tokens, torch.Tensor):
-            tokens = tokens["sequences"]
+            decoded = self._generate(encoder_outputs=BaseModelOutput(last_hidden_state=states), decoder_input_ids=ids,
+                                     logits_processor=LogitsProcessorList(processors), **kwargs)
+        tokens = decoded.sequences
         generated = tokens[:, begin:]
         counts = self._text_mask[generated].sum(-1).tolist()
         ended = (generated == self.eot_id).any(-1).tolist()
         rows = generated.tolist()
         repeated = [d for d in durations for _ in range(per_clip)]
         parsed = [self._parse(row, d) for row, d in zip(rows, repeated)]
-        if recorder is not None:
-            logprobs = recorder.finish(tokens)
-        else:
-            logprobs = self._rescore(states, prompts, generated)
+        logprobs = decoded.logprobs if decoded.logprobs is not None else self._rescore(states, prompts, generated)
         attempts = [g.Attempt(text, c, lp, no_speech[i // per_clip], labels[i % per_clip // samples],
                               segments=segments, ran_out=loop_cut and not end, ids=_before(rows[i], self.eot_id))
                     for i, ((text, segments), c, lp, end) in enumerate(zip(parsed, counts, logprobs, ended))]
@@ -494,13 +487,23 @@ class WhisperTranscriber:
                 for j in range(0, len(attempts), samples)]
         return [best[i:i + len(temperatures)] for i in range(0, len(best), len(temperatures))]
 
-    def _generate(self, **kwargs: Any) -> Any:
-        """GenerationMixin's generate, not Whisper's: one call with our prompt and rules (Whisper's own
-        would seek inside a clip after an unfinished segment, and build its prompt per batch)."""
+    def _generate(self, *, encoder_outputs: Any, decoder_input_ids: Any, logits_processor: Any,
+                  sample: Sample | None = None, **kwargs: Any) -> Decoded:
+        """One call with our prompt and rules. Greedy and sampled: decoding.py's loop, which drops rows
+        as they end (``logprobs`` scored on the way); beam search: GenerationMixin's generate, not
+        Whisper's (Whisper's own would seek inside a clip after an unfinished segment, and build its
+        prompt per batch), ``logprobs`` None."""
         from transformers import GenerationMixin
 
+        if kwargs["num_beams"] == 1:
+            return decode(self.model.get_decoder(), self.model.proj_out, decoder_input_ids,
+                          encoder_outputs.last_hidden_state, kwargs[cache_kwarg(self.model)], logits_processor,
+                          end_id=self.eot_id, max_length=kwargs["max_length"], sample=sample)
         with padding_warnings_off():  # every row of a call has the same prompt: nothing is padded
-            return GenerationMixin.generate(self.model, **kwargs)
+            out = GenerationMixin.generate(self.model, encoder_outputs=encoder_outputs,
+                                           decoder_input_ids=decoder_input_ids, logits_processor=logits_processor,
+                                           **kwargs)
+        return Decoded(out if isinstance(out, self._torch.Tensor) else out["sequences"], None)
 
     def _parse(self, generated: list[int], duration_s: float) -> tuple[str, list[Segment]]:
         """Text and segments of one clip's generated tokens (its prompt removed)."""

@@ -1,13 +1,14 @@
-"""Logits processors of batchcap's Whisper decoding (what ``generate`` may pick at each step).
+"""Logits processors of batchcap's Whisper decoding (what may be picked at each step: decoding.py's
+loop, and ``generate`` for beam search).
 
 * ``Suppress``: rules out a fixed set of ids (the special tokens the guard could not see as text).
 * ``TimestampRules``: openai-whisper's timestamp grammar (``ApplyTimestampRules``), vectorised over the
   batch, plus a per-clip upper bound: a clip of 3.2 s cannot end a segment at 14.00 s (the live window
   is shorter than 30 s, and so are the windows of a long recording).
 * ``SuppressAtBegin``: rules out a fixed set of ids at the first generated position.
-* ``TokenLogprobs``: adds up each row's log-probability of the tokens it picked, as openai-whisper scores
-  a hypothesis (after every rule above, before any temperature).
-* ``Sample``: picks each row's token at a temperature (the guard's fallback), for a greedy ``generate``.
+* ``Sample``: draws each row's token at a temperature (the guard's fallback).
+
+The ones with per-row state drop rows with ``keep_rows`` as decoding.py drops ended rows.
 
 transformers' own ``SuppressTokens*`` processors are not used: they rebuild a vocabulary-sized mask
 with ``torch.isin`` at every step (~6 ms a step on a CPU); these index a precomputed id list.
@@ -49,9 +50,8 @@ class SuppressAtBegin(Suppress):
 
 class Sample:
     """Draws each row's next token from softmax(scores / temperature), the whole distribution (as
-    openai-whisper samples at a fallback temperature), and leaves only that token for a greedy
-    ``generate`` to pick. ``temperature``: one for every row, or one per row (several temperatures in
-    one batch). Put it last: processors before it (``TokenLogprobs``) see the logits.
+    openai-whisper samples at a fallback temperature), for decoding.py's loop (``draw``), after the
+    processors. ``temperature``: one for every row, or one per row (several temperatures in one batch).
 
     ``torch.multinomial`` draws one exponential variate per vocabulary entry: 17 ms a step for 20 rows
     of Whisper's 51,865 tokens on two CPU cores, more than the decoder step itself. This draws one
@@ -66,7 +66,14 @@ class Sample:
         self.temperature = values
         self._divisor: Any = None  # the temperatures as a tensor, built on the first step's device
 
-    def __call__(self, input_ids: Any, scores: Any) -> Any:
+    def keep_rows(self, keep: Any, rows: int) -> None:
+        """Go on with the rows ``keep`` of the ``rows`` decoded so far (decoding.py drops ended rows)."""
+        if len(self.temperature) > 1:
+            self.temperature = [self.temperature[i] for i in keep.tolist()]
+            self._divisor = None
+
+    def draw(self, scores: Any) -> Any:
+        """Each row's token (a LongTensor [rows]), drawn from its scores at its temperature."""
         import torch
 
         if self._divisor is None:
@@ -78,9 +85,7 @@ class Sample:
         # below the total even where rand x total rounds up to it (then: the last token that has mass)
         u = torch.minimum(u, torch.nextafter(total, torch.zeros_like(total)))
         # the first entry whose cumulative mass exceeds u: zero-probability tokens have empty intervals
-        chosen = torch.searchsorted(cdf, u, right=True).clamp_(max=scores.shape[-1] - 1)
-        picked = torch.full_like(scores, NEG_INF)
-        return picked.scatter_(1, chosen, 0.0)
+        return torch.searchsorted(cdf, u, right=True).clamp_(max=scores.shape[-1] - 1)[:, 0]
 
 
 def timestamp_limits(durations: Sequence[float], timestamp_begin: int, last_timestamp: int) -> list[int]:
@@ -114,6 +119,13 @@ class TimestampRules:
 
     def set_begin_index(self, begin_index: int) -> None:
         self.begin_index = begin_index
+
+    def keep_rows(self, keep: Any, rows: int) -> None:
+        """Go on with the rows ``keep`` of the ``rows`` decoded so far (decoding.py drops ended rows)."""
+        per_row = self.limits if rows == len(self.limits) else \
+            [limit for limit in self.limits for _ in range(rows // max(1, len(self.limits)))]
+        self.limits = [per_row[i] for i in keep.tolist()]
+        self._cache.clear()
 
     def _row_limits(self, rows: int, width: int, device: Any) -> tuple[Any, Any]:
         """Per row: the highest allowed time as an offset from ``timestamp_begin``; and the offsets 0..width-1."""
@@ -157,48 +169,3 @@ class TimestampRules:
         best_text = scores[:, :tb].float().max(-1).values
         scores[:, :tb].masked_fill_((mass > best_text)[:, None], NEG_INF)
         return scores
-
-
-class TokenLogprobs:
-    """Adds up, per row, the log-probability of each chosen token (until and including the end token),
-    from the logits after the processors before it and before any temperature, as openai-whisper scores a
-    hypothesis. Keeps one step of logits. ``finish`` gives each row's mean and whether it ended."""
-
-    def __init__(self, eot_id: int):
-        self.eot_id = eot_id
-        self.previous: Any = None
-        self.total: Any = None
-        self.count: Any = None
-        self.done: Any = None
-        self.norm: Any = None
-
-    def _add(self, chosen: Any) -> None:
-        import torch
-
-        active = ~self.done
-        picked = self.previous.gather(1, chosen[:, None])[:, 0].float() - self.norm
-        # a finished row's padding may sit on a ruled-out token (-inf): where, not a product (-inf * 0 = nan)
-        self.total += torch.where(active, picked, torch.zeros_like(picked))
-        self.count += active
-        self.done |= chosen == self.eot_id
-
-    def __call__(self, input_ids: Any, scores: Any) -> Any:
-        import torch
-
-        if self.previous is None:
-            n = scores.shape[0]
-            self.total = torch.zeros(n, dtype=torch.float32, device=scores.device)
-            self.count = torch.zeros(n, dtype=torch.float32, device=scores.device)
-            self.done = torch.zeros(n, dtype=torch.bool, device=scores.device)
-        else:
-            self._add(input_ids[:, -1])
-        # log-probability of a token = its logit - logsumexp: one reduction per step, no [batch, vocab] copy
-        self.previous = scores
-        self.norm = scores.float().logsumexp(-1)
-        return scores
-
-    def finish(self, sequences: Any) -> list[float | None]:
-        if self.previous is None:
-            return [None] * sequences.shape[0]
-        self._add(sequences[:, -1].to(self.previous.device))
-        return [float(t / c) if c else None for t, c in zip(self.total.tolist(), self.count.tolist())]
