@@ -9,7 +9,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from batchcap.models.attention import TAIL_ATTR, keep_cache_rows, repeated_cross_cache, uses_step_attention
+from batchcap.models.attention import (
+    TAIL_ATTR,
+    cache_rows,
+    keep_cache_rows,
+    repeated_cross_cache,
+    uses_step_attention,
+)
 from batchcap.models.common import cache_kwarg
 from batchcap.models.decoding import decode
 from batchcap.models.whisper_logits import Suppress
@@ -119,8 +125,6 @@ def test_kept_rows_of_a_shared_tail_cache_attend_as_they_did(transcriber):
         t._first_position(batch, states, cross)  # fills the cross-attention cache
 
         def shared():
-            from batchcap.models.attention import cache_rows
-
             return repeated_cross_cache(cache_rows(cross, torch.tensor([0, 1])), 3, uses_step_attention(t.model))
 
         full = shared()

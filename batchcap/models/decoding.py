@@ -91,4 +91,4 @@ def decode(decoder: Any, head: Any, prompts: Any, encoder_states: Any, cache: An
             alive, ids, ended, chosen = alive[keep], ids[keep], ended[keep], chosen[keep]
         step = chosen[:, None]
     means = [float(t / c) if c else None for t, c in zip(total.tolist(), count.tolist())]
-    return Decoded(out[:, :max(length, begin)], means)
+    return Decoded(out[:, :length], means)  # length starts at begin and only grows
