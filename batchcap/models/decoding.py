@@ -43,7 +43,8 @@ def decode(decoder: Any, head: Any, prompts: Any, encoder_states: Any, cache: An
 
     ``decoder``: Whisper's decoder, called with ``cache`` (an EncoderDecoderCache; its cross-attention
     part filled already, or filled by the first step from ``encoder_states``, one row per prompt);
-    ``head``: the projection from decoder states to logits; ``processors``: called as
+    ``head``: the projection from decoder states to logits (or a ``shortlist.ShortlistHead``, whose
+    candidates are picked by the processors run on its estimate); ``processors``: called as
     ``p(input_ids, scores)`` on the rows still decoded; ``sample``: draws each row's token from its scores
     (``draw``), else the highest is taken. Rows are dropped with ``keep_cache_rows`` (the caches are
     changed in place) and ``keep_rows(keep, rows)`` of the processors and ``sample`` that have it."""
@@ -65,7 +66,15 @@ def decode(decoder: Any, head: Any, prompts: Any, encoder_states: Any, cache: An
         # of the right batch size afterwards, never a copy
         hidden = decoder(input_ids=step, encoder_hidden_states=encoder_states[:step.shape[0]], use_cache=True,
                          **{key: cache}).last_hidden_state[:, -1]
-        scores = head(hidden).float()
+        if hasattr(head, "refine"):  # an int8 estimate, float32 for what the rules leave best (shortlist.py)
+            scores = head.estimate(hidden)
+            ruled = scores.clone()
+            for processor in processors:
+                ruled = processor(ids, ruled)
+            scores = head.refine(hidden, scores, ruled)
+            del ruled
+        else:
+            scores = head(hidden).float()
         for processor in processors:
             scores = processor(ids, scores)
         norm = scores.logsumexp(-1)

@@ -48,6 +48,7 @@ from .common import (
     resolve_precision,
 )
 from .decoding import Decoded, decode
+from .shortlist import shortlist_head
 from .whisper_logits import Sample, Suppress, SuppressAtBegin, TimestampRules, timestamp_limits
 from .whisper_timestamps import (
     TIME_PRECISION,
@@ -268,6 +269,12 @@ class WhisperTranscriber:
         # that conflicts with them in v5 generate).
         if getattr(gen, "forced_decoder_ids", None) is not None and self.multilingual:
             gen.forced_decoder_ids = None
+        # the vocabulary projection of greedy and sampled steps: int8 candidates, float32 logits for them, on
+        # an x86 CPU in float32 (shortlist.py); ``--dtype float32`` keeps the plain float32 projection
+        self._step_head = self.model.proj_out
+        if (dtype or "auto").lower() == "auto":
+            self._step_head = shortlist_head(self.model.proj_out, self.model.get_decoder().layer_norm,
+                                             self.timestamp_begin, self.device) or self.model.proj_out
 
     @property
     def english_spelling_dir(self) -> str | None:
@@ -496,7 +503,7 @@ class WhisperTranscriber:
         from transformers import GenerationMixin
 
         if kwargs["num_beams"] == 1:
-            return decode(self.model.get_decoder(), self.model.proj_out, decoder_input_ids,
+            return decode(self.model.get_decoder(), self._step_head, decoder_input_ids,
                           encoder_outputs.last_hidden_state, kwargs[cache_kwarg(self.model)], logits_processor,
                           end_id=self.eot_id, max_length=kwargs["max_length"], sample=sample)
         with padding_warnings_off():  # every row of a call has the same prompt: nothing is padded
