@@ -29,7 +29,8 @@ how many cores' worth of CPU other processes used while its worker ran (a noisy-
 
 Systems (all greedy, English):
   batchcap, batchcap-fp32                 batchcap.transcribe(): dtype auto (bf16 autocast on CPUs with
-                                          native bf16, fp16 on CUDA) / float32; the encoder computes the clip
+                                          native bf16, float32 with the int8 vocabulary shortlist on other
+                                          x86 CPUs, fp16 on CUDA) / plain float32; the encoder computes the clip
                                           + 1 s, the rest of the window comes from a cached silent window
   batchcap-full, batchcap-full-fp32       the same with full_window=True: the stock encoder over 30 s
   batchcap-noguard                        batchcap with fallback=False, no_speech_threshold=None: suspects are
