@@ -21,9 +21,20 @@ from tests.helpers import rows_of, run_cli
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def _as_from_a_shell() -> None:
+    """In the child before exec: SIGINT and SIGTERM at their defaults and not blocked, as a terminal's shell
+    starts a command. A child inherits ignored and blocked signals from its parent, and in some full test
+    runs the ones started here ignored both Ctrl-Cs (an earlier test or library left this process's
+    SIGINT so), which is about the test process, not about batchcap."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
+
+
 def _start(cmd: list[str]) -> subprocess.Popen:
     env = dict(os.environ, PYTHONPATH=ROOT, HF_HUB_OFFLINE="1")
-    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_as_from_a_shell)  # noqa: PLW1509 - a test's child, no threads racing
 
 
 def _wait_for(condition, proc: subprocess.Popen, what: str, timeout: float = 120) -> None:
