@@ -34,7 +34,7 @@ def _as_from_a_shell() -> None:
 def _start(cmd: list[str]) -> subprocess.Popen:
     env = dict(os.environ, PYTHONPATH=ROOT, HF_HUB_OFFLINE="1")
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=_as_from_a_shell)  # noqa: PLW1509 - a test's child, no threads racing
+                            preexec_fn=_as_from_a_shell)  # noqa: PLW1509 - only signal calls run before exec
 
 
 def _wait_for(condition, proc: subprocess.Popen, what: str, timeout: float = 120) -> None:
