@@ -96,6 +96,38 @@ def test_ended_rows_leave_the_batch_and_the_others_decode_as_before(transcriber)
     assert dropped_rows == [4, 4, 3, 3, 2, 2, 2, 1, 1, 1]
 
 
+def test_settle_ends_the_rows_it_returns_and_the_others_decode_as_before(transcriber):
+    """When the row with marker 62 ends (step 1), ``settle`` ends the one with marker 61 (due at step 9):
+    it leaves the decoder there, is reported as stopped, and the other rows' tokens are unchanged."""
+    t = transcriber
+    calls = []
+
+    def settle(rows, hypothesis):
+        calls.append([(r, *hypothesis(r)) for r in rows])
+        return [1] if 2 in rows else []
+    prompts = torch.tensor([[t.sot_id, m] for m in MARKERS])
+    with torch.inference_mode():
+        states, cross = _inputs(t)
+        seen, handle = _decoder_rows(t)
+        try:
+            out = decode(t.model.get_decoder(), t.model.proj_out, prompts, states, t._cache(cross),
+                         [Suppress(t._not_text_ids), EndAt(2, t.eot_id)], end_id=t.eot_id, max_length=20,
+                         drop_share=0.0, settle=settle)
+        finally:
+            handle.remove()
+        plain, plain_rows = _run(t, drop_share=0.0)
+    assert out.stopped == {1} and plain.stopped == frozenset()
+    assert [[r for r, _, _ in call] for call in calls] == [[2], [0], [3]]  # each row as it ends, once
+    row, ids, logprob = calls[0][0]
+    assert ids == out.sequences[2, 2:2 + ENDS[62] + 1].tolist() and ids[-1] == t.eot_id
+    assert logprob == pytest.approx(plain.logprobs[2], abs=1e-5)
+    # row 1 leaves with row 2 (after step 2) instead of running to step 10
+    assert seen == [4, 4, 2, 2, 1, 1, 1] and plain_rows == [4, 4, 3, 3, 2, 2, 2, 1, 1, 1]
+    for r in (0, 2, 3):
+        assert torch.equal(out.sequences[r], plain.sequences[r, :out.sequences.shape[1]])
+    assert out.sequences.shape[1] == 2 + ENDS[63] + 1
+
+
 def test_the_loop_gives_what_greedy_generate_gives(transcriber):
     """Same prompts, processors and caches: the loop's tokens are greedy generate's."""
     from transformers import GenerationMixin, LogitsProcessorList

@@ -64,6 +64,27 @@ def test_least_bad_prefers_no_loop_then_confidence():
     assert g.least_bad([loop, shorter_loop], 1.0, cfg) is shorter_loop
 
 
+def test_first_pass_ends_a_clips_later_temperatures_once_an_earlier_one_passes():
+    # 2 clips x 3 temperatures x 2 samples, clip-major; rows 2-3 (clip 0's second temperature) and all
+    # of clip 1's third temperature pass
+    passing = {2, 10}
+    judged = []
+
+    def passes(row, ids, logprob):
+        judged.append(row)
+        return row in passing
+    first = g.FirstPass(3, 2, passes)
+    hypothesis = lambda row: ([1, 2], -0.5)  # noqa: E731
+    assert first([2, 3], hypothesis) == []  # clip 0's second temperature passes, but its first is not over
+    assert first([0], hypothesis) == [] and judged == []
+    assert first([1], hypothesis) == [4, 5]  # first over (fails), second over (passes): the third is not needed
+    assert judged == [0, 1, 2]  # a run passes at its first passing sample
+    assert first([4, 6, 7, 8, 9], hypothesis) == []  # clip 0 settled; clip 1 fails twice, its third runs on
+    assert first([10], hypothesis) == []  # the third not over yet
+    assert first([11], hypothesis) == []  # the last temperature: nothing after it
+    assert judged == [0, 1, 2, 6, 7, 8, 9, 10]  # each run judged once, when it is over
+
+
 # --- the cascade on a tiny random Whisper -------------------------------------------------------------
 
 pytestmark = pytest.mark.usefixtures("one_thread")

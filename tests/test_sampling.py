@@ -156,3 +156,63 @@ def test_later_temperatures_are_sampled_together_and_the_first_that_passes_wins(
     rows_per_call.clear()
     t.transcribe(clips)
     assert rows_per_call == [6, 6, 12, 12, 12, 12] and stages == [(0.2,)] + [(0.4, 0.6, 0.8)] * 3
+
+
+class _EndPerRun:
+    """Ends each row of a sampled call after ``ends[run]`` generated tokens (rows clip-major: clip, run,
+    sample), no end before: the random model's samples then end when the test says. Keeps its rows'
+    identities as decoding drops rows."""
+
+    def __init__(self, rows: int, runs: int, samples: int, ends: list[int], begin: int, eot: int):
+        self.due = torch.tensor([ends[(r % (runs * samples)) // samples] for r in range(rows)])
+        self.begin, self.eot = begin, eot
+
+    def keep_rows(self, keep, rows):
+        self.due = self.due[keep]
+
+    def __call__(self, input_ids, scores):
+        due = self.due == input_ids.shape[1] - self.begin
+        scores[:, self.eot] = float("-inf")
+        scores[due] = float("-inf")
+        scores[due, self.eot] = 0.0
+        return scores
+
+
+def test_a_clips_higher_temperatures_stop_once_a_lower_one_passes(tiny_whisper, monkeypatch):
+    """In the later temperatures' shared call, a 0.5 s clip's samples at 0.4 end after 2 tokens (and pass),
+    those at 0.6 would run 12: they stop when the 0.4 samples have all ended, and the clip's result is
+    what decoding every temperature to its end gives."""
+    from batchcap.models import guard as g
+    from batchcap.models.whisper import WhisperTranscriber
+
+    t = WhisperTranscriber(tiny_whisper, device="cpu", language="en", timestamps=False,
+                           guard=g.GuardConfig(compression_ratio_threshold=3.0, logprob_threshold=None,
+                                               temperatures=(0.2, 0.4, 0.6), best_of=2))
+    real = t._generate
+
+    def generate(**kwargs):
+        if kwargs.get("sample") and len(set(kwargs["sample"].temperature)) == 2:  # the later stage
+            rows, begin = kwargs["decoder_input_ids"].shape
+            kwargs["logits_processor"].append(_EndPerRun(rows, 2, 2, [2, 12], begin, t.eot_id))
+        return real(**kwargs)
+    t._generate = generate
+    seen = plain_rows = []
+    handle = t.model.get_decoder().register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs["input_ids"].shape[0]), with_kwargs=True)
+    clip = t.prepare(tone(0.5, freq=300))
+    try:
+        settled = t.transcribe([clip])[0]
+        settled_rows = list(seen)
+        seen.clear()
+        monkeypatch.setattr(g.FirstPass, "__call__", lambda self, rows, hypothesis: [])  # never settles
+        plain = t.transcribe([clip])[0]
+    finally:
+        handle.remove()
+    # greedy and the full window loop to the 0.5 s clip's token bound; at 0.2 too; 0.4 passes
+    assert settled["decode"] == plain["decode"] == "temperature=0.4"
+    assert settled["text"] == plain["text"] and settled["avg_logprob"] == plain["avg_logprob"]
+    assert settled["text"] != settled["first_text"]
+    # the later call is the last: 1 clip x 2 temperatures x 2 samples; 0.4's rows end at its third step,
+    # and 0.6's leave with them instead of running to their 13th
+    assert settled_rows[-4:] == [2, 4, 4, 4]
+    assert plain_rows[:len(settled_rows)] == settled_rows and plain_rows[len(settled_rows):] == [2] * 10

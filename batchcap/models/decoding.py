@@ -16,11 +16,16 @@ that ended and are not dropped yet take the end token again, as ``generate`` pad
 
 It also scores each hypothesis as openai-whisper does: the mean log-probability of its tokens up to
 and including the end token, from the logits after the processors (before any temperature).
+
+``settle`` lets the caller end rows whose result it no longer needs: the guard's later fallback
+temperatures are sampled in one call, and once a clip's first passing temperature is known its higher
+ones are not kept (guard.FirstPass), so their samples stop there instead of running on, maybe to the
+token cap.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,10 +39,17 @@ DROP_SHARE = 0.25  # ended rows are dropped once they are this share of the rows
 class Decoded:
     sequences: Any  # [rows, length]: each row's prompt and generated tokens; ended rows padded with the end token
     logprobs: list[float | None]  # per row: mean log-probability of its tokens through the end token (None: none)
+    stopped: frozenset[int] = frozenset()  # rows ``settle`` ended before their end token (incomplete, unused)
+
+
+# settle(rows that just ended, hypothesis) -> rows to end now; hypothesis(row) -> (generated ids through the end
+# token, mean log-probability)
+Settle = Callable[[list[int], Callable[[int], tuple[list[int], float | None]]], list[int]]
 
 
 def decode(decoder: Any, head: Any, prompts: Any, encoder_states: Any, cache: Any, processors: Sequence[Any], *,
-           end_id: int, max_length: int, sample: Any = None, drop_share: float = DROP_SHARE) -> Decoded:
+           end_id: int, max_length: int, sample: Any = None, drop_share: float = DROP_SHARE,
+           settle: Settle | None = None) -> Decoded:
     """Decode ``prompts`` ([rows, begin] token ids, the same length for every row) until every row has
     ended or ``max_length`` tokens (prompt included).
 
@@ -47,7 +59,9 @@ def decode(decoder: Any, head: Any, prompts: Any, encoder_states: Any, cache: An
     candidates are picked by the processors run on its estimate); ``processors``: called as
     ``p(input_ids, scores)`` on the rows still decoded; ``sample``: draws each row's token from its scores
     (``draw``), else the highest is taken. Rows are dropped with ``keep_cache_rows`` (the caches are
-    changed in place) and ``keep_rows(keep, rows)`` of the processors and ``sample`` that have it."""
+    changed in place) and ``keep_rows(keep, rows)`` of the processors and ``sample`` that have it.
+    ``settle``: called with the rows (original indices) that ended at a step; the rows it returns end
+    there too (``Decoded.stopped``)."""
     import torch
 
     rows, begin = prompts.shape
@@ -61,6 +75,14 @@ def decode(decoder: Any, head: Any, prompts: Any, encoder_states: Any, cache: An
     stateful = [p for p in (*processors, sample) if hasattr(p, "keep_rows")]
     key = cache_kwarg(decoder)
     ids, step, length = prompts, prompts, begin
+    stopped: set[int] = set()
+
+    def hypothesis(row: int) -> tuple[list[int], float | None]:
+        generated = out[row, begin:length].tolist()
+        if end_id in generated:
+            generated = generated[:generated.index(end_id) + 1]
+        c = float(count[row])
+        return generated, (float(total[row]) / c if c else None)
     while length < max_length:
         # encoder states are read only while the cross-attention cache is empty (the first step): a view
         # of the right batch size afterwards, never a copy
@@ -88,7 +110,13 @@ def decode(decoder: Any, head: Any, prompts: Any, encoder_states: Any, cache: An
         out[alive, length] = chosen
         ids = torch.cat([ids, chosen[:, None]], dim=1)
         length += 1
-        ended |= chosen == end_id
+        new = (chosen == end_id) & ~ended
+        ended |= new
+        if settle is not None and bool(new.any()):
+            stop = [r for r in settle(alive[new].tolist(), hypothesis) if r not in stopped]
+            if stop:
+                stopped.update(stop)
+                ended |= torch.isin(alive, torch.tensor(stop, device=device))
         done = int(ended.sum())
         if done == len(alive):
             break
@@ -100,4 +128,4 @@ def decode(decoder: Any, head: Any, prompts: Any, encoder_states: Any, cache: An
             alive, ids, ended, chosen = alive[keep], ids[keep], ended[keep], chosen[keep]
         step = chosen[:, None]
     means = [float(t / c) if c else None for t, c in zip(total.tolist(), count.tolist())]
-    return Decoded(out[:, :length], means)  # length starts at begin and only grows
+    return Decoded(out[:, :length], means, frozenset(stopped))  # length starts at begin and only grows

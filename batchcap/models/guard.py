@@ -27,7 +27,7 @@ below ``logprob_threshold``: its text is dropped rather than retried.
 from __future__ import annotations
 
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -146,3 +146,37 @@ def least_bad(attempts: Sequence[Attempt], duration_s: float, config: GuardConfi
             return (1, 0.0, a.tokens, a.compression_ratio)
         return (0, -(a.avg_logprob if a.avg_logprob is not None else float("-inf")), 0, 0.0)
     return min(attempts, key=key)
+
+
+class FirstPass:
+    """The rows of one sampled decoding call to end early: rows are clip-major (clip, then run, i.e.
+    temperature, then sample), ``runs`` temperatures of ``samples`` samples per clip. A clip keeps its
+    first run, in order, whose best sample passes (one temperature at a time would stop there); once
+    every sample of its runs up to such a run has ended, its later runs' samples are not needed.
+
+    ``passes(row, ids, avg_logprob)``: whether that row's ended hypothesis passes the guard. Called as
+    ``decoding.decode``'s ``settle``."""
+
+    def __init__(self, runs: int, samples: int, passes: Callable[[int, list[int], float | None], bool]):
+        self.runs, self.samples, self.passes = runs, samples, passes
+        self.ended: set[int] = set()
+        self.verdicts: dict[tuple[int, int], bool] = {}  # (clip, run) -> some sample passes
+        self.settled: set[int] = set()  # clips whose kept run is known
+
+    def __call__(self, rows: list[int], hypothesis: Callable[[int], tuple[list[int], float | None]]) -> list[int]:
+        self.ended.update(rows)
+        per_clip = self.runs * self.samples
+        stop = []
+        for clip in sorted({r // per_clip for r in rows} - self.settled):
+            for run in range(self.runs):
+                first = clip * per_clip + run * self.samples
+                members = range(first, first + self.samples)
+                if not all(r in self.ended for r in members):
+                    break  # this run is not over: nothing after it can be decided yet
+                if (clip, run) not in self.verdicts:
+                    self.verdicts[clip, run] = any(self.passes(r, *hypothesis(r)) for r in members)
+                if self.verdicts[clip, run]:
+                    self.settled.add(clip)
+                    stop += [r for r in range(first + self.samples, (clip + 1) * per_clip) if r not in self.ended]
+                    break
+        return stop

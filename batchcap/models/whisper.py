@@ -240,6 +240,7 @@ class WhisperTranscriber:
         text[[i for i in self.tokenizer.all_special_ids if i < vocab]] = False
         text[int(gen.no_timestamps_token_id):] = False  # timestamps and everything after the specials
         self._text_mask = text.to(self.device)
+        self._non_text = frozenset((~text).nonzero()[:, 0].tolist())  # to count a hypothesis' text tokens
         self._not_text = ~self._text_mask
         self._not_text[self.eot_id] = False
         self._not_text_ids = self._not_text.nonzero()[:, 0]  # ~1,600 ids: cheaper to index than a full mask
@@ -473,21 +474,26 @@ class WhisperTranscriber:
             kwargs[cache_kwarg(self.model)] = beam_cache_class()(DynamicCache(), DynamicCache())
         if sampled:
             kwargs["sample"] = Sample([t for _ in range(n) for t in temperatures for _ in range(samples)])
+        repeated = [d for d in durations for _ in range(per_clip)]
+
+        def attempt(i: int, row: list[int], logprob: float | None, ran_out: bool = False) -> g.Attempt:
+            text, segments = self._parse(row, repeated[i])
+            return g.Attempt(text, sum(t not in self._non_text for t in row), logprob, no_speech[i // per_clip],
+                             labels[i % per_clip // samples], segments=segments, ran_out=ran_out,
+                             ids=_before(row, self.eot_id))
+        if sampled and len(temperatures) > 1:  # a clip's temperatures after its first passing one: not needed
+            kwargs["settle"] = g.FirstPass(len(temperatures), samples, lambda i, row, logprob: not g.is_suspect(
+                attempt(i, row, logprob), repeated[i], self.guard))
         ids = torch.tensor(prompts, dtype=torch.long, device=self.device)
         with self._seeded(int(temperatures[0] * 1000)) if sampled else contextlib.nullcontext():
             decoded = self._generate(encoder_outputs=BaseModelOutput(last_hidden_state=states), decoder_input_ids=ids,
                                      logits_processor=LogitsProcessorList(processors), **kwargs)
-        tokens = decoded.sequences
-        generated = tokens[:, begin:]
-        counts = self._text_mask[generated].sum(-1).tolist()
+        generated = decoded.sequences[:, begin:]
         ended = (generated == self.eot_id).any(-1).tolist()
         rows = generated.tolist()
-        repeated = [d for d in durations for _ in range(per_clip)]
-        parsed = [self._parse(row, d) for row, d in zip(rows, repeated)]
         logprobs = decoded.logprobs if decoded.logprobs is not None else self._rescore(states, prompts, generated)
-        attempts = [g.Attempt(text, c, lp, no_speech[i // per_clip], labels[i % per_clip // samples],
-                              segments=segments, ran_out=loop_cut and not end, ids=_before(rows[i], self.eot_id))
-                    for i, ((text, segments), c, lp, end) in enumerate(zip(parsed, counts, logprobs, ended))]
+        attempts = [attempt(i, row, lp, ran_out=loop_cut and not end)
+                    for i, (row, lp, end) in enumerate(zip(rows, logprobs, ended))]
         # per clip and run, the best of its samples: unsuspect first, then the most confident
         best = [min(attempts[j:j + samples], key=lambda a: (g.is_suspect(a, repeated[j], self.guard),
                                                             -(a.avg_logprob or float("-inf"))))
@@ -505,7 +511,8 @@ class WhisperTranscriber:
         if kwargs["num_beams"] == 1:
             return decode(self.model.get_decoder(), self._step_head, decoder_input_ids,
                           encoder_outputs.last_hidden_state, kwargs[cache_kwarg(self.model)], logits_processor,
-                          end_id=self.eot_id, max_length=kwargs["max_length"], sample=sample)
+                          end_id=self.eot_id, max_length=kwargs["max_length"], sample=sample,
+                          settle=kwargs.get("settle"))
         with padding_warnings_off():  # every row of a call has the same prompt: nothing is padded
             out = GenerationMixin.generate(self.model, encoder_outputs=encoder_outputs,
                                            decoder_input_ids=decoder_input_ids, logits_processor=logits_processor,
