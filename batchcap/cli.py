@@ -21,6 +21,7 @@ from .cli_common import EXIT_ITEMS_FAILED, EXIT_OK, guarded_run, setup_logging
 from .cli_options import ByteSize, Duration, apply, http_options, logging_options, manifest_options
 from .fetch import FetchConfig
 from .job import JobOptions
+from .memory import torch_huge_pages
 from .metrics.asr import NORMALIZER_MODES
 from .runner import ENGINES
 
@@ -142,6 +143,7 @@ class _Batchcap(click.Group):
 
     def main(self, args: Any = None, *more: Any, **kwargs: Any) -> Any:
         _ARGV[:] = ["batchcap", *(sys.argv[1:] if args is None else [str(a) for a in args])]
+        torch_huge_pages()  # before any command imports torch (memory.py)
         return super().main(args, *more, **kwargs)
 
 

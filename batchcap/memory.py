@@ -58,6 +58,23 @@ def tune_malloc() -> bool:
     return bool(applied)
 
 
+def torch_huge_pages() -> bool:
+    """Ask PyTorch to back its CPU tensors of 2 MB and more with transparent huge pages
+    (``THP_MEM_ALLOC_ENABLE=1``: PyTorch then ``madvise(MADV_HUGEPAGE)``s them). Called by the CLI before
+    anything imports torch, since PyTorch reads the variable once. The encoder's activations and the
+    decoder's caches are tensors of tens of MB, allocated and freed every batch; above the mmap threshold
+    each is mapped afresh, and faulting it in 4 kB pages is kernel time: on a 2-core AMD EPYC (Zen 3, AVX2)
+    VM, 140 English clips with whisper-tiny.en took 10.4 s of system time in a 38-40 s run, and 5.7-6.2 s in
+    a 35.5-36.3 s run with huge pages, at the same peak RSS (1.16 GB). False where it does not apply: not
+    Linux, turned off (``BATCHCAP_MALLOC=0``), set by the user already, or torch imported already."""
+    if not sys.platform.startswith("linux") or os.environ.get("BATCHCAP_MALLOC", "1") == "0":
+        return False
+    if "THP_MEM_ALLOC_ENABLE" in os.environ or "torch" in sys.modules:
+        return False
+    os.environ["THP_MEM_ALLOC_ENABLE"] = "1"
+    return True
+
+
 @functools.cache
 def _malloc_trim() -> Any:
     try:

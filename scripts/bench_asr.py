@@ -313,6 +313,10 @@ def worker(args: argparse.Namespace) -> int:
     try:
         clips = [Clip(**c) for c in json.loads(Path(args.clips).read_text(encoding="utf-8"))]
         if args.worker.startswith(("batchcap", "hf-")):  # faster-whisper's workers never import torch
+            if args.worker.startswith("batchcap"):
+                from batchcap.memory import torch_huge_pages
+
+                torch_huge_pages()  # as the CLI does, before torch is imported
             import torch
 
             torch.set_num_threads(args.threads)

@@ -57,6 +57,10 @@ def worker(system: str, paths: list[str], args: argparse.Namespace) -> dict:
 
     audio_s = sum(sf.info(p).duration for p in paths)
     out: dict = {"system": system}
+    if system.startswith("batchcap"):
+        from batchcap.memory import torch_huge_pages
+
+        torch_huge_pages()  # as the CLI does, before torch is imported
     if system == "batchcap-clips":
         from batchcap.asr import AudioOptions, load_transcriber, transcribe
         from batchcap.output import read_table

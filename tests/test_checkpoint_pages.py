@@ -1,5 +1,6 @@
 """Memory after loading a model cast to bfloat16 for autocast: its float32 checkpoint's pages are not
-kept resident, and the caches of compiled oneDNN kernels are capped (unless the user set them)."""
+kept resident, and the caches of compiled oneDNN kernels are capped (unless the user set them); the CLI
+asks PyTorch for huge pages."""
 
 from __future__ import annotations
 
@@ -179,3 +180,40 @@ def test_free_heap_pages_are_given_back_after_a_batch(tiny_whisper_en, tmp_path,
     result = transcribe(clips, str(tmp_path / "out.parquet"), model=tiny_whisper_en, batch_size=2, quiet=True,
                         max_new_tokens=2)
     assert result.summary["status_counts"] == {"ok": 5} and len(calls) == 3
+
+
+HUGE = r"""
+import json, os, sys
+from batchcap.cli import main
+try:
+    main(["--version"], standalone_mode=False)
+except SystemExit:
+    pass
+import torch
+big = torch.empty(64 << 20, dtype=torch.uint8)
+big.fill_(1)
+with open("/proc/self/smaps_rollup") as handle:
+    huge = next(int(line.split()[1]) for line in handle if line.startswith("AnonHugePages:"))
+print(json.dumps({"env": os.environ.get("THP_MEM_ALLOC_ENABLE"), "huge_kb": huge}))
+"""
+
+
+def _thp_mode() -> str | None:
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as handle:
+            text = handle.read()
+    except OSError:
+        return None
+    return text[text.index("[") + 1:text.index("]")] if "[" in text else None
+
+
+@pytest.mark.parametrize("setting, env", [({}, "1"), ({"BATCHCAP_MALLOC": "0"}, None),
+                                          ({"THP_MEM_ALLOC_ENABLE": "0"}, "0")])
+def test_the_cli_asks_torch_for_huge_pages_unless_told_otherwise(setting, env):
+    clean = {k: v for k, v in os.environ.items() if k not in ("THP_MEM_ALLOC_ENABLE", "BATCHCAP_MALLOC")}
+    out = subprocess.run([sys.executable, "-c", HUGE], env={**clean, **setting}, capture_output=True, text=True,
+                         check=True).stdout
+    got = json.loads(out.strip().splitlines()[-1])
+    assert got["env"] == env
+    if _thp_mode() == "madvise":  # huge pages only where asked for ("always": everywhere; "never": nowhere)
+        assert (got["huge_kb"] >= 32 * 1024) == (env == "1")
