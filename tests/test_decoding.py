@@ -128,6 +128,29 @@ def test_settle_ends_the_rows_it_returns_and_the_others_decode_as_before(transcr
     assert out.sequences.shape[1] == 2 + ENDS[63] + 1
 
 
+def test_a_row_stops_at_its_own_limit(transcriber):
+    """Row 1 (due to end after 9 tokens) may have 5: it leaves the decoder after its fifth token, unended
+    (``capped``), with the tokens it had; the other rows are unchanged."""
+    t = transcriber
+    prompts = torch.tensor([[t.sot_id, m] for m in MARKERS])
+    rules = [Suppress(t._not_text_ids), EndAt(2, t.eot_id)]
+    with torch.inference_mode():
+        states, cross = _inputs(t)
+        seen, handle = _decoder_rows(t)
+        try:
+            out = decode(t.model.get_decoder(), t.model.proj_out, prompts, states, t._cache(cross), rules,
+                         end_id=t.eot_id, max_length=20, drop_share=0.0, limits=[20, 2 + 5, 20, 20])
+        finally:
+            handle.remove()
+        plain, plain_rows = _run(t, drop_share=0.0)
+    assert out.capped == {1} and plain.capped == frozenset()
+    assert out.sequences[1, 2:7].tolist() == plain.sequences[1, 2:7].tolist()
+    assert t.eot_id not in plain.sequences[1, 2:7].tolist()
+    for r in (0, 2, 3):
+        assert torch.equal(out.sequences[r], plain.sequences[r, :out.sequences.shape[1]])
+    assert seen == [4, 4, 3, 3, 2, 1, 1] and plain_rows == [4, 4, 3, 3, 2, 2, 2, 1, 1, 1]
+
+
 def test_the_loop_gives_what_greedy_generate_gives(transcriber):
     """Same prompts, processors and caches: the loop's tokens are greedy generate's."""
     from transformers import GenerationMixin, LogitsProcessorList

@@ -17,6 +17,10 @@ that ended and are not dropped yet take the end token again, as ``generate`` pad
 It also scores each hypothesis as openai-whisper does: the mean log-probability of its tokens up to
 and including the end token, from the logits after the processors (before any temperature).
 
+``limits`` gives each row its own maximum length: the guard cuts a clip's hypothesis one token past
+the clip's token bound, and a looping short clip stops there rather than at the bound of the longest
+clip in its batch.
+
 ``settle`` lets the caller end rows whose result it no longer needs: the guard's later fallback
 temperatures are sampled in one call, and once a clip's first passing temperature is known its higher
 ones are not kept (guard.FirstPass), so their samples stop there instead of running on, maybe to the
@@ -40,18 +44,20 @@ class Decoded:
     sequences: Any  # [rows, length]: each row's prompt and generated tokens; ended rows padded with the end token
     logprobs: list[float | None]  # per row: mean log-probability of its tokens through the end token (None: none)
     stopped: frozenset[int] = frozenset()  # rows ``settle`` ended before their end token (incomplete, unused)
+    capped: frozenset[int] = frozenset()  # rows cut at their own length limit (``limits``) before their end token
 
 
 # settle(rows that just ended, hypothesis) -> rows to end now; hypothesis(row) -> (generated ids through the end
-# token, mean log-probability)
+# token if any, mean log-probability)
 Settle = Callable[[list[int], Callable[[int], tuple[list[int], float | None]]], list[int]]
 
 
 def decode(decoder: Any, head: Any, prompts: Any, encoder_states: Any, cache: Any, processors: Sequence[Any], *,
            end_id: int, max_length: int, sample: Any = None, drop_share: float = DROP_SHARE,
-           settle: Settle | None = None) -> Decoded:
+           settle: Settle | None = None, limits: Sequence[int] | None = None) -> Decoded:
     """Decode ``prompts`` ([rows, begin] token ids, the same length for every row) until every row has
-    ended or ``max_length`` tokens (prompt included).
+    ended or ``max_length`` tokens (prompt included); ``limits``: each row's own maximum length (at most
+    ``max_length``), a row that reaches it leaves unended (``Decoded.capped``).
 
     ``decoder``: Whisper's decoder, called with ``cache`` (an EncoderDecoderCache; its cross-attention
     part filled already, or filled by the first step from ``encoder_states``, one row per prompt);
@@ -60,8 +66,8 @@ def decode(decoder: Any, head: Any, prompts: Any, encoder_states: Any, cache: An
     ``p(input_ids, scores)`` on the rows still decoded; ``sample``: draws each row's token from its scores
     (``draw``), else the highest is taken. Rows are dropped with ``keep_cache_rows`` (the caches are
     changed in place) and ``keep_rows(keep, rows)`` of the processors and ``sample`` that have it.
-    ``settle``: called with the rows (original indices) that ended at a step; the rows it returns end
-    there too (``Decoded.stopped``)."""
+    ``settle``: called with the rows (original indices) that ended at a step (or reached their limit);
+    the rows it returns end there too (``Decoded.stopped``)."""
     import torch
 
     rows, begin = prompts.shape
@@ -76,6 +82,8 @@ def decode(decoder: Any, head: Any, prompts: Any, encoder_states: Any, cache: An
     key = cache_kwarg(decoder)
     ids, step, length = prompts, prompts, begin
     stopped: set[int] = set()
+    capped: set[int] = set()
+    limit = torch.tensor(limits, device=device) if limits is not None else None
 
     def hypothesis(row: int) -> tuple[list[int], float | None]:
         generated = out[row, begin:length].tolist()
@@ -112,6 +120,13 @@ def decode(decoder: Any, head: Any, prompts: Any, encoder_states: Any, cache: An
         length += 1
         new = (chosen == end_id) & ~ended
         ended |= new
+        if limit is not None:
+            cut = (limit[alive] <= length) & ~ended
+            if bool(cut.any()):
+                capped.update(alive[cut].tolist())
+                ended |= cut
+        if limit is not None:
+            new |= cut
         if settle is not None and bool(new.any()):
             stop = [r for r in settle(alive[new].tolist(), hypothesis) if r not in stopped]
             if stop:
@@ -128,4 +143,5 @@ def decode(decoder: Any, head: Any, prompts: Any, encoder_states: Any, cache: An
             alive, ids, ended, chosen = alive[keep], ids[keep], ended[keep], chosen[keep]
         step = chosen[:, None]
     means = [float(t / c) if c else None for t, c in zip(total.tolist(), count.tolist())]
-    return Decoded(out[:, :length], means, frozenset(stopped))  # length starts at begin and only grows
+    # length starts at begin and only grows
+    return Decoded(out[:, :length], means, frozenset(stopped), frozenset(capped))

@@ -423,9 +423,9 @@ class WhisperTranscriber:
         best of ``best_of`` samples. Rows are clip-major: clip, then run, then sample. With timestamp
         tokens (segments) unless ``timestamps`` is off.
 
-        Decoding stops one token past the token bound of the batch's longest clip (plus room for its
-        timestamps): a longer hypothesis is suspect whatever it says, so a loop costs that many steps,
-        not 448; a hypothesis cut there is suspect too."""
+        Each clip's rows stop one token past its token bound (plus room for its timestamps; beam search:
+        the batch's longest clip's): a longer hypothesis is suspect whatever it says, so a loop costs that
+        many steps, not 448 nor the longest clip's bound; a hypothesis cut there is suspect too."""
         from transformers import LogitsProcessorList
         from transformers.modeling_outputs import BaseModelOutput
 
@@ -436,12 +436,12 @@ class WhisperTranscriber:
         labels = [g.temperature_label(t) for t in temperatures] if sampled else [str(runs[0])]
         prompts = self._prompts(languages, n)
         begin = len(prompts[0])
-        budget = self.max_new_tokens or self._max_new_tokens
-        cap = g.token_bound(max(durations), self.guard) + 1
-        if self.timestamps:  # a start and an end time per segment; segments of 2 s or more
-            cap += 2 * (1 + math.ceil(max(durations) / 2))
-        max_new = min(budget, cap, self._max_new_tokens)
-        loop_cut = max_new == cap  # a hypothesis cut by the guard's cap (not the user's, not the model's) loops
+        budget = min(self.max_new_tokens or self._max_new_tokens, self._max_new_tokens)
+        caps = [self._token_cap(d) for d in durations]
+        clip_new = [min(budget, cap) for cap in caps]
+        max_new = max(clip_new)
+        # a hypothesis cut by the guard's cap (not the user's, not the model's) loops
+        loop_cut = [new == cap for new, cap in zip(clip_new, caps)]
         # the cap as max_length (prompt included): max_new_tokens beside the checkpoint's max_length warns each
         # call; the checkpoint's suppressed tokens are in our processors (generate's rebuild a mask every step)
         kwargs: dict[str, Any] = {"num_beams": self.num_beams, "do_sample": False, "max_length": begin + max_new,
@@ -450,6 +450,9 @@ class WhisperTranscriber:
         per_clip = len(temperatures) * samples
         if sampled:  # drawn by Sample, after the processors
             kwargs["num_beams"] = 1
+        if kwargs["num_beams"] == 1 and min(clip_new) < max_new:  # each clip's rows stop at its own cap
+            kwargs["limits"] = [begin + new for new in clip_new for _ in range(per_clip)]
+        if sampled:
             if per_clip > 1:
                 if cross is None:  # the first step projects the states' keys: one copy per row
                     states = states.repeat_interleave(per_clip, 0)
@@ -483,22 +486,31 @@ class WhisperTranscriber:
                              ids=_before(row, self.eot_id))
         if sampled and len(temperatures) > 1:  # a clip's temperatures after its first passing one: not needed
             kwargs["settle"] = g.FirstPass(len(temperatures), samples, lambda i, row, logprob: not g.is_suspect(
-                attempt(i, row, logprob), repeated[i], self.guard))
+                attempt(i, row, logprob, ran_out=loop_cut[i // per_clip] and self.eot_id not in row[-1:]),
+                repeated[i], self.guard))
         ids = torch.tensor(prompts, dtype=torch.long, device=self.device)
         with self._seeded(int(temperatures[0] * 1000)) if sampled else contextlib.nullcontext():
             decoded = self._generate(encoder_outputs=BaseModelOutput(last_hidden_state=states), decoder_input_ids=ids,
                                      logits_processor=LogitsProcessorList(processors), **kwargs)
         generated = decoded.sequences[:, begin:]
-        ended = (generated == self.eot_id).any(-1).tolist()
+        ended = [end and i not in decoded.capped for i, end in enumerate((generated == self.eot_id).any(-1).tolist())]
         rows = generated.tolist()
         logprobs = decoded.logprobs if decoded.logprobs is not None else self._rescore(states, prompts, generated)
-        attempts = [attempt(i, row, lp, ran_out=loop_cut and not end)
+        attempts = [attempt(i, row, lp, ran_out=loop_cut[i // per_clip] and not end)
                     for i, (row, lp, end) in enumerate(zip(rows, logprobs, ended))]
         # per clip and run, the best of its samples: unsuspect first, then the most confident
         best = [min(attempts[j:j + samples], key=lambda a: (g.is_suspect(a, repeated[j], self.guard),
                                                             -(a.avg_logprob or float("-inf"))))
                 for j in range(0, len(attempts), samples)]
         return [best[i:i + len(temperatures)] for i in range(0, len(best), len(temperatures))]
+
+    def _token_cap(self, duration_s: float) -> int:
+        """Tokens a clip's decoding may generate before the guard cuts it: one past its token bound, plus
+        a start and an end time per segment of 2 s or more when decoding with timestamps."""
+        cap = g.token_bound(duration_s, self.guard) + 1
+        if self.timestamps:
+            cap += 2 * (1 + math.ceil(duration_s / 2))
+        return cap
 
     def _generate(self, *, encoder_outputs: Any, decoder_input_ids: Any, logits_processor: Any,
                   sample: Sample | None = None, **kwargs: Any) -> Decoded:
@@ -512,7 +524,7 @@ class WhisperTranscriber:
             return decode(self.model.get_decoder(), self._step_head, decoder_input_ids,
                           encoder_outputs.last_hidden_state, kwargs[cache_kwarg(self.model)], logits_processor,
                           end_id=self.eot_id, max_length=kwargs["max_length"], sample=sample,
-                          settle=kwargs.get("settle"))
+                          settle=kwargs.get("settle"), limits=kwargs.get("limits"))
         with padding_warnings_off():  # every row of a call has the same prompt: nothing is padded
             out = GenerationMixin.generate(self.model, encoder_outputs=encoder_outputs,
                                            decoder_input_ids=decoder_input_ids, logits_processor=logits_processor,
