@@ -96,6 +96,28 @@ def test_ended_rows_leave_the_batch_and_the_others_decode_as_before(transcriber)
     assert dropped_rows == [4, 4, 3, 3, 2, 2, 2, 1, 1, 1]
 
 
+def test_the_callers_cross_attention_cache_keeps_every_row(transcriber):
+    """Rows leave decode's copy of the cache, not the caller's: the fallback's samples and word alignment
+    read the clips' cross-attention keys again after a decoding call that dropped rows (they once found
+    one row left: an IndexError that failed every batch with word timestamps)."""
+    t = transcriber
+    with torch.inference_mode():
+        states, cross = _inputs(t)
+        before = [(layer.keys, layer.values, getattr(layer.keys, TAIL_ATTR, None)) for layer in cross.layers]
+        prompts = torch.tensor([[t.sot_id, m] for m in MARKERS])
+        seen, handle = _decoder_rows(t)
+        try:
+            decode(t.model.get_decoder(), t.model.proj_out, prompts, states, t._cache(cross),
+                   [Suppress(t._not_text_ids), EndAt(2, t.eot_id)], end_id=t.eot_id, max_length=20, drop_share=0.0)
+        finally:
+            handle.remove()
+    assert seen[-1] == 1  # rows were dropped
+    assert len(cross.layers) == len(before)
+    for layer, (keys, values, tail) in zip(cross.layers, before):
+        assert layer.keys is keys and layer.values is values and keys.shape[0] == 4
+        assert getattr(layer.keys, TAIL_ATTR, None) is tail
+
+
 def test_settle_ends_the_rows_it_returns_and_the_others_decode_as_before(transcriber):
     """When the row with marker 62 ends (step 1), ``settle`` ends the one with marker 61 (due at step 9):
     it leaves the decoder there, is reported as stopped, and the other rows' tokens are unchanged."""

@@ -300,3 +300,24 @@ def test_transcriber_live_window_cache_gives_the_words_of_the_full_states(tiny_w
     for a, b in (runs[:2], runs[2:]):
         assert [[(w.word, w.start, w.end) for w in c] for c in a] == [[(w.word, w.start, w.end) for w in c] for c in b]
     assert all(runs[0])
+
+
+def test_words_of_a_batch_whose_rows_ended_at_different_steps(tiny_whisper):
+    """The 0.5 s clip's loop stops at its own token cap, before the 3 s clip's: its row leaves the
+    decoding batch, and word alignment afterwards still reads both clips' cross-attention keys."""
+    from batchcap.models import guard as g
+    from batchcap.models.whisper import WhisperTranscriber
+
+    t = WhisperTranscriber(tiny_whisper, device="cpu", dtype="float32", language="en", word_timestamps=True,
+                           guard=g.GuardConfig(fallback=False))
+    seen = []
+    handle = t.model.get_decoder().register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(tuple(kwargs["input_ids"].shape)), with_kwargs=True)
+    try:
+        rows = t.transcribe([t.prepare(tone(0.5, seed=0)), t.prepare(tone(3.0, seed=1))])
+    finally:
+        handle.remove()
+    assert (1, 1) in seen and seen[-1][0] == 2  # a decoding step of the 3 s clip alone; then both aligned
+    for row in rows:
+        words = [w for s in row["segments"] for w in s.words]
+        assert words and "".join(w.word for w in words).strip() == row["text"].strip()

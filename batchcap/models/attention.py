@@ -149,6 +149,25 @@ def cache_rows(cross: Any, index: Any) -> Any:
     return out
 
 
+def own_cache(cache: Any) -> Any:
+    """A copy of ``cache`` (an EncoderDecoderCache or a DynamicCache) that holds the same tensors (no data
+    copied, shared tails kept): rows dropped from it with ``keep_cache_rows``, or layers it fills, leave
+    ``cache`` as it was. A filled cross-attention cache is read again after a decoding call that dropped
+    rows (the fallback's samples, word alignment)."""
+    import copy
+
+    if hasattr(cache, "cross_attention_cache"):
+        out = copy.copy(cache)
+        out.self_attention_cache = own_cache(cache.self_attention_cache)
+        out.cross_attention_cache = own_cache(cache.cross_attention_cache)
+        if isinstance(getattr(cache, "is_updated", None), dict):
+            out.is_updated = dict(cache.is_updated)
+        return out
+    out = copy.copy(cache)
+    out.layers = [copy.copy(layer) for layer in cache.layers]
+    return out
+
+
 def keep_cache_rows(cache: Any, keep: Any) -> None:
     """Keep only the rows ``keep`` (a LongTensor of row indices, in order) of a cache, in place: an
     EncoderDecoderCache (both parts) or a DynamicCache, shared tails renumbered with their rows."""

@@ -33,7 +33,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .attention import keep_cache_rows
+from .attention import keep_cache_rows, own_cache
 from .common import cache_kwarg
 
 DROP_SHARE = 0.25  # ended rows are dropped once they are this share of the rows still decoded
@@ -64,8 +64,9 @@ def decode(decoder: Any, head: Any, prompts: Any, encoder_states: Any, cache: An
     ``head``: the projection from decoder states to logits (or a ``shortlist.ShortlistHead``, whose
     candidates are picked by the processors run on its estimate); ``processors``: called as
     ``p(input_ids, scores)`` on the rows still decoded; ``sample``: draws each row's token from its scores
-    (``draw``), else the highest is taken. Rows are dropped with ``keep_cache_rows`` (the caches are
-    changed in place) and ``keep_rows(keep, rows)`` of the processors and ``sample`` that have it.
+    (``draw``), else the highest is taken. Rows are dropped with ``keep_cache_rows`` from decode's own
+    copy of ``cache`` (``own_cache``: the caller's keeps every row) and with ``keep_rows(keep, rows)`` of the
+    processors and ``sample`` that have it.
     ``settle``: called with the rows (original indices) that ended at a step (or reached their limit);
     the rows it returns end there too (``Decoded.stopped``)."""
     import torch
@@ -80,6 +81,7 @@ def decode(decoder: Any, head: Any, prompts: Any, encoder_states: Any, cache: An
     ended = torch.zeros(rows, dtype=torch.bool, device=device)  # of those: ended, not dropped yet
     stateful = [p for p in (*processors, sample) if hasattr(p, "keep_rows")]
     key = cache_kwarg(decoder)
+    cache = own_cache(cache)  # the caller's cache keeps its rows (it may be read again: samples, word times)
     ids, step, length = prompts, prompts, begin
     stopped: set[int] = set()
     capped: set[int] = set()
