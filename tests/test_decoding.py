@@ -160,12 +160,16 @@ def test_a_row_stops_at_its_own_limit(transcriber):
         states, cross = _inputs(t)
         seen, handle = _decoder_rows(t)
         try:
+            heard = []
             out = decode(t.model.get_decoder(), t.model.proj_out, prompts, states, t._cache(cross), rules,
-                         end_id=t.eot_id, max_length=20, drop_share=0.0, limits=[20, 2 + 5, 20, 20])
+                         end_id=t.eot_id, max_length=20, drop_share=0.0, limits=[20, 2 + 5, 20, 20],
+                         settle=lambda rows, hypothesis: heard.append([(r, len(hypothesis(r)[0])) for r in rows]) or [])
         finally:
             handle.remove()
         plain, plain_rows = _run(t, drop_share=0.0)
     assert out.capped == {1} and plain.capped == frozenset()
+    # settle hears of each row once, as it ends or reaches its limit (row 1: 5 tokens, no end token)
+    assert heard == [[(2, 2)], [(0, 4)], [(1, 5)], [(3, 7)]]
     assert out.sequences[1, 2:7].tolist() == plain.sequences[1, 2:7].tolist()
     assert t.eot_id not in plain.sequences[1, 2:7].tolist()
     for r in (0, 2, 3):

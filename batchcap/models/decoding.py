@@ -122,13 +122,12 @@ def decode(decoder: Any, head: Any, prompts: Any, encoder_states: Any, cache: An
         length += 1
         new = (chosen == end_id) & ~ended
         ended |= new
-        if limit is not None:
+        if limit is not None:  # rows at their own limit leave unended; settle hears of them too
             cut = (limit[alive] <= length) & ~ended
             if bool(cut.any()):
                 capped.update(alive[cut].tolist())
                 ended |= cut
-        if limit is not None:
-            new |= cut
+                new |= cut
         if settle is not None and bool(new.any()):
             stop = [r for r in settle(alive[new].tolist(), hypothesis) if r not in stopped]
             if stop:
