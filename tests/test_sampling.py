@@ -196,7 +196,7 @@ def test_a_clips_higher_temperatures_stop_once_a_lower_one_passes(tiny_whisper, 
             kwargs["logits_processor"].append(_EndPerRun(rows, 2, 2, [2, 12], begin, t.eot_id))
         return real(**kwargs)
     t._generate = generate
-    seen = plain_rows = []
+    seen = []  # rows of each decoder call
     handle = t.model.get_decoder().register_forward_pre_hook(
         lambda module, args, kwargs: seen.append(kwargs["input_ids"].shape[0]), with_kwargs=True)
     clip = t.prepare(tone(0.5, freq=300))
@@ -206,6 +206,7 @@ def test_a_clips_higher_temperatures_stop_once_a_lower_one_passes(tiny_whisper, 
         seen.clear()
         monkeypatch.setattr(g.FirstPass, "__call__", lambda self, rows, hypothesis: [])  # never settles
         plain = t.transcribe([clip])[0]
+        plain_rows = list(seen)
     finally:
         handle.remove()
     # greedy and the full window loop to the 0.5 s clip's token bound; at 0.2 too; 0.4 passes

@@ -450,13 +450,12 @@ class WhisperTranscriber:
         per_clip = len(temperatures) * samples
         if sampled:  # drawn by Sample, after the processors
             kwargs["num_beams"] = 1
-        if kwargs["num_beams"] == 1 and min(clip_new) < max_new:  # each clip's rows stop at its own cap
-            kwargs["limits"] = [begin + new for new in clip_new for _ in range(per_clip)]
-        if sampled:
             if per_clip > 1:
                 if cross is None:  # the first step projects the states' keys: one copy per row
                     states = states.repeat_interleave(per_clip, 0)
                 prompts = [p for p in prompts for _ in range(per_clip)]
+        if kwargs["num_beams"] == 1 and min(clip_new) < max_new:  # each clip's rows stop at its own cap
+            kwargs["limits"] = [begin + new for new in clip_new for _ in range(per_clip)]
         # no special token but the end (text the guard could not see); timestamps by Whisper's grammar
         processors: list[Any] = [Suppress(self._special_ids if self.timestamps else self._not_text_ids),
                                  SuppressAtBegin(self._begin_suppress_ids, begin)]
