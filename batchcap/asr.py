@@ -33,6 +33,7 @@ class AudioOptions(JobOptions):
     model: str = DEFAULT_AUDIO_MODEL
     language: str | None = None  # "es": every recording; "es,en": the candidates detection picks from
     language_column: str | None = None  # manifest column of each recording's language (default: language)
+    run_languages: bool = True  # unsure detections lean on the languages the run was surely detected in
     task: str = "transcribe"
     max_new_tokens: int | None = None
     full_window: bool = False  # run the encoder over all 30 s for every clip (exact, slower)
@@ -102,6 +103,9 @@ class WhisperPredictor:
     def __init__(self, transcriber: Any, batch_size: int = 16):
         self.transcriber = transcriber
         self.batch_size = batch_size
+        start_run = getattr(transcriber, "start_run", None)
+        if start_run is not None:  # a transcriber used for an earlier run forgets that run's languages
+            start_run()
 
     def predict(self, batch: list[Any]) -> list[Transcript]:
         """Clips and the windows of long recordings, batched together (longform.transcribe_units)."""
@@ -248,7 +252,8 @@ def load_transcriber(options: AudioOptions) -> Any:
                               language=options.language, task=options.task, num_beams=options.num_beams,
                               max_new_tokens=options.max_new_tokens, full_window=options.full_window,
                               window_margin_s=options.window_margin_s, guard=guard,
-                              timestamps=options.timestamps, word_timestamps=options.word_timestamps)
+                              timestamps=options.timestamps, word_timestamps=options.word_timestamps,
+                              run_languages=options.run_languages)
 
 
 def load_predictor(options: AudioOptions) -> WhisperPredictor:
@@ -307,8 +312,10 @@ def audio_job(options: AudioOptions) -> Job:
     # a long clip from setting the encoder length and the decoding steps of a batch of short ones
     # (on the 563-clip benchmark, 256 items instead of 64 took the run from 88 s to 72 s).
     group = max(4, math.ceil(256 / max(1, options.batch_size)))
+    # Longest first: the long clips, whose language detection is surest, teach the run its languages
+    # before the short ones that lean on them (models/run_languages.py)
     return Job(AudioPreprocessor(options), AudioScorer(options), functools.partial(load_predictor, options),
-               group=group)
+               group=group, longest_first=True)
 
 
 def transcribe(inputs: str | Sequence[str], output: str = "transcripts.parquet", *,

@@ -170,6 +170,10 @@ def main() -> None:
 @click.option("--language-column", default=None,
               help="Manifest column with each recording's language (it wins over --language) "
                    "[default: language, lang or locale when present].")
+@click.option("--run-languages/--no-run-languages", default=AudioOptions.run_languages, show_default=True,
+              help="A recording whose detected language stays unsure (a clip of a second or two, often) leans on "
+                   "the languages the run's other recordings were surely detected in; off, it keeps its own "
+                   "most likely language whatever the run speaks.")
 @click.option("--task", type=click.Choice(["transcribe", "translate"]), default=AudioOptions.task, show_default=True)
 @click.option("--normalize", type=click.Choice(list(NORMALIZER_MODES)), default=AudioOptions.normalize,
               show_default=True,

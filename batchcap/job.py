@@ -69,6 +69,8 @@ class Job:
     scorer: Scorer
     load_predictor: Callable[[], Predictor]
     group: int = 4  # items are sorted by size in windows of batch_size * group
+    # a window's batches run from its largest items to its smallest (the batches themselves are the same)
+    longest_first: bool = False
 
     @property
     def kind(self) -> str:

@@ -38,6 +38,8 @@ Systems (all greedy, English):
   batchcap-notimestamps                   batchcap with timestamps=False (--no-timestamps): no timestamp tokens,
                                           so no seek; one segment per clip
   batchcap-plain                          both: no timestamps, nothing redone (the round before the guard)
+  batchcap-clip-languages                 batchcap with run_languages=False: an unsure detection keeps its own
+                                          most likely language, whatever the run's other clips are detected in
   faster-whisper-int8/-fp32/-fp16         WhisperModel(--ct2).transcribe(path) one file at a time, no VAD
                                           (int8 is int8_float16 on CUDA; fp16 runs on CUDA only)
   faster-whisper-batched-int8             BatchedInferencePipeline: batches the Silero-VAD chunks of ONE
@@ -294,6 +296,7 @@ def _hf_pipeline(clips: list[Clip], args: argparse.Namespace, outcome: Outcome) 
 SYSTEMS: dict[str, Runner] = {
     "batchcap": _batchcap({}),
     "batchcap-fp32": _batchcap({"dtype": "float32"}),
+    "batchcap-clip-languages": _batchcap({"run_languages": False}),  # each clip's own detection only
     "batchcap-full": _batchcap({"full_window": True}),
     "batchcap-noguard": _batchcap({"fallback": False, "no_speech_threshold": None}),
     "batchcap-notimestamps": _batchcap({"timestamps": False}),

@@ -74,7 +74,7 @@ def transcribe(t: WhisperTranscriber, clips: list[np.ndarray]) -> list[dict]:
     try:
         with torch.inference_mode(), t._inference():
             states, cross = t._encode(batch, t.full_window)
-            languages, _, no_speech = t._first_position(batch, states, cross)
+            languages, _, no_speech, _ = t._first_position(batch, states, cross)
             durations = [p.duration_s for p in batch]
             attempts = t._decode(states, cross, languages, no_speech, durations, "greedy")
             gen = t.model.generation_config

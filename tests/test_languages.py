@@ -189,7 +189,7 @@ def test_unsure_live_detection_is_redone_on_the_zero_padded_full_window(tiny_whi
         with torch.inference_mode(), t._inference():
             sub = [w.detection_window(p) for p in clips]
             states, cross = t._encode(sub, True)
-            languages, probs, _ = t._first_position(sub, states, cross)
+            languages, probs, _, _ = t._first_position(sub, states, cross)
         assert [r["language"] for r in rows] == languages
         assert [r["language_prob"] for r in rows] == pytest.approx(probs, abs=1e-3)
         # clips detected surely enough on the live window are not detected again
@@ -270,3 +270,146 @@ def test_the_report_scores_translations_in_english():
     translated = score_result(Result("t.parquet", columns, summary={"task": "translate"}))
     transcribed = score_result(Result("t.parquet", columns, summary={"task": "transcribe"}))
     assert (translated.word_errors[0], transcribed.word_errors[0]) == (0, 1)
+
+
+# --- the run's languages: an unsure detection leans on what the run surely speaks ---------------------
+
+def test_run_languages_weigh_an_unsure_detection_by_the_runs_sure_ones():
+    from batchcap.models.run_languages import RunLanguages
+
+    run = RunLanguages(sure=0.8, memory=3)
+    langs = ["en", "it", "es"]
+    assert run.choose(langs, [0.5, 0.2, 0.3]) == 0  # nothing heard yet: the detector's own choice
+    run.observe("it", 0.79)  # an unsure detection is not evidence
+    run.observe("it", None)
+    assert run.heard() == {} and run.choose(langs, [0.5, 0.2, 0.3]) == 0
+    run.observe("it", 0.95)
+    run.observe("it", 1.0)
+    assert run.heard() == {"it": 2}
+    assert run.choose(langs, [0.5, 0.2, 0.3]) == 1  # 0.2 x 3 against 0.5 x 1
+    assert run.choose(langs, [0.7, 0.2, 0.1]) == 0  # 0.2 x 3 against 0.7 x 1
+    assert run.choose(["es", "en"], [0.3, 0.7]) == 1  # a language outside the candidates weighs nothing
+    for _ in range(3):  # the memory holds the last 3 sure detections
+        run.observe("es", 0.9)
+    assert run.heard() == {"es": 3} and run.choose(langs, [0.5, 0.2, 0.3]) == 2
+    with pytest.raises(ValueError):
+        run.choose([], [])
+
+
+def test_an_unsure_clip_leans_on_the_languages_its_run_was_given_or_surely_detected_in(tiny_whisper):
+    import torch
+
+    from batchcap.models import whisper as w
+
+    clips = [tone(1.0), tone(2.0, freq=300), tone(1.5, freq=600)]
+    plain = _transcriber(tiny_whisper, run_languages=False)
+    alone = plain.transcribe([plain.prepare(c) for c in clips])
+    assert all(r["language_prob"] < w.LIVE_DETECTION_MIN_PROB for r in alone)  # the tiny model is never sure
+    # an earlier batch of the run is given a language that none of the clips is detected in alone
+    given = next(c for c in ("de", "fr", "es", "en") if c not in {r["language"] for r in alone})
+    t = _transcriber(tiny_whisper)
+    with torch.inference_mode(), t._inference():  # the detector's probabilities (full window: each is unsure)
+        sub = [w.detection_window(t.prepare(c)) for c in clips]
+        states, cross = t._encode(sub, True)
+        _, _, _, dists = t._first_position(sub, states, cross)
+    assert [r["language"] for r in alone] == [t.candidates[max(range(4), key=d.__getitem__)] for d in dists]
+    first = t.transcribe([t.prepare(tone(3.0, freq=500), language=given) for _ in range(3)])
+    assert [r["language"] for r in first] == [given] * 3 and t.run_languages.heard() == {given: 3}
+    rows = t.transcribe([t.prepare(c) for c in clips])
+    k = t.candidates.index(given)
+    for r, dist in zip(rows, dists):  # p(language) x (sure count + 1)
+        best = max(range(4), key=lambda j: dist[j] * (4 if j == k else 1))
+        assert r["language"] == t.candidates[best]
+        assert r["language_prob"] == pytest.approx(dist[best], abs=1e-3)  # the detector's own probability
+    assert any(r["language"] == given for r in rows)
+    # switched off, the same clips after the same batch keep the detector's own choice
+    plain.transcribe([plain.prepare(tone(3.0, freq=500), language=given) for _ in range(3)])
+    assert plain.run_languages is None
+    assert [r["language"] for r in plain.transcribe([plain.prepare(c) for c in clips])] == \
+        [r["language"] for r in alone]
+    # one language for the run: nothing to lean on
+    assert _transcriber(tiny_whisper, language="fr").run_languages is None
+
+
+def test_the_cli_leans_on_the_manifests_languages_unless_told_not_to(tiny_whisper, tmp_path):
+    from tests.helpers import rows_of, run_cli
+
+    def languages(name, cells, *flags):
+        out = tmp_path / f"{name}.csv"
+        (tmp_path / name).mkdir()
+        code, output = run_cli("audio", _manifest(tmp_path / name, languages=cells), "-o", out, "--model",
+                               tiny_whisper, "--batch-size", "4", "--no-fallback", *flags)
+        assert code == 0, output
+        return [r["language"] for r in rows_of(out)]
+
+    alone = languages("alone", ("", "", "", ""), "--no-run-languages")
+    given = next(c for c in ("de", "fr", "es", "en") if c not in alone[2:])
+    assert languages("leaning", (given, given, "", "")) == [given] * 4
+    assert languages("own", (given, given, "", ""), "--no-run-languages") == [given, given] + alone[2:]
+
+
+def test_a_clip_sure_of_a_language_its_run_would_overturn_is_detected_again_on_the_full_window(
+        tiny_whisper, monkeypatch):
+    import torch
+
+    from batchcap.models import whisper as w
+
+    monkeypatch.setattr(w, "LIVE_DETECTION_MIN_PROB", 0.1)  # every detection of the tiny model is sure now
+    clips = [tone(1.0), tone(2.0, freq=300), tone(1.5, freq=600)]
+
+    def detect(t, full):
+        with torch.inference_mode(), t._inference():
+            sub = [w.detection_window(t.prepare(c)) if full else t.prepare(c) for c in clips]
+            states, cross = t._encode(sub, full)
+            return t._first_position(sub, states, cross)
+
+    for run_languages in (True, False):
+        t = _transcriber(tiny_whisper, run_languages=run_languages)
+        live, _, _, live_dists = detect(t, False)
+        full, full_probs, _, _ = detect(t, True)
+        given = next(c for c in ("de", "fr", "es", "en") if c not in live)
+        t.transcribe([t.prepare(tone(3.0, freq=500), language=given) for _ in range(3)])
+        k = t.candidates.index(given)
+        # the clips the run's counts would move: p(given) x 4 above their live window's choice
+        surprising = [i for i, d in enumerate(live_dists) if d[k] * 4 > max(d)] if run_languages else []
+        assert not run_languages or surprising
+        windows: list = []
+        handle = t.model.get_encoder().register_forward_hook(
+            lambda module, args, out, seen=windows: seen.append(tuple(args[0].shape)))
+        try:
+            rows = t.transcribe([t.prepare(c) for c in clips])
+        finally:
+            handle.remove()
+        # (the live window runs its own layers, not the encoder's forward) the surprising clips on the full
+        # window, in one batch
+        assert windows == ([(len(surprising), windows[0][1], 3000)] if surprising else [])
+        # sure on the full window too: that detection is final (it does not lean on the run)
+        assert [r["language"] for r in rows] == [full[i] if i in surprising else live[i] for i in range(3)]
+        for i in surprising:
+            assert rows[i]["language_prob"] == pytest.approx(full_probs[i], abs=1e-3)
+
+
+def test_a_windows_batches_run_from_its_longest_clips_to_its_shortest(tiny_whisper, tmp_path):
+    # the long clips, surest of their language, are heard before the short ones that lean on them
+    import pyarrow.parquet as pq
+
+    from batchcap.asr import transcribe
+    from tests.conftest import write_audio
+
+    t = _transcriber(tiny_whisper)
+    seen: list = []
+    real = t.transcribe
+
+    def spy(batch):
+        seen.append([round(p.duration_s, 1) for p in batch])
+        return real(batch)
+    t.transcribe = spy
+    durations = [1.0, 3.0, 0.5, 2.0, 1.5]
+    files = [write_audio(tmp_path / f"c{i}.wav", d, freq=300 + 50 * i) for i, d in enumerate(durations)]
+    out = tmp_path / "out.parquet"
+    transcribe(files, str(out), transcriber=t, batch_size=2)
+    # sorted by duration and cut into batches as before ([0.5, 1.0], [1.5, 2.0], [3.0]), run last to first
+    # (and longest first within a batch too: longform.transcribe_units)
+    assert seen == [[3.0], [2.0, 1.5], [1.0, 0.5]]
+    rows = pq.read_table(out).to_pylist()
+    assert [r["source"] for r in rows] == files and all(r["status"] == "ok" for r in rows)

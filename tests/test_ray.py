@@ -220,6 +220,44 @@ def test_ray_batches_items_as_the_local_engine_does(tmp_path):
     assert len({r["text"].split(" in ")[1] for r in local_rows if r["text"]}) == 9  # windows of 6, 6, 6, 6, 2
 
 
+class NumberedBatchEchoPredictor(BatchEchoPredictor):
+    """... and the number of the predict call it came from (per replica)."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def predict(self, batch: list[dict[str, Any]]) -> list[str]:
+        self.calls += 1
+        return [f"{text} #{self.calls}" for text in super().predict(batch)]
+
+
+def test_longest_first_runs_a_windows_batches_from_its_largest_items_on_both_engines(tmp_path):
+    items = [Item(i, f"c{i:02d}", write_audio(tmp_path / f"c{i:02d}.wav", 0.2 + 0.05 * ((i * 7) % 11)))
+             for i in range(12)]
+
+    def batches(engine: dict[str, Any], longest_first: bool) -> list[list[tuple[float, str, int]]]:
+        """Per window of 6 items: its batches as (largest size, names, call number), in call order."""
+        job = Job(NamingPreprocessor(), EchoScorer(), NumberedBatchEchoPredictor, group=2,
+                  longest_first=longest_first)
+        out = run_job(items, job, str(tmp_path / f"{engine['engine']}{longest_first}.parquet"),
+                      JobOptions(**{**engine, "batch_size": 3})).output
+        windows: dict[int, set] = {}
+        for row in read_table(out).to_pylist():
+            names, call = row["text"].split(" in ")[1].split(" #")
+            windows.setdefault(int(row["id"][1:]) // 6, set()).add((names, int(call)))
+        sizes = {row["id"]: row["duration_s"] for row in read_table(out).to_pylist()}
+        return [sorted(((max(sizes[n] for n in names[1:-1].split(",")), names, call) for names, call in w),
+                       key=lambda b: b[2]) for _, w in sorted(windows.items())]
+
+    for engine in (RAY_OPTIONS, dict(engine="local", workers=2, quiet=True)):
+        first = batches(engine, True)
+        plain = batches(engine, False)
+        # the same batches, run from the largest to the smallest
+        assert [[b[1] for b in w] for w in first] == [[b[1] for b in reversed(w)] for w in plain]
+        assert all([b[0] for b in w] == sorted((b[0] for b in w), reverse=True) for w in first)
+        assert all(len(w) == 2 for w in first)
+
+
 def test_killed_replica_loses_and_duplicates_nothing(tmp_path):
     items = []
     for i in range(24):

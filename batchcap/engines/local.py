@@ -132,6 +132,8 @@ def stream_rows(items: Iterable[Item], job: Job, predictor: Predictor, options: 
                         yield make_row(job.scorer, loaded)
             ready.sort(key=lambda s: s.key)  # sizes of the first decoding: the same whatever the budget
             batches = [ready[start:start + batch_size] for start in range(0, len(ready), batch_size)]
+            if job.longest_first:
+                batches.reverse()
             del ready, take
             for number, batch in enumerate(batches):
                 batches[number] = []

@@ -337,7 +337,8 @@ class _ModelReplica:
             else:
                 ready.append((size, position, key, value))
         ready.sort(key=lambda entry: (entry[0], entry[1]))  # by size; ties keep input order (as the local engine)
-        for start in range(0, len(ready), self.batch_size):
+        starts = range(0, len(ready), self.batch_size)
+        for start in (reversed(starts) if self.job.longest_first else starts):
             group = ready[start:start + self.batch_size]
             try:
                 out = list(predict_batch(self.predictor, self.job.scorer, [loaded for _, _, _, loaded in group]))

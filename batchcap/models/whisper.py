@@ -48,6 +48,7 @@ from .common import (
     resolve_precision,
 )
 from .decoding import Decoded, decode
+from .run_languages import RunLanguages
 from .shortlist import shortlist_head
 from .whisper_logits import Sample, Suppress, SuppressAtBegin, TimestampRules, timestamp_limits
 from .whisper_timestamps import (
@@ -179,12 +180,14 @@ class WhisperTranscriber:
                  language: str | Sequence[str] | None = None, task: str = "transcribe", num_beams: int = 1,
                  max_new_tokens: int | None = None, full_window: bool = False, window_margin_s: float = 1.0,
                  attn_implementation: str | None = "sdpa", guard: g.GuardConfig | None = None,
-                 timestamps: bool = True, word_timestamps: bool = False):
+                 timestamps: bool = True, word_timestamps: bool = False, run_languages: bool = True):
         """``language``: one language for every clip ("es"), or the candidates detection picks from
         ("es,en" or ["es", "en"]); None detects among all. A clip's own ``Prepared.language`` wins.
         ``timestamps``: clips up to 30 s are decoded with Whisper's timestamp tokens (segments with
         times, as openai-whisper decodes); off, each clip is one segment. ``word_timestamps``: each
-        segment also gets its words with times, by cross-attention alignment (whisper_words.py)."""
+        segment also gets its words with times, by cross-attention alignment (whisper_words.py).
+        ``run_languages``: a clip whose detected language stays unsure leans on the languages the
+        run's other clips were surely detected in (run_languages.py)."""
         import torch
         from transformers import WhisperForConditionalGeneration, WhisperTokenizerFast
 
@@ -222,6 +225,9 @@ class WhisperTranscriber:
         self.language = codes[0] if len(codes) == 1 else None  # every clip's language
         self.candidates = codes if len(codes) > 1 else list(self._lang_to_id)  # what detection picks from
         self.guard = guard or g.GuardConfig()
+        # an unsure detection leans on the languages the run was surely detected in (run_languages.py)
+        self.run_languages = RunLanguages(LIVE_DETECTION_MIN_PROB) \
+            if run_languages and self.multilingual and self.language is None else None
         self.task = task
         self.num_beams = num_beams
         self.max_new_tokens = max_new_tokens
@@ -280,6 +286,11 @@ class WhisperTranscriber:
     @property
     def english_spelling_dir(self) -> str | None:
         return self.name if os.path.isdir(self.name) else getattr(self.tokenizer, "name_or_path", None)
+
+    def start_run(self) -> None:
+        """A new run: forget the languages the previous one was detected in (run_languages.py)."""
+        if self.run_languages is not None:
+            self.run_languages = RunLanguages(self.run_languages.sure)
 
     def language_code(self, language: str) -> str:
         """The language code this model knows for ``language`` (a code or a name: "es", "Spanish")."""
@@ -348,11 +359,12 @@ class WhisperTranscriber:
 
     # --- the first decoding position: language and no-speech ----------------------------------
     def _first_position(self, batch: list[Prepared], states: Any, cross: Any
-                        ) -> tuple[list[str] | None, list[float | None], list[float]]:
+                        ) -> tuple[list[str] | None, list[float | None], list[float], list[list[float] | None]]:
         """From the decoder's distribution right after <|startoftranscript|> (openai-whisper's
         ``detect_language`` and no-speech probability): each clip's language (its own, the run's, or
         the most likely of the candidates), the probability of a detected one among the candidates,
-        and the probability of the no-speech token."""
+        the probability of the no-speech token, and a detected clip's probabilities of every
+        candidate (``self.candidates``' order; None where the language was given)."""
         torch = self._torch
         sot = torch.full((len(batch), 1), self.sot_id, dtype=torch.long, device=self.device)
         decoder = self.model.get_decoder()
@@ -364,22 +376,21 @@ class WhisperTranscriber:
             if any(p.language not in (None, "en") for p in batch):
                 log.warning("%s is an English-only model: transcribing clips marked %s as English", self.name,
                             ", ".join(sorted({p.language for p in batch if p.language not in (None, "en")})))
-            return None, [None] * len(batch), no_speech
+            return None, [None] * len(batch), no_speech, [None] * len(batch)
         languages: list[str | None] = [p.language if p.language in self._lang_to_id else self.language
                                        for p in batch]
         for p in batch:
             if p.language and p.language not in self._lang_to_id:
                 log.warning("%s does not know language %r: detecting it instead", self.name, p.language)
         probs: list[float | None] = [None] * len(batch)
+        dists: list[list[float] | None] = [None] * len(batch)
         todo = [i for i, lang in enumerate(languages) if lang is None]
         if todo:
             ids = torch.tensor([self._lang_to_id[c] for c in self.candidates], device=self.device)
-            lang_probs = logits[todo][:, ids].softmax(-1)
-            best = lang_probs.max(-1)
-            for i, p, k in zip(todo, best.values.tolist(), best.indices.tolist()):
-                languages[i] = self.candidates[k]
-                probs[i] = p
-        return [lang or "en" for lang in languages], probs, no_speech
+            for i, dist in zip(todo, logits[todo][:, ids].softmax(-1).tolist()):
+                k = max(range(len(dist)), key=dist.__getitem__)
+                languages[i], probs[i], dists[i] = self.candidates[k], dist[k], dist
+        return [lang or "en" for lang in languages], probs, no_speech, dists
 
     # --- generation ---------------------------------------------------------------------------
     def _generate_kwargs(self, languages: list[str] | None) -> dict[str, Any]:
@@ -603,23 +614,47 @@ class WhisperTranscriber:
         return Prepared(np.ascontiguousarray(feats), duration, False, p.pad_value, language,
                         joins=tuple(round(j - at_s, 3) for j in p.joins if j > at_s))
 
+    def _settle_languages(self, batch: list[Prepared], languages: list[str], probs: list[float | None],
+                          dists: list[list[float] | None]) -> None:
+        """Languages detected on the live window below LIVE_DETECTION_MIN_PROB: a long recording's window
+        follows its recording's language; the others are detected again on the full window, and those
+        still unsure lean on the languages the run was surely detected in, or given in (run_languages.py).
+        A clip sure on the live window of a language the run's languages would overturn is detected
+        again on the full window too: sure there, it keeps it; unsure, it leans on the run's."""
+        unsure = [i for i, p in enumerate(probs) if p is not None and p < LIVE_DETECTION_MIN_PROB]
+        guided = {i for i in unsure if batch[i].language_prior in self._lang_to_id}
+        for i in guided:
+            languages[i] = str(batch[i].language_prior)
+        unsure = [i for i in unsure if i not in guided]
+        if self.run_languages is not None:  # sure on the live window, in a language the run would overturn:
+            # a second look on the full window (the live window is sometimes sure of a wrong language)
+            unsure += [i for i, dist in enumerate(dists) if dist is not None and i not in guided
+                       and i not in unsure and self.candidates[self.run_languages.choose(self.candidates, dist)]
+                       != languages[i]]
+        if unsure:
+            sub = [detection_window(batch[i]) for i in unsure]
+            full_states, full_cross = self._encode(sub, True)
+            sub_languages, sub_probs, _, sub_dists = self._first_position(sub, full_states, full_cross)
+            del full_states, full_cross
+            for k, i in enumerate(unsure):
+                languages[i], probs[i], dists[i] = sub_languages[k], sub_probs[k], sub_dists[k]
+        if self.run_languages is None:
+            return
+        for i, p in enumerate(probs):  # a language given for a clip (a manifest column) is sure
+            if i not in guided:
+                self.run_languages.observe(languages[i], 1.0 if p is None else p)
+        for i in unsure:
+            dist = dists[i]
+            if dist is not None and (probs[i] or 0.0) < LIVE_DETECTION_MIN_PROB:
+                k = self.run_languages.choose(self.candidates, dist)
+                languages[i], probs[i] = self.candidates[k], dist[k]
+
     def _decode_clips(self, batch: list[Prepared], seek: bool = False) -> list[dict[str, Any]]:
         first = g.BEAM if self.num_beams > 1 else g.GREEDY
         states, cross = self._encode(batch, self.full_window)
-        languages, language_probs, no_speech = self._first_position(batch, states, cross)
-        unsure = [i for i, p in enumerate(language_probs) if p is not None and p < LIVE_DETECTION_MIN_PROB]
-        if unsure and languages is not None:
-            guided = [i for i in unsure if batch[i].language_prior in self._lang_to_id]
-            for i in guided:  # a recording's window follows its recording's language
-                languages[i] = batch[i].language_prior
-            unsure = [i for i in unsure if i not in guided]
-        if unsure and languages is not None:  # the others: detected again on the full window
-            sub = [detection_window(batch[i]) for i in unsure]
-            full_states, full_cross = self._encode(sub, True)
-            sub_languages, sub_probs, _ = self._first_position(sub, full_states, full_cross)
-            for k, i in enumerate(unsure):
-                languages[i], language_probs[i] = sub_languages[k], sub_probs[k]
-            del full_states, full_cross
+        languages, language_probs, no_speech, dists = self._first_position(batch, states, cross)
+        if languages is not None:
+            self._settle_languages(batch, languages, language_probs, dists)
         durations = [p.duration_s for p in batch]
         history = [[a] for a in self._decode(states, cross, languages, no_speech, durations, first)]
         pending = [i for i, p in enumerate(batch) if self._suspect(history[i][-1], p)]
@@ -635,7 +670,7 @@ class WhisperTranscriber:
                 sub_no_speech = [no_speech[i] for i in pending]
             else:  # redo on the full window (in the language already detected: see detection_window)
                 full_states, full_cross = self._encode(sub, True)
-                _, _, sub_no_speech = self._first_position(sub, full_states, full_cross)
+                _, _, sub_no_speech, _ = self._first_position(sub, full_states, full_cross)
                 sub_languages = [languages[i] for i in pending] if languages else None
                 for k, i in enumerate(pending):
                     no_speech[i] = sub_no_speech[k]
@@ -769,7 +804,7 @@ class WhisperTranscriber:
             mask[i, :n] = 1
         head, _ = self._encode([Prepared(p.features[:, :WINDOW_FRAMES], 30.0, False, p.pad_value, p.language)
                                 for p in batch], True)
-        languages, language_probs, _ = self._first_position(batch, head, None)
+        languages, language_probs, _, _ = self._first_position(batch, head, None)
         kwargs = self._generate_kwargs(languages)
         kwargs.update(self._long_form_guard())
         with self._seeded(0):
