@@ -413,3 +413,17 @@ def test_a_windows_batches_run_from_its_longest_clips_to_its_shortest(tiny_whisp
     assert seen == [[3.0], [2.0, 1.5], [1.0, 0.5]]
     rows = pq.read_table(out).to_pylist()
     assert [r["source"] for r in rows] == files and all(r["status"] == "ok" for r in rows)
+
+
+def test_each_run_of_one_loaded_transcriber_starts_with_no_languages_heard(tiny_whisper, tmp_path):
+    from batchcap.asr import transcribe
+    from tests.conftest import write_audio
+
+    t = _transcriber(tiny_whisper)
+    (tmp_path / "a").mkdir()
+    transcribe(_manifest(tmp_path / "a", languages=("fr", "fr", "fr", "")), str(tmp_path / "a.parquet"),
+               transcriber=t)
+    assert t.run_languages.heard() == {"fr": 3}
+    files = [write_audio(tmp_path / f"b{i}.wav", 1.0 + i, freq=300 + 100 * i) for i in range(2)]
+    transcribe(files, str(tmp_path / "b.parquet"), transcriber=t)
+    assert t.run_languages.heard() == {}  # the tiny model is sure of nothing: only the first run knew French
