@@ -48,6 +48,11 @@ class RunLanguages:
         self._recent.append(language)
         self._counts[language] += 1
 
+    def forget(self) -> None:
+        """Forget every detection counted so far (a new run)."""
+        self._recent.clear()
+        self._counts.clear()
+
     def heard(self) -> dict[str, int]:
         """The sure detections counted now, by language."""
         return dict(self._counts)

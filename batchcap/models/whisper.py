@@ -290,7 +290,7 @@ class WhisperTranscriber:
     def start_run(self) -> None:
         """A new run: forget the languages the previous one was detected in (run_languages.py)."""
         if self.run_languages is not None:
-            self.run_languages = RunLanguages(self.run_languages.sure)
+            self.run_languages.forget()
 
     def language_code(self, language: str) -> str:
         """The language code this model knows for ``language`` (a code or a name: "es", "Spanish")."""
