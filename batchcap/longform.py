@@ -94,6 +94,7 @@ class _Assembly:
     languages: Counter = field(default_factory=Counter)  # seconds of windows per language
     sure: Counter = field(default_factory=Counter)  # ... of windows detected confidently in it
     decodes: list[Any] = field(default_factory=list)
+    scored: list[tuple[float, dict[str, Any]]] = field(default_factory=list)  # (seconds, result) per window
 
     def language_so_far(self) -> str | None:
         """The language of most of the recording's confidently detected windows so far (None: none yet)."""
@@ -160,15 +161,47 @@ def transcribe_units(transcriber: Any, batch: Sequence[Any], batch_size: int,
                         a.sure[res["language"]] += w.duration_s
                 if "decode" in res:
                     a.decodes.append(res["decode"])
+                a.scored.append((w.duration_s, res))
     for i, a in assemblies.items():
         text, segments = stitch(a.windows)
-        result: dict[str, Any] = {"text": text, "segments": segments,
-                                  "language": a.languages.most_common(1)[0][0] if a.languages else None,
-                                  "windows": len(a.windows)}
+        language = a.languages.most_common(1)[0][0] if a.languages else None
+        result: dict[str, Any] = {"text": text, "segments": segments, "language": language,
+                                  "windows": len(a.windows), **recording_scores(a.scored, language)}
         if a.decodes:
             result["decode"] = (worst_decode or _first_unusual)(a.decodes)
         results[i] = result
     return [r if r is not None else {"text": "", "segments": [], "language": None} for r in results]
+
+
+def recording_scores(windows: Sequence[tuple[float, dict[str, Any]]], language: str | None) -> dict[str, Any]:
+    """A recording's guard columns from its windows' ``(seconds, result)``, so that a long row can be
+    filtered as a clip's can:
+
+    * ``avg_logprob``: the mean token log-probability over the windows that kept text (each window's mean
+      weighted by its tokens plus the end token, as the mean itself counts them);
+    * ``compression_ratio``: the worst (highest) window's, as ``decode`` reports the worst window;
+    * ``no_speech_prob``: the lowest window's: the recording is as sure to hold speech as its surest window;
+    * ``language_prob``: the detection probability of the recording's language, averaged over the windows
+      detected in it, weighted by their seconds (None where every window's language was given).
+    """
+    def rounded(x: float) -> float:
+        return round(float(x), 4)
+
+    spoken = [res for _, res in windows if res.get("text") and res.get("avg_logprob") is not None]
+    weights = [(res.get("tokens") or 0) + 1 for res in spoken]
+    ratios = [res["compression_ratio"] for _, res in windows
+              if res.get("text") and res.get("compression_ratio") is not None]
+    no_speech = [res["no_speech_prob"] for _, res in windows if res.get("no_speech_prob") is not None]
+    detected = [(seconds, res["language_prob"]) for seconds, res in windows
+                if res.get("language") == language and res.get("language_prob") is not None]
+    seconds = sum(s for s, _ in detected)
+    return {
+        "avg_logprob": rounded(sum(w * r["avg_logprob"] for w, r in zip(weights, spoken)) / sum(weights))
+        if spoken else None,
+        "compression_ratio": rounded(max(ratios)) if ratios else None,
+        "no_speech_prob": rounded(min(no_speech)) if no_speech else None,
+        "language_prob": rounded(sum(s * p for s, p in detected) / seconds) if detected and seconds > 0 else None,
+    }
 
 
 def _prepare(transcriber: Any, batch: Sequence[Any], chunk: list[_Unit]) -> list[Any]:

@@ -31,6 +31,7 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--rows", type=int, default=25, help="operators listed")
     parser.add_argument("--first", action="store_true", help="profile the first pass, not a warm one")
+    parser.add_argument("--shapes", action="store_true", help="also list the operators by input shapes")
     args = parser.parse_args()
     sys.path.insert(0, ROOT)
     import torch
@@ -63,7 +64,7 @@ def main() -> int:
         if not args.first:
             print(f"warm-up pass: {once():.2f} s for {len(rows)} clips")
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-        with profile(activities=activities) as prof:
+        with profile(activities=activities, record_shapes=args.shapes) as prof:
             wall = once()
     averages = prof.key_averages()
     print(f"profiled pass ({'first' if args.first else 'warm'}): {wall:.2f} s wall")
@@ -72,6 +73,10 @@ def main() -> int:
         print(f"GPU kernels: {busy:.2f} s ({100 * busy / wall:.0f} % of the wall time)")
         print(averages.table(sort_by="self_device_time_total", row_limit=args.rows, max_name_column_width=60))
     print(averages.table(sort_by="self_cpu_time_total", row_limit=args.rows, max_name_column_width=60))
+    if args.shapes:
+        by_shape = prof.key_averages(group_by_input_shape=True)
+        print(by_shape.table(sort_by="self_cpu_time_total", row_limit=args.rows, max_name_column_width=40,
+                             max_shapes_column_width=80))
     return 0
 
 

@@ -300,3 +300,38 @@ def test_a_segment_over_a_left_out_pause_is_cut_at_the_join(tiny_whisper, tmp_pa
         for w in s.get("words") or []:
             assert s["start"] <= w["start"] <= w["end"] <= s["end"]
     assert segments[0]["start"] < pauses[0][0] and segments[-1]["end"] > pauses[-1][1]
+
+
+def test_a_long_rows_scores_come_from_its_windows(tiny_whisper, tmp_path):
+    # a long row has the guard's columns as a clip's row has, taken from its windows' (which the test sees)
+    path, _ = long_file(tmp_path / "a.wav", 1.5)
+    transcriber = load_transcriber(AudioOptions(model=tiny_whisper, max_new_tokens=6))
+    windows: list[tuple[float, dict]] = []
+    inner = transcriber.transcribe
+
+    def recording(batch):
+        results = inner(batch)
+        for k, (p, r) in enumerate(zip(batch, results)):
+            r["text"] = r["text"] or f"w{k}"  # the tiny model often says nothing on tones
+            if k == 0 and len(windows) == 0:
+                r["text"] = ""  # ... except the first window: it adds nothing to the text's scores
+            windows.append((p.duration_s, dict(r)))
+        return results
+    transcriber.transcribe = recording
+    result = transcribe([path], str(tmp_path / "out.parquet"), transcriber=transcriber, quiet=True, batch_size=4)
+    (row,) = rows_of(result.output)
+    assert row["status"] == "ok" and len(windows) >= 4
+    spoken = [r for _, r in windows if r["text"]]
+    assert len(spoken) == len(windows) - 1
+    weights = [r["tokens"] + 1 for r in spoken]
+    assert row["avg_logprob"] == pytest.approx(
+        sum(w * r["avg_logprob"] for w, r in zip(weights, spoken)) / sum(weights), abs=1e-4)
+    assert row["compression_ratio"] == max(r["compression_ratio"] for r in spoken)
+    assert row["no_speech_prob"] == min(r["no_speech_prob"] for _, r in windows)
+    mine = [(s, r["language_prob"]) for s, r in windows if r["language"] == row["language"]]
+    assert row["language_prob"] == pytest.approx(sum(s * p for s, p in mine) / sum(s for s, _ in mine), abs=1e-4)
+    # given a language, nothing is detected: no probability
+    given = load_transcriber(AudioOptions(model=tiny_whisper, max_new_tokens=6, language="en"))
+    result = transcribe([path], str(tmp_path / "given.parquet"), transcriber=given, quiet=True, batch_size=4)
+    (row,) = rows_of(result.output)
+    assert row["language"] == "en" and row["language_prob"] is None and row["avg_logprob"] is not None
