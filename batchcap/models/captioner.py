@@ -15,6 +15,7 @@ from PIL import Image
 
 from ..items import FatalError
 from .attention import beam_cache_class, repeated_cross_cache, use_step_attention
+from .blocked import block_output_embeddings
 from .common import (
     cache_kwarg,
     check_model_kind,
@@ -89,6 +90,7 @@ class Captioner:
             lambda: load_pretrained(AutoModelForImageTextToText, model, self.dtype, attn_implementation,
                                     config=config).to(self.device).eval(), self.autocast)
         use_step_attention(self.model, self.device)
+        block_output_embeddings(self.model, self.device)  # float32 on x86: the vocabulary in blocks (blocked.py)
         self.model_type = config.model_type
         self._fix_special_tokens()
         self._prompt_ids = self._encode_prompt() if self.prompt else None
