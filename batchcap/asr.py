@@ -107,6 +107,20 @@ class WhisperPredictor:
         if start_run is not None:  # a transcriber used for an earlier run forgets that run's languages
             start_run()
 
+    replay_columns = ("status", "language", "language_prob")
+
+    def replay(self, rows: list[dict[str, Any]]) -> None:
+        """Rows an earlier run wrote for a batch this run skips: their languages count as heard, where the
+        batch would have run (run_languages.py), so that a resumed run leans as an uninterrupted one did.
+        A given language (no probability) counts as sure; a long recording once (its windows did then)."""
+        heard = getattr(self.transcriber, "run_languages", None)
+        if heard is None:
+            return
+        for row in rows:
+            if row.get("status") == "ok" and row.get("language"):
+                probability = row.get("language_prob")
+                heard.observe(str(row["language"]), 1.0 if probability is None else float(probability))
+
     def predict(self, batch: list[Any]) -> list[Transcript]:
         """Clips and the windows of long recordings, batched together (longform.transcribe_units)."""
         from .longform import transcribe_units

@@ -357,6 +357,15 @@ class ResultStore:
             done.update(str(i) for i in ids.cast(pa.string()).to_pylist() if i is not None)
         return done
 
+    def written_rows(self, columns: list[str]) -> list[dict[str, Any]]:
+        """The rows already written (the final file's, then each part's, oldest first), with those of
+        ``columns`` they have: what a resumed run's model may learn from (the languages heard so far)."""
+        rows: list[dict[str, Any]] = []
+        for table in [self._read_final(columns)] + [self._read_part(p, columns) for _, p in self._part_files()]:
+            if table is not None:
+                rows.extend(table.to_pylist())
+        return rows
+
     def _merged_table(self) -> Any:
         """The final file and every part as one table of one schema (oldest rows first)."""
         import pyarrow as pa

@@ -348,6 +348,38 @@ def test_the_cli_leans_on_the_manifests_languages_unless_told_not_to(tiny_whispe
     assert languages("own", (given, given, "", ""), "--no-run-languages") == [given, given] + alone[2:]
 
 
+@pytest.mark.parametrize("fmt", ["parquet", "csv"])
+def test_a_resumed_run_leans_as_the_uninterrupted_run_did(tiny_whisper, tmp_path, fmt):
+    # batches of 2, longest first: the two longer clips (given a language) run first, and the two short
+    # ones lean on them. Cut in two, the first run writes the given rows; the resumed run skips their
+    # batch and must hear their languages where that batch ran, or the short ones go their own way
+    from tests.helpers import rows_of, run_cli
+
+    def run(manifest, out, *flags):
+        code, output = run_cli("audio", manifest, "-o", out, "--model", tiny_whisper, "--batch-size", "2",
+                               "--no-fallback", *flags)
+        assert code == 0, output
+        return [r["language"] for r in rows_of(out)]
+
+    (tmp_path / "alone").mkdir()
+    alone = run(_manifest(tmp_path / "alone", languages=("", "", "", "")), tmp_path / "alone.csv",
+                "--no-run-languages")
+    given = next(c for c in ("de", "fr", "es", "en") if c not in alone[:2])
+    (tmp_path / "m").mkdir()
+    manifest = _manifest(tmp_path / "m", languages=("", "", given, given))
+    whole = run(manifest, tmp_path / f"whole.{fmt}")
+    assert whole == [given] * 4  # one run: the short clips leaned on the given ones
+    lines = open(manifest, encoding="utf-8").read().splitlines(keepends=True)
+    first = tmp_path / "first.csv"
+    first.write_text(lines[0] + "".join(lines[3:]), encoding="utf-8")  # the header and the two given rows
+    out = tmp_path / f"out.{fmt}"
+    assert run(str(first), out) == [given, given]
+    assert run(manifest, out) == whole  # resumed: the skipped batch's languages were heard
+    out = tmp_path / f"off.{fmt}"
+    run(str(first), out, "--no-run-languages")
+    assert run(manifest, out, "--no-run-languages") == alone[:2] + [given, given]
+
+
 def test_a_clip_sure_of_a_language_its_run_would_overturn_is_detected_again_on_the_full_window(
         tiny_whisper, monkeypatch):
     import torch
