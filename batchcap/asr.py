@@ -109,17 +109,23 @@ class WhisperPredictor:
 
     replay_columns = ("status", "language", "language_prob")
 
-    def replay(self, rows: list[dict[str, Any]]) -> None:
-        """Rows an earlier run wrote for a batch this run skips: their languages count as heard, where the
-        batch would have run (run_languages.py), so that a resumed run leans as an uninterrupted one did.
-        A given language (no probability) counts as sure; a long recording once (its windows did then)."""
+    def remember(self, row: dict[str, Any]) -> tuple[str, float] | None:
+        """What :meth:`replay` needs of a row an earlier run wrote: its language and probability, where it
+        counts as heard (an ok row, detected surely or given: no probability counts as sure)."""
         heard = getattr(self.transcriber, "run_languages", None)
-        if heard is None:
-            return
-        for row in rows:
-            if row.get("status") == "ok" and row.get("language"):
-                probability = row.get("language_prob")
-                heard.observe(str(row["language"]), 1.0 if probability is None else float(probability))
+        if heard is None or row.get("status") != "ok" or not row.get("language"):
+            return None
+        probability = 1.0 if row.get("language_prob") is None else float(row["language_prob"])
+        return (str(row["language"]), probability) if probability >= heard.sure else None
+
+    def replay(self, memos: list[tuple[str, float]]) -> None:
+        """The remembered rows of a batch this run skips (done by an earlier run): their languages count as
+        heard where the batch would have run (run_languages.py), so that a resumed run leans as an
+        uninterrupted one did. A long recording counts once (its windows did one each then)."""
+        heard = getattr(self.transcriber, "run_languages", None)
+        if heard is not None:
+            for language, probability in memos:
+                heard.observe(language, probability)
 
     def predict(self, batch: list[Any]) -> list[Transcript]:
         """Clips and the windows of long recordings, batched together (longform.transcribe_units)."""

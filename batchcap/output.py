@@ -357,14 +357,18 @@ class ResultStore:
             done.update(str(i) for i in ids.cast(pa.string()).to_pylist() if i is not None)
         return done
 
-    def written_rows(self, columns: list[str]) -> list[dict[str, Any]]:
-        """The rows already written (the final file's, then each part's, oldest first), with those of
-        ``columns`` they have: what a resumed run's model may learn from (the languages heard so far)."""
-        rows: list[dict[str, Any]] = []
+    def written_rows(self, columns: list[str]) -> Iterator[dict[str, Any]]:
+        """The rows already written (the final file's, then each part's, oldest first), with ``columns``
+        (None where a file lacks one), one file's columns in memory at a time: what a resumed run's model
+        may learn from (the languages heard so far)."""
         for table in [self._read_final(columns)] + [self._read_part(p, columns) for _, p in self._part_files()]:
-            if table is not None:
-                rows.extend(table.to_pylist())
-        return rows
+            if table is None:
+                continue
+            names = table.column_names
+            values = [table.column(c).to_pylist() if c in names else [None] * table.num_rows for c in columns]
+            del table
+            for row in zip(*values):
+                yield dict(zip(columns, row))
 
     def _merged_table(self) -> Any:
         """The final file and every part as one table of one schema (oldest rows first)."""

@@ -83,7 +83,11 @@ def run_job(items: Iterable[Item], job: Job, output: str, options: JobOptions | 
         journal = Journal(store.parts_dir) if options.engine == "local" else None
         earlier = None  # rows of done items, for a model that learns from the run so far (audio: languages)
         if store.done and options.engine == "local" and getattr(predictor, "replay", None) is not None:
-            earlier = {row["id"]: row for row in store.written_rows(["id", *predictor.replay_columns])}
+            earlier = {}
+            for row in store.written_rows(["id", *predictor.replay_columns]):
+                memo = predictor.remember(row)  # the little a later replay needs, or None
+                if memo is not None:
+                    earlier[row["id"]] = memo
         try:
             for row in _rows(items, job, options, predictor, store.done, order, journal, inflight, store.flush,
                              earlier):
@@ -164,7 +168,7 @@ def _write_report(output: str, summary: dict[str, Any], local: Any = None) -> st
 def _rows(items: Iterable[Item], job: Job, options: JobOptions, predictor: Predictor | None, done: set[str],
           order: dict[str, int], journal: Journal | None, inflight: InflightStats | None = None,
           flush: Callable[[], None] | None = None,
-          earlier: dict[str, dict[str, Any]] | None = None) -> Iterator[dict[str, Any] | None]:
+          earlier: dict[str, Any] | None = None) -> Iterator[dict[str, Any] | None]:
     """The engine's rows, with crash-loop protection (see journal.py) where there is a journal:
     items in flight when earlier runs died are done alone after the others, or get a ``crashed``
     row after two such deaths."""
@@ -202,7 +206,7 @@ def _rows(items: Iterable[Item], job: Job, options: JobOptions, predictor: Predi
 def _engine_rows(items: Iterable[Item], job: Job, options: JobOptions, predictor: Predictor | None,
                  done: set[str], order: dict[str, int], journal: Journal | None = None,
                  inflight: InflightStats | None = None,
-                 earlier: dict[str, dict[str, Any]] | None = None) -> Iterator[dict[str, Any] | None]:
+                 earlier: dict[str, Any] | None = None) -> Iterator[dict[str, Any] | None]:
     if options.engine == "ray":
         from .engines import ray
 

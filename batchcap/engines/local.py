@@ -86,11 +86,12 @@ class InflightStats:
 def stream_rows(items: Iterable[Item], job: Job, predictor: Predictor, options: JobOptions, done: set[str],
                 order: dict[str, int], watch: Watch | None = None,
                 stats: InflightStats | None = None,
-                earlier: dict[str, dict[str, Any]] | None = None) -> Iterator[dict[str, Any] | None]:
+                earlier: dict[str, Any] | None = None) -> Iterator[dict[str, Any] | None]:
     """Yield one row per item not yet done (None for each item skipped as done). ``watch`` (the crash
     journal) hears which items are being decoded or predicted at any moment; ``stats`` (if given) gets
-    the account of decoded bytes in flight. ``earlier``: the rows earlier runs wrote, by id; a batch of
-    done items is skipped, and the predictor's ``replay`` gets their rows where that batch would have run
+    the account of decoded bytes in flight. ``earlier``: what the predictor remembered of the rows earlier
+    runs wrote, by id; a batch of done items is skipped, and the predictor's ``replay`` gets that batch's
+    memos where it would have run
     (a model that learns from the run so far, as Whisper's run languages do, hears what it heard then)."""
     watch = watch or _NoWatch()
     stats = stats if stats is not None else InflightStats()
