@@ -90,9 +90,9 @@ def stream_rows(items: Iterable[Item], job: Job, predictor: Predictor, options: 
     """Yield one row per item not yet done (None for each item skipped as done). ``watch`` (the crash
     journal) hears which items are being decoded or predicted at any moment; ``stats`` (if given) gets
     the account of decoded bytes in flight. ``earlier``: what the predictor remembered of the rows earlier
-    runs wrote, by id; a batch of done items is skipped, and the predictor's ``replay`` gets that batch's
-    memos where it would have run
-    (a model that learns from the run so far, as Whisper's run languages do, hears what it heard then)."""
+    runs wrote, by id. A batch of done items is skipped, and the predictor's ``replay`` gets that batch's
+    memos where it would have run: a model that learns from the run so far (Whisper's run languages)
+    hears what it heard then."""
     watch = watch or _NoWatch()
     stats = stats if stats is not None else InflightStats()
     limit = options.max_inflight_bytes if options.max_inflight_bytes and options.max_inflight_bytes > 0 else None
