@@ -361,7 +361,10 @@ class ResultStore:
         """The rows already written (the final file's, then each part's, oldest first), with ``columns``
         (None where a file lacks one), one file's columns in memory at a time: what a resumed run's model
         may learn from (the languages heard so far)."""
-        for table in [self._read_final(columns)] + [self._read_part(p, columns) for _, p in self._part_files()]:
+        reads = [lambda: self._read_final(columns)]
+        reads += [lambda path=path: self._read_part(path, columns) for _, path in self._part_files()]
+        for read in reads:
+            table = read()
             if table is None:
                 continue
             names = table.column_names
