@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -103,29 +103,37 @@ class WhisperPredictor:
     def __init__(self, transcriber: Any, batch_size: int = 16):
         self.transcriber = transcriber
         self.batch_size = batch_size
+        self._earlier: dict[str, tuple[str, float]] = {}  # see resume
         start_run = getattr(transcriber, "start_run", None)
         if start_run is not None:  # a transcriber used for an earlier run forgets that run's languages
             start_run()
 
-    replay_columns = ("status", "language", "language_prob")
+    resume_columns = ("status", "language", "language_prob")
 
-    def remember(self, row: dict[str, Any]) -> tuple[str, float] | None:
-        """What :meth:`replay` needs of a row an earlier run wrote: its language and probability, where it
-        counts as heard (an ok row, detected surely or given: no probability counts as sure)."""
+    def resume(self, rows: Iterable[dict[str, Any]]) -> None:
+        """The rows earlier runs wrote (oldest first), for a resumed run: the language and probability of
+        each that counts as heard (an ok row, detected surely or given: no probability counts as sure),
+        kept by id for :meth:`skipped`."""
+        self._earlier = {}
         heard = getattr(self.transcriber, "run_languages", None)
-        if heard is None or row.get("status") != "ok" or not row.get("language"):
-            return None
-        probability = 1.0 if row.get("language_prob") is None else float(row["language_prob"])
-        return (str(row["language"]), probability) if probability >= heard.sure else None
+        if heard is None:
+            return
+        for row in rows:
+            if row.get("status") != "ok" or not row.get("language"):
+                continue
+            probability = 1.0 if row.get("language_prob") is None else float(row["language_prob"])
+            if probability >= heard.sure:
+                self._earlier[row["id"]] = (str(row["language"]), probability)
 
-    def replay(self, memos: list[tuple[str, float]]) -> None:
-        """The remembered rows of a batch this run skips (done by an earlier run): their languages count as
-        heard where the batch would have run (run_languages.py), so that a resumed run leans as an
-        uninterrupted one did. A long recording counts once (its windows did one each then)."""
+    def skipped(self, ids: list[str]) -> None:
+        """A batch of items done by an earlier run, which this run skips: their languages count as heard
+        where the batch would have run (run_languages.py), so that a resumed run leans as an uninterrupted
+        one did. A long recording counts once (its windows did one each then)."""
         heard = getattr(self.transcriber, "run_languages", None)
         if heard is not None:
-            for language, probability in memos:
-                heard.observe(language, probability)
+            for i in ids:
+                if i in self._earlier:
+                    heard.observe(*self._earlier[i])
 
     def predict(self, batch: list[Any]) -> list[Transcript]:
         """Clips and the windows of long recordings, batched together (longform.transcribe_units)."""

@@ -81,16 +81,11 @@ def run_job(items: Iterable[Item], job: Job, output: str, options: JobOptions | 
         progress = Progress(job.kind, total=estimate() if callable(estimate) else None, bar=options.progress,
                             quiet=options.quiet, log_every=options.log_every)
         journal = Journal(store.parts_dir) if options.engine == "local" else None
-        earlier = None  # rows of done items, for a model that learns from the run so far (audio: languages)
-        if store.done and options.engine == "local" and getattr(predictor, "replay", None) is not None:
-            earlier = {}
-            for row in store.written_rows(["id", *predictor.replay_columns]):
-                memo = predictor.remember(row)  # the little a later replay needs, or None
-                if memo is not None:
-                    earlier[row["id"]] = memo
+        if store.done and options.engine == "local" and getattr(predictor, "resume", None) is not None:
+            # a model that learns from the run so far (audio: its languages) hears what earlier runs wrote
+            predictor.resume(store.written_rows(["id", *predictor.resume_columns]))
         try:
-            for row in _rows(items, job, options, predictor, store.done, order, journal, inflight, store.flush,
-                             earlier):
+            for row in _rows(items, job, options, predictor, store.done, order, journal, inflight, store.flush):
                 if row is None:
                     skipped += 1
                     progress.update(skipped=True)
@@ -167,13 +162,12 @@ def _write_report(output: str, summary: dict[str, Any], local: Any = None) -> st
 
 def _rows(items: Iterable[Item], job: Job, options: JobOptions, predictor: Predictor | None, done: set[str],
           order: dict[str, int], journal: Journal | None, inflight: InflightStats | None = None,
-          flush: Callable[[], None] | None = None,
-          earlier: dict[str, Any] | None = None) -> Iterator[dict[str, Any] | None]:
+          flush: Callable[[], None] | None = None) -> Iterator[dict[str, Any] | None]:
     """The engine's rows, with crash-loop protection (see journal.py) where there is a journal:
     items in flight when earlier runs died are done alone after the others, or get a ``crashed``
     row after two such deaths."""
     if journal is None:
-        yield from _engine_rows(items, job, options, predictor, done, order, inflight=inflight, earlier=earlier)
+        yield from _engine_rows(items, job, options, predictor, done, order, inflight=inflight)
         return
     journal.open(reset=options.retry_failed or options.overwrite)
     alone: list[Item] = []
@@ -188,7 +182,7 @@ def _rows(items: Iterable[Item], job: Job, options: JobOptions, predictor: Predi
                 continue
             yield item
 
-    yield from _engine_rows(admitted(), job, options, predictor, done, order, journal, inflight, earlier)
+    yield from _engine_rows(admitted(), job, options, predictor, done, order, journal, inflight)
     for item in crashed:
         message = (f"the process died {journal.deaths(item.id)} times while this item was being decoded or "
                    "transcribed (out of memory? a crash in a decoder? kill -9?); it was not tried again. Check "
@@ -198,15 +192,14 @@ def _rows(items: Iterable[Item], job: Job, options: JobOptions, predictor: Predi
         log.warning("doing %d item(s) that were being processed when an earlier run died, one at a time",
                     len(alone))
     for item in alone:
-        yield from _engine_rows([item], job, options, predictor, done, order, journal, inflight, earlier)
+        yield from _engine_rows([item], job, options, predictor, done, order, journal, inflight)
         if flush is not None:  # the consumer has stored its row: keep it, should the next one kill the run
             flush()
 
 
 def _engine_rows(items: Iterable[Item], job: Job, options: JobOptions, predictor: Predictor | None,
                  done: set[str], order: dict[str, int], journal: Journal | None = None,
-                 inflight: InflightStats | None = None,
-                 earlier: dict[str, Any] | None = None) -> Iterator[dict[str, Any] | None]:
+                 inflight: InflightStats | None = None) -> Iterator[dict[str, Any] | None]:
     if options.engine == "ray":
         from .engines import ray
 
@@ -214,5 +207,4 @@ def _engine_rows(items: Iterable[Item], job: Job, options: JobOptions, predictor
     from .engines import local
 
     assert predictor is not None
-    return local.stream_rows(items, job, predictor, options, done, order, watch=journal, stats=inflight,
-                             earlier=earlier)
+    return local.stream_rows(items, job, predictor, options, done, order, watch=journal, stats=inflight)

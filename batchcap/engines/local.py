@@ -85,14 +85,12 @@ class InflightStats:
 
 def stream_rows(items: Iterable[Item], job: Job, predictor: Predictor, options: JobOptions, done: set[str],
                 order: dict[str, int], watch: Watch | None = None,
-                stats: InflightStats | None = None,
-                earlier: dict[str, Any] | None = None) -> Iterator[dict[str, Any] | None]:
+                stats: InflightStats | None = None) -> Iterator[dict[str, Any] | None]:
     """Yield one row per item not yet done (None for each item skipped as done). ``watch`` (the crash
     journal) hears which items are being decoded or predicted at any moment; ``stats`` (if given) gets
-    the account of decoded bytes in flight. ``earlier``: what the predictor remembered of the rows earlier
-    runs wrote, by id. A batch of done items is skipped, and the predictor's ``replay`` gets that batch's
-    memos where it would have run: a model that learns from the run so far (Whisper's run languages)
-    hears what it heard then."""
+    the account of decoded bytes in flight. A batch of done items is skipped; a predictor with a
+    ``skipped`` method is told of it where it would have run (a model that learns from the run so far,
+    as Whisper's run languages do, hears again what it heard then)."""
     watch = watch or _NoWatch()
     stats = stats if stats is not None else InflightStats()
     limit = options.max_inflight_bytes if options.max_inflight_bytes and options.max_inflight_bytes > 0 else None
@@ -142,8 +140,8 @@ def stream_rows(items: Iterable[Item], job: Job, predictor: Predictor, options: 
             for number, batch in enumerate(batches):
                 batches[number] = []
                 if all(slot.partner for slot in batch):  # done by an earlier run
-                    if earlier is not None:
-                        predictor.replay([earlier[s.item.id] for s in batch if s.item.id in earlier])
+                    if hasattr(predictor, "skipped"):
+                        predictor.skipped([slot.item.id for slot in batch])
                     loader.release(batch)
                     continue
                 if any(not slot.held for slot in batch):
