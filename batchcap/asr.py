@@ -5,9 +5,10 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from .audio import DEFAULT_MAX_DURATION_S, decode_audio
 from .fetch import FetchConfig
@@ -15,6 +16,7 @@ from .inputs import audio_spec
 from .items import EMPTY, OK, FatalError, Item, ItemError
 from .job import Job, JobOptions, run_pipeline
 from .metrics import error_counts, get_normalizer, load_english_spelling
+from .metrics.asr import NORMALIZER_MODES
 from .predictions import Transcript
 from .runner import RunResult
 from .stages import ModelFreePreprocessor
@@ -58,6 +60,12 @@ class AudioOptions(JobOptions):
     write_dir: str | None = None  # default: OUTPUT without extension + ".subtitles"
     max_line_width: int | None = None
     max_line_count: int | None = None
+
+    positive_numbers: ClassVar[tuple[str, ...]] = (*JobOptions.positive_numbers, "max_duration_s", "max_new_tokens",
+                                                   "max_line_width", "max_line_count")
+    choices: ClassVar[dict[str, tuple[Any, ...]]] = {
+        **JobOptions.choices, "task": ("transcribe", "translate"), "normalize": NORMALIZER_MODES,
+        "long_form": ("batched", "sequential"), "vad": ("energy", "silero")}
 
 
 class AudioPreprocessor(ModelFreePreprocessor):
@@ -357,6 +365,8 @@ def transcribe(inputs: str | Sequence[str], output: str = "transcripts.parquet",
     """
     options = options or AudioOptions()
     options.update(overrides, "transcribe")
+    options.check()
+    output = os.fspath(output)
     _check_long_form_options(options, output)
     if transcriber is not None:
         options.model = transcriber.name  # features, rows and scores follow the model actually used

@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import logging
 import math
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +33,9 @@ DC_OFFSET = 1e-3  # a mean sample value beyond this (-60 dBFS) is an offset, rem
 MIN_DECODED_SHARE = 0.9  # damaged audio is transcribed when at least this share of its duration decodes
 EMPTY_FILE_BYTES = 1024  # a file with no samples and fewer bytes is empty; with more, FFmpeg has a look
 _UNKNOWN_FRAMES = 2**62  # libsndfile reports SF_COUNT_MAX when a stream does not say its length
+# libsndfile's log of a header whose chunk runs past the end of the file: "data : 160000 (should be 47969)"
+_SHORT_CHUNK = re.compile(r"^\s*(data|SSND|RIFF|RIFX|FORM|riff)\s*:\s*(\d+)\s*\(should be (\d+)\)", re.MULTILINE)
+_UNKNOWN_CHUNK = 0x7FFF0000  # sizes a streaming writer puts where it cannot know the length (with 0)
 
 
 @dataclass
@@ -156,6 +160,7 @@ def _read(data: bytes, budget: _Budget) -> tuple[np.ndarray, int]:
     try:
         with sf.SoundFile(io.BytesIO(data)) as f:
             samples, rate = _read_blocks(f, budget), int(f.samplerate)
+            _check_cut_short(f.extra_info, len(samples) / rate)
         if samples.size or len(data) < EMPTY_FILE_BYTES:
             return samples, rate
         # no samples, yet bytes after the header: a WAV whose recorder died before writing the data size
@@ -167,6 +172,23 @@ def _read(data: bytes, budget: _Budget) -> tuple[np.ndarray, int]:
         if first_error.startswith("File does not exist"):  # what libsndfile's MPEG reader says of bad frames
             first_error = "MPEG data that does not decode"
     return _read_av(data, first_error, _Budget(budget.limit_s))
+
+
+def _check_cut_short(header_log: str, decoded_s: float) -> None:
+    """A file cut short (a partial copy or download, a recorder that died) whose header still announces its
+    whole length: libsndfile reads what is there and logs the chunk that runs past the end of the file.
+    Under ``MIN_DECODED_SHARE`` of the announced audio is the row's decode_error, as damaged audio is in
+    FFmpeg's path; a header that cannot know the length (0, 0xFFFFFFFF: a streaming writer's) says nothing."""
+    shares = {}
+    for chunk, declared, actual in _SHORT_CHUNK.findall(header_log or ""):
+        if 0 < int(declared) < _UNKNOWN_CHUNK:
+            shares[chunk] = int(actual) / int(declared)
+    share = shares.get("data", shares.get("SSND", min(shares.values(), default=1.0)))
+    if share < MIN_DECODED_SHARE:
+        raise ItemError(DECODE_ERROR, f"truncated audio: the file holds {decoded_s:.1f} s of the "
+                        f"{decoded_s / max(share, 1e-9):.1f} s its header announces")
+    if share < 1.0:
+        log.info("the file holds %.0f %% of the audio its header announces", 100 * share)
 
 
 def _container_seconds(container: Any, stream: Any) -> float | None:

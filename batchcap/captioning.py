@@ -6,7 +6,7 @@ import functools
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from .images import DEFAULT_MAX_PIXELS, decode_image
 from .inputs import image_spec
@@ -33,6 +33,8 @@ class ImageOptions(JobOptions):
     prompt: str | None = None
     max_pixels: int = DEFAULT_MAX_PIXELS
     workers: int = 16
+
+    positive_numbers: ClassVar[tuple[str, ...]] = (*JobOptions.positive_numbers, "max_new_tokens", "max_pixels")
 
 
 @dataclass
@@ -176,6 +178,7 @@ def caption_images(inputs: str | Sequence[str], output: str = "captions.parquet"
     """
     options = options or ImageOptions()
     options.update(overrides, "caption_images")
+    options.check()
     if captioner is not None:
         options.model = captioner.name
     spec = image_spec(options.path_column, options.reference_columns, options.id_column)

@@ -37,7 +37,12 @@ def export_table(table_path: str, directory: str, formats: str | tuple[str, ...]
         raise ValueError("no format given")
     if not os.path.exists(table_path):
         raise FileNotFoundError(f"{table_path}: no such file")
-    table = read_table(table_path)
+    import pyarrow as pa
+
+    try:
+        table = read_table(table_path)
+    except pa.ArrowException as exc:
+        raise ValueError(f"cannot read {table_path} as a result table: {exc}") from None
     if "id" not in table.column_names:
         raise ValueError(f"{table_path} has no id column: not a batchcap result table")
     writer = SubtitleWriter(directory, fmts, options, overwrite=overwrite)

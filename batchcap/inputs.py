@@ -7,6 +7,7 @@ a manifest of millions of rows never sits in memory as items.
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import logging
 import os
@@ -87,6 +88,7 @@ class InputStats:
     skipped_files: int = 0  # files in directories with other extensions
     manifests: int = 0
     files: int = 0
+    repeated_ids: int = 0  # items whose id an earlier item has: numbered by position (``a#2``)
 
 
 @dataclass
@@ -115,6 +117,9 @@ class Inputs:
                 continue
             if not os.path.exists(src):
                 raise FatalError(f"input not found: {src}")
+            if os.path.isfile(src) and self._is_own(src):
+                raise FatalError(f"{src} is both an input and the run's output (or a file beside it): "
+                                 "write the results to another file")
             if is_manifest(src):
                 _peek_columns(src, self.spec)  # raises on unknown columns
 
@@ -148,10 +153,20 @@ class Inputs:
         index = 0
         for src in self.sources:
             for item in self._items(src, walked):
-                item.id = _free_name(item.id, seen, "#", str)
+                given = item.id
+                item.id = _free_name(given, seen, "#", str)
+                if item.id != given:
+                    self._repeated(given, item.id)
                 item.index = index
                 index += 1
                 yield item
+
+    def _repeated(self, given: str, numbered: str) -> None:
+        self.stats.repeated_ids += 1
+        if self.stats.repeated_ids == 1:
+            log.warning("id %r is repeated: read as %r. Repeats are numbered in input order, and a resumed run "
+                        "matches rows by id: if the inputs' order changes, a numbered row may be taken for "
+                        "another. Give every row its own id (the summary counts the repeats).", given, numbered)
 
     def _items(self, src: str, walked: _Seen) -> Iterator[Item]:
         if storage.is_remote(src):
@@ -178,6 +193,15 @@ class Inputs:
                 path = os.path.abspath(path)
                 own.setdefault(os.path.realpath(os.path.dirname(path)), set()).add(os.path.basename(path))
         return own
+
+    def _is_own(self, path: str) -> bool:
+        """Whether the local file ``path`` is one the run writes (``exclude``), by name or as the same file."""
+        names = self._own_local().get(os.path.realpath(os.path.dirname(os.path.abspath(path))), set())
+        if os.path.basename(path) in names:
+            return True
+        ident = _identity(path)
+        return ident is not None and any(_identity(own) == ident for own in self.exclude
+                                         if not storage.is_remote(own) and not is_url(own))
 
     def _walk(self, root: str, walked: _Seen) -> Iterator[Item]:
         for path in walk_files(root, walked, self._own_local()):
@@ -338,6 +362,7 @@ class _Layout:
     language: str | None
     carried: tuple[str, ...]
     renamed: dict[str, str]
+    alternates: tuple[str, ...] = ()  # other media columns, read where a row's ``path`` cell is empty
 
 
 def _layout(columns: Sequence[str], spec: InputSpec, manifest: str) -> _Layout:
@@ -374,7 +399,11 @@ def _layout(columns: Sequence[str], spec: InputSpec, manifest: str) -> _Layout:
     for c in carried:
         if c.lower() in spec.reserved:
             renamed[c] = _free_name(f"input_{c}", taken)
-    return _Layout(path, refs, id_col, language, carried, renamed)
+    # a manifest with both a path and a URL column (say) can have rows with only one of them; an explicit
+    # --path-column names the only one
+    alternates = () if spec.path_column else tuple(
+        c for c in dict.fromkeys(_find(columns, w) for w in spec.path_candidates) if c and c != path)
+    return _Layout(path, refs, id_col, language, carried, renamed, alternates)
 
 
 def _unique_header(header: list[str], manifest: str, warn: bool = True) -> list[str]:
@@ -405,8 +434,7 @@ def _read_columns(manifest: str) -> list[str]:
             import pyarrow.parquet as pq
             return list(pq.ParquetFile(manifest).schema_arrow.names)
         if low.endswith((".jsonl", ".ndjson")):
-            # the first line that is a JSON object names the columns; bad lines before it are rows of their own
-            return next((list(row) for _, row, _ in _jsonl_records(manifest) if row is not None), [])
+            return _jsonl_columns(manifest)
         with _open_csv(manifest) as f:
             header = next(csv.reader(f, delimiter=_delimiter(manifest)), [])
         if any(_bad_byte(c) is not None for c in header):
@@ -470,10 +498,12 @@ def _csv_records(manifest: str) -> Iterator[_Record]:
                 yield line, None, (f"not valid UTF-8 (byte 0x{bad[1]:02X} in column {bad[0]!r}); "
                                    "save the manifest as UTF-8")
                 continue
-            row: dict[Any, Any] = dict(zip(header, values))
-            if len(values) > len(header):  # as csv.DictReader: the surplus under the key None
-                row[None] = values[len(header):]
-            yield line, row, None
+            surplus = [v for v in values[len(header):] if v.strip()]
+            if surplus:  # an unquoted comma in a cell: every cell after it is in the wrong column
+                yield line, None, (f"{len(values)} fields where the header has {len(header)} (a comma inside a "
+                                   "cell that is not quoted?); quote such cells")
+                continue
+            yield line, dict(zip(header, values)), None  # empty cells past the header (trailing commas) are nothing
 
 
 def _jsonl_records(manifest: str) -> Iterator[_Record]:
@@ -499,6 +529,22 @@ def _jsonl_records(manifest: str) -> Iterator[_Record]:
                 yield line, None, f"not a JSON object (a {type(row).__name__})"
                 continue
             yield line, row, None
+
+
+def _jsonl_columns(manifest: str) -> list[str]:
+    """Every key of a JSONL manifest's objects, in the order they first appear: a line may leave out
+    keys another has (an id, a reference, a carried field that only some rows have)."""
+    stat = os.stat(manifest)
+    return list(_jsonl_keys(manifest, stat.st_mtime_ns, stat.st_size))
+
+
+@functools.lru_cache(maxsize=8)
+def _jsonl_keys(manifest: str, mtime_ns: int, size: int) -> tuple[str, ...]:  # one pass per file version
+    keys: dict[str, None] = {}
+    for _, row, _ in _jsonl_records(manifest):
+        if row is not None:
+            keys.update(dict.fromkeys(row))
+    return tuple(keys)
 
 
 def _parquet_records(manifest: str) -> Iterator[_Record]:
@@ -554,17 +600,11 @@ def _manifest_items(manifest: str, spec: InputSpec, base: str | None = None) -> 
             extra = {layout.renamed.get(c, c): None for c in layout.carried}
             yield Item(0, where, where, extra=extra, error=f"manifest {where}: {error}")
             continue
-        value = row.get(layout.path)
-        data = None
-        if isinstance(value, dict):  # Hugging Face datasets layout: {"bytes": ..., "path": ...}
-            data = value.get("bytes")
-            source = value.get("path") or f"{name}:{n}"
-            if data is None and value.get("path"):
-                source = _resolve(str(value["path"]), base)
-        elif value is None or (isinstance(value, float) and value != value) or str(value).strip() == "":
-            source = ""
-        else:
-            source = _resolve(str(value).strip(), base)
+        source, data, problem = "", None, None
+        for column in (layout.path, *layout.alternates):  # a row without a path may have a URL, and so on
+            source, data, problem = _media(row.get(column), f"{name}:{n}", base)
+            if source or data is not None or problem:
+                break
         if layout.id and row.get(layout.id) not in (None, ""):
             item_id = str(row[layout.id])
         else:
@@ -572,7 +612,29 @@ def _manifest_items(manifest: str, spec: InputSpec, base: str | None = None) -> 
         extra = {layout.renamed.get(c, c): row.get(c) for c in layout.carried}
         yield Item(0, item_id or f"{name}:{n}", source, data=data,
                    references=_references(row, layout.references), extra=extra,
-                   language=_text(row.get(layout.language)) if layout.language else None)
+                   language=_text(row.get(layout.language)) if layout.language else None,
+                   error=f"manifest {name}:{n}: {problem}" if problem else None)
+
+
+def _media(value: Any, where: str, base: str) -> tuple[str, bytes | None, str | None]:
+    """A manifest's media cell -> (source, embedded bytes, why it cannot be read): a path or URL (relative
+    ones resolved against ``base``), bytes (a binary column, or the Hugging Face datasets layout
+    ``{"bytes": ..., "path": ...}``); ("", None, None) for an empty cell."""
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return where, bytes(value), None
+    if isinstance(value, dict):
+        data = value.get("bytes")
+        if data is not None:
+            return str(value.get("path") or where), bytes(data), None
+        if value.get("path"):
+            return _resolve(str(value["path"]), base), None, None
+        if value.get("array") is not None:
+            return "", None, ("the cell holds decoded samples ({array, sampling_rate}); batchcap reads encoded "
+                              "media: give the file's bytes or its path")
+        return "", None, None
+    if value is None or (isinstance(value, float) and value != value) or str(value).strip() == "":
+        return "", None, None
+    return _resolve(str(value).strip(), base), None, None
 
 
 def _text(value: Any) -> str | None:

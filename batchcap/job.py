@@ -3,9 +3,10 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from .fetch import FetchConfig
 from .inputs import Inputs, InputSpec
@@ -55,6 +56,31 @@ class JobOptions:
     def update(self, overrides: dict[str, Any], caller: str) -> None:
         apply_overrides(self, overrides, caller)
 
+    def check(self) -> None:
+        """Values the CLI's option types would have refused, given through the Python API: one FatalError
+        naming the option, before anything runs (not an error in every row, or a TypeError deep inside)."""
+        from .items import FatalError
+
+        if isinstance(self.reference_columns, str):  # one column named as a string, not its letters
+            self.reference_columns = (self.reference_columns,)
+        counts = {"batch_size": 1, "num_beams": 1, "workers": 1, "flush_rows": 1, "concurrency": 1}
+        for name, least in counts.items():
+            value = getattr(self, name, least)
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise FatalError(f"{name} must be a whole number of at least {least}, not {value!r}")
+        for name in self.positive_numbers:
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                      or not value > 0):
+                raise FatalError(f"{name} must be a positive number (or None), not {value!r}")
+        for name, allowed in self.choices.items():
+            if getattr(self, name) not in allowed:
+                raise FatalError(f"{name} must be one of {', '.join(map(str, allowed))}, not {getattr(self, name)!r}")
+
+    # options checked by ``check`` (subclasses add theirs)
+    positive_numbers: ClassVar[tuple[str, ...]] = ("max_inflight_bytes", "log_every")
+    choices: ClassVar[dict[str, tuple[Any, ...]]] = {"engine": ("local", "ray")}
+
 
 @dataclass
 class Job:
@@ -82,6 +108,9 @@ def run_pipeline(inputs: str | Sequence[str], output: str, options: JobOptions, 
     """Check inputs and output, then run ``job`` (with ``predictor`` if given, else the job's own)."""
     from .runner import run_job
 
+    options.check()
+    inputs = os.fspath(inputs) if isinstance(inputs, (str, os.PathLike)) else [os.fspath(i) for i in inputs]
+    output = os.fspath(output)
     output_format(output)  # a bad output name fails before the model loads
     write_dir = getattr(options, "write_dir", None)  # subtitle files put elsewhere (audio)
     own = own_files(output) + ([write_dir] if write_dir else [])

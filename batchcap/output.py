@@ -105,6 +105,45 @@ def check_output(path: str, *, unlocked: bool = True) -> None:
         _check_not_locked(path)
 
 
+# each kind of run's own text column: a table holding the other's and not its own is the other kind's
+KIND_COLUMNS = {"audio": "text", "images": "caption"}
+
+
+def check_existing_output(path: str, kind: str | None = None) -> None:
+    """Stop before a model loads when ``path`` exists and is not a result this run can resume: a table
+    without id / status columns (some other file named by mistake, which the run would rewrite), or the
+    other kind's results (``kind``: audio or images). Remote outputs and absent files pass."""
+    from . import storage
+
+    if storage.is_remote(path) or not os.path.isfile(path):
+        return
+    try:
+        names = table_columns(path)
+    except (OSError, ValueError) as exc:
+        raise FatalError(f"cannot read the existing output {path} ({_reason(exc)}); "
+                         "move it away or use --overwrite") from None
+    if "id" not in names or "status" not in names:
+        raise FatalError(f"{path} exists and is not a batchcap result table (no id / status columns): "
+                         "write to another file (--overwrite would replace it)")
+    own = KIND_COLUMNS.get(kind or "")
+    others = [k for k, column in KIND_COLUMNS.items() if k != kind and column in names]
+    if own is not None and own not in names and others:
+        raise FatalError(f"{path} holds the results of `batchcap {others[0]}`: write these to another file")
+
+
+def table_columns(path: str) -> list[str]:
+    """The column names of a local parquet or CSV table, without reading its rows."""
+    if output_format(path) == "parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        try:
+            return list(pq.read_schema(path).names)
+        except pa.ArrowException as exc:
+            raise ValueError(str(exc)) from None
+    return _csv_header(path)
+
+
 def _check_not_locked(path: str) -> None:
     """Stop before a model loads when another run holds ``path.lock``. A shared, non-blocking flock on a
     read-only descriptor: it creates nothing, and two runs checking at once do not block each other (the
@@ -637,7 +676,7 @@ def read_parquet(path: str, columns: list[str] | None = None) -> Any:
 
 
 def _csv_header(path: str) -> list[str]:
-    with open(path, newline="", encoding="utf-8") as f:
+    with open(path, newline="", encoding="utf-8-sig") as f:  # a byte-order mark (Excel's "CSV UTF-8") is no name
         return next(csv.reader(f), [])
 
 

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from .items import CRASHED, EMPTY, OK, FatalError, Item, ItemError
 from .job import Job, JobOptions
 from .journal import CRASH_LIMIT, Journal
-from .output import check_output, result_store, write_summary
+from .output import check_existing_output, check_output, result_store, write_summary
 from .progress import Progress
 from .stages import Loaded, Predictor, make_row
 
@@ -64,6 +64,8 @@ def run_job(items: Iterable[Item], job: Job, output: str, options: JobOptions | 
         raise FatalError(f"unknown engine {options.engine!r} (use {' or '.join(ENGINES)})")
     started = time.time()
     check_output(output)  # a bad -o fails now, not after the model has loaded
+    if not options.overwrite:
+        check_existing_output(output, job.kind)
     if options.engine == "local" and predictor is None:
         predictor = job.load_predictor()  # before the store: a model that won't load leaves nothing behind
     store = result_store(output, overwrite=options.overwrite, retry_failed=options.retry_failed,
@@ -113,6 +115,8 @@ def run_job(items: Iterable[Item], job: Job, output: str, options: JobOptions | 
         stats = getattr(items, "stats", None)
         if stats is not None and getattr(stats, "skipped_files", 0):
             summary["skipped_files"] = stats.skipped_files  # files of other types in input directories
+        if stats is not None and getattr(stats, "repeated_ids", 0):
+            summary["repeated_ids"] = stats.repeated_ids  # items numbered a#2, a#3 (inputs.Inputs._repeated)
         summary.update(extra_summary or {})
         summary.update(job.scorer.summarize(table, wall))
         if inflight is not None:

@@ -119,7 +119,7 @@ class Loaded:
 
 def fetch_item(fetcher: Fetcher, item: Item) -> Fetched | Loaded:
     """The item's bytes, or its failed :class:`Loaded` when there are none."""
-    if item.data is None and not item.source:
+    if item.data is None and not item.source and not item.error:  # (an item's own error is the fetcher's to give)
         return Loaded(item, error=ItemError(FETCH_ERROR, "the manifest row has no path or URL"))
     fetched = fetcher.fetch(item)
     if fetched.status != "ok" or fetched.data is None:

@@ -161,12 +161,16 @@ def test_hostile_manifest_end_to_end(tiny_captioner: str, tmp_path: Path) -> Non
 def test_csv_rows_as_before(tmp_path: Path, name: str, eol: str) -> None:
     sep = "\t" if name.endswith(".tsv") else ","
     manifest = tmp_path / name
-    manifest.write_bytes((sep.join(["path", "text", "extra"]) + eol + sep.join(["a.wav", "hi", "1", "surplus"])
-                          + eol + eol + "b.wav" + eol).encode())
+    manifest.write_bytes((sep.join(["path", "text", "extra"]) + eol + sep.join(["a.wav", "hi", "1", "", " "])
+                          + eol + eol + "b.wav" + eol + sep.join(["c.wav", "hi", "there", "1"]) + eol).encode())
     items = list(Inputs([str(manifest)], audio_spec()))
     assert [(i.source, i.references, i.extra, i.error) for i in items] == [
-        (str(tmp_path / "a.wav"), ["hi"], {"extra": "1"}, None),
+        (str(tmp_path / "a.wav"), ["hi"], {"extra": "1"}, None),  # empty cells past the header are nothing
         (str(tmp_path / "b.wav"), [], {"extra": None}, None),
+        # a cell with an unquoted comma shifts the rest: its row says so, rather than score a cut reference
+        (f"{name} line 5", [], {"extra": None},
+         f"manifest {name} line 5: 4 fields where the header has 3 (a comma inside a cell that is not quoted?); "
+         "quote such cells"),
     ]
 
 

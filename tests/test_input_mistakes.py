@@ -1,0 +1,229 @@
+"""Mistakes users make with what they give batchcap, found by trying them: an output that is not a result
+(or is the input itself), a result saved back with a byte-order mark, JSONL rows with different keys,
+repeated ids, misaligned CSV rows, media cells in other shapes, a WAV cut short, options given wrong
+through the Python API. Each either works or stops with one line naming the problem, and never costs a
+file the user had."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import struct
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import soundfile as sf
+
+from batchcap.inputs import Inputs, audio_spec
+from batchcap.items import DECODE_ERROR, FETCH_ERROR, OK, FatalError, ItemError
+from tests.conftest import tone, write_audio
+from tests.helpers import rows_of, run_cli
+
+
+def _wav_bytes(seconds: float) -> bytes:
+    buf = io.BytesIO()
+    sf.write(buf, tone(seconds), 16000, format="WAV", subtype="PCM_16")
+    return buf.getvalue()
+
+
+# --- the output ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["notes.csv", "notes.parquet"])
+def test_a_file_that_is_not_a_result_is_not_taken_for_one(tiny_whisper_en, tmp_path, name):
+    """``-o`` naming some other table: the run stops before the model loads and the file keeps every row
+    (it was rewritten as a "resumed" result, losing rows, and every later run died on its None statuses)."""
+    clip = write_audio(tmp_path / "a.wav", 1.0)
+    notes = tmp_path / name
+    table = pa.table({"name": ["alice", "bob"], "phone": ["123", "456"]})
+    if name.endswith(".csv"):
+        notes.write_text("name,phone\nalice,123\nbob,456\n")
+    else:
+        pq.write_table(table, notes)
+    before = notes.read_bytes()
+    for _ in range(2):
+        code, output = run_cli("audio", clip, "-o", notes, "--model", tiny_whisper_en, "--quiet")
+        assert code == 1
+        assert f"{notes} exists and is not a batchcap result table (no id / status columns)" in output
+        assert notes.read_bytes() == before
+    assert not (tmp_path / f"{name}.parts").exists()
+
+
+def test_the_input_manifest_is_never_its_own_output(tiny_whisper_en, tmp_path):
+    write_audio(tmp_path / "a.wav", 1.0)
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("path,reference\na.wav,a tone\n")
+    before = manifest.read_bytes()
+    for extra in ([], ["--overwrite"]):
+        code, output = run_cli("audio", manifest, "-o", manifest, "--model", tiny_whisper_en, "--quiet", *extra)
+        assert code == 1
+        assert "is both an input and the run's output" in output
+        assert manifest.read_bytes() == before
+
+
+def test_transcripts_do_not_go_into_an_images_result(tiny_whisper_en, tiny_captioner, tmp_path):
+    from PIL import Image
+
+    (tmp_path / "img").mkdir()
+    Image.new("RGB", (32, 32), "red").save(tmp_path / "img" / "red.png")
+    out = tmp_path / "mixed.parquet"
+    code, output = run_cli("images", tmp_path / "img", "-o", out, "--model", tiny_captioner, "--max-new-tokens", "2",
+                           "--quiet")
+    assert code == 0, output
+    before = rows_of(out)
+    code, output = run_cli("audio", write_audio(tmp_path / "a.wav", 1.0), "-o", out, "--model", tiny_whisper_en,
+                           "--quiet")
+    assert code == 1
+    assert "holds the results of `batchcap images`" in output
+    assert rows_of(out) == before
+
+
+def test_a_csv_result_saved_with_a_byte_order_mark_resumes_and_exports(tiny_whisper_en, tmp_path):
+    """Excel's "CSV UTF-8" puts a BOM before the header: the header's first name was read as '\\ufeffid'."""
+    first = write_audio(tmp_path / "a.wav", 1.0)
+    out = tmp_path / "out.csv"
+    code, output = run_cli("audio", first, "-o", out, "--model", tiny_whisper_en, "--max-new-tokens", "4", "--quiet")
+    assert code == 0, output
+    out.write_bytes(b"\xef\xbb\xbf" + out.read_bytes())
+    second = write_audio(tmp_path / "b.wav", 1.2, freq=300.0)
+    code, output = run_cli("audio", first, second, "-o", out, "--model", tiny_whisper_en, "--max-new-tokens", "4")
+    assert code == 0, output
+    assert "resuming: 1 items already done" in output
+    assert sorted(r["id"] for r in rows_of(out)) == sorted([first, second])
+    out.write_bytes(b"\xef\xbb\xbf" + out.read_bytes())
+    code, output = run_cli("export", out, "--format", "txt", "-o", tmp_path / "subs", "--quiet")
+    assert code == 0, output
+
+
+# --- manifests ----------------------------------------------------------------------------------------
+
+def test_jsonl_columns_are_every_line_s_keys(tmp_path):
+    """A JSONL line may leave out keys: the id, reference and carried fields of later lines count too."""
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text('{"path": "a.wav"}\n'
+                        '{"path": "b.wav", "id": "call-42", "reference": "hello", "speaker": "bob"}\n')
+    items = list(Inputs([str(manifest)], audio_spec()))
+    assert [(i.id, i.references, i.extra) for i in items] == [
+        (str(tmp_path / "a.wav"), [], {"speaker": None}),
+        ("call-42", ["hello"], {"speaker": "bob"}),
+    ]
+    # named explicitly, a key that only a later line has is no longer "no column"
+    spec = audio_spec(id_column="id", reference_columns=("reference",))
+    assert [i.id for i in Inputs([str(manifest)], spec)] == [str(tmp_path / "a.wav"), "call-42"]
+
+
+def test_repeated_ids_are_numbered_with_a_warning_and_counted(tiny_whisper_en, tmp_path, caplog):
+    for name in ("a.wav", "b.wav", "c.wav"):
+        write_audio(tmp_path / name, 1.0)
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("id,path\nr1,a.wav\nr1,b.wav\nr1,c.wav\n")
+    inputs = Inputs([str(manifest)], audio_spec())
+    with caplog.at_level(logging.WARNING, logger="batchcap.inputs"):
+        assert [i.id for i in inputs] == ["r1", "r1#2", "r1#3"]
+    assert inputs.stats.repeated_ids == 2
+    assert sum("id 'r1' is repeated: read as 'r1#2'" in r.getMessage() for r in caplog.records) == 1
+    out = tmp_path / "out.parquet"
+    code, output = run_cli("audio", manifest, "-o", out, "--model", tiny_whisper_en, "--max-new-tokens", "2")
+    assert code == 0, output
+    assert "is repeated" in output
+    assert json.loads((tmp_path / "out.summary.json").read_text())["repeated_ids"] == 2
+
+
+def test_media_cells_in_other_shapes(tmp_path):
+    """A binary column of file bytes is read as the file; decoded samples and empty structs say what they are
+    (the bytes were turned into a 'path' four times their size; the others said "file not found: m.parquet:0")."""
+    data = _wav_bytes(0.5)
+    manifest = tmp_path / "m.parquet"
+    pq.write_table(pa.table({"audio": pa.array([data, None], pa.binary())}), manifest)
+    items = list(Inputs([str(manifest)], audio_spec()))
+    assert [(i.id, i.source, i.data, i.error) for i in items] == [
+        ("m.parquet:0", "m.parquet:0", data, None), ("m.parquet:1", "", None, None)]
+
+    decoded = tmp_path / "decoded.parquet"
+    pq.write_table(pa.table({"audio": [{"array": [0.0, 0.1], "sampling_rate": 16000}]}), decoded)
+    nulls = tmp_path / "nulls.parquet"
+    pq.write_table(pa.table({"audio": [{"bytes": None, "path": None}]}), nulls)
+    [item] = Inputs([str(decoded)], audio_spec())
+    assert item.error == ("manifest decoded.parquet:0: the cell holds decoded samples ({array, sampling_rate}); "
+                          "batchcap reads encoded media: give the file's bytes or its path")
+    [item] = Inputs([str(nulls)], audio_spec())
+    assert (item.source, item.data, item.error) == ("", None, None)  # the fetch stage: "no path or URL"
+
+
+def test_a_row_without_a_path_reads_its_url_and_the_other_way_round(tmp_path):
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("url,path\n,a.wav\nhttp://example.com/b.wav,\nhttp://example.com/c.wav,c.wav\n")
+    # audio looks for a path column first: it is read where a row has one, the URL where it has not
+    assert [i.source for i in Inputs([str(manifest)], audio_spec())] == [
+        str(tmp_path / "a.wav"), "http://example.com/b.wav", str(tmp_path / "c.wav")]
+    # a column named with --path-column is the only one read
+    assert [i.source for i in Inputs([str(manifest)], audio_spec(path_column="url"))] == [
+        "", "http://example.com/b.wav", "http://example.com/c.wav"]
+
+
+# --- audio cut short ----------------------------------------------------------------------------------
+
+def test_a_wav_cut_short_is_a_decode_error_not_a_partial_transcript():
+    from batchcap.audio import decode_audio
+
+    whole = _wav_bytes(5.0)
+    with pytest.raises(ItemError) as caught:
+        decode_audio(whole[: len(whole) * 3 // 10])
+    assert caught.value.status == DECODE_ERROR
+    assert str(caught.value).startswith("truncated audio: the file holds 1.5 s of the 5.0 s its header announces")
+    # a little missing (the last block of a copy) is read, as FFmpeg's path reads slightly damaged audio
+    assert len(decode_audio(whole[: len(whole) * 96 // 100])) == pytest.approx(0.96 * 5 * 16000, rel=0.01)
+    # a streaming writer's header cannot know the length (0xFFFFFFFF): what is there is the recording
+    data_at = whole.find(b"data")
+    streamed = whole[:4] + struct.pack("<I", 0xFFFFFFFF) + whole[8:data_at + 4] + struct.pack("<I", 0xFFFFFFFF)
+    streamed += whole[data_at + 8:]
+    cut = streamed[: len(streamed) // 2]
+    assert len(decode_audio(cut)) == pytest.approx(2.5 * 16000, rel=0.01)
+
+
+# --- the Python API -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("option", "value", "message"), [
+    ("num_beams", 0, "num_beams must be a whole number of at least 1, not 0"),
+    ("batch_size", 2.5, "batch_size must be a whole number of at least 1, not 2.5"),
+    ("task", "translat", "task must be one of transcribe, translate, not 'translat'"),
+    ("max_duration_s", "90m", "max_duration_s must be a positive number (or None), not '90m'"),
+    ("normalize", "foo", "normalize must be one of auto, whisper, language, basic, none, not 'foo'"),
+])
+def test_the_python_api_refuses_what_the_cli_would(tmp_path, option, value, message):
+    """Checked before anything loads (the model path does not even exist): not an error in every row."""
+    from batchcap import transcribe
+
+    with pytest.raises(FatalError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        transcribe(write_audio(tmp_path / "a.wav", 0.5), str(tmp_path / "o.parquet"),
+                   model=str(tmp_path / "no-model"), quiet=True, **{option: value})
+    assert not (tmp_path / "o.parquet").exists()
+
+
+def test_the_python_api_takes_paths_and_one_reference_column(tiny_whisper_en, tmp_path):
+    from batchcap import transcribe
+
+    write_audio(tmp_path / "a.wav", 1.0)
+    (tmp_path / "m.csv").write_text("path,heard\na.wav,a tone\n")
+    result = transcribe(tmp_path / "m.csv", tmp_path / "o.parquet", model=tiny_whisper_en, quiet=True,
+                        max_new_tokens=2, reference_columns="heard")
+    [row] = rows_of(result.output)
+    assert (row["status"], row["reference"]) == (OK, "a tone")
+    assert row["wer"] is not None
+
+
+def test_a_misaligned_csv_row_is_an_error_row_through_the_cli(tiny_whisper_en, tmp_path):
+    write_audio(tmp_path / "a.wav", 1.0)
+    write_audio(tmp_path / "b.wav", 1.0)
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("path,reference\na.wav,one, two\nb.wav,\"one, two\"\n")
+    out = tmp_path / "o.parquet"
+    code, output = run_cli("audio", manifest, "-o", out, "--model", tiny_whisper_en, "--max-new-tokens", "2",
+                           "--quiet")
+    assert code == 3, output  # some rows failed
+    rows = rows_of(out)
+    assert [(r["status"], r["reference"]) for r in rows] == [(FETCH_ERROR, None), (OK, "one, two")]
+    assert "3 fields where the header has 2" in rows[0]["error"]
+    assert np.isfinite(rows[1]["wer"])
