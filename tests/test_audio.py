@@ -442,6 +442,38 @@ def test_live_window_takes_the_tail_from_the_cache(tiny_whisper):
     assert len(live._cache) == live.max_cached
 
 
+def test_the_cached_silent_windows_keep_half_precision_keys(tiny_whisper):
+    """A run holds a cached window per loudness level; in float32 their keys and values (the bulk) are kept in
+    float16, and the live encoder and the cross-attention cache give what full-precision ones give."""
+    import torch
+
+    from batchcap.asr import AudioOptions, load_transcriber
+
+    transcriber = load_transcriber(AudioOptions(model=tiny_whisper, dtype="float32"))
+    live = transcriber.live_encoder
+    batch = [transcriber.prepare(tone(2.0, amp=0.01)), transcriber.prepare(tone(1.0, amp=0.9))]
+    results = {}
+    with torch.inference_mode():
+        for compact in (True, False):
+            live.compact = compact
+            live._cache.clear()
+            states, cross = transcriber._encode(batch, False)
+            silences = list(live._cache.values())
+            assert len(silences) == 2
+            held = [t for s in silences for t in (*s.keys, *s.values, *(x for kv in s.cross for x in kv))]
+            assert {t.dtype for t in held} == {torch.float16 if compact else torch.float32}
+            assert all(s.states.dtype == torch.float32 for s in silences)
+            results[compact] = (states, cross)
+    assert results[True][0].dtype == torch.float32
+    torch.testing.assert_close(results[True][0], results[False][0], atol=2e-3, rtol=2e-3)
+    from batchcap.models.attention import _whole_layers
+
+    for (k1, v1), (k0, v0) in zip(*(list(_whole_layers(results[c][1])) for c in (True, False))):
+        assert k1.dtype == v1.dtype == torch.float32
+        torch.testing.assert_close(k1, k0, atol=2e-3, rtol=2e-3)
+        torch.testing.assert_close(v1, v0, atol=2e-3, rtol=2e-3)
+
+
 def test_cross_attention_cache_projects_only_the_live_positions(tiny_whisper_en):
     """generate with the prefilled cross-attention cache gives the tokens it gives without it, and the
     decoder projects only the live positions of each batch (the silent tail's are cached)."""
