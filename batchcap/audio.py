@@ -96,6 +96,9 @@ def decode_audio(data: bytes, *, sample_rate: int = SAMPLE_RATE, min_duration: f
         samples -= np.float32(offset)
     peak = max(float(samples.max()), -float(samples.min()))  # no temporary copy of hours of samples
     peak_db = 20 * math.log10(peak) if peak > 0 else -math.inf
+    if peak == 0 and offset:  # nothing but the offset: a flat line, not the quiet the dBFS figure would suggest
+        raise ItemError(EMPTY, f"audio is a constant value ({offset:+.3g}: a DC offset, no sound)",
+                        fields={"duration_s": round(duration, 3)})
     if peak_db < silence_dbfs:
         raise ItemError(EMPTY, f"audio is silent (peak {peak_db:.0f} dBFS, below the {silence_dbfs:g} dBFS "
                         "threshold of --silence-threshold)", fields={"duration_s": round(duration, 3)})
@@ -191,6 +194,13 @@ def _check_cut_short(header_log: str, decoded_s: float) -> None:
         log.info("the file holds %.0f %% of the audio its header announces", 100 * share)
 
 
+def _ffmpeg_reason(exc: Exception) -> str:
+    """PyAV's error without its errno and file name: "[Errno 1094995529] Invalid data found when processing
+    input: '<none>'" -> "Invalid data found when processing input"."""
+    text = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+    return re.sub(r"^\[Errno -?\d+\]\s*", "", str(text)).split(": '", 1)[0].strip() or type(exc).__name__
+
+
 def _container_seconds(container: Any, stream: Any) -> float | None:
     """The duration the container or the stream declares (None when neither does)."""
     if stream.duration is not None and stream.time_base is not None:
@@ -232,7 +242,8 @@ def _read_av(data: bytes, first_error: str, budget: _Budget) -> tuple[np.ndarray
     except ItemError:
         raise
     except Exception as exc:  # PyAV raises many error types (av.error.*, ValueError, ...)
-        raise ItemError(DECODE_ERROR, f"not a readable audio file ({first_error})") from exc
+        raise ItemError(DECODE_ERROR, f"not a readable audio file ({first_error}); FFmpeg: {_ffmpeg_reason(exc)}"
+                        ) from exc
     samples = _joined(chunks)
     if damaged:  # a little damage is skipped; a file that is mostly damage is the row's decode_error
         got = len(samples) / rate

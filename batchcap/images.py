@@ -41,7 +41,15 @@ def _not_an_image(data: bytes) -> str:
         text = None
     if text is not None and all(c.isprintable() or c.isspace() for c in text):
         return "not an image (looks like text)"
+    for signature, kind in _DAMAGED:
+        if data.startswith(signature):  # the format is known; its data is what does not read
+            return f"not a readable image (a damaged {kind} file)"
     return f"not an image (unrecognized format, starts with {data[:8].hex(' ')})"
+
+
+# signatures of formats Pillow reads: a file that starts like one and still does not open is damaged
+_DAMAGED = ((b"\x89PNG\r\n\x1a\n", "PNG"), (b"\xff\xd8\xff", "JPEG"), (b"GIF87a", "GIF"), (b"GIF89a", "GIF"),
+            (b"BM", "BMP"), (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"))
 
 
 def _bomb_message(exc: Exception, max_pixels: int) -> str:

@@ -451,7 +451,16 @@ _Record = tuple[int, dict[Any, Any] | None, str | None]
 
 
 def _delimiter(manifest: str) -> str:
-    return "\t" if manifest.lower().endswith(".tsv") else ","
+    """Tabs for .tsv; for .csv commas, or semicolons where the header has them and no comma (what a
+    spreadsheet writes where the comma is the decimal mark)."""
+    if manifest.lower().endswith(".tsv"):
+        return "\t"
+    try:
+        with _open_csv(manifest) as f:
+            header = f.readline()
+    except OSError:
+        return ","
+    return ";" if ";" in header and "," not in header else ","
 
 
 def _open_csv(manifest: str) -> Any:

@@ -205,6 +205,8 @@ class SubtitleWriter:
         self.overwrite = overwrite
         self.written = 0
         self.kept = 0
+        if os.path.exists(directory) and not os.path.isdir(directory):
+            raise NotADirectoryError(f"{directory} is a file, not a folder for subtitle files")
         os.makedirs(directory, exist_ok=True)
 
     def paths(self, item_id: str) -> dict[str, str]:

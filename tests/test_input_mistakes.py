@@ -227,3 +227,43 @@ def test_a_misaligned_csv_row_is_an_error_row_through_the_cli(tiny_whisper_en, t
     assert [(r["status"], r["reference"]) for r in rows] == [(FETCH_ERROR, None), (OK, "one, two")]
     assert "3 fields where the header has 2" in rows[0]["error"]
     assert np.isfinite(rows[1]["wer"])
+
+
+# --- messages that point the right way ----------------------------------------------------------------
+
+def test_messages_name_the_problem(tiny_whisper_en, tmp_path):
+    from batchcap.audio import decode_audio
+    from batchcap.images import decode_image
+
+    flat = io.BytesIO()
+    sf.write(flat, np.full(16000, 0.5, np.float32), 16000, format="WAV", subtype="PCM_16")
+    with pytest.raises(ItemError, match=r"audio is a constant value \(\+0\.5: a DC offset, no sound\)"):
+        decode_audio(flat.getvalue())  # it said "silent (peak -inf dBFS)" of a -6 dBFS signal
+
+    from PIL import Image
+
+    png = io.BytesIO()
+    Image.new("RGB", (8, 8), "red").save(png, "PNG")
+    damaged = bytearray(png.getvalue())
+    damaged[16:24] = struct.pack(">II", 9, 9)  # the header's size changed under its checksum
+    with pytest.raises(ItemError, match=r"not a readable image \(a damaged PNG file\)"):
+        decode_image(bytes(damaged))  # it said "unrecognized format, starts with 89 50 4e 47" (PNG's signature)
+
+    with pytest.raises(ItemError, match=r"not a readable audio file \(.*\); FFmpeg: \w"):
+        decode_audio(b"\x00\x00\x00\x20ftypM4A " + bytes(range(256)) * 8)  # FFmpeg's own reason is kept
+
+    code, output = run_cli("audio", write_audio(tmp_path / "a.wav", 1.0), "-o", tmp_path / "o.parquet",
+                           "--model", tiny_whisper_en, "--max-new-tokens", "2", "--quiet")
+    assert code == 0, output
+    (tmp_path / "afile").write_text("")
+    code, output = run_cli("export", tmp_path / "o.parquet", "-o", tmp_path / "afile")
+    assert code != 0
+    assert f"{tmp_path / 'afile'} is a file, not a folder for subtitle files" in output
+
+
+def test_a_semicolon_separated_manifest_is_read(tmp_path):
+    """What a spreadsheet writes where the comma is the decimal mark: it was one column named 'path;reference'."""
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("path;reference;score\na.wav;hello, there;0,5\n")
+    [item] = Inputs([str(manifest)], audio_spec())
+    assert (item.source, item.references, item.extra) == (str(tmp_path / "a.wav"), ["hello, there"], {"score": "0,5"})
