@@ -71,14 +71,14 @@ class JobOptions:
         for name in self.positive_numbers:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
-                                      or not value > 0):
-                raise FatalError(f"{name} must be a positive number (or None), not {value!r}")
+                                      or not value >= 0):  # 0, as None: no limit
+                raise FatalError(f"{name} must be a number (or None), not {value!r}")
         for name, allowed in self.choices.items():
             if getattr(self, name) not in allowed:
                 raise FatalError(f"{name} must be one of {', '.join(map(str, allowed))}, not {getattr(self, name)!r}")
 
-    # options checked by ``check`` (subclasses add theirs)
-    positive_numbers: ClassVar[tuple[str, ...]] = ("max_inflight_bytes", "log_every")
+    # options checked by ``check`` (subclasses add theirs): numbers where 0 / None mean "no limit", and choices
+    positive_numbers: ClassVar[tuple[str, ...]] = ()
     choices: ClassVar[dict[str, tuple[Any, ...]]] = {"engine": ("local", "ray")}
 
 

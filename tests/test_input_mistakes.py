@@ -189,7 +189,8 @@ def test_a_wav_cut_short_is_a_decode_error_not_a_partial_transcript():
     ("num_beams", 0, "num_beams must be a whole number of at least 1, not 0"),
     ("batch_size", 2.5, "batch_size must be a whole number of at least 1, not 2.5"),
     ("task", "translat", "task must be one of transcribe, translate, not 'translat'"),
-    ("max_duration_s", "90m", "max_duration_s must be a positive number (or None), not '90m'"),
+    ("max_duration_s", "90m", "max_duration_s must be a number (or None), not '90m'"),
+    ("max_new_tokens", -1, "max_new_tokens must be a number (or None), not -1"),
     ("normalize", "foo", "normalize must be one of auto, whisper, language, basic, none, not 'foo'"),
 ])
 def test_the_python_api_refuses_what_the_cli_would(tmp_path, option, value, message):
