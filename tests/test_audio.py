@@ -474,6 +474,29 @@ def test_the_cached_silent_windows_keep_half_precision_keys(tiny_whisper):
         torch.testing.assert_close(v1, v0, atol=2e-3, rtol=2e-3)
 
 
+def test_full_windows_are_encoded_a_few_at_a_time_on_the_cpu(tiny_whisper):
+    """A batch of full windows (second detections, suspects, --full-window) is encoded CPU_FULL_WINDOWS clips
+    at a time: the feed-forward activations of 16 windows at once made an Italian run's peak. Same states."""
+    import torch
+
+    from batchcap.asr import AudioOptions, load_transcriber
+    from batchcap.models import whisper as w
+
+    transcriber = load_transcriber(AudioOptions(model=tiny_whisper, dtype="float32"))
+    batch = [transcriber.prepare(tone(1.0 + k / 4, freq=200 + 50 * k)) for k in range(6)]
+    sizes: list[int] = []
+    encoder = transcriber.model.get_encoder()
+    handle = encoder.register_forward_hook(lambda module, args, out: sizes.append(args[0].shape[0]))
+    try:
+        with torch.inference_mode():
+            states, _ = transcriber._encode(batch, True)
+            whole = encoder(transcriber._pad_stack(batch, w.WINDOW_FRAMES)).last_hidden_state
+    finally:
+        handle.remove()
+    assert sizes == [w.CPU_FULL_WINDOWS, 6 - w.CPU_FULL_WINDOWS, 6]
+    torch.testing.assert_close(states, whole, atol=1e-5, rtol=1e-5)
+
+
 def test_cross_attention_cache_projects_only_the_live_positions(tiny_whisper_en):
     """generate with the prefilled cross-attention cache gives the tokens it gives without it, and the
     decoder projects only the live positions of each batch (the silent tail's are cached)."""

@@ -164,6 +164,41 @@ def test_language_column_option_and_candidates(tiny_whisper, tmp_path):
     assert code == 1 and "no column 'nope' (--language-column)" in output
 
 
+def test_the_full_window_detection_keeps_no_cross_attention_keys(tiny_whisper):
+    """The second detection needs one decoder position; its cross-attention keys (all 1,500 positions of every
+    layer of every clip: 590 MB for 16 clips of whisper-base, the peak of an Italian run) are not cached, and
+    it detects what a cached pass does."""
+    import torch
+
+    from batchcap.models import whisper as w
+
+    t = _transcriber(tiny_whisper)
+    clips = [t.prepare(tone(1.0)), t.prepare(tone(2.0, freq=300))]
+    calls: list = []
+    decoder = t.model.get_decoder()
+    handle = decoder.register_forward_pre_hook(
+        lambda module, args, kwargs: calls.append((kwargs["encoder_hidden_states"].shape[1], kwargs.get("use_cache"))),
+        with_kwargs=True)
+    try:
+        rows = t.transcribe(clips)
+    finally:
+        handle.remove()
+    assert all(r["language_prob"] < w.LIVE_DETECTION_MIN_PROB for r in rows)  # so detected again: full window
+    first_positions = [c for c in calls if c[1] is not None]
+    assert (1500, False) in first_positions  # the full-window detection
+    assert all(use for _, use in first_positions[:1])  # the live window's first position fills its cache
+    with torch.inference_mode(), t._inference():
+        sub = [w.detection_window(p) for p in clips]
+        states, cross = t._encode(sub, True)
+        kept = t._first_position(sub, states, cross)
+        states, cross = t._encode(sub, True)
+        dropped = t._first_position(sub, states, cross, keep=False)
+    assert len(cross) == 0  # nothing was projected into the caller's cache
+    assert kept[0] == dropped[0] == [r["language"] for r in rows]
+    assert kept[1] == pytest.approx(dropped[1], abs=1e-5)
+    assert kept[2] == pytest.approx(dropped[2], abs=1e-5)
+
+
 def test_unsure_live_detection_is_redone_on_the_zero_padded_full_window(tiny_whisper, monkeypatch):
     # the tiny model spreads its language probability (about 0.29 each): below the threshold, so every
     # clip's language is detected again, in one batch, on the full window padded with log-mel zeros;

@@ -73,6 +73,9 @@ FRAME_STEP = 50  # live windows are rounded up to half seconds (fewer distinct s
 # Chosen on 300 Italian and 300 Russian prompts (whisper-base, README): at 0.8 the cascade is as
 # accurate as detecting every clip on that window, and 44 % of those clips are detected twice.
 LIVE_DETECTION_MIN_PROB = 0.8
+# full windows the CPU encodes at once: each clip's feed-forward activations over 1,500 positions are 12 MB
+# (whisper-base), and a batch of 16 second detections took an Italian run's peak RSS to 2.3-2.5 GB
+CPU_FULL_WINDOWS = 4
 MAX_SEEKS = 2  # a clip stopped short is decoded again from its last finished segment at most this often
 MIN_REST_S = 0.2  # ... when at least this much of its audio is left
 
@@ -343,7 +346,11 @@ class WhisperTranscriber:
         features = self._pad_stack(batch, WINDOW_FRAMES if full else None)
         greedy = self.num_beams == 1
         if features.shape[-1] >= WINDOW_FRAMES:
-            return self.model.get_encoder()(features).last_hidden_state, DynamicCache() if greedy else None
+            encoder = self.model.get_encoder()
+            step = CPU_FULL_WINDOWS if self.device.type == "cpu" else len(batch)
+            states = self._torch.cat([encoder(features[i:i + step]).last_hidden_state
+                                      for i in range(0, len(batch), step)])
+            return states, DynamicCache() if greedy else None
         pad_values = [p.pad_value for p in batch]
         states = self.live_encoder(features, pad_values)
         cross = None
@@ -358,18 +365,22 @@ class WhisperTranscriber:
         return EncoderDecoderCache(DynamicCache(), cross if cross is not None else DynamicCache())
 
     # --- the first decoding position: language and no-speech ----------------------------------
-    def _first_position(self, batch: list[Prepared], states: Any, cross: Any
+    def _first_position(self, batch: list[Prepared], states: Any, cross: Any, keep: bool = True
                         ) -> tuple[list[str] | None, list[float | None], list[float], list[list[float] | None]]:
         """From the decoder's distribution right after <|startoftranscript|> (openai-whisper's
         ``detect_language`` and no-speech probability): each clip's language (its own, the run's, or
         the most likely of the candidates), the probability of a detected one among the candidates,
         the probability of the no-speech token, and a detected clip's probabilities of every
-        candidate (``self.candidates``' order; None where the language was given)."""
+        candidate (``self.candidates``' order; None where the language was given).
+
+        ``keep``: whether ``cross`` is kept (decoding follows, reading it). A detection whose states are
+        dropped next projects each layer's cross-attention keys and lets them go: a batch of 16 full
+        windows held 590 MB of them at once (whisper-base), for one position."""
         torch = self._torch
         sot = torch.full((len(batch), 1), self.sot_id, dtype=torch.long, device=self.device)
         decoder = self.model.get_decoder()
-        hidden = decoder(input_ids=sot, encoder_hidden_states=states, use_cache=True,
-                         **{cache_kwarg(decoder): self._cache(cross)}).last_hidden_state
+        cache = {"use_cache": True, cache_kwarg(decoder): self._cache(cross)} if keep else {"use_cache": False}
+        hidden = decoder(input_ids=sot, encoder_hidden_states=states, **cache).last_hidden_state
         logits = self.model.proj_out(hidden[:, -1]).float()
         no_speech = logits.softmax(-1)[:, self.no_speech_id].tolist()
         if not self.multilingual:
@@ -634,7 +645,7 @@ class WhisperTranscriber:
         if unsure:
             sub = [detection_window(batch[i]) for i in unsure]
             full_states, full_cross = self._encode(sub, True)
-            sub_languages, sub_probs, _, sub_dists = self._first_position(sub, full_states, full_cross)
+            sub_languages, sub_probs, _, sub_dists = self._first_position(sub, full_states, full_cross, keep=False)
             del full_states, full_cross
             for k, i in enumerate(unsure):
                 languages[i], probs[i], dists[i] = sub_languages[k], sub_probs[k], sub_dists[k]
@@ -804,7 +815,7 @@ class WhisperTranscriber:
             mask[i, :n] = 1
         head, _ = self._encode([Prepared(p.features[:, :WINDOW_FRAMES], 30.0, False, p.pad_value, p.language)
                                 for p in batch], True)
-        languages, language_probs, _, _ = self._first_position(batch, head, None)
+        languages, language_probs, _, _ = self._first_position(batch, head, None, keep=False)
         kwargs = self._generate_kwargs(languages)
         kwargs.update(self._long_form_guard())
         with self._seeded(0):
