@@ -61,7 +61,7 @@ class AudioOptions(JobOptions):
     max_line_width: int | None = None
     max_line_count: int | None = None
 
-    positive_numbers: ClassVar[tuple[str, ...]] = (*JobOptions.positive_numbers, "max_duration_s", "max_new_tokens",
+    limit_numbers: ClassVar[tuple[str, ...]] = (*JobOptions.limit_numbers, "max_duration_s", "max_new_tokens",
                                                    "max_line_width", "max_line_count")
     choices: ClassVar[dict[str, tuple[Any, ...]]] = {
         **JobOptions.choices, "task": ("transcribe", "translate"), "normalize": NORMALIZER_MODES,

@@ -34,7 +34,7 @@ class ImageOptions(JobOptions):
     max_pixels: int = DEFAULT_MAX_PIXELS
     workers: int = 16
 
-    positive_numbers: ClassVar[tuple[str, ...]] = (*JobOptions.positive_numbers, "max_new_tokens", "max_pixels")
+    limit_numbers: ClassVar[tuple[str, ...]] = (*JobOptions.limit_numbers, "max_new_tokens", "max_pixels")
 
 
 @dataclass

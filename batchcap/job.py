@@ -68,7 +68,7 @@ class JobOptions:
             value = getattr(self, name, least)
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
                 raise FatalError(f"{name} must be a whole number of at least {least}, not {value!r}")
-        for name in self.positive_numbers:
+        for name in self.limit_numbers:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
                                       or not value >= 0):  # 0, as None: no limit
@@ -78,7 +78,7 @@ class JobOptions:
                 raise FatalError(f"{name} must be one of {', '.join(map(str, allowed))}, not {getattr(self, name)!r}")
 
     # options checked by ``check`` (subclasses add theirs): numbers where 0 / None mean "no limit", and choices
-    positive_numbers: ClassVar[tuple[str, ...]] = ()
+    limit_numbers: ClassVar[tuple[str, ...]] = ()
     choices: ClassVar[dict[str, tuple[Any, ...]]] = {"engine": ("local", "ray")}
 
 
