@@ -148,6 +148,26 @@ def test_manifest_language_column_sets_each_rows_language(tiny_whisper, tmp_path
     assert "WER by language: " in output
 
 
+def test_undetermined_languages_are_detected(tiny_whisper, tmp_path):
+    """'auto', 'und' (ISO 639's undetermined), 'unknown' in a language column, or --language auto, mean
+    "detect it": they were each row's model_error ("does not know language 'auto'")."""
+    from tests.helpers import rows_of, run_cli
+
+    out = tmp_path / "out.parquet"
+    manifest = _manifest(tmp_path, languages=("auto", "UND", "unknown", "fr"))
+    code, output = run_cli("audio", manifest, "-o", out, "--model", tiny_whisper, "--no-fallback",
+                           "--max-new-tokens", "3")
+    assert code == 0, output
+    rows = rows_of(out)
+    assert [r["status"] for r in rows] == ["ok"] * 4
+    assert all(r["language_prob"] is not None for r in rows[:3])  # detected
+    assert (rows[3]["language"], rows[3]["language_prob"]) == ("fr", None)  # given
+    code, output = run_cli("audio", manifest, "-o", tmp_path / "auto.parquet", "--model", tiny_whisper,
+                           "--no-fallback", "--max-new-tokens", "3", "--language", "auto")
+    assert code == 0, output  # it was "does not know language 'auto'" for the whole run
+    assert [r["language_prob"] is None for r in rows_of(tmp_path / "auto.parquet")] == [False] * 3 + [True]
+
+
 def test_language_column_option_and_candidates(tiny_whisper, tmp_path):
     from tests.helpers import rows_of, run_cli
 

@@ -156,7 +156,7 @@ class WhisperFeatures:
         """Features of one clip; ``language`` (a code or a name: "it", "Italian", "it-IT") is the clip's
         own, e.g. from a manifest: one Whisper does not know is the item's error."""
         code = None
-        if language is not None and str(language).strip():
+        if language is not None and str(language).strip() and str(language).strip().lower() not in DETECT_LANGUAGE:
             try:
                 code = language_code(str(language))
             except ValueError as exc:
@@ -860,6 +860,9 @@ class WhisperTranscriber:
 # ISO 639-1 codes Whisper spells otherwise: its own "jw" for Javanese; the withdrawn codes still found in
 # locale data (Java's iw, in, ji) and Moldavian, which Whisper (as ISO) folds into Romanian
 LANGUAGE_ALIASES = {"jv": "jw", "iw": "he", "in": "id", "ji": "yi", "mo": "ro"}
+# what a manifest's language cell (or --language) says when the language is to be detected: ISO 639's
+# "undetermined" and "multiple", and the words people write
+DETECT_LANGUAGE = frozenset({"auto", "detect", "und", "unknown", "mul"})
 
 
 def language_code(language: str) -> str:
@@ -879,7 +882,7 @@ def _language_list(language: str | Sequence[str] | None) -> list[str]:
     if not language:
         return []
     parts = language.split(",") if isinstance(language, str) else list(language)
-    return [p.strip() for p in parts if p and p.strip()]
+    return [p.strip() for p in parts if p and p.strip() and p.strip().lower() not in DETECT_LANGUAGE]
 
 
 def detection_window(p: Prepared) -> Prepared:
