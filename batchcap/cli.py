@@ -17,7 +17,7 @@ import click
 from . import __version__
 from .asr import AudioOptions
 from .captioning import ImageOptions
-from .cli_common import EXIT_ITEMS_FAILED, EXIT_OK, guarded_run, setup_logging
+from .cli_common import EXIT_INTERRUPTED, EXIT_ITEMS_FAILED, EXIT_OK, CommandError, guarded_run, setup_logging
 from .cli_options import ByteSize, Duration, apply, http_options, logging_options, manifest_options
 from .fetch import FetchConfig
 from .job import JobOptions
@@ -145,6 +145,12 @@ class _Batchcap(click.Group):
         _ARGV[:] = ["batchcap", *(sys.argv[1:] if args is None else [str(a) for a in args])]
         torch_huge_pages()  # before any command imports torch (memory.py)
         return super().main(args, *more, **kwargs)
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:  # Ctrl-C before a command's guarded run (its imports): 130, not click's 1
+            raise CommandError("interrupted", EXIT_INTERRUPTED) from None
 
 
 _ARGV: list[str] = []

@@ -31,6 +31,11 @@ def guarded_run(resume_hint: str) -> Iterator[None]:
     """Run a command's work: a FatalError, any unexpected error (a bug, a full disk) and SIGTERM
     become one ``Error: ...`` line and an exit code; the traceback only with ``-vv``."""
     def terminate(signum: int, frame: Any) -> None:
+        if _in_finalizer(frame):  # raised there, it would be printed and dropped, and the run would go on
+            again = threading.Timer(0.05, os.kill, (os.getpid(), signal.SIGTERM))  # so: again, once out of it
+            again.daemon = True
+            again.start()
+            return
         raise Terminated()
 
     previous = signal.signal(signal.SIGTERM, terminate) if threading.current_thread() is threading.main_thread() \
@@ -53,6 +58,17 @@ def guarded_run(resume_hint: str) -> Iterator[None]:
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+
+
+def _in_finalizer(frame: Any) -> bool:
+    """Whether Python is running a finalizer at ``frame`` (an object's ``__del__``, a weakref callback),
+    where an exception is reported as "Exception ignored in ..." and does not unwind the program."""
+    while frame is not None:
+        code = frame.f_code
+        if code.co_name == "__del__" or code.co_filename.endswith("weakref.py"):
+            return True
+        frame = frame.f_back
+    return False
 
 
 class CommandError(click.ClickException):

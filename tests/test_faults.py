@@ -366,3 +366,35 @@ def test_a_second_ctrl_c_while_stopping_prints_no_traceback(tiny_whisper, http_s
     # action, which a shell reports as 130 too): either way, no traceback
     assert proc.returncode in (130, -signal.SIGINT), out_text + err_text
     assert "Traceback" not in err_text, err_text[-2000:]
+
+
+def test_sigterm_inside_a_finalizer_still_stops_the_run():
+    """A signal handler runs wherever the main thread is; raised inside an object's ``__del__`` (a GC
+    finalizer, e.g. the regex module's), ``Terminated`` was printed as "Exception ignored" and dropped, and
+    the run went on to its end with exit 0. Now the handler tries again once out of the finalizer."""
+    from batchcap.cli_common import EXIT_TERMINATED, CommandError, guarded_run
+
+    class Finalized:
+        def __del__(self) -> None:
+            os.kill(os.getpid(), signal.SIGTERM)  # the handler runs before __del__ returns
+
+    finished = False
+    with pytest.raises(CommandError) as caught:
+        with guarded_run("rerun to resume"):
+            Finalized()  # collected at once
+            time.sleep(2)
+            finished = True
+    assert caught.value.exit_code == EXIT_TERMINATED and not finished
+
+
+def test_ctrl_c_before_the_run_starts_exits_130(monkeypatch, tmp_path):
+    """Ctrl-C while a command imports its libraries (before its guarded run) was click's "Aborted!", exit 1."""
+    import batchcap.cli as cli
+
+    def interrupted(*args: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "setup_logging", interrupted)
+    code, output = run_cli("audio", write_audio(tmp_path / "a.wav", 0.5), "-o", tmp_path / "o.parquet")
+    assert code == 130
+    assert "Error: interrupted" in output and "Aborted" not in output
