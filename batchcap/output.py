@@ -216,6 +216,7 @@ class ResultStore:
         self._run = uuid.uuid4().hex[:8]
         self._next_seq = 0
         self._lock_fd: int | None = None
+        self._holds_parts = False  # whether the parts folder holds rows (of this run or an earlier one)
         self.done: set[str] = set()
         self.written = 0
         self.counts_this_run: Counter = Counter()
@@ -234,6 +235,7 @@ class ResultStore:
             self._remove_stale_temp_files()
             self._make_parts_dir()
             self._next_seq = max((seq for seq, _ in self._part_files() if seq >= 0), default=-1) + 1
+            self._holds_parts = bool(self._part_files())
             self.done = self._done_ids()
         except BaseException:
             self._unlock()
@@ -446,7 +448,9 @@ class ResultStore:
 
             table = rows_to_table(rows)
             if not os.path.isdir(self.parts_dir):  # rows added after finalize removed it
+                self._check_parts()
                 self._make_parts_dir()
+            self._holds_parts = True
             with writing(os.path.join(self.parts_dir, f"part-{seq:010d}-{self._run}.parquet")) as tmp:
                 pq.write_table(table, tmp)
         except BaseException:
@@ -463,6 +467,7 @@ class ResultStore:
         Arrow, so its memory is that of the table, not of Python rows.
         """
         self.flush()
+        self._check_parts()
         final = merge_rows(self._merged_table(), order or {})
         if transform is not None:
             final = transform(final)
@@ -471,8 +476,16 @@ class ResultStore:
         with writing(self.path) as tmp:
             write_table(final, tmp, self.format)
         shutil.rmtree(self.parts_dir, ignore_errors=True)
+        self._holds_parts = False  # rows added after this start a parts folder afresh
         self.status_counts = count_statuses(final)
         return final
+
+    def _check_parts(self) -> None:
+        """Stop when the parts folder that holds rows of this output is gone (someone removed the output's
+        folder during the run): the final table would lack those rows, with nothing said."""
+        if self._holds_parts and not os.path.isdir(self.parts_dir):
+            raise FatalError(f"{self.parts_dir} was removed while the run was writing to it: the rows it held "
+                             "are lost; run the same command again to redo them")
 
     def summary_counts(self) -> dict[str, Any]:
         """Per-status counts of the whole final table and of this run's rows (call after finalize)."""

@@ -377,3 +377,49 @@ def test_atomic_write_gives_new_files_the_umask_mode(tmp_path, umask):
         assert [p.name for p in tmp_path.iterdir()] == ["out.csv"]
     finally:
         os.umask(old)
+
+
+def test_a_parts_folder_removed_during_the_run_stops_it(tmp_path):
+    """Someone removes the output's folder while a run writes: the store recreated it without a word and
+    the final table lacked the rows of the removed parts (192 of 200, exit 0). Now the run stops, saying so;
+    rows added after finalize (which removes the parts itself) still start a folder afresh."""
+    import shutil
+
+    from batchcap.items import FatalError
+    from batchcap.output import ResultStore
+
+    out = tmp_path / "out" / "o.parquet"
+    out.parent.mkdir()
+
+    def row(i: int) -> dict:
+        return {"id": f"r{i}", "status": "ok", "text": f"t{i}"}
+
+    store = ResultStore(str(out), flush_rows=2)
+    store.open()
+    for i in range(4):
+        store.add(row(i))  # two parts written
+    shutil.rmtree(store.parts_dir)
+    store.add(row(4))
+    with pytest.raises(FatalError, match="was removed while the run was writing to it"):
+        store.add(row(5))
+    with pytest.raises(FatalError, match="was removed"):  # closing tries the rows once more, and says so again
+        store.close()
+    assert not os.path.exists(store.lock_path)  # the lock is released all the same
+
+    resumed = ResultStore(str(out), flush_rows=2)  # a resumed run whose earlier parts vanish before its end
+    resumed.open()
+    resumed.add(row(6))
+    resumed.add(row(7))
+    shutil.rmtree(resumed.parts_dir)
+    with pytest.raises(FatalError, match="was removed while the run was writing to it"):
+        resumed.finalize()
+    resumed.close()
+
+    fresh = ResultStore(str(tmp_path / "out" / "p.parquet"), flush_rows=2)
+    fresh.open()
+    fresh.add(row(0))
+    fresh.finalize()
+    fresh.add(row(1))
+    fresh.add(row(2))  # after finalize: a new parts folder, no error
+    assert os.path.isdir(fresh.parts_dir)
+    fresh.close()
