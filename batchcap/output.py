@@ -422,8 +422,9 @@ class ResultStore:
         hint = unify_schemas([t.schema for t in parts]) if parts else None
         final = self._read_final(hint=hint)
         tables = ([final] if final is not None else []) + parts
-        if not tables:
-            return pa.table({"id": pa.array([], pa.string())})
+        if not tables:  # nothing to do (an empty manifest): still a result table, which report and export read
+            return pa.table({"id": pa.array([], pa.string()), "status": pa.array([], pa.string()),
+                             "error": pa.array([], pa.string())})
         return concat_unified(tables)
 
     # --- writing ------------------------------------------------------------------------------

@@ -268,3 +268,24 @@ def test_a_semicolon_separated_manifest_is_read(tmp_path):
     manifest.write_text("path;reference;score\na.wav;hello, there;0,5\n")
     [item] = Inputs([str(manifest)], audio_spec())
     assert (item.source, item.references, item.extra) == (str(tmp_path / "a.wav"), ["hello, there"], {"score": "0,5"})
+
+
+def test_an_empty_night_s_result_is_still_a_result(tiny_whisper_en, tmp_path):
+    """A manifest with no rows (a nightly job with nothing new) wrote a table of only an id column, which
+    ``batchcap report`` refused as "not a batchcap result table (no id / status columns)"."""
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("id,path,reference\n")
+    out = tmp_path / "o.parquet"
+    code, output = run_cli("audio", manifest, "-o", out, "--model", tiny_whisper_en, "--quiet")
+    assert code == 0, output
+    assert {"id", "status"} <= set(pq.read_schema(out).names)
+    code, output = run_cli("report", out, "-o", tmp_path / "r.html")
+    assert code == 0, output
+    assert (tmp_path / "r.html").stat().st_size > 0
+    # and the next night's rows go into it
+    write_audio(tmp_path / "a.wav", 1.0)
+    manifest.write_text("id,path,reference\nn1,a.wav,a tone\n")
+    code, output = run_cli("audio", manifest, "-o", out, "--model", tiny_whisper_en, "--max-new-tokens", "2",
+                           "--quiet")
+    assert code == 0, output
+    assert [r["id"] for r in rows_of(out)] == ["n1"]
