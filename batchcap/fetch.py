@@ -136,8 +136,29 @@ def _is_read_timeout(exc: BaseException) -> bool:
     return isinstance(exc, requests.exceptions.ReadTimeout) or "Read timed out" in str(exc)
 
 
+def _tls_reason(exc: BaseException) -> str:
+    """A failed TLS handshake in words; a plain-HTTP server on an https URL answers with bytes TLS reads as
+    a "wrong version number"."""
+    text = str(exc)
+    if "WRONG_VERSION_NUMBER" in text or "wrong version number" in text:
+        return "TLS handshake failed: the server does not speak TLS there (an https URL to a plain-HTTP port?)"
+    if "CERTIFICATE_VERIFY_FAILED" in text:
+        return "TLS handshake failed: certificate verify failed"
+    return "TLS handshake failed"
+
+
+def _broken_reason(exc: BaseException) -> str:
+    """A body that stopped early: "connection reset", or how much of the announced length came."""
+    found = re.search(r"IncompleteRead\((\d+) bytes read, (\d+) more expected\)", str(exc))
+    if found:
+        return f"incomplete body ({found.group(1)} bytes read, {found.group(2)} more expected)"
+    return "connection reset"
+
+
 def _connection_reason(exc: BaseException) -> str:
     text = str(exc)
+    if "IncompleteRead" in text:
+        return _broken_reason(exc)
     if "Connection refused" in text or "ConnectionRefusedError" in text:
         return "connection refused"
     if "Name or service not known" in text or "NameResolutionError" in text or "getaddrinfo" in text:
@@ -466,6 +487,8 @@ class Fetcher:
                 return _error(fail.message, fail.http_status)
             except BlockedAddress as exc:
                 return _error(str(exc))
+            except requests.exceptions.SSLError as exc:  # the same handshake would fail again: not retried
+                return _error(_tls_reason(exc))
             except (requests.exceptions.ConnectTimeout, urllib3.exceptions.ConnectTimeoutError):
                 if clock.expired():
                     return _error(clock.message())
@@ -478,8 +501,8 @@ class Fetcher:
                     reason = f"timed out (read timeout {_fmt_seconds(cfg.read_timeout)})"
                 else:
                     reason = _connection_reason(exc)
-            except (requests.exceptions.ChunkedEncodingError, urllib3.exceptions.ProtocolError):
-                reason = "connection reset"
+            except (requests.exceptions.ChunkedEncodingError, urllib3.exceptions.ProtocolError) as exc:
+                reason = _broken_reason(exc)
             if self._cancelled.is_set():  # what failed was the cancel's doing
                 return _error(CANCELLED)
             delay = cfg.backoff * 2**attempt
@@ -619,7 +642,8 @@ class Fetcher:
                 raise
             except urllib3.exceptions.DecodeError as exc:
                 encoding = resp.headers.get("Content-Encoding", "?")
-                raise _Fail(f"cannot decode the response body (Content-Encoding: {encoding}): {exc}", code) from None
+                detail = exc.args[-1] if exc.args else exc  # urllib3's (message, zlib error): the zlib error
+                raise _Fail(f"cannot decode the response body (Content-Encoding: {encoding}): {detail}", code) from None
             if not chunk:
                 if self._cancelled.is_set():  # the end a shut-down socket reads: not the whole body
                     raise _Fail(CANCELLED, code)

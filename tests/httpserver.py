@@ -15,6 +15,7 @@ Built-in routes (hits are counted per path, query string excluded):
 - ``/big?mb=60&length=1``                   streams ``mb`` MiB of zeros; ``length=0`` omits Content-Length
 - ``/drip?bytes=20&interval=0.25``          sends the body one byte per ``interval`` seconds (at most 30 s);
                                              ``&length=0``: without Content-Length (ends at close)
+- ``/short``                                Content-Length 100, 40 bytes, then the connection closes
 - ``/redirect-loop``                        302 to itself
 - ``/redirect?to=/img/1.png``               302 to ``to``
 - ``/html``                                 a text/html page
@@ -119,6 +120,15 @@ class _Handler(BaseHTTPRequestHandler):
                        with_length=query.get("length", "1") != "0")
         elif path == "/big":
             self._send_big(float(query.get("mb", "1")), query.get("length", "1") != "0")
+        elif path == "/short":  # announces more than it sends, then closes
+            self._leave()
+            self.send_response(200)
+            self.send_header("Content-Length", "100")
+            self.send_header("Connection", "close")
+            self.end_headers()
+            self.wfile.write(b"x" * 40)
+            self.wfile.flush()
+            self.close_connection = True
         elif path == "/redirect-loop":
             self._send(302, b"", "text/plain", {"Location": "/redirect-loop"})
         elif path == "/redirect":

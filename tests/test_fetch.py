@@ -505,3 +505,18 @@ def test_retry_after_beyond_the_deadline_gives_up(server: LoopbackServer) -> Non
     assert (res.status, res.http_status) == (FETCH_ERROR, 429)
     assert res.error == "HTTP 429 Too Many Requests (no time left for a retry within --fetch-deadline)"
     assert server.hits["/ratelimit/late"] == 1
+
+
+def test_fault_messages_say_what_happened(server: LoopbackServer) -> None:
+    """A body cut short said "connection reset"; a bad gzip body showed a Python tuple; an https URL to a
+    plain-HTTP port said "connection failed after 4 attempts" (retried, though it cannot succeed)."""
+    server.add("/badgzip", b"this is not gzip data", headers={"Content-Encoding": "gzip"})
+    with make(retries=1, backoff=0.01) as f:
+        short = f.fetch(item(server.url("/short")))
+        gz = f.fetch(item(server.url("/badgzip")))
+        tls = f.fetch(item(server.url("/html").replace("http://", "https://")))
+    assert short.error == "incomplete body after 2 attempts (40 bytes read, 60 more expected)"
+    assert gz.error == ("cannot decode the response body (Content-Encoding: gzip): "
+                        "Error -3 while decompressing data: incorrect header check")
+    assert tls.error == ("TLS handshake failed: the server does not speak TLS there (an https URL to a plain-HTTP "
+                         "port?)")  # and not "after N attempts": the same handshake would fail again
