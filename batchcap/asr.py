@@ -164,6 +164,7 @@ class AudioScorer:
         self.audio_seconds = 0.0  # transcribed by this run
         self._spelling = load_english_spelling(options.model)
         self.subtitles = _subtitle_writer(options)
+        self._warned_translate = False
 
     def row(self, item: Item, loaded: Any | None, prediction: Transcript | None,
             error: ItemError | None) -> dict[str, Any]:
@@ -188,7 +189,14 @@ class AudioScorer:
             row["reference"] = reference
             row["wer"] = row["cer"] = None
             if prediction is not None:
-                scores = self._score(reference, prediction.text, prediction.language)
+                language = prediction.language
+                if self.options.task == "translate":  # the text is English whatever the recording's language
+                    language = "en"
+                    if not self._warned_translate:
+                        self._warned_translate = True
+                        log.warning("--task translate: WER and CER compare the English translations with the "
+                                    "manifest's references, which should be English translations too")
+                scores = self._score(reference, prediction.text, language)
                 row["wer"], row["cer"] = scores.wer, scores.cer
         return row
 

@@ -514,3 +514,27 @@ def test_each_run_of_one_loaded_transcriber_starts_with_no_languages_heard(tiny_
     files = [write_audio(tmp_path / f"b{i}.wav", 1.0 + i, freq=300 + 100 * i) for i in range(2)]
     transcribe(files, str(tmp_path / "b.parquet"), transcriber=t)
     assert t.run_languages.heard() == {}  # the tiny model is sure of nothing: only the first run knew French
+
+
+def test_translations_are_scored_as_english(caplog):
+    """Under --task translate the text is English whatever the recording's language: it was scored with the
+    recording's language's normalizer (an Italian row's English text against Italian rules), silently."""
+    import logging
+    from types import SimpleNamespace
+
+    from batchcap.asr import AudioOptions, AudioScorer
+    from batchcap.items import Item
+    from batchcap.predictions import Transcript
+
+    item = Item(0, "a", "a.wav", references=["It is twenty-five past two."])
+    heard = Transcript("It's 25 past 2.", language="it")
+    loaded = SimpleNamespace(duration_s=2.0)
+    rows = {}
+    with caplog.at_level(logging.WARNING, logger="batchcap.asr"):
+        for task in ("transcribe", "translate"):
+            scorer = AudioScorer(AudioOptions(model="openai/whisper-base", task=task, normalize="auto"))
+            rows[task] = scorer.row(item, loaded, heard, None)
+            scorer.row(item, loaded, heard, None)
+    assert rows["translate"]["wer"] == 0.0  # Whisper's English normalizer: "it's" = "it is", 25 = twenty-five
+    assert rows["transcribe"]["wer"] > 0.0  # Italian rules do not know English contractions
+    assert sum("--task translate" in r.getMessage() for r in caplog.records) == 1
