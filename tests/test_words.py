@@ -321,3 +321,28 @@ def test_words_of_a_batch_whose_rows_ended_at_different_steps(tiny_whisper):
     for row in rows:
         words = [w for s in row["segments"] for w in s.words]
         assert words and "".join(w.word for w in words).strip() == row["text"].strip()
+
+
+def test_a_segment_spans_its_words(tiny_whisper, monkeypatch):
+    """With word times, a segment starts at its first word and ends at its last, as openai-whisper sets them:
+    Whisper often starts a segment at its window's start, and a subtitle showed the text seconds (15 s after
+    music) before it was said."""
+    from batchcap.models import guard as g
+    from batchcap.models import whisper_words
+    from batchcap.models.whisper import WhisperTranscriber
+    from batchcap.models.whisper_timestamps import Word
+
+    real = whisper_words.words_per_segment
+
+    def inside(words, counts, segments, **kwargs):  # the aligned words, moved well inside their segments
+        out = real(words, counts, segments, **kwargs)
+        return [[Word(round((s.start + s.end) / 2, 3), round((s.start + 3 * s.end) / 4, 3), w.word, w.probability)
+                 for w in group] for s, group in zip(segments, out)]
+
+    monkeypatch.setattr(whisper_words, "words_per_segment", inside)
+    t = WhisperTranscriber(tiny_whisper, device="cpu", dtype="float32", language="en", word_timestamps=True,
+                           guard=g.GuardConfig(fallback=False))
+    rows = t.transcribe([t.prepare(tone(3.0, seed=1)), t.prepare(tone(2.0, seed=2))])
+    spans = [(s.start, s.end, s.words[0].start, s.words[-1].end) for r in rows for s in r["segments"] if s.words]
+    assert spans and any(a != b for a, b, _, _ in spans)
+    assert all((start, end) == (first, last) for start, end, first, last in spans)

@@ -791,6 +791,8 @@ class WhisperTranscriber:
             for seg, seg_words in zip(res["segments"], words_per_segment(clip_words, [len(x) for x in ids],
                                                                          res["segments"])):
                 seg.words = seg_words
+                if probabilities and seg_words:  # as openai-whisper: the segment spans its words (a subtitle
+                    seg.start, seg.end = seg_words[0].start, seg_words[-1].end  # then starts with its speech)
 
     @staticmethod
     def _result(text: str, language: str, language_prob: float | None, decode: str, attempt: g.Attempt | None,
