@@ -618,3 +618,19 @@ def test_report_option_writes_the_page_beside_the_output_also_on_resume(real_aud
     code, text = run_cli("audio", real_audio["manifest"], "-o", str(out), "--model", tiny_whisper_en, "--report")
     assert code == 0 and "0 processed" in text  # a resumed run with nothing left to do ...
     assert figure(parse(page), "wer") == pytest.approx(summary["wer"], abs=1e-5)  # ... writes the page again
+
+
+def test_compare_by_folder_labels_both_results_alike(tmp_path):
+    """A spans two folders, B one of them: B's rows were in no row of the folder table (each result labelled its
+    folders from its own common folder, and B, of one folder, had no folder table at all)."""
+    a = write_rows(tmp_path / "a.parquet", [
+        audio_row("x", "one two", "one two", source="/data/calls/x.wav"),
+        audio_row("y", "one two", "one", source="/data/calls/y.wav"),
+        audio_row("z", "three", "three", source="/data/calls/late/z.wav")])
+    b = write_rows(tmp_path / "b.parquet", [
+        audio_row("x", "one two", "one two", source="/data/calls/x.wav"),
+        audio_row("y", "one two", "one two", source="/data/calls/y.wav")])
+    doc = parse(build_report(a, str(tmp_path / "cmp.html"), compare=b))
+    table = next(t for t in doc.iter("table") if [text_of(th) for th in t.iter("th")][:1] == ["folder"])
+    cells = {text_of(tr[0]): text_of(tr[1]) for tr in table.iter("tr") if tr[0].tag == "td"}
+    assert cells == {"calls": "2 / 2", "late": "1 / 0"}

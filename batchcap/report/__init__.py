@@ -21,7 +21,7 @@ from typing import Any
 
 from ..fsutil import atomic_write
 from ..items import FatalError
-from .data import Result, failure_groups, header, load_result
+from .data import Result, failure_groups, folders_of, header, load_result
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +72,9 @@ def build_report(result: str, out_html: str | None = None, *, compare: str | Non
             context["audio"] = audio.audio_context(a, scores[0], rows=rows, group_by=group_by, report_dir=report_dir)
         else:
             context["compare"] = compare_audio(a, scores[0], b, scores[1], rows=rows, report_dir=report_dir)
-            context["group_pairs"] = _paired_groups(audio.groups(a, scores[0], group_by),
-                                                    audio.groups(b, scores[1], group_by), "wer")
+            fa, fb = _shared_folders(a, b)
+            context["group_pairs"] = _paired_groups(audio.groups(a, scores[0], group_by, fa),
+                                                    audio.groups(b, scores[1], group_by, fb), "wer")
     else:
         from . import images
         from .compare import compare_images
@@ -83,7 +84,8 @@ def build_report(result: str, out_html: str | None = None, *, compare: str | Non
             context["images"] = images.images_context(a, rows=rows, group_by=group_by, report_dir=report_dir)
         else:
             context["compare"] = compare_images(a, b, rows=rows, report_dir=report_dir)
-            context["group_pairs"] = _paired_groups(images.groups(a, group_by), images.groups(b, group_by),
+            fa, fb = _shared_folders(a, b)
+            context["group_pairs"] = _paired_groups(images.groups(a, group_by, fa), images.groups(b, group_by, fb),
                                                     "cider_d")
     context["failures"] = [_failures(r) for r in sides]
     context["generated"] = _dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
@@ -100,6 +102,17 @@ def _failures(result: Result) -> dict[str, Any]:
     failed = sum(g.count for g in groups)
     return {"name": result.name, "groups": groups, "more": more,
             "failed": sum(1 for s in result.col("status") if s != "ok"), "shown": failed}
+
+
+def _shared_folders(a: Result, b: Result) -> tuple[list[str] | None, list[str] | None]:
+    """Both results' folder labels, relative to the folder all their rows share (each result's own labels
+    named one folder differently in A and in B, and a result of one folder had no folder table to pair);
+    None when all rows of both are in one folder."""
+    sa, sb = list(a.col("source")), list(b.col("source"))
+    labels = folders_of(sa + sb)
+    if len(set(labels)) < 2:
+        return None, None
+    return labels[:len(sa)], labels[len(sa):]
 
 
 def _paired_groups(ga: list[dict[str, Any]], gb: list[dict[str, Any]], value: str) -> list[dict[str, Any]]:

@@ -65,8 +65,10 @@ def wer_histogram(scores: Scores) -> charts.Chart | None:
                             every=1)
 
 
-def groups(result: Result, scores: Scores, group_by: Sequence[str] = ()) -> list[dict[str, Any]]:
-    """WER by duration bucket, language, folder and each ``group_by`` column."""
+def groups(result: Result, scores: Scores, group_by: Sequence[str] = (),
+           folders: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    """WER by duration bucket, language, folder and each ``group_by`` column (``folders``: the rows' folder
+    labels, when they must match another result's)."""
     tables = []
     durations = result.col("duration_s")
     keyed: list[tuple[str, list[Any], bool]] = []
@@ -74,9 +76,9 @@ def groups(result: Result, scores: Scores, group_by: Sequence[str] = ()) -> list
         keyed.append(("duration", [duration_bucket(d) for d in durations], True))
     if result.has("language"):
         keyed.append(("language", result.col("language"), False))
-    sources = result.col("source")
-    folders = folders_of(sources)
-    if len(set(folders)) > 1:
+    shared = folders is not None  # labels shared with another result: its table has the rows of both
+    folders = list(folders) if folders is not None else folders_of(result.col("source"))
+    if shared or len(set(folders)) > 1:
         keyed.append(("folder", folders, False))
     for col in group_by:
         if col in result.columns:

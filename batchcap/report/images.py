@@ -73,12 +73,13 @@ def score_histogram(result: Result) -> charts.Chart | None:
                             every=2)
 
 
-def groups(result: Result, group_by: Sequence[str] = ()) -> list[dict[str, Any]]:
-    """Mean per-row scores and failures by folder and by each ``group_by`` column."""
+def groups(result: Result, group_by: Sequence[str] = (), folders: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    """Mean per-row scores and failures by folder and by each ``group_by`` column (``folders``: the rows'
+    folder labels, when they must match another result's)."""
     keyed: list[tuple[str, list[Any]]] = []
-    sources = result.col("source")
-    folders = folders_of(sources)
-    if len(set(folders)) > 1:
+    shared = folders is not None  # labels shared with another result: its table has the rows of both
+    folders = list(folders) if folders is not None else folders_of(result.col("source"))
+    if shared or len(set(folders)) > 1:
         keyed.append(("folder", folders))
     for col in group_by:
         if col in result.columns:
