@@ -335,3 +335,21 @@ def test_a_long_rows_scores_come_from_its_windows(tiny_whisper, tmp_path):
     result = transcribe([path], str(tmp_path / "given.parquet"), transcriber=given, quiet=True, batch_size=4)
     (row,) = rows_of(result.output)
     assert row["language"] == "en" and row["language_prob"] is None and row["avg_logprob"] is not None
+
+
+def test_sequential_long_form_drops_segments_over_digital_silence():
+    """Whisper writes "you" into an empty 30 s window and its no-speech check keeps a confident one: 10 minutes
+    of silence came back as 20 "you" segments under --long-form sequential. A segment over nothing but the
+    recording's floor is dropped; one over sound stays, however little of its span the sound fills."""
+    import numpy as np
+
+    from batchcap.models.whisper import _without_silent_segments
+    from batchcap.models.whisper_timestamps import Segment
+
+    floor = -0.5
+    features = np.full((80, 1000), floor, dtype=np.float32)  # 10 s
+    features[:, 850:900] = 0.7  # a word at 8.5-9 s
+    segments = [Segment(0.0, 5.0, " you"), Segment(5.0, 8.0, " you"), Segment(8.0, 10.0, " hello")]
+    text, kept = _without_silent_segments(segments, features, floor)
+    assert (text, [s.text for s in kept]) == (" hello", [" hello"])
+    assert _without_silent_segments([Segment(0.0, 10.0, " all")], features, floor)[1] == [Segment(0.0, 10.0, " all")]

@@ -826,6 +826,8 @@ class WhisperTranscriber:
         segments = out.get("segments") if isinstance(out, dict) else None
         parsed = parse_generate_output(out, self.tokenizer, self.model.generation_config,
                                        [p.duration_s for p in batch])  # segments past the audio dropped
+        parsed = [(text, segs) if not segs else _without_silent_segments(segs, p.features, p.pad_value)
+                  for (text, segs), p in zip(parsed, batch)]
         texts = [text for text, _ in parsed]
         results = []
         for i, text in enumerate(texts):
@@ -885,6 +887,21 @@ def _language_list(language: str | Sequence[str] | None) -> list[str]:
         return []
     parts = language.split(",") if isinstance(language, str) else list(language)
     return [p.strip() for p in parts if p and p.strip() and p.strip().lower() not in DETECT_LANGUAGE]
+
+
+def _without_silent_segments(segments: list[Segment], features: np.ndarray, floor: float
+                             ) -> tuple[str, list[Segment]]:
+    """Sequential long-form's segments less those over nothing but digital silence (every log-mel frame of
+    their span at the recording's floor): Whisper writes "you" into an empty 30 s window, and its no-speech
+    check keeps a confident one (10 min of silence gave 20 "you" segments). The text of those left."""
+    kept = []
+    for seg in segments:
+        a, b = int(seg.start * 100), math.ceil(seg.end * 100)
+        span = features[:, a:b]
+        if span.size and float(span.max()) <= floor + 1e-6:
+            continue
+        kept.append(seg)
+    return " ".join(s.text for s in kept), kept
 
 
 def detection_window(p: Prepared) -> Prepared:
