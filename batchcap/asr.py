@@ -334,10 +334,6 @@ def _subtitle_writer(options: AudioOptions) -> Any:
 def _check_long_form_options(options: AudioOptions, output: str) -> None:
     from .subtitles import default_subtitle_dir, parse_formats
 
-    if options.long_form not in ("batched", "sequential"):
-        raise FatalError(f"unknown long-form mode {options.long_form!r}: batched or sequential")
-    if options.vad not in ("energy", "silero"):
-        raise FatalError(f"unknown VAD {options.vad!r}: energy or silero")
     if options.long_form == "batched" and options.vad == "silero":
         from .vad import find_silero_model
 

@@ -20,10 +20,9 @@ from .captioning import ImageOptions
 from .cli_common import EXIT_INTERRUPTED, EXIT_ITEMS_FAILED, EXIT_OK, CommandError, guarded_run, setup_logging
 from .cli_options import ByteSize, Duration, apply, http_options, logging_options, manifest_options
 from .fetch import FetchConfig
-from .job import JobOptions
+from .job import ENGINES, JobOptions
 from .memory import torch_huge_pages
 from .metrics.asr import NORMALIZER_MODES
-from .runner import ENGINES
 
 log = logging.getLogger("batchcap")
 

@@ -14,6 +14,7 @@ from .output import output_format, own_files
 from .stages import Predictor, Preprocessor, Scorer
 
 DEFAULT_MAX_INFLIGHT_BYTES = 2 * 2**30  # decoded items (samples, features, pixels) waiting for the model
+ENGINES = ("local", "ray")
 
 
 def apply_overrides(options: Any, overrides: dict[str, Any], caller: str) -> None:
@@ -79,7 +80,7 @@ class JobOptions:
 
     # options checked by ``check`` (subclasses add theirs): numbers where 0 / None mean "no limit", and choices
     limit_numbers: ClassVar[tuple[str, ...]] = ()
-    choices: ClassVar[dict[str, tuple[Any, ...]]] = {"engine": ("local", "ray")}
+    choices: ClassVar[dict[str, tuple[Any, ...]]] = {"engine": ENGINES}
 
 
 @dataclass
@@ -108,7 +109,6 @@ def run_pipeline(inputs: str | Sequence[str], output: str, options: JobOptions, 
     """Check inputs and output, then run ``job`` (with ``predictor`` if given, else the job's own)."""
     from .runner import run_job
 
-    options.check()
     inputs = os.fspath(inputs) if isinstance(inputs, (str, os.PathLike)) else [os.fspath(i) for i in inputs]
     output = os.fspath(output)
     output_format(output)  # a bad output name fails before the model loads

@@ -388,9 +388,8 @@ class ResultStore:
 
         columns = ["id", "status"] if self.retry_failed else ["id"]
         done: set[str] = set()
-        tables = [self._read_final(columns)] + [self._read_part(p, columns) for _, p in self._part_files()]
-        for table in tables:
-            if table is None or "id" not in table.column_names:
+        for table in self._written_tables(columns):
+            if "id" not in table.column_names:
                 continue
             ids = table.column("id")
             if self.retry_failed and "status" in table.column_names:
@@ -402,17 +401,23 @@ class ResultStore:
         """The rows already written (the final file's, then each part's, oldest first), with ``columns``
         (None where a file lacks one), one file's columns in memory at a time: what a resumed run's model
         may learn from (the languages heard so far)."""
-        reads = [lambda: self._read_final(columns)]
-        reads += [lambda path=path: self._read_part(path, columns) for _, path in self._part_files()]
-        for read in reads:
-            table = read()
-            if table is None:
-                continue
+        for table in self._written_tables(columns):
             names = table.column_names
             values = [table.column(c).to_pylist() if c in names else [None] * table.num_rows for c in columns]
             del table
             for row in zip(*values):
                 yield dict(zip(columns, row))
+
+    def _written_tables(self, columns: list[str]) -> Iterator[Any]:
+        """``columns`` of the final file, then of each part (oldest first), read one file at a time."""
+        final = self._read_final(columns)
+        if final is not None:
+            yield final
+        del final
+        for _, path in self._part_files():
+            table = self._read_part(path, columns)
+            if table is not None:
+                yield table
 
     def _merged_table(self) -> Any:
         """The final file and every part as one table of one schema (oldest rows first)."""

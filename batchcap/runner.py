@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from .items import CRASHED, EMPTY, OK, FatalError, Item, ItemError
+from .items import CRASHED, EMPTY, OK, Item, ItemError
 from .job import Job, JobOptions
 from .journal import CRASH_LIMIT, Journal
 from .output import check_existing_output, check_output, result_store, write_summary
@@ -29,7 +29,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-ENGINES = ("local", "ray")
 NOT_FAILURES = (OK, EMPTY)  # an empty recording is an answer (silence), not a failure
 
 
@@ -60,8 +59,7 @@ def run_job(items: Iterable[Item], job: Job, output: str, options: JobOptions | 
     each replica.
     """
     options = options or JobOptions()
-    if options.engine not in ENGINES:
-        raise FatalError(f"unknown engine {options.engine!r} (use {' or '.join(ENGINES)})")
+    options.check()  # the Python API's values, as the CLI's option types would (job.JobOptions.check)
     started = time.time()
     check_output(output)  # a bad -o fails now, not after the model has loaded
     if not options.overwrite:
