@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from .items import CRASHED, EMPTY, OK, Item, ItemError
+from .items import CRASHED, EMPTY, OK, FatalError, Item, ItemError
 from .job import Job, JobOptions
 from .journal import CRASH_LIMIT, Journal
 from .output import check_existing_output, check_output, result_store, write_summary
@@ -28,6 +29,8 @@ if TYPE_CHECKING:
     from .engines.local import InflightStats
 
 log = logging.getLogger(__name__)
+
+_NUMBERED = re.compile(r"#\d+$")  # a repeated id's number (inputs.Inputs: r1#2)
 
 NOT_FAILURES = (OK, EMPTY)  # an empty recording is an answer (silence), not a failure
 
@@ -85,6 +88,7 @@ def run_job(items: Iterable[Item], job: Job, output: str, options: JobOptions | 
             # a model that learns from the run so far (audio: its languages) hears what earlier runs wrote
             predictor.resume(store.written_rows(["id", *predictor.resume_columns]))
         try:
+            items = _same_repeats(items, store)
             for row in _rows(items, job, options, predictor, store.done, order, journal, inflight, store.flush):
                 if row is None:
                     skipped += 1
@@ -160,6 +164,35 @@ def _write_report(output: str, summary: dict[str, Any], local: Any = None) -> st
         log.warning("could not write the report: %s: %s", type(exc).__name__, exc)
         log.debug("report failed", exc_info=True)
         return None
+
+
+def _same_repeats(items: Iterable[Item], store: Any) -> Iterable[Item]:
+    """``items``, stopping the run where a repeated id now names another source than its done row.
+
+    Repeated ids are numbered in input order (``r1``, ``r1#2``: ``inputs.Inputs``), so a row added or
+    removed above them, or a reordered manifest, gives a number to another file: a resumed run would
+    skip that file as done and do another twice. Done rows of a repeated id (the store holds ``r1#2``)
+    are checked against the items' sources; a mismatch stops the run before anything is taken for done.
+    """
+    numbered = {i for i in store.done if _NUMBERED.search(i)}
+    if not numbered:
+        return items
+    bases = {_NUMBERED.sub("", i) for i in numbered}
+    group = numbered | (bases & store.done)
+    sources = {row["id"]: row["source"] for row in store.written_rows(["id", "source"])
+               if row["id"] in group and row["source"] is not None}
+
+    def checked() -> Iterator[Item]:
+        for item in items:
+            was = sources.get(item.id)
+            if was is not None and was != item.source:
+                raise FatalError(
+                    f"id {item.id!r} is {item.source} in the inputs but {was} in {store.path}: repeated ids are "
+                    "numbered in input order, and the order changed since that run. Give every row its own id, "
+                    "or start over with --overwrite")
+            yield item
+
+    return checked()
 
 
 def _rows(items: Iterable[Item], job: Job, options: JobOptions, predictor: Predictor | None, done: set[str],

@@ -131,6 +131,30 @@ def test_repeated_ids_are_numbered_with_a_warning_and_counted(tiny_whisper_en, t
     assert json.loads((tmp_path / "out.summary.json").read_text())["repeated_ids"] == 2
 
 
+def test_a_resumed_run_stops_where_a_repeated_id_names_another_file(tiny_whisper_en, tmp_path):
+    """A row added above repeated ids renumbers them: the resumed run took the new file for done and did an
+    old one twice (the new recording lost, one row per input broken). It now stops with one line and the
+    result keeps its rows; the same inputs in the same order still resume."""
+    for name in ("a.wav", "b.wav", "c.wav"):
+        write_audio(tmp_path / name, 1.0)
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("id,path\nr1,a.wav\nr1,b.wav\nr0,other.wav\n")
+    out = tmp_path / "out.parquet"
+    args = ("-o", out, "--model", tiny_whisper_en, "--max-new-tokens", "2")
+    code, output = run_cli("audio", manifest, *args)
+    assert code == 3, output  # other.wav is missing: a fetch_error row
+    before = {r["id"]: r["source"] for r in rows_of(out)}
+    assert before["r1"].endswith("a.wav") and before["r1#2"].endswith("b.wav")
+
+    code, output = run_cli("audio", manifest, *args)  # the same inputs: nothing to redo, nothing refused
+    assert code == 0 and "already done" in output, output
+
+    manifest.write_text("id,path\nr1,c.wav\nr1,a.wav\nr1,b.wav\nr0,other.wav\n")
+    code, output = run_cli("audio", manifest, *args)
+    assert code == 1, output
+    assert "'r1' is " in output and "order changed" in output and "Traceback" not in output
+    assert {r["id"]: r["source"] for r in rows_of(out)} == before
+
 def test_media_cells_in_other_shapes(tmp_path):
     """A binary column of file bytes is read as the file; decoded samples and empty structs say what they are
     (the bytes were turned into a 'path' four times their size; the others said "file not found: m.parquet:0")."""
