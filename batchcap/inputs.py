@@ -165,8 +165,9 @@ class Inputs:
         self.stats.repeated_ids += 1
         if self.stats.repeated_ids == 1:
             log.warning("id %r is repeated: read as %r. Repeats are numbered in input order, and a resumed run "
-                        "matches rows by id: if the inputs' order changes, a numbered row may be taken for "
-                        "another. Give every row its own id (the summary counts the repeats).", given, numbered)
+                        "matches rows by id: if the inputs' order changes, it stops rather than take one "
+                        "recording for another. Give every row its own id (the summary counts the repeats).",
+                        given, numbered)
 
     def _items(self, src: str, walked: _Seen) -> Iterator[Item]:
         if storage.is_remote(src):
