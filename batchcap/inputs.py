@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import storage
-from .items import FatalError, Item
+from .items import FatalError, Item, valid_text, valid_values
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +91,32 @@ class InputStats:
     repeated_ids: int = 0  # items whose id an earlier item has: numbered by position (``a#2``)
 
 
+
+def _make_valid(item: Item) -> None:
+    """An item's text as valid Unicode (items.valid_text), so that its row can be written and found again
+    by a resumed run. A local path keeps its surrogates: they are the file name's bytes, which open it."""
+    item.id = valid_text(item.id)
+    if is_url(item.source):
+        item.source = _url_text(item.source)
+    item.references = valid_values(item.references)
+    item.extra = valid_values(item.extra)
+    if item.language is not None:
+        item.language = valid_text(item.language)
+
+
+def _url_text(url: str) -> str:
+    """A URL with a file name's non-UTF-8 bytes (lone surrogates) percent-encoded, as a browser sends them."""
+    try:
+        url.encode("utf-8")
+        return url
+    except UnicodeEncodeError:
+        raw = url.encode("utf-8", "surrogateescape") if all(
+            not "\ud800" <= c <= "\udfff" or "\udc80" <= c <= "\udcff" for c in url) else None
+        if raw is None:
+            return valid_text(url)
+        return "".join(chr(b) if b < 0x80 else f"%{b:02X}" for b in raw)
+
+
 @dataclass
 class Inputs:
     """An iterable of items over several inputs; iterate once per run."""
@@ -153,6 +179,7 @@ class Inputs:
         index = 0
         for src in self.sources:
             for item in self._items(src, walked):
+                _make_valid(item)
                 given = item.id
                 item.id = _free_name(given, seen, "#", str)
                 if item.id != given:

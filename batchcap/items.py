@@ -15,6 +15,33 @@ CRASHED = "crashed"  # the process died with this item in flight in two runs (se
 STATUSES = (OK, FETCH_ERROR, DECODE_ERROR, EMPTY, MODEL_ERROR, CRASHED)
 
 
+def valid_text(text: str) -> str:
+    """``text`` as valid Unicode, which every table format can hold. A file name that is not UTF-8 is read
+    by Python with its bytes as lone surrogates (``caf\\udce9.wav``), and JSON may escape one (a cut emoji,
+    ``"\\ud83d"``); Arrow and UTF-8 refuse both. They are written as escapes: ``caf\\xe9.wav``, ``\\ud83d``."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return "".join(_escaped(c) if "\ud800" <= c <= "\udfff" else c for c in text)
+
+
+def _escaped(surrogate: str) -> str:
+    code = ord(surrogate)
+    return f"\\x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"\\u{code:04x}"
+
+
+def valid_values(value: Any) -> Any:
+    """``value`` with :func:`valid_text` applied to every string in it (lists and dicts included)."""
+    if isinstance(value, str):
+        return valid_text(value)
+    if isinstance(value, list):
+        return [valid_values(v) for v in value]
+    if isinstance(value, dict):
+        return {valid_values(k): valid_values(v) for k, v in value.items()}
+    return value
+
+
 class ItemError(Exception):
     """A failure that belongs to one item: it becomes that item's row, the run goes on."""
 

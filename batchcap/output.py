@@ -37,7 +37,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from .fsutil import atomic_path, atomic_write, longest_temp_name
-from .items import FatalError
+from .items import FatalError, valid_values
 
 log = logging.getLogger(__name__)
 
@@ -649,11 +649,23 @@ def rows_to_table(rows: list[dict[str, Any]], like: Any = None) -> Any:
         values = [row.get(c) for row in rows]
         field_type = like.schema.field(c).type if like is not None and c in like.column_names else None
         try:
-            arrays[c] = pa.array(values, type=field_type) if field_type is not None else pa.array(values)
-        except (ValueError, TypeError, OverflowError) as exc:  # Arrow's errors included: mixed types
-            log.debug("column %s holds values of several types (%s): stored as text", c, exc)
-            arrays[c] = pa.array([None if v is None else _text(v) for v in values], pa.string())
+            arrays[c] = _array(values, field_type)
+        except UnicodeEncodeError:  # lone surrogates: a file name that is not UTF-8, a JSON "\ud83d"
+            values = [valid_values(v) for v in values]
+            arrays[c] = _array(values, field_type)
     return pa.table(arrays)
+
+
+def _array(values: list[Any], field_type: Any) -> Any:
+    import pyarrow as pa
+
+    try:
+        return pa.array(values, type=field_type) if field_type is not None else pa.array(values)
+    except UnicodeEncodeError:
+        raise
+    except (ValueError, TypeError, OverflowError) as exc:  # Arrow's errors included: mixed types
+        log.debug("a column holds values of several types (%s): stored as text", exc)
+        return pa.array([None if v is None else _text(v) for v in values], pa.string())
 
 
 def _text(value: Any) -> str:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
+import shutil
 import struct
 
 import numpy as np
@@ -313,3 +315,29 @@ def test_an_empty_night_s_result_is_still_a_result(tiny_whisper_en, tmp_path):
                            "--quiet")
     assert code == 0, output
     assert [r["id"] for r in rows_of(out)] == ["n1"]
+
+
+# --- text that is not valid Unicode -------------------------------------------------------------------
+
+def test_file_names_that_are_not_utf8_and_lone_surrogates_are_rows(tiny_whisper_en, tmp_path):
+    """A file whose name is not UTF-8 (Python reads its bytes as lone surrogates) and a JSONL line with a
+    cut emoji (``"\\ud83d"``, valid JSON): Arrow refused their text, so the whole run died, every rerun too.
+    Each is its row now, with the text escaped, and a rerun finds them done."""
+    folder = tmp_path / "calls"
+    folder.mkdir()
+    write_audio(folder / "ok.wav", 1.0)
+    shutil.copy(folder / "ok.wav", os.fsencode(str(folder)) + b"/caf\xe9.wav")
+    manifest = tmp_path / "m.jsonl"
+    write_audio(tmp_path / "m.wav", 1.0)
+    manifest.write_text('{"path": "m.wav", "reference": "a cut \\ud83d emoji", "note": "x \\ud83d"}\n')
+    for out in (tmp_path / "out.parquet", tmp_path / "out.csv"):
+        args = (folder, manifest, "-o", out, "--model", tiny_whisper_en, "--max-new-tokens", "2")
+        code, output = run_cli("audio", *args)
+        assert code == 0, output
+        rows = rows_of(out)
+        assert len(rows) == 3 and all(r["status"] == "ok" for r in rows), rows
+        assert sorted(r["id"].rsplit("/", 1)[-1] for r in rows[:2]) == ["caf\\xe9.wav", "ok.wav"]
+        assert rows[2]["reference"] == "a cut \\ud83d emoji" and rows[2]["note"] == "x \\ud83d"
+        code, output = run_cli("audio", *args)
+        assert code == 0 and "3 already done" in output, output
+        assert len(rows_of(out)) == 3
