@@ -550,6 +550,26 @@ def test_cli_errors(real_audio, real_images, tmp_path):
     assert code == 1 and "report folder does not exist" in output
 
 
+def test_the_page_never_replaces_a_table(real_audio, tmp_path):
+    """``-o`` naming the result itself, the result compared, or another file that is not a page: the report
+    wrote its HTML over the table (the run's data gone). It stops with one line, the files as they were."""
+    table = tmp_path / "out.parquet"
+    table.write_bytes(open(real_audio["out"], "rb").read())
+    other = tmp_path / "b.parquet"
+    other.write_bytes(table.read_bytes())
+    notes = tmp_path / "notes.txt"
+    notes.write_text("keep me")
+    before = {p: p.read_bytes() for p in (table, other, notes)}
+    for args in ((table, "-o", table), (table, other, "-o", other), (table, "-o", notes)):
+        code, output = run_cli("report", *args)
+        assert code == 1 and "another file" in output and "Traceback" not in output, output
+    assert {p: p.read_bytes() for p in before} == before
+    page = tmp_path / "r.html"
+    for _ in range(2):  # an earlier page is replaced
+        code, output = run_cli("report", table, "-o", page)
+        assert code == 0, output
+
+
 # --- training -------------------------------------------------------------------------------------------
 
 

@@ -34,6 +34,23 @@ def default_report_path(result_path: str) -> str:
     return base + ".report.html"
 
 
+def _check_not_data(out_html: str, inputs: Sequence[str | None]) -> None:
+    """Refuse to write the page over a result given to the report, or over any file that is not an HTML
+    page (``report out.parquet -o out.parquet`` replaced the table with the page)."""
+    if not os.path.exists(out_html):
+        return
+    for path in inputs:
+        if path and os.path.exists(path) and os.path.samefile(path, out_html):
+            raise FatalError(f"{out_html} is the result the report reads: write the report to another file")
+    try:
+        with open(out_html, "rb") as f:
+            head = f.read(1024).lstrip().lower()
+    except OSError:
+        return  # the write below says why
+    if head and not head.startswith((b"<!doctype html", b"<html")):
+        raise FatalError(f"{out_html} exists and is not an HTML page: write the report to another file")
+
+
 def build_report(result: str, out_html: str | None = None, *, compare: str | None = None, rows: int = 50,
                  group_by: Sequence[str] = (), summary: dict[str, Any] | None = None,
                  compare_summary: dict[str, Any] | None = None, normalize: str | None = None,
@@ -51,6 +68,7 @@ def build_report(result: str, out_html: str | None = None, *, compare: str | Non
     report_dir = os.path.dirname(os.path.abspath(out_html))
     if not os.path.isdir(report_dir):
         raise FatalError(f"report folder does not exist: {report_dir}")
+    _check_not_data(out_html, [result, compare])
     a = load_result(result, summary)
     b = load_result(compare, compare_summary) if compare else None
     if b is not None and b.kind != a.kind:
