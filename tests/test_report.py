@@ -654,3 +654,18 @@ def test_compare_by_folder_labels_both_results_alike(tmp_path):
     table = next(t for t in doc.iter("table") if [text_of(th) for th in t.iter("th")][:1] == ["folder"])
     cells = {text_of(tr[0]): text_of(tr[1]) for tr in table.iter("tr") if tr[0].tag == "td"}
     assert cells == {"calls": "2 / 2", "late": "1 / 0"}
+
+
+def test_nan_and_infinite_values_are_no_values(tmp_path):
+    """A NaN or infinite score or duration (a table edited by hand, a float CSV cell "inf") made the report
+    die with a traceback (histogram buckets of NaN, a duration bucket of infinity). They count as missing."""
+    nan, inf = float("nan"), float("inf")
+    images = tmp_path / "images.parquet"
+    pq.write_table(pa.table({"id": ["a", "b", "c"], "status": ["ok"] * 3, "caption": ["x", "y", "z"],
+                             "references": [["x"], ["y"], ["z"]], "cider_d": [nan, inf, 1.0]}), images)
+    audio = tmp_path / "audio.parquet"
+    pq.write_table(pa.table({"id": ["a", "b"], "status": ["ok", "ok"], "text": ["x", "y"], "reference": ["x", "y"],
+                             "duration_s": [inf, 2.0], "wer": [nan, 0.0]}), audio)
+    for table in (images, audio):
+        page = build_report(str(table), str(tmp_path / f"{table.stem}.html"))
+        assert "<svg" in open(page, encoding="utf-8").read()

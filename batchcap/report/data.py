@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import logging
+import math
 import os
 import shlex
 from collections import Counter, defaultdict
@@ -116,8 +117,17 @@ def load_result(path: str, summary: dict[str, Any] | None = None) -> Result:
     convert: dict[str, Callable[[Any], Any]] = {"id": lambda v: None if v is None else str(v)}
     if kind == "images":
         convert["references"] = _as_list
+    import pyarrow as pa
+
+    for f in table.schema:  # a NaN or infinite score or duration (a table edited by hand) is no value
+        if pa.types.is_floating(f.type):
+            convert[f.name] = _finite
     columns = Columns(table, convert)
     return Result(os.path.abspath(path), columns, summary or {}, kind, os.path.getmtime(path))
+
+
+def _finite(value: Any) -> Any:
+    return value if value is None or math.isfinite(value) else None
 
 
 def _read_summary(path: str) -> dict[str, Any]:
