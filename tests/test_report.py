@@ -669,3 +669,17 @@ def test_nan_and_infinite_values_are_no_values(tmp_path):
     for table in (images, audio):
         page = build_report(str(table), str(tmp_path / f"{table.stem}.html"))
         assert "<svg" in open(page, encoding="utf-8").read()
+
+
+def test_no_thumbnail_of_a_picture_the_run_refused_as_a_bomb(tmp_path):
+    """An image over the run's default --max-pixels is a decode_error row; its failure card decoded it in full
+    for a thumbnail anyway (a 169 MP PNG took the report to 1.4 GB). Its size is read from the header now."""
+    from batchcap.images import DEFAULT_MAX_PIXELS
+    from batchcap.report.images import Thumbnails
+
+    side = int(DEFAULT_MAX_PIXELS ** 0.5) + 1
+    Image.new("L", (side, side)).save(tmp_path / "bomb.png")
+    Image.new("RGB", (64, 64), "red").save(tmp_path / "ok.png")
+    thumbs = Thumbnails(str(tmp_path))
+    assert thumbs.of(str(tmp_path / "ok.png"), "ok").startswith("data:image/jpeg")
+    assert thumbs.of(str(tmp_path / "bomb.png"), "bomb") is None

@@ -10,6 +10,7 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
+from ..images import DEFAULT_MAX_PIXELS
 from . import charts
 from .data import OK, Result, fmt_num, folders_of, group_rows, is_url, local_file, metric
 
@@ -134,6 +135,8 @@ class Thumbnails:
             from PIL import Image, ImageOps
 
             with Image.open(path if path is not None else io.BytesIO(data)) as image:
+                if image.size[0] * image.size[1] > DEFAULT_MAX_PIXELS:  # a bomb the run refused: not decoded
+                    return None
                 image.draft("RGB", (self.size * 2, self.size * 2))  # JPEG: decode at a reduced scale
                 image = ImageOps.exif_transpose(image)
                 image.thumbnail((self.size, self.size))
