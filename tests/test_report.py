@@ -654,6 +654,11 @@ def test_compare_by_folder_labels_both_results_alike(tmp_path):
     table = next(t for t in doc.iter("table") if [text_of(th) for th in t.iter("th")][:1] == ["folder"])
     cells = {text_of(tr[0]): text_of(tr[1]) for tr in table.iter("tr") if tr[0].tag == "td"}
     assert cells == {"calls": "2 / 2", "late": "1 / 0"}
+    # the other way round: a folder only B has was left out of the table, though its rows count in B's figures
+    doc = parse(build_report(b, str(tmp_path / "cmp2.html"), compare=a))
+    table = next(t for t in doc.iter("table") if [text_of(th) for th in t.iter("th")][:1] == ["folder"])
+    cells = {text_of(tr[0]): text_of(tr[1]) for tr in table.iter("tr") if tr[0].tag == "td"}
+    assert cells == {"calls": "2 / 2", "late": "0 / 1"}
 
 
 def test_nan_and_infinite_values_are_no_values(tmp_path):

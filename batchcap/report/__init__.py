@@ -134,13 +134,16 @@ def _shared_folders(a: Result, b: Result) -> tuple[list[str] | None, list[str] |
 
 
 def _paired_groups(ga: list[dict[str, Any]], gb: list[dict[str, Any]], value: str) -> list[dict[str, Any]]:
-    """Group tables of two results merged by group name and key (for side-by-side figures)."""
+    """Group tables of two results merged by group name and key (for side-by-side figures): A's keys in A's
+    order, then those only B has (a folder only B covers counts in B's figures, so it is listed too)."""
     by_name_b = {g["name"]: {r["key"]: r for r in g["rows"]} for g in gb}
     out = []
     for g in ga:
+        rows_a = {r["key"]: r for r in g["rows"]}
         rows_b = by_name_b.get(g["name"], {})
-        rows = [{"key": r["key"], "rows_a": r["rows"], "rows_b": rows_b.get(r["key"], {}).get("rows", 0),
-                 "a": r.get(value), "b": rows_b.get(r["key"], {}).get(value)} for r in g["rows"]]
+        keys = list(rows_a) + [k for k in rows_b if k not in rows_a]
+        rows = [{"key": k, "rows_a": rows_a.get(k, {}).get("rows", 0), "rows_b": rows_b.get(k, {}).get("rows", 0),
+                 "a": rows_a.get(k, {}).get(value), "b": rows_b.get(k, {}).get(value)} for k in keys]
         out.append({"name": g["name"], "rows": rows, "value": value})
     return out
 
