@@ -688,3 +688,16 @@ def test_no_thumbnail_of_a_picture_the_run_refused_as_a_bomb(tmp_path):
     thumbs = Thumbnails(str(tmp_path))
     assert thumbs.of(str(tmp_path / "ok.png"), "ok").startswith("data:image/jpeg")
     assert thumbs.of(str(tmp_path / "bomb.png"), "bomb") is None
+
+
+def test_a_long_unbroken_word_is_clipped_in_the_confusion_tables(tmp_path):
+    """A looping "hahaha…" (1,200 characters, one word) filled the substitutions table's cell and pushed the
+    other tables aside; the tables show its first characters (the whole word in the cell's title)."""
+    out = write_rows(tmp_path / "out.parquet", [audio_row("loop", "thank you", "ha" * 600),
+                                                audio_row("ok", "press two", "press one")])
+    doc = parse(build_report(out, str(tmp_path / "r.html")))
+    table = next(t for t in doc.iter("table") if [text_of(th) for th in t.iter("th")][:2] == ["reference", "transcript"])
+    cells = [tr[1] for tr in table.iter("tr") if tr[0].tag == "td"]
+    assert {text_of(c)[:4] for c in cells} == {"haha", "one"}
+    loop = next(c for c in cells if text_of(c).startswith("haha"))
+    assert len(text_of(loop)) == 48 and text_of(loop).endswith("…") and loop.get("title") == "ha" * 600

@@ -17,6 +17,7 @@ def environment() -> Any:
     env.filters["pct"] = fmt_pct
     env.filters["num"] = fmt_num
     env.filters["secs"] = lambda v: "–" if v is None else fmt_seconds(float(v))
+    env.filters["clip"] = lambda v, n=48: v if not isinstance(v, str) or len(v) <= n else v[:n - 1] + "…"
     env.filters["count"] = lambda v: "–" if v is None else f"{v:,}"
     env.filters["score"] = lambda v: "–" if not isinstance(v, (int, float)) else f"{v:.3f}"
     return env
