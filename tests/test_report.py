@@ -701,3 +701,17 @@ def test_a_long_unbroken_word_is_clipped_in_the_confusion_tables(tmp_path):
     assert {text_of(c)[:4] for c in cells} == {"haha", "one"}
     loop = next(c for c in cells if text_of(c).startswith("haha"))
     assert len(text_of(loop)) == 48 and text_of(loop).endswith("…") and loop.get("title") == "ha" * 600
+
+
+def test_failure_messages_keep_words_that_are_also_file_names(tmp_path):
+    """A file named ``image`` (as CDN URLs often are) made "image too large" read "<source> too large": only a
+    file name (with an extension, as a whole token) or the whole source is replaced in a message."""
+    from batchcap.report.data import failure_groups, load_result
+
+    out = write_rows(tmp_path / "out.parquet", [
+        audio_row("a", "x", None, status="decode_error", error="image too large: 100 MP", source="/pics/image"),
+        audio_row("b", "x", None, status="fetch_error", error="no such file: b.wav", source="/calls/b.wav"),
+        audio_row("c", "x", None, status="fetch_error", error="no such file: c.wav", source="/calls/c.wav"),
+        audio_row("d", "x", None, status="fetch_error", error="in /calls/xc.wav.bak", source="/calls/c.wav")])
+    messages = {g.message: g.count for g in failure_groups(load_result(out))[0]}
+    assert messages == {"image too large: 100 MP": 1, "no such file: <source>": 2, "in /calls/xc.wav.bak": 1}

@@ -7,6 +7,7 @@ import json
 import logging
 import math
 import os
+import re
 import shlex
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -203,8 +204,8 @@ def failure_groups(result: Result, examples: int = 3, limit: int = 40) -> tuple[
         if src and len(src) > 3:
             message = message.replace(src, "<source>")
             base = os.path.basename(src)
-            if len(base) > 3:
-                message = message.replace(base, "<source>")
+            if len(base) > 3 and "." in base.strip("."):  # a file name, not a word ("image", "empty") of the message
+                message = re.sub(rf"(?<![\w.]){re.escape(base)}(?![\w])", "<source>", message)
         key = (str(status), message)
         group = groups.get(key)
         if group is None:
