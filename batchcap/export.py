@@ -45,6 +45,10 @@ def export_table(table_path: str, directory: str, formats: str | tuple[str, ...]
         raise ValueError(f"cannot read {table_path} as a result table: {exc}") from None
     if "id" not in table.column_names:
         raise ValueError(f"{table_path} has no id column: not a batchcap result table")
+    if text_column not in table.column_names:  # every row was "skipped (not ok)", and an empty folder made
+        kind = "an images result (captions)" if "caption" in table.column_names else "not a transcription result"
+        raise ValueError(f"{table_path} has no {text_column} column: {kind}; export writes the subtitles and "
+                         "text files of transcripts")
     writer = SubtitleWriter(directory, fmts, options, overwrite=overwrite)
     exported = skipped = 0
     for batch in table.to_batches(max_chunksize=1024):

@@ -167,21 +167,28 @@ def render(fmt: str, text: str, segments: Sequence[Any], *, language: str | None
         return "\n".join(out)
     if fmt == "vtt":
         out = ["WEBVTT\n"]
-        for a, b, t in cues(segs, options):
+        for a, b, t in cues(segs, options):  # cue text is markup in WebVTT: "1 < 2" would open a tag
+            t = t.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
             out.append(f"{format_timestamp(a)} --> {format_timestamp(b)}\n{t}\n")
         return "\n".join(out)
     if fmt == "txt":
-        return "".join(f"{str(s.get('text') or '').strip()}\n" for s in segs)
+        return "".join(f"{_one_line(s.get('text'))}\n" for s in segs)
     if fmt == "tsv":
         lines = ["start\tend\ttext"]
         for s in segs:
-            text = str(s.get("text") or "").strip().replace("\t", " ").replace("\n", " ")
+            text = _one_line(s.get("text"))
             lines.append(f"{round(1000 * float(s['start']))}\t{round(1000 * float(s['end']))}\t{text}")
         return "\n".join(lines) + "\n"
     if fmt == "json":
         clean = [{k: _plain(v) for k, v in s.items()} for s in segs]
         return json.dumps({"text": text or "", "segments": clean, "language": language}, ensure_ascii=False)
     raise ValueError(f"unknown subtitle format {fmt!r}")
+
+
+def _one_line(text: Any) -> str:
+    """A segment's text on one line: tabs, newlines and carriage returns (which split a TSV or TXT line) as
+    single spaces."""
+    return " ".join(str(text or "").split())
 
 
 def _plain(value: Any) -> Any:
@@ -234,9 +241,9 @@ def row_segments(row: Mapping[str, Any]) -> list[dict[str, Any]]:
     segs = row.get("segments")
     if isinstance(segs, str):
         segs = json.loads(segs) if segs.strip() else []
-    if segs is not None:
+    if segs:
         return [dict(s) for s in segs]
-    text = (row.get("text") or "").strip()
+    text = (row.get("text") or "").strip()  # no segments (or none kept): the whole text, where it can be timed
     duration = row.get("duration_s")
     if not text or duration is None:
         return []

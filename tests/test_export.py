@@ -73,3 +73,28 @@ def test_export_errors_are_one_line(tmp_path):
     result = write_result(tmp_path / "out.parquet")
     code, out = run_cli("export", result, "--format", "doc")
     assert code == 1 and "unknown subtitle format 'doc'" in out and "Traceback" not in out
+
+
+def test_export_makes_text_safe_for_each_format(tmp_path):
+    """VTT cue text is markup ("1 < 2" opened a tag in a player, "&" an entity); a carriage return split a TSV
+    line and a newline a TXT line; an ok row whose segments list is empty wrote empty srt/vtt/txt files."""
+    rows = [{"id": "m", "text": "1 < 2 & 3 > 2\rok\nnext", "status": "ok", "duration_s": 2.0, "language": "en",
+             "segments": [{"start": 0.0, "end": 1.0, "text": "1 < 2 & 3 > 2\rok\nnext"}]},
+            {"id": "e", "text": "Kept whole.", "status": "ok", "duration_s": 1.5, "language": "en", "segments": []}]
+    result = write_result(tmp_path / "out.parquet", rows)
+    code, out = run_cli("export", result, "--format", "vtt,tsv,txt,srt", "-o", tmp_path / "s")
+    assert code == 0, out
+    s = tmp_path / "s"
+    assert parse_vtt((s / "m.vtt").read_text()) == [(0.0, 1.0, "1 &lt; 2 &amp; 3 &gt; 2 ok next")]
+    assert (s / "m.tsv").read_text().splitlines() == ["start\tend\ttext", "0\t1000\t1 < 2 & 3 > 2 ok next"]
+    assert (s / "m.txt").read_text() == "1 < 2 & 3 > 2 ok next\n"
+    assert parse_srt((s / "e.srt").read_text()) == [(1, 0.0, 1.5, "Kept whole.")]
+
+
+def test_export_of_an_images_result_says_what_it_is(tmp_path):
+    """An images result was "0 of 2 rows exported: 2 rows skipped (not ok)", exit 0, an empty folder."""
+    rows = [{"id": "a.png", "caption": "a cat", "status": "ok"}, {"id": "b.png", "caption": "a dog", "status": "ok"}]
+    result = write_result(tmp_path / "captions.parquet", rows)
+    code, out = run_cli("export", result, "-o", tmp_path / "s")
+    assert code == 1 and "an images result (captions)" in out and "Traceback" not in out, out
+    assert not (tmp_path / "s").exists()
