@@ -696,7 +696,8 @@ def test_a_long_unbroken_word_is_clipped_in_the_confusion_tables(tmp_path):
     out = write_rows(tmp_path / "out.parquet", [audio_row("loop", "thank you", "ha" * 600),
                                                 audio_row("ok", "press two", "press one")])
     doc = parse(build_report(out, str(tmp_path / "r.html")))
-    table = next(t for t in doc.iter("table") if [text_of(th) for th in t.iter("th")][:2] == ["reference", "transcript"])
+    heads = ["reference", "transcript"]
+    table = next(t for t in doc.iter("table") if [text_of(th) for th in t.iter("th")][:2] == heads)
     cells = [tr[1] for tr in table.iter("tr") if tr[0].tag == "td"]
     assert {text_of(c)[:4] for c in cells} == {"haha", "one"}
     loop = next(c for c in cells if text_of(c).startswith("haha"))
@@ -715,3 +716,18 @@ def test_failure_messages_keep_words_that_are_also_file_names(tmp_path):
         audio_row("d", "x", None, status="fetch_error", error="in /calls/xc.wav.bak", source="/calls/c.wav")])
     messages = {g.message: g.count for g in failure_groups(load_result(out))[0]}
     assert messages == {"image too large: 100 MP": 1, "no such file: <source>": 2, "in /calls/xc.wav.bak": 1}
+
+
+def test_compare_alignment_sets_like_against_like(tmp_path):
+    """A without references, B with: the A → B alignment set A's text as written against B's normalized text,
+    so "Hello," against "hello" was drawn as a substitution. One form on both sides: only the real change."""
+    from batchcap.report.audio import score_result
+    from batchcap.report.compare import compare_audio
+    from batchcap.report.data import load_result
+
+    a = load_result(write_rows(tmp_path / "a.parquet", [audio_row("r1", None, "Hello, World. Press one now!")]))
+    b = load_result(write_rows(tmp_path / "b.parquet", [
+        audio_row("r1", "Hello world, press one now.", "Hello, World. Press two now!")]))
+    detail = compare_audio(a, score_result(a, None), b, score_result(b, None), rows=5, report_dir=str(tmp_path))
+    tokens = detail["detail"][0]["ab_tokens"]
+    assert [(t.kind, t.ref, t.hyp) for t in tokens if t.kind != "eq"] == [("sub", "one", "two")], tokens

@@ -52,7 +52,7 @@ def compare_audio(a: Result, sa: Scores, b: Result, sb: Scores, *, rows: int, re
             "reference": a.col("reference")[i] or b.col("reference")[j],
             "a": _side(a, sa, i), "b": _side(b, sb, j),
             # without references: how B's words differ from A's
-            "ab_tokens": None if ref_a is not None else align(_norm_or_raw(sa, a, i), _norm_or_raw(sb, b, j)),
+            "ab_tokens": None if ref_a is not None else align(*_same_form(sa, a, i, sb, b, j)),
         })
     return {
         "figures": figures,
@@ -61,8 +61,12 @@ def compare_audio(a: Result, sa: Scores, b: Result, sb: Scores, *, rows: int, re
     }
 
 
-def _norm_or_raw(scores: Scores, result: Result, i: int) -> str:
-    return scores.hyp_norm[i] if scores.hyp_norm[i] is not None else str(result.col("text")[i] or "")
+def _same_form(sa: Scores, a: Result, i: int, sb: Scores, b: Result, j: int) -> tuple[str, str]:
+    """A's and B's texts in one form: both normalized where both sides were scored, else both as written
+    (A's raw "Hello," against B's normalized "hello" was drawn as a substitution)."""
+    if sa.hyp_norm[i] is not None and sb.hyp_norm[j] is not None:
+        return sa.hyp_norm[i], sb.hyp_norm[j]
+    return str(a.col("text")[i] or ""), str(b.col("text")[j] or "")
 
 
 def _side(result: Result, scores: Scores, i: int) -> dict[str, Any]:
