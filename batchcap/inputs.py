@@ -136,6 +136,9 @@ class Inputs:
             raise FatalError("no input given")
         for src in self.sources:
             if storage.is_remote(src):
+                if src in self.exclude:
+                    raise FatalError(f"{src} is both an input and the run's output (or an object beside it): "
+                                     "write the results to another object")
                 if self._remote_kind(src) == "manifest":
                     self._remote_manifest(src, lambda copy: _peek_columns(copy, self.spec))
                 continue

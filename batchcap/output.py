@@ -24,6 +24,7 @@ import contextlib
 import csv
 import errno
 import fcntl
+import io
 import json
 import logging
 import os
@@ -87,12 +88,13 @@ def writing(target: str) -> Iterator[str]:
 
 def check_output(path: str, *, unlocked: bool = True) -> None:
     """Whether a local output can be written at ``path``: its folder exists, the files beside it can be
-    named and (``unlocked``) no other run holds its lock; a ``FatalError`` line if not. Remote outputs (URLs)
-    pass. Run before a model loads, so that a typo in ``-o`` or a run still going fails at once, and again
+    named and (``unlocked``) no other run holds its lock; a ``FatalError`` line if not (remote outputs:
+    :func:`_check_remote_output`). Run before a model loads, so that a typo in ``-o`` or a run still going fails at once, and again
     when the store opens (there the store's own exclusive lock decides)."""
     from . import storage
 
     if storage.is_remote(path):
+        _check_remote_output(path, unlocked)
         return
     path = os.path.abspath(path)
     parent = os.path.dirname(path)
@@ -105,6 +107,37 @@ def check_output(path: str, *, unlocked: bool = True) -> None:
         _check_not_locked(path)
 
 
+_BUCKET_SCHEMES = {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss"}
+
+
+def _check_remote_output(url: str, unlocked: bool) -> None:
+    """A remote output's store answers (endpoint, credentials), its bucket exists and (``unlocked``) no live
+    run holds its lock: checked before a model loads, as for a local output (these were found only when the
+    store opened, after the model had loaded)."""
+    from urllib.parse import urlsplit
+
+    from . import storage
+
+    try:
+        if storage.info(url) is None and storage.scheme(url) in _BUCKET_SCHEMES:
+            root = f"{storage.scheme(url)}://{urlsplit(url).netloc}"
+            if storage.info(root) is None:
+                raise FatalError(f"the output's bucket {root} does not exist (or these credentials cannot see it)")
+        if unlocked and storage.info(url + ".lock") is not None:
+            holder = RemoteResultStore.lock_holder(url + ".lock")
+            if not RemoteResultStore._stale(holder):
+                raise FatalError(_locked_message(url, holder))
+    except storage.StorageError as exc:
+        raise FatalError(f"cannot reach the output {url}: {exc.message}") from None
+
+
+def _locked_message(url: str, holder: dict[str, Any]) -> str:
+    age = time.time() - float(holder.get("refreshed", time.time()))
+    return (f"another batchcap run ({holder.get('host', '?')}, pid {holder.get('pid', '?')}, lock refreshed "
+            f"{age:.0f} s ago) is writing {url}; wait for it to finish. If it is dead, remove {url}.lock (a lock "
+            f"not refreshed for {LOCK_STALE_S:.0f} s is taken over)")
+
+
 # each kind of run's own text column: a table holding the other's and not its own is the other kind's
 KIND_COLUMNS = {"audio": "text", "images": "caption"}
 
@@ -112,16 +145,52 @@ KIND_COLUMNS = {"audio": "text", "images": "caption"}
 def check_existing_output(path: str, kind: str | None = None) -> None:
     """Stop before a model loads when ``path`` exists and is not a result this run can resume: a table
     without id / status columns (some other file named by mistake, which the run would rewrite), or the
-    other kind's results (``kind``: audio or images). Remote outputs and absent files pass."""
+    other kind's results (``kind``: audio or images), local or in an object store. Absent files pass."""
     from . import storage
 
-    if storage.is_remote(path) or not os.path.isfile(path):
+    if storage.is_remote(path):
+        try:
+            if not storage.is_file(path):
+                return
+            names = _remote_columns(path)
+        except storage.StorageError as exc:
+            raise FatalError(f"cannot read the existing output {path}: {exc.message}") from None
+        except ValueError as exc:
+            raise FatalError(f"cannot read the existing output {path} ({_reason(exc)}); "
+                             "move it away or use --overwrite") from None
+    elif not os.path.isfile(path):
         return
+    else:
+        names = _local_columns(path)
+    _check_columns(path, names, kind)
+
+
+def _local_columns(path: str) -> list[str]:
     try:
-        names = table_columns(path)
+        return table_columns(path)
     except (OSError, ValueError) as exc:
         raise FatalError(f"cannot read the existing output {path} ({_reason(exc)}); "
                          "move it away or use --overwrite") from None
+
+
+def _remote_columns(url: str) -> list[str]:
+    """The column names of a table in an object store: a parquet footer, or a CSV's first line."""
+    from . import storage
+
+    if output_format(url) == "parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        with storage.open_read(url) as f:
+            try:
+                return list(pq.read_schema(f).names)
+            except pa.ArrowException as exc:
+                raise ValueError(str(exc)) from None
+    head = storage.read_range(url, 256 * 1024).decode("utf-8-sig", errors="replace")
+    return next(csv.reader(io.StringIO(head)), [])
+
+
+def _check_columns(path: str, names: list[str], kind: str | None) -> None:
     if "id" not in names or "status" not in names:
         raise FatalError(f"{path} exists and is not a batchcap result table (no id / status columns): "
                          "write to another file (--overwrite would replace it)")
@@ -1048,17 +1117,20 @@ class RemoteResultStore:
             log.warning("taking over the lock %s of a run that is gone (%s, pid %s)", self.lock_url,
                         holder.get("host", "?"), holder.get("pid", "?"))
             self._call(storage.remove, self.lock_url)
-        holder = self._holder()
-        age = time.time() - float(holder.get("refreshed", time.time()))
-        raise FatalError(f"another batchcap run ({holder.get('host', '?')}, pid {holder.get('pid', '?')}, lock "
-                         f"refreshed {age:.0f} s ago) is writing {self.path}; wait for it to finish. If it is dead, "
-                         f"remove {self.lock_url} (a lock not refreshed for {LOCK_STALE_S:.0f} s is taken over)")
+        raise FatalError(_locked_message(self.path, self._holder()))
 
     def _holder(self) -> dict[str, Any]:
+        return self.lock_holder(self.lock_url)
+
+    @staticmethod
+    def lock_holder(lock_url: str) -> dict[str, Any]:
+        """The lock object's record (host, pid, run, refreshed), {} where it is gone or unreadable."""
+        from . import storage
+
         try:
-            record = json.loads(self.storage.read_range(self.lock_url, 64 * 1024))
+            record = json.loads(storage.read_range(lock_url, 64 * 1024))
             return record if isinstance(record, dict) else {}
-        except (self.storage.StorageError, ValueError):
+        except (storage.StorageError, ValueError):
             return {}
 
     @staticmethod

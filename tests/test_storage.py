@@ -389,6 +389,30 @@ def test_bad_credentials_are_one_line_without_the_key(s3, moto_endpoint, monkeyp
     assert SECRET not in result.stderr + result.stdout and "AKIANOTAREALKEY12345" not in result.stderr + result.stdout
 
 
+def test_bad_outputs_in_the_bucket_stop_before_the_model_loads(s3, tmp_path):
+    """What stops a local -o before the model loads stops a bucket's too (the model is a folder that does not
+    exist: an error about the output means it came first). Before, the input manifest given as -o and a table
+    that is not a result were rewritten (rows lost, then a TypeError), an images result took audio rows, and a
+    missing bucket, a lock held or an unreachable store showed only after the model had loaded."""
+    manifest = s3.put("m.csv", "path,reference\na.wav,Activated.\n")
+    other = s3.put("other.csv", "name,age\nann,3\n")
+    buf = io.BytesIO()
+    pq.write_table(pa.table({"id": ["a.png"], "status": ["ok"], "caption": ["a cat"]}), buf)
+    captions = s3.put("caps.parquet", buf.getvalue())
+    s3.put("held.parquet.lock", json.dumps({"host": "other-node", "pid": 17, "run": "r", "refreshed": time.time()}))
+    nomodel = str(tmp_path / "no-model")
+    cases = [(manifest, manifest, "is both an input and the run's output"),
+             (manifest, other, "exists and is not a batchcap result table"),
+             (manifest, captions, "holds the results of `batchcap images`"),
+             (manifest, "s3://no-such-bucket-batchcap/o.parquet", "bucket s3://no-such-bucket-batchcap does not exist"),
+             (manifest, s3.url("held.parquet"), "another batchcap run (other-node, pid 17")]
+    for source, out, message in cases:
+        code, output = run_cli("audio", source, "-o", out, "--model", nomodel)
+        assert code == 1 and message in output and "Traceback" not in output, (out, output)
+    assert s3.get("m.csv") == b"path,reference\na.wav,Activated.\n" and s3.get("other.csv") == b"name,age\nann,3\n"
+    assert s3.rows("caps.parquet") == [{"id": "a.png", "status": "ok", "caption": "a cat"}]
+
+
 def test_lock_in_the_bucket_stops_a_second_writer(s3, tiny_captioner):
     s3.put("in/a.png", png(1))
     s3.put("out.parquet.lock", json.dumps({"host": "other-node", "pid": 17, "run": "r",
