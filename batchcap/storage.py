@@ -88,12 +88,13 @@ def join(base: str, *names: str) -> str:
 
 
 def resolve(base: str, relative: str) -> str:
-    """A manifest's relative path against its remote prefix, ``..`` as in paths (never above the bucket)."""
+    """A manifest's relative path against its remote prefix, ``..`` as in paths: the bucket is the root, so
+    ``..`` stops there as at ``/`` (``../../other/x.png`` from ``s3://b/in/`` read another bucket's
+    ``other/x.png``), and a leading ``/`` starts from the bucket's top."""
     head, _, rest = base.partition("://")
-    joined = posixpath.normpath(posixpath.join(rest.rstrip("/"), relative))
-    if joined.startswith("..") or joined.startswith("/"):
-        return f"{head}://{rest.rstrip('/')}/{relative}"
-    return f"{head}://{joined}"
+    bucket, _, prefix = rest.rstrip("/").partition("/")
+    joined = posixpath.normpath(posixpath.join("/", prefix, relative))
+    return f"{head}://{bucket}{joined}"
 
 
 def parent(url: str) -> str:

@@ -156,6 +156,17 @@ def test_which_urls_are_object_storage():
     assert storage.parent("s3://b/dir/m.csv") == "s3://b/dir" and storage.basename("s3://b/dir/m.csv") == "m.csv"
 
 
+def test_relative_paths_of_a_remote_manifest_stay_in_its_bucket():
+    """``..`` stops at the bucket as at ``/``: ``../../other/x.png`` from s3://b/in/ read bucket ``other``'s
+    ``x.png``, while one more ``..`` was kept as a literal key."""
+    assert storage.resolve("s3://b/in", "x.png") == "s3://b/in/x.png"
+    assert storage.resolve("s3://b/in/sub/", "../x.png") == "s3://b/in/x.png"
+    assert storage.resolve("s3://b/in", "../../other/x.png") == "s3://b/other/x.png"
+    assert storage.resolve("s3://b/in", "../../../other/x.png") == "s3://b/other/x.png"
+    assert storage.resolve("s3://b/in", "/top/x.png") == "s3://b/top/x.png"
+    assert storage.resolve("gs://b", "./x.png") == "gs://b/x.png"
+
+
 def test_scrub_blanks_credentials(monkeypatch):
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
     text = storage.scrub(f"failed with {SECRET} at https://x.blob.core.windows.net/c/k?sv=2022&sig=abcDEF123%2B&se=1")
