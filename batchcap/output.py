@@ -89,8 +89,8 @@ def writing(target: str) -> Iterator[str]:
 def check_output(path: str, *, unlocked: bool = True) -> None:
     """Whether a local output can be written at ``path``: its folder exists, the files beside it can be
     named and (``unlocked``) no other run holds its lock; a ``FatalError`` line if not (remote outputs:
-    :func:`_check_remote_output`). Run before a model loads, so that a typo in ``-o`` or a run still going fails at once, and again
-    when the store opens (there the store's own exclusive lock decides)."""
+    :func:`_check_remote_output`). Run before a model loads, so that a typo in ``-o`` or a run still going
+    fails at once, and again when the store opens (there the store's own exclusive lock decides)."""
     from . import storage
 
     if storage.is_remote(path):

@@ -212,6 +212,11 @@ class SubtitleWriter:
         self.overwrite = overwrite
         self.written = 0
         self.kept = 0
+        from . import storage
+
+        self._exists = storage.exists  # an object store's prefix needs no folder (a local "s3:/..." tree was made)
+        if storage.is_remote(directory):
+            return
         if os.path.exists(directory) and not os.path.isdir(directory):
             raise NotADirectoryError(f"{directory} is a file, not a folder for subtitle files")
         os.makedirs(directory, exist_ok=True)
@@ -225,7 +230,7 @@ class SubtitleWriter:
         overwrite = self.overwrite if overwrite is None else overwrite
         written = []
         for fmt, path in self.paths(item_id).items():
-            if not overwrite and os.path.exists(path):
+            if not overwrite and self._exists(path):
                 self.kept += 1
                 continue
             atomic_write(path, render(fmt, text or "", list(segments or []), language=language,

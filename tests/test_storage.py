@@ -271,6 +271,23 @@ def test_remote_csv_output_keeps_its_schema_beside_it(memory, tmp_path):
     assert table.column("references").to_pylist() == [["a", "b"], ["c"]]
 
 
+def test_subtitles_in_a_store_make_no_local_folder_and_are_kept(memory, tmp_path, monkeypatch):
+    """``--write srt`` with an output in a bucket made a local folder tree "s3:/bucket/..." in the working
+    directory, and a rerun uploaded every file again (the kept check looked on the local disk)."""
+    from batchcap.subtitles import SubtitleWriter
+
+    fs, root = memory
+    monkeypatch.chdir(tmp_path)
+    folder = f"memory:/{root}/out.subtitles"
+    seg = [{"start": 0.0, "end": 1.0, "text": "Hello."}]
+    first = SubtitleWriter(folder, ["srt"], overwrite=False)
+    assert len(first.write("calls/a.wav", "Hello.", seg)) == 1
+    assert os.listdir(tmp_path) == []
+    assert [p.rsplit("/", 1)[1] for p in fs.find(root)] == [first.paths("calls/a.wav")["srt"].rsplit("/", 1)[1]]
+    again = SubtitleWriter(folder, ["srt"], overwrite=False)
+    assert again.write("calls/a.wav", "Other.", seg) == [] and again.kept == 1
+
+
 def test_lock_object_refuses_a_live_run_and_takes_over_a_dead_one(memory, tmp_path, caplog):
     fs, root = memory
     url = f"memory:/{root}/res.parquet"
