@@ -267,6 +267,34 @@ def test_beam_search_with_timestamps(tiny_whisper):
         assert all(0 <= s.start <= s.end <= duration for s in row["segments"])
 
 
+def test_a_beam_hypothesis_is_scored_as_greedy_decoding_scores_the_same_tokens(tiny_whisper, monkeypatch):
+    """Beam search's hypotheses are rescored by one teacher-forced pass; that pass took the raw log-softmax,
+    without the decoding rules (timestamps, suppressed tokens) greedy decoding scores after, so the same
+    tokens scored ~0.3 lower under beam search (a real clip: -1.10 against -0.77), crossed the guard's -1.0
+    and were redone into a worse text. Here beam search is made to return greedy's tokens: same scores."""
+    from transformers import GenerationMixin
+
+    from batchcap.models.whisper import WhisperTranscriber
+
+    clips = [tone(d, freq=300 + 170 * i) for i, d in enumerate((0.9, 2.4, 6.0))]
+    greedy = WhisperTranscriber(tiny_whisper, device="cpu", language="en", guard=g.GuardConfig(fallback=False))
+    calls: list = []
+    original = greedy._generate
+
+    def record(**kwargs):
+        out = original(**kwargs)
+        calls.append(out.sequences)
+        return out
+    greedy._generate = record
+    expected = [r["avg_logprob"] for r in greedy.transcribe([greedy.prepare(c) for c in clips])]
+    (sequences,) = calls
+    beam = WhisperTranscriber(tiny_whisper, device="cpu", language="en", num_beams=2,
+                              guard=g.GuardConfig(fallback=False))
+    monkeypatch.setattr(GenerationMixin, "generate", lambda self, **kwargs: sequences)
+    scored = [r["avg_logprob"] for r in beam.transcribe([beam.prepare(c) for c in clips])]
+    assert scored == pytest.approx(expected, abs=2e-4)
+
+
 def test_beam_search_keeps_cross_attention_in_place_with_the_same_results(tiny_whisper, monkeypatch):
     """transformers reorders the whole cache at every beam step; the cross-attention part of an input's
     beams is the same, so batchcap's cache leaves it (beam 3 on 24 real clips: 28.6 s against 37.5 s,
