@@ -215,6 +215,7 @@ def _prepare(transcriber: Any, batch: Sequence[Any], chunk: list[_Unit]) -> list
         prepared = transcriber.prepare(unit.window.audio(recording.samples), language=recording.language)
         if hasattr(prepared, "joins"):  # where its pieces meet: no segment is left spanning a pause
             prepared.joins = unit.window.joins_s
+            prepared.speech_window = True
         out.append(prepared)
         FEATURES.acquire()
     return out

@@ -285,6 +285,7 @@ def test_a_segment_over_a_left_out_pause_is_cut_at_the_join(tiny_whisper, tmp_pa
 
     def recording(batch):
         joins.extend(p.joins for p in batch)
+        assert all(p.speech_window for p in batch)  # VAD windows: speech to their end (a gap is decoded again)
         return inner(batch)
     transcriber.transcribe = recording
     result = transcribe([path], str(tmp_path / "out.parquet"), transcriber=transcriber, quiet=True)

@@ -208,6 +208,44 @@ def test_a_clip_that_stopped_short_has_the_rest_of_its_audio_decoded(tiny_whispe
     assert row["text"].replace(" ", "") == "Hellothere" + "".join(s["text"] for s in rest).replace(" ", "")
 
 
+@pytest.mark.parametrize("speech_window", [True, False])
+def test_speech_left_after_a_finished_transcript_of_a_vad_window_is_decoded_again(tiny_whisper, speech_window):
+    """A VAD window holds speech to its end. Its first decoding (made up here) is complete but ends at 1.00 s
+    of a 6 s window: a recording that switched language inside the window lost 15 s of speech that way. The
+    rest is decoded again, its language detected afresh (not the window's); a clip (no VAD window, where the
+    rest may be silence) is not."""
+    from batchcap.models.whisper import WhisperTranscriber
+
+    t = WhisperTranscriber(tiny_whisper, device="cpu",
+                           guard=g.GuardConfig(fallback=False, compression_ratio_threshold=None,
+                                               logprob_threshold=None, no_speech_threshold=None))
+    text_ids = t.tokenizer.encode(" Hello there", add_special_tokens=False)
+    tb, calls = t.timestamp_begin, []
+    original = t._generate
+
+    def generate(**kwargs):
+        calls.append(kwargs["encoder_outputs"][0].shape[0])
+        out = original(**kwargs)
+        if len(calls) == 1:  # <|0.00|> Hello there <|1.00|> <|end|>: complete
+            made = kwargs["decoder_input_ids"][0].tolist() + [tb, *text_ids, tb + 50, t.eot_id]
+            out = Decoded(torch.tensor([made]), out.logprobs)
+        return out
+    t._generate = generate
+    seen = []
+    inner_rest = t._rest
+    t._rest = lambda p, at, language: seen.append((at, language)) or inner_rest(p, at, language)
+    window = t.prepare(tone(6.0))
+    window.speech_window = speech_window
+    (row,) = t.transcribe([window])
+    first, *rest = [s.to_dict() for s in row["segments"]]
+    assert first == {"start": 0.0, "end": 1.0, "text": "Hello there"}
+    if not speech_window:
+        assert seen == [] and rest == []
+        return
+    assert seen == [(pytest.approx(1.0), None)]  # from the transcript's end, the language detected again
+    assert len(calls) >= 2 and all(1.0 <= s["start"] <= s["end"] <= 6.0 for s in rest)
+
+
 def test_word_timestamps_through_the_cli_short_clips_and_windows_of_a_long_recording(tiny_whisper, tmp_path):
     """--word-timestamps: every segment of every row has words inside it, in time order, whose text makes the
     segment's; a long recording's windows give words on the recording's clock (shifted with their window)."""

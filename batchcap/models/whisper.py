@@ -78,6 +78,10 @@ LIVE_DETECTION_MIN_PROB = 0.8
 CPU_FULL_WINDOWS = 4
 MAX_SEEKS = 2  # a clip stopped short is decoded again from its last finished segment at most this often
 MIN_REST_S = 0.2  # ... when at least this much of its audio is left
+# a VAD window whose complete transcript ends this long before the window does is decoded again from there,
+# its language detected afresh (a recording that switched language inside the window: Whisper wrote the
+# first language's sentence, ended, and 15 s of the other language were lost)
+GAP_REST_S = 2.0
 
 
 @dataclass
@@ -95,6 +99,9 @@ class Prepared:
     # a window of pieces joined across left-out pauses: where they meet (s into its audio); a segment
     # over one is cut there by its words' times, so that no segment spans the pause in the recording
     joins: tuple[float, ...] = ()
+    # a long recording's window, cut by the VAD around speech: speech runs to its end, so a transcript that
+    # ends (complete) seconds before it has left speech out, and the rest is decoded again
+    speech_window: bool = False
 
 
 LONG_CHUNK_FRAMES = 6000  # 1 min of features per STFT in long_log_mel
@@ -616,7 +623,10 @@ class WhisperTranscriber:
         todo = [(i, at) for i, r in enumerate(results) if (at := r.pop("_resume_at", None)) is not None]
         if todo:
             log.debug("%d of %d clips stopped short: decoding the rest of their audio", len(todo), len(batch))
-            rests = [self._rest(batch[i], at, results[i]["language"] if self.multilingual else None)
+            # a stopped clip's rest goes on in its language; speech left after a finished transcript is heard
+            # afresh (unless the language was given)
+            rests = [self._rest(batch[i], at, None if not self.multilingual else
+                                batch[i].language if results[i].pop("_redetect", False) else results[i]["language"])
                      for i, at in todo]
             for (i, at), rest in zip(todo, self._short(rests, seeks - 1)):
                 _append_rest(results[i], rest, at)
@@ -734,6 +744,10 @@ class WhisperTranscriber:
                     ids = attempt.ids[:cut[0]]  # the segments kept before the clip's rest
                     result["text"], result["segments"] = self._parse(ids, p.duration_s)
                     result["_resume_at"] = cut[1]
+                elif cut is None and p.speech_window and result["segments"] and \
+                        p.duration_s - result["segments"][-1].end >= GAP_REST_S:
+                    result["_resume_at"] = result["segments"][-1].end  # speech left after a finished transcript
+                    result["_redetect"] = True
             results.append(result)
             kept.append(ids)
         # words for the segments over a join of a joined window, when they are not asked for anyway
