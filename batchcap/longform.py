@@ -93,7 +93,7 @@ class _Assembly:
     windows: list[WindowResult] = field(default_factory=list)
     languages: Counter = field(default_factory=Counter)  # seconds of windows per language
     sure: Counter = field(default_factory=Counter)  # ... of windows detected confidently in it
-    decodes: list[Any] = field(default_factory=list)
+    decodes: list[tuple[Any, bool]] = field(default_factory=list)  # (decode, wrote text) per window
     scored: list[tuple[float, dict[str, Any]]] = field(default_factory=list)  # (seconds, result) per window
 
     def language_so_far(self) -> str | None:
@@ -160,15 +160,17 @@ def transcribe_units(transcriber: Any, batch: Sequence[Any], batch_size: int,
                     if sure is not None and (res.get("language_prob") or 0.0) >= sure:
                         a.sure[res["language"]] += w.duration_s
                 if "decode" in res:
-                    a.decodes.append(res["decode"])
+                    a.decodes.append((res["decode"], bool(res.get("text"))))
                 a.scored.append((w.duration_s, res))
     for i, a in assemblies.items():
         text, segments = stitch(a.windows)
         language = a.languages.most_common(1)[0][0] if a.languages else None
         result: dict[str, Any] = {"text": text, "segments": segments, "language": language,
                                   "windows": len(a.windows), **recording_scores(a.scored, language)}
-        if a.decodes:
-            result["decode"] = (worst_decode or _first_unusual)(a.decodes)
+        if a.decodes:  # the worst of the windows that wrote text: a dropped noise window does not make a
+            # recording full of speech "no_speech"; with no text anywhere, the worst of all
+            spoken = [d for d, said in a.decodes if said]
+            result["decode"] = (worst_decode or _first_unusual)(spoken or [d for d, _ in a.decodes])
         results[i] = result
     return [r if r is not None else {"text": "", "segments": [], "language": None} for r in results]
 

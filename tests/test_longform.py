@@ -304,6 +304,7 @@ def test_a_segment_over_a_left_out_pause_is_cut_at_the_join(tiny_whisper, tmp_pa
 
 
 def test_a_long_rows_scores_come_from_its_windows(tiny_whisper, tmp_path):
+    from batchcap.models import guard as g
     # a long row has the guard's columns as a clip's row has, taken from its windows' (which the test sees)
     path, _ = long_file(tmp_path / "a.wav", 1.5)
     transcriber = load_transcriber(AudioOptions(model=tiny_whisper, max_new_tokens=6))
@@ -314,8 +315,10 @@ def test_a_long_rows_scores_come_from_its_windows(tiny_whisper, tmp_path):
         results = inner(batch)
         for k, (p, r) in enumerate(zip(batch, results)):
             r["text"] = r["text"] or f"w{k}"  # the tiny model often says nothing on tones
+            r["decode"] = g.GREEDY
             if k == 0 and len(windows) == 0:
                 r["text"] = ""  # ... except the first window: it adds nothing to the text's scores
+                r["decode"] = g.NO_SPEECH  # nor to the row's decode (it made a recording of speech "no_speech")
             windows.append((p.duration_s, dict(r)))
         return results
     transcriber.transcribe = recording
@@ -329,6 +332,7 @@ def test_a_long_rows_scores_come_from_its_windows(tiny_whisper, tmp_path):
         sum(w * r["avg_logprob"] for w, r in zip(weights, spoken)) / sum(weights), abs=1e-4)
     assert row["compression_ratio"] == max(r["compression_ratio"] for r in spoken)
     assert row["no_speech_prob"] == min(r["no_speech_prob"] for _, r in windows)
+    assert row["decode"] == g.GREEDY
     mine = [(s, r["language_prob"]) for s, r in windows if r["language"] == row["language"]]
     assert row["language_prob"] == pytest.approx(sum(s * p for s, p in mine) / sum(s for s, _ in mine), abs=1e-4)
     # given a language, nothing is detected: no probability
