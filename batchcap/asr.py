@@ -182,8 +182,9 @@ class AudioScorer:
             "error": None if error is None else error.message,
             "model": self.model_name,
         }
-        if self.subtitles is not None and error is None and prediction is not None:
-            self.subtitles.write(item.id, row["text"], row["segments"] or [], row["language"])
+        if self.subtitles is not None and (error is None and prediction is not None or row["status"] == EMPTY):
+            # one file per recording: a silent one (empty) gets empty files, as one Whisper heard nothing in
+            self.subtitles.write(item.id, row["text"] or "", row["segments"] or [], row["language"])
         if item.references:
             reference = " ".join(item.references)
             row["reference"] = reference
@@ -211,8 +212,8 @@ class AudioScorer:
 
             for batch in table.to_batches(max_chunksize=1024):
                 for r in batch.to_pylist():
-                    if r.get("status") == OK and r.get("text") is not None:
-                        self.subtitles.write(str(r["id"]), r["text"], row_segments(r), r.get("language"),
+                    if r.get("status") == OK and r.get("text") is not None or r.get("status") == EMPTY:
+                        self.subtitles.write(str(r["id"]), r.get("text") or "", row_segments(r), r.get("language"),
                                              overwrite=False)
         return table
 

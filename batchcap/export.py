@@ -10,7 +10,7 @@ import click
 
 from .cli_common import CommandError, setup_logging
 from .cli_options import apply, logging_options
-from .items import OK
+from .items import EMPTY, OK
 from .subtitles import SubtitleOptions, SubtitleWriter, default_subtitle_dir, parse_formats, row_segments
 
 log = logging.getLogger(__name__)
@@ -53,10 +53,11 @@ def export_table(table_path: str, directory: str, formats: str | tuple[str, ...]
     exported = skipped = 0
     for batch in table.to_batches(max_chunksize=1024):
         for row in batch.to_pylist():
-            if row.get("status", OK) != OK or row.get(text_column) is None:
+            status = row.get("status", OK)
+            if status != EMPTY and (status != OK or row.get(text_column) is None):
                 skipped += 1
                 continue
-            writer.write(str(row["id"]), row.get(text_column), row_segments(row), row.get("language"))
+            writer.write(str(row["id"]), row.get(text_column) or "", row_segments(row), row.get("language"))
             exported += 1
     return ExportResult(table.num_rows, exported, skipped, writer.written, writer.kept, directory)
 

@@ -140,6 +140,25 @@ def test_write_subtitles_resume_keeps_them_overwrite_redoes(tiny_whisper, tmp_pa
     assert (tmp_path / "exported" / srt_path.name).read_text() == srt_path.read_text()
 
 
+def test_a_silent_recording_gets_its_empty_subtitle_files_too(tiny_whisper, tmp_path):
+    """One file per recording: a digitally silent one (status empty) got none, where one that Whisper heard
+    nothing in got empty files; batch consumers then missed files. Both get them now, from the run and export."""
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    write_audio(inputs / "talk.wav", 1.5)
+    sf.write(inputs / "silent.wav", np.zeros(32000, dtype=np.float32), 16000)
+    out = tmp_path / "out.parquet"
+    code, text = run_cli("audio", inputs, "-o", out, "--model", tiny_whisper, "--write", "srt,vtt,txt", "-q")
+    assert code == 0, text
+    assert {r["id"].rsplit("/", 1)[1]: r["status"] for r in rows_of(out)} == {"talk.wav": "ok", "silent.wav": "empty"}
+    silent = sorted(n for n in os.listdir(tmp_path / "out.subtitles") if n.startswith("silent"))
+    assert [n.rsplit(".", 1)[1] for n in silent] == ["srt", "txt", "vtt"]
+    vtt = (tmp_path / "out.subtitles" / silent[2]).read_text()
+    assert vtt.startswith("WEBVTT") and "-->" not in vtt
+    code, text = run_cli("export", out, "--format", "srt", "-o", tmp_path / "exported")
+    assert code == 0 and any(n.startswith("silent") for n in os.listdir(tmp_path / "exported")), text
+
+
 def test_sequential_long_form_and_no_speech(tiny_whisper, tmp_path):
     path, _ = long_file(tmp_path / "a.wav", 0.75)
     quiet = tmp_path / "hum.wav"
