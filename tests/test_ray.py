@@ -399,3 +399,52 @@ def test_resume_after_driver_killed(tiny_whisper, tmp_path, ray_instance):
     assert summary["skipped_already_done"] >= 4
     assert summary["processed_this_run"] + summary["skipped_already_done"] == n
     assert not os.path.exists(parts)
+
+
+class _Resources:
+    def __init__(self, **resources: float):
+        self.resources = resources
+
+    def cluster_resources(self) -> dict[str, float]:
+        return self.resources
+
+
+def test_cpu_replicas_leave_a_cpu_for_the_tasks(caplog):
+    """--concurrency 2 on a 2-CPU local instance without GPUs waited forever without a word: each CPU replica
+    holds a CPU, and the tasks that read and decode items never got one."""
+    options = JobOptions(**dict(RAY_OPTIONS, concurrency=2))
+    with pytest.raises(FatalError, match=r"--concurrency 2 CPU replicas take all 2 CPU\(s\).*use --concurrency 1"):
+        ray_engine._check_gpus(_Resources(CPU=2), options, local=True)
+    ray_engine._check_gpus(_Resources(CPU=3), options, local=True)  # one left over: fine
+    ray_engine._check_gpus(_Resources(CPU=2), options, local=False)  # a cluster may grow: a warning
+    assert "leaving none for the tasks" in caplog.text
+    ray_engine._check_gpus(_Resources(CPU=2, GPU=2), JobOptions(**dict(RAY_OPTIONS, concurrency=2,
+                                                                        num_gpus_per_replica=1)), local=True)
+
+
+def test_sigterm_stops_a_ray_run_with_143_and_keeps_its_rows(tiny_whisper, tmp_path, ray_instance):
+    """ray.init installs its own SIGTERM handling in the driver: a scheduler's SIGTERM gave a Ray dump and
+    SIGABRT (134) instead of batchcap's one line and 143. Rows written so far are kept either way."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for i in range(40):
+        write_audio(folder / f"{i:03d}.wav", 0.5 + (i % 4) * 0.25, freq=200 + 15 * i)
+    out = str(tmp_path / "out.parquet")
+    cmd = [sys.executable, "-m", "batchcap.cli", "audio", str(folder), "-o", out, "--model", tiny_whisper,
+           "--engine", "ray", "--ray-address", ray_instance, "--flush-every", "4", "--batch-size", "1",
+           "--no-fallback"]
+    env = dict(os.environ, PYTHONPATH=ROOT, HF_HUB_OFFLINE="1")
+    proc = subprocess.Popen(cmd, env=env, cwd=str(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    parts = out + ".parts"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if os.path.isdir(parts) and any(p.endswith(".parquet") for p in os.listdir(parts)):
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, f"the run ended before SIGTERM: {proc.stderr.read().decode()[-3000:]}"
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    err = err.decode()
+    assert proc.returncode == 143, err[-3000:]
+    assert "Error: terminated (SIGTERM)" in err and "SIGTERM received" not in err
+    assert any(p.endswith(".parquet") for p in os.listdir(parts))

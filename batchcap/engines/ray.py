@@ -81,10 +81,18 @@ def _connect(ray: Any, options: JobOptions) -> bool:
     if ray.is_initialized():
         return False
     address = options.ray_address or None
+    import signal
+    import threading
+
+    own = signal.getsignal(signal.SIGTERM)
     try:  # a local instance this run starts (and stops) needs no dashboard: two processes fewer on the CPUs
         ray.init(address=address, ignore_reinit_error=True, logging_level=logging.WARNING, include_dashboard=False)
     except (ConnectionError, ValueError, RuntimeError) as exc:
         raise FatalError(f"cannot connect to Ray at {address or 'a local instance'}: {exc}") from exc
+    if own is not None and threading.current_thread() is threading.main_thread():
+        # ray.init installs its own SIGTERM handling in the driver (a dump, then SIGABRT: exit 134, not 143,
+        # and no "Error: terminated" line); batchcap's handler flushes the rows and exits as documented
+        signal.signal(signal.SIGTERM, own)
     return True
 
 
@@ -135,8 +143,18 @@ def stream_rows(items: Iterable[Item], job: Job, options: JobOptions, done: set[
 
 
 def _check_gpus(ray: Any, options: JobOptions, local: bool) -> None:
-    gpus = ray.cluster_resources().get("GPU", 0)
+    """Replicas the cluster can hold: GPUs for GPU replicas; for CPU replicas (one CPU each), a CPU left for
+    the preprocessing tasks (replicas on every CPU of a local instance waited forever, without a word)."""
+    resources = ray.cluster_resources()
+    gpus = resources.get("GPU", 0)
     need = options.num_gpus_per_replica
+    cpus = resources.get("CPU", 0)
+    if not need and cpus and options.concurrency >= cpus:
+        message = (f"--concurrency {options.concurrency} CPU replicas take all {cpus:g} CPU(s) of the Ray cluster, "
+                   "leaving none for the tasks that read and decode the items")
+        if local:
+            raise FatalError(f"{message}: use --concurrency {max(1, int(cpus) - 1)} or fewer here")
+        log.warning("%s: the run waits until the cluster has more (autoscaling)", message)
     if gpus and not need:
         log.warning("the Ray cluster has %g GPU(s) but replicas reserve none, so models run on CPU: "
                     "pass --num-gpus-per-replica 1 (or 0.5 for two replicas per GPU)", gpus)
