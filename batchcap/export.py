@@ -10,7 +10,7 @@ import click
 
 from .cli_common import CommandError, setup_logging
 from .cli_options import apply, logging_options
-from .items import EMPTY, OK
+from .items import EMPTY, OK, FatalError
 from .subtitles import SubtitleOptions, SubtitleWriter, default_subtitle_dir, parse_formats, row_segments
 
 log = logging.getLogger(__name__)
@@ -87,12 +87,15 @@ def export(table: str, formats: str, output_dir: str | None, max_line_width: int
     One file per row and format, named from the row's id (made safe for a file name); files that
     exist are kept unless --overwrite.
     """
+    from .output import local_result
+
     setup_logging(verbose, quiet)
-    directory = output_dir or default_subtitle_dir(table)
+    directory = output_dir or default_subtitle_dir(table)  # a result in a bucket: its files beside it there
     try:
-        result = export_table(table, directory, formats, overwrite=overwrite,
-                              options=SubtitleOptions(max_line_width, max_line_count))
-    except (ValueError, FileNotFoundError, OSError) as exc:
+        with local_result(table) as local:  # a result in object storage is read from a copy
+            result = export_table(local, directory, formats, overwrite=overwrite,
+                                  options=SubtitleOptions(max_line_width, max_line_count))
+    except (ValueError, FileNotFoundError, OSError, FatalError) as exc:
         raise CommandError(str(exc)) from None
     if not quiet:
         click.echo(f"{result.exported} of {result.rows} rows exported to {result.directory}: "

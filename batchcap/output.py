@@ -900,6 +900,31 @@ def own_files(path: str) -> list[str]:
     return [path, *_siblings(path), default_subtitle_dir(path)]
 
 
+@contextlib.contextmanager
+def local_result(path: str) -> Iterator[str]:
+    """A result table to read where it lives (export, report): a local path as it is; an object in a store
+    copied, with its summary and CSV schema, into a temporary folder removed afterwards."""
+    from . import storage
+
+    if not storage.is_remote(path):
+        yield path
+        return
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="batchcap-result-") as folder:
+        local = os.path.join(folder, storage.basename(path))
+        try:
+            if not storage.is_file(path):
+                raise FatalError(f"no result file at {path}")
+            storage.download(path, local)
+            for beside in (summary_path(path), schema_path(path)):
+                if storage.is_file(beside):
+                    storage.download(beside, os.path.join(folder, storage.basename(beside)))
+        except storage.StorageError as exc:
+            raise FatalError(f"cannot read {path}: {exc.message}") from None
+        yield local
+
+
 def summary_path(path: str) -> str:
     """Where the run summary of an output is kept (``out.parquet`` -> ``out.summary.json``)."""
     return os.path.splitext(path)[0] + ".summary.json"

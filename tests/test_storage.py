@@ -351,6 +351,35 @@ def test_parquet_manifest_items_and_output_in_the_bucket(s3, tiny_captioner):
                                   "results/caps.summary.json"]  # no parts, no lock
 
 
+@pytest.mark.parametrize("fmt", ["parquet", "csv"])
+def test_export_and_report_read_results_in_the_bucket(s3, tmp_path, fmt):
+    """A result in object storage (as `-o s3://...` writes it) was "no such file" to export and report. They
+    read a copy now (with its summary and CSV schema); their default outputs go beside it in the bucket."""
+    from batchcap.output import write_table
+
+    rows = [{"id": "calls/a.wav", "source": "s3://x/calls/a.wav", "text": "Hello there.", "status": "ok",
+             "error": None, "duration_s": 2.0, "language": "en", "reference": "hello there", "wer": 0.0,
+             "segments": [{"start": 0.0, "end": 1.5, "text": "Hello there."}]}]
+    local = tmp_path / f"r.{fmt}"
+    write_table(pa.Table.from_pylist(rows), str(local), fmt)
+    s3.put(f"out/r.{fmt}", local.read_bytes())
+    for beside in tmp_path.glob("r.schema.json"):  # a CSV's schema, where the writer keeps one
+        s3.put("out/r.schema.json", beside.read_bytes())
+    s3.put("out/r.summary.json", json.dumps({"rows": 1, "command": "batchcap audio calls -o s3://x/out/r"}))
+    result = s3.url(f"out/r.{fmt}")
+    code, output = run_cli("export", result, "--format", "srt,txt")
+    assert code == 0 and "1 of 1 rows exported" in output, output
+    assert len(s3.keys("out/r.subtitles")) == 2
+    srt = next(k for k in s3.keys("out/r.subtitles") if k.endswith(".srt"))
+    assert s3.get(srt).decode() == "1\n00:00:00,000 --> 00:00:01,500\nHello there.\n"
+    code, output = run_cli("report", result)
+    assert code == 0 and f"report: {s3.url('out/r.report.html')}" in output, output
+    page = s3.get("out/r.report.html").decode()
+    assert "batchcap report: r." in page and "Hello there." in page and "batchcap audio calls" in page
+    code, output = run_cli("report", s3.url("out/missing.parquet"), "-o", tmp_path / "m.html")
+    assert code == 1 and "no result file at s3://" in output
+
+
 def test_csv_manifest_and_prefix_in_the_bucket_to_a_local_csv(s3, tiny_captioner, tmp_path):
     for name in ("a.png", "b.png", "deep/c.png", ".hidden.png", "readme.txt"):
         s3.put(f"photos/{name}", png(len(name)) if name.endswith(".png") else "text")

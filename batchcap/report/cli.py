@@ -33,13 +33,31 @@ def report(result: str, result_b: str | None, output: str | None, rows: int, gro
     With RESULT_B (e.g. the same inputs after `batchcap train audio`), the two are compared: corpus
     figures side by side, and the rows whose text differs, matched by id. The page opens offline.
     """
-    from . import build_report
+    import contextlib
+    import tempfile
+
+    from .. import storage
+    from ..output import local_result
+    from . import build_report, default_report_path
 
     setup_logging(verbose, quiet)
+    output = output or default_report_path(result)
     try:
-        path = build_report(result, output, compare=result_b, rows=rows, group_by=group_by, normalize=normalize,
-                            title=title)
+        with contextlib.ExitStack() as stack:  # results in object storage are read from copies
+            local_a = stack.enter_context(local_result(result))
+            local_b = stack.enter_context(local_result(result_b)) if result_b else None
+            page = output
+            if storage.is_remote(output):  # written here, then put beside the result in the bucket
+                page = os.path.join(stack.enter_context(tempfile.TemporaryDirectory()), storage.basename(output))
+            path = build_report(local_a, page, compare=local_b, rows=rows, group_by=group_by, normalize=normalize,
+                                title=title or (f"batchcap report: {storage.basename(result)}"
+                                                + (f" vs {storage.basename(result_b)}" if result_b else "")))
+            size = os.path.getsize(path)
+            if page != output:
+                storage.upload(page, output)
     except FatalError as exc:
         raise CommandError(str(exc)) from None
+    except storage.StorageError as exc:
+        raise CommandError(f"cannot write {output}: {exc.message}") from None
     if not quiet:
-        click.echo(f"report: {path} ({os.path.getsize(path) / 1024:,.0f} kB)")
+        click.echo(f"report: {output} ({size / 1024:,.0f} kB)")
