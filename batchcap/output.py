@@ -1002,6 +1002,7 @@ class RemoteResultStore:
         self._uploaded: set[str] = set()
         self._token = f"{uuid.uuid4().hex}"
         self._locked = False
+        self._lost: dict[str, Any] = {}  # the record of a run that took the lock over (heartbeat)
         self._stop: Any = None
         self._heartbeat: Any = None
 
@@ -1029,7 +1030,8 @@ class RemoteResultStore:
     def close(self) -> None:
         try:
             self.local.close()
-            self._upload_parts()
+            if not self._lost:  # another run holds the output now: nothing more goes there
+                self._upload_parts()
         finally:
             self._unlock()
 
@@ -1094,6 +1096,10 @@ class RemoteResultStore:
                        os.path.join(local.parts_dir, name))
 
     def _upload_parts(self) -> None:
+        if self._lost:
+            raise FatalError(f"another run ({self._lost.get('host', '?')}, pid {self._lost.get('pid', '?')}) took "
+                             f"over the lock of {self.path} while this one could not refresh it; this run stops "
+                             "without writing there (its rows are redone by whichever run finishes the output)")
         try:
             names = os.listdir(self.local.parts_dir)
         except FileNotFoundError:
@@ -1187,6 +1193,12 @@ class RemoteResultStore:
         def beat() -> None:
             while not self._stop.wait(LOCK_REFRESH_S):
                 try:
+                    holder = self._holder()
+                    if holder and holder.get("run") != self._token:  # taken over (refreshes failed too long):
+                        self._lost = holder  # never overwrite the new holder's lock; the run stops (below)
+                        log.error("the lock %s was taken over by another run (%s, pid %s)", self.lock_url,
+                                  holder.get("host", "?"), holder.get("pid", "?"))
+                        return
                     self.storage.write_bytes(self.lock_url, self._lock_record())
                 except self.storage.StorageError as exc:
                     log.warning("cannot refresh the lock %s: %s", self.lock_url, exc.message)

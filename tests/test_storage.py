@@ -308,6 +308,31 @@ def test_lock_object_refuses_a_live_run_and_takes_over_a_dead_one(memory, tmp_pa
     assert not fs.exists(f"{root}/res.parquet.lock")
 
 
+def test_a_lock_taken_over_is_never_overwritten_and_stops_the_run(memory, tmp_path, monkeypatch):
+    """The heartbeat rewrote the lock object whatever it held: a run whose refreshes had failed past the
+    stale age, and whose lock another host had then taken over, overwrote the new holder's lock and went on
+    uploading parts beside it. It now leaves the other's lock alone and stops at its next upload."""
+    from batchcap import output
+
+    fs, root = memory
+    url = f"memory:/{root}/res.parquet"
+    monkeypatch.setattr(output, "LOCK_REFRESH_S", 0.05)
+    store = RemoteResultStore(url, cache=str(tmp_path / "c"), flush_rows=1)
+    store.open()
+    other = {"host": "gpu-node-9", "pid": 77, "run": "theirs", "refreshed": time.time()}
+    fs.pipe_file(f"{root}/res.parquet.lock", json.dumps(other).encode())
+    deadline = time.monotonic() + 10
+    while not store._lost and time.monotonic() < deadline:
+        time.sleep(0.02)
+    time.sleep(0.2)  # a few refresh periods more: nothing rewrites the lock
+    assert json.loads(fs.cat_file(f"{root}/res.parquet.lock")) == other
+    with pytest.raises(FatalError, match=r"another run \(gpu-node-9, pid 77\) took over the lock"):
+        store.add({"id": "a", "status": "ok"})
+    assert not fs.exists(f"{root}/res.parquet.parts")
+    store.close()
+    assert json.loads(fs.cat_file(f"{root}/res.parquet.lock")) == other  # closing does not remove theirs
+
+
 # --- S3 over HTTP (moto server) ---------------------------------------------------------------------
 
 def _cli_env() -> dict[str, str]:
