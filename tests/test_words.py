@@ -171,6 +171,26 @@ def test_words_go_to_their_segments_clamped_and_a_long_first_word_is_cut():
         ww.words_per_segment(words, [5], segments)
 
 
+def test_words_outside_their_whole_segment_are_kept_where_they_were_said():
+    """Whisper wrote a segment at 0-7 s of a joined window whose speech is at 8.2-10.2 s: clamped into the
+    segment, every word collapsed onto 7.0, and the cut at the window's joins made a zero-length subtitle
+    1.2 s before the speech. Words that do not meet their segment at all keep their aligned times; the
+    parts cut at the joins follow them."""
+    from batchcap.models.whisper_timestamps import Segment, split_at_joins
+
+    words = [WordTiming(" Simultaneous", [1], 8.2, 9.0, 0.9, 0), WordTiming(" call", [2], 9.0, 9.3, 0.9, 1),
+             WordTiming(" limit", [3], 9.3, 9.7, 0.9, 2), WordTiming(" reached.", [4], 9.7, 10.2, 0.9, 3)]
+    segment = Segment(0.0, 7.0, "Simultaneous call limit reached.")
+    (placed,) = ww.words_per_segment(words, [4], [segment])
+    assert [(w.start, w.end) for w in placed] == [(8.2, 9.0), (9.0, 9.3), (9.3, 9.7), (9.7, 10.2)]
+    segment.words = placed
+    parts = split_at_joins(segment, [2.5, 5.0, 8.0])
+    assert [(p.start, p.end, p.text) for p in parts] == [(8.2, 10.2, "Simultaneous call limit reached.")]
+    # words that meet their segment are still clamped into it
+    (inside,) = ww.words_per_segment(words, [4], [Segment(0.0, 9.5, "")])
+    assert inside[-1].end == 9.5 and all(w.end <= 9.5 for w in inside)
+
+
 def test_default_alignment_heads_are_the_second_half_of_the_decoder():
     model = SimpleNamespace(generation_config=SimpleNamespace(alignment_heads=None),
                             config=SimpleNamespace(decoder_layers=4, decoder_attention_heads=2))

@@ -78,9 +78,10 @@ LIVE_DETECTION_MIN_PROB = 0.8
 CPU_FULL_WINDOWS = 4
 MAX_SEEKS = 2  # a clip stopped short is decoded again from its last finished segment at most this often
 MIN_REST_S = 0.2  # ... when at least this much of its audio is left
-# a VAD window whose complete transcript ends this long before the window does is decoded again from there,
-# its language detected afresh (a recording that switched language inside the window: Whisper wrote the
-# first language's sentence, ended, and 15 s of the other language were lost)
+# a VAD window whose language was unsure and whose complete transcript ends this long before the window
+# does is decoded again from there, its language detected afresh (a recording that switched language inside
+# the window: Whisper wrote the first language's sentence, ended, and 15 s of the other language were lost).
+# Only unsure windows: where the VAD passed room noise, rests of sure windows gave one-word hallucinations
 GAP_REST_S = 2.0
 
 
@@ -745,6 +746,7 @@ class WhisperTranscriber:
                     result["text"], result["segments"] = self._parse(ids, p.duration_s)
                     result["_resume_at"] = cut[1]
                 elif cut is None and p.speech_window and result["segments"] and \
+                        (result["language_prob"] or 1.0) < LIVE_DETECTION_MIN_PROB and \
                         p.duration_s - result["segments"][-1].end >= GAP_REST_S:
                     result["_resume_at"] = result["segments"][-1].end  # speech left after a finished transcript
                     result["_redetect"] = True

@@ -158,10 +158,15 @@ def split_at_joins(segment: Segment, joins: Sequence[float]) -> list[Segment]:
     utterances joined across a left-out pause as one segment; in the recording that segment would
     cover the whole pause. A segment without words, or over no join, is returned as it is; a part
     with no words is left out."""
-    inside = sorted(j for j in joins if crosses(segment, [j]))
-    if not inside or not segment.words:
+    if not segment.words:
         return [segment]
-    bounds = [segment.start, *inside, segment.end]
+    # words placed outside Whisper's segment (whisper_words.words_per_segment keeps them where they are
+    # when it and they do not meet) widen it: the parts follow the words, never a zero-length one
+    span = Segment(min(segment.start, segment.words[0].start), max(segment.end, segment.words[-1].end), segment.text)
+    inside = sorted(j for j in joins if crosses(span, [j]))
+    if not inside:
+        return [segment]
+    bounds = [span.start, *inside, span.end]
     groups: list[list[Word]] = [[] for _ in inside] + [[]]
     for w in segment.words:
         middle = (w.start + w.end) / 2

@@ -537,10 +537,16 @@ def words_per_segment(words: Sequence[WordTiming], token_counts: Sequence[int], 
                     boundary = max(times[1][1] / 2, times[1][1] - longest)
                     first[1] = times[1][0] = boundary
                 first[0] = max(0.0, first[1] - longest)
+        low, high = seg_start, seg_end
+        if times and (times[-1][1] <= seg_start or times[0][0] >= seg_end):
+            # the words lie wholly outside Whisper's segment (a segment written at 0-7 s of a window whose
+            # speech is at 8-10 s): clamped, every word collapsed onto its end, a zero-length subtitle before
+            # the speech. The alignment is kept instead; the segment then spans its words.
+            low, high = times[0][0], times[-1][1]
         placed: list[Word] = []
         for w, (start, end) in zip(group, times):
-            start = min(max(start, seg_start, previous_end), seg_end)
-            end = min(max(end, start), seg_end)
+            start = min(max(start, low, previous_end), high)
+            end = min(max(end, start), high)
             previous_end = end
             placed.append(Word(round(offset_s + start, 3), round(offset_s + end, 3), w.word,
                                round(float(w.probability), 4)))
