@@ -382,6 +382,13 @@ def test_corpus_bleu_pools_counts() -> None:
     assert corpus["bleu_1"] == pytest.approx(7 / 8, abs=1e-8)
     mean_row = (rows[0]["bleu_4"] + rows[1]["bleu_4"]) / 2
     assert abs(corpus["bleu_4"] - mean_row) > 0.2
+    # BLEU-4 alone (what a report needs when the table holds the other scores) is the same figure
+    from batchcap.metrics.captions import corpus_bleu
+
+    assert corpus_bleu(hyps, refs) == corpus["bleu_4"]
+    more = ["A man rides a horse.", None, "two dogs play in the snow", ""]
+    more_refs = [["a man riding a horse", "a person on a horse"], ["a cat"], ["dogs playing in snow"], ["x y"]]
+    assert corpus_bleu(more, more_refs) == caption_metrics(more, more_refs)[0]["bleu_4"]
 
 
 def test_rouge_l_takes_best_precision_and_recall_separately() -> None:

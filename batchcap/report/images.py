@@ -48,14 +48,16 @@ def corpus_scores(result: Result) -> dict[str, Any]:
         out[name] = sum(values) / len(values) if values else None
     if result.summary.get("bleu_4") is not None and result.summary.get("scored_rows") == len(scored):
         out["bleu_4"] = float(result.summary["bleu_4"])
-    else:
-        from ..metrics import caption_metrics
+    else:  # not in the summary (none, or another run's): computed from the table
+        from ..metrics.captions import caption_metrics, corpus_bleu
 
-        captions = result.col("caption")
-        corpus, _ = caption_metrics([captions[i] or "" for i in scored], [refs[i] for i in scored])
-        out["bleu_4"] = corpus.get("bleu_4")
-        if out["cider_d"] is None:
+        captions = [result.col("caption")[i] or "" for i in scored]
+        if out["cider_d"] is None or out["rouge_l"] is None:
+            corpus, _ = caption_metrics(captions, [refs[i] for i in scored])
+            out["bleu_4"] = corpus.get("bleu_4")
             out["rouge_l"], out["cider_d"] = corpus.get("rouge_l"), corpus.get("cider_d")
+        else:  # the rows hold ROUGE-L and CIDEr-D: BLEU-4 alone
+            out["bleu_4"] = corpus_bleu(captions, [refs[i] for i in scored])
     return out
 
 
