@@ -367,16 +367,17 @@ def test_driver_drops_duplicate_rows_and_resends_lost_items(monkeypatch):
     assert sent == [["id0", "id1", "id2", "id3", "id4"]] * 2
 
 
-def test_resume_after_driver_killed(tiny_whisper, tmp_path, ray_instance):
+def _ray_run_with_parts(tiny_whisper: str, tmp_path: Any, ray_instance: str, n: int = 40) -> tuple[Any, ...]:
+    """A CLI run of ``n`` clips on the module's Ray instance, in a subprocess, once it has written a part:
+    (its command, environment, process, output, parts folder)."""
     folder = tmp_path / "in"
     folder.mkdir()
-    n = 40
     for i in range(n):
         write_audio(folder / f"{i:03d}.wav", 0.5 + (i % 4) * 0.25, freq=200 + 15 * i)
     out = str(tmp_path / "out.parquet")
     cmd = [sys.executable, "-m", "batchcap.cli", "audio", str(folder), "-o", out, "--model", tiny_whisper,
            "--engine", "ray", "--ray-address", ray_instance, "--flush-every", "4", "--batch-size", "1",
-           "--no-fallback"]  # the tiny random model loops on every clip: no retries, this is about resuming
+           "--no-fallback"]  # the tiny random model loops on every clip: no retries, this is about stopping
     env = dict(os.environ, PYTHONPATH=ROOT, HF_HUB_OFFLINE="1")
     proc = subprocess.Popen(cmd, env=env, cwd=str(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     parts = out + ".parts"
@@ -385,7 +386,14 @@ def test_resume_after_driver_killed(tiny_whisper, tmp_path, ray_instance):
         if os.path.isdir(parts) and any(p.endswith(".parquet") for p in os.listdir(parts)):
             break
         time.sleep(0.02)
-    assert proc.poll() is None, f"the run ended before it was killed: {proc.stderr.read().decode()[-3000:]}"
+    assert proc.poll() is None, f"the run ended before it was stopped: {proc.stderr.read().decode()[-3000:]}"
+    return cmd, env, proc, out, parts
+
+
+def test_resume_after_driver_killed(tiny_whisper, tmp_path, ray_instance):
+    n = 40
+    cmd, env, proc, out, parts = _ray_run_with_parts(tiny_whisper, tmp_path, ray_instance, n)
+    folder = tmp_path / "in"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     proc.stderr.close()
@@ -425,23 +433,7 @@ def test_cpu_replicas_leave_a_cpu_for_the_tasks(caplog):
 def test_sigterm_stops_a_ray_run_with_143_and_keeps_its_rows(tiny_whisper, tmp_path, ray_instance):
     """ray.init installs its own SIGTERM handling in the driver: a scheduler's SIGTERM gave a Ray dump and
     SIGABRT (134) instead of batchcap's one line and 143. Rows written so far are kept either way."""
-    folder = tmp_path / "in"
-    folder.mkdir()
-    for i in range(40):
-        write_audio(folder / f"{i:03d}.wav", 0.5 + (i % 4) * 0.25, freq=200 + 15 * i)
-    out = str(tmp_path / "out.parquet")
-    cmd = [sys.executable, "-m", "batchcap.cli", "audio", str(folder), "-o", out, "--model", tiny_whisper,
-           "--engine", "ray", "--ray-address", ray_instance, "--flush-every", "4", "--batch-size", "1",
-           "--no-fallback"]
-    env = dict(os.environ, PYTHONPATH=ROOT, HF_HUB_OFFLINE="1")
-    proc = subprocess.Popen(cmd, env=env, cwd=str(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    parts = out + ".parts"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None:
-        if os.path.isdir(parts) and any(p.endswith(".parquet") for p in os.listdir(parts)):
-            break
-        time.sleep(0.02)
-    assert proc.poll() is None, f"the run ended before SIGTERM: {proc.stderr.read().decode()[-3000:]}"
+    _, _, proc, _, parts = _ray_run_with_parts(tiny_whisper, tmp_path, ray_instance)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     err = err.decode()

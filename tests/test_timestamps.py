@@ -5,6 +5,7 @@ clip, in time order; the guard's token cap with room for times)."""
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import pytest
 import torch
@@ -171,18 +172,24 @@ def test_unfinished_at_reads_where_whisper_stopped_short():
     assert at([TB, 3, TB + 5, TB + 7, EOT]) == (3, pytest.approx(0.10))
 
 
+def _unguarded(tiny_whisper: str, language: str | None) -> tuple[Any, list[int], int, Any]:
+    """A transcriber whose guard never redoes anything (a made-up first decoding stays), the ids of
+    " Hello there", its first timestamp id and its own generate."""
+    from batchcap.models.whisper import WhisperTranscriber
+
+    t = WhisperTranscriber(tiny_whisper, device="cpu", language=language,
+                           guard=g.GuardConfig(fallback=False, compression_ratio_threshold=None,
+                                               logprob_threshold=None, no_speech_threshold=None))
+    return t, t.tokenizer.encode(" Hello there", add_special_tokens=False), t.timestamp_begin, t._generate
+
+
 def test_a_clip_that_stopped_short_has_the_rest_of_its_audio_decoded(tiny_whisper):
     """The first decoding (made up here: the random model's own stops wherever it likes) ends on a new
     segment's start at 1.00 s of a 3 s clip; the rest (2 s) is decoded again by the real model, batched
     with nothing else, and its segments follow the first one's, shifted by 1.00 s."""
-    from batchcap.models.whisper import WhisperTranscriber
 
-    t = WhisperTranscriber(tiny_whisper, device="cpu", language="en",
-                           guard=g.GuardConfig(fallback=False, compression_ratio_threshold=None,
-                                               logprob_threshold=None, no_speech_threshold=None))
-    text_ids = t.tokenizer.encode(" Hello there", add_special_tokens=False)
-    tb, calls = t.timestamp_begin, []
-    original = t._generate
+    t, text_ids, tb, original = _unguarded(tiny_whisper, "en")
+    calls = []
 
     def generate(**kwargs):
         rules = next(p for p in kwargs["logits_processor"] if isinstance(p, TimestampRules))
@@ -216,14 +223,9 @@ def test_speech_left_after_a_finished_transcript_of_a_vad_window_is_decoded_agai
     switched language inside the window lost 15 s of speech that way. The rest is decoded again, its language
     detected afresh (not the window's). Not a clip (no VAD window: the rest may be silence), nor a window whose
     language is sure (given here): where the VAD passed room noise, those rests were one-word hallucinations."""
-    from batchcap.models.whisper import WhisperTranscriber
 
-    t = WhisperTranscriber(tiny_whisper, device="cpu", language=language,
-                           guard=g.GuardConfig(fallback=False, compression_ratio_threshold=None,
-                                               logprob_threshold=None, no_speech_threshold=None))
-    text_ids = t.tokenizer.encode(" Hello there", add_special_tokens=False)
-    tb, calls = t.timestamp_begin, []
-    original = t._generate
+    t, text_ids, tb, original = _unguarded(tiny_whisper, language)
+    calls = []
 
     def generate(**kwargs):
         calls.append(kwargs["encoder_outputs"][0].shape[0])
