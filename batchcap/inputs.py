@@ -91,7 +91,6 @@ class InputStats:
     repeated_ids: int = 0  # items whose id an earlier item has: numbered by position (``a#2``)
 
 
-
 def _make_valid(item: Item) -> None:
     """An item's text as valid Unicode (items.valid_text), so that its row can be written and found again
     by a resumed run. A local path keeps its surrogates: they are the file name's bytes, which open it."""

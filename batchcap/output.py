@@ -125,7 +125,7 @@ def _check_remote_output(url: str, unlocked: bool) -> None:
                 raise FatalError(f"the output's bucket {root} does not exist (or these credentials cannot see it)")
         if unlocked and storage.info(url + ".lock") is not None:
             holder = RemoteResultStore.lock_holder(url + ".lock")
-            if not RemoteResultStore._stale(holder):
+            if not RemoteResultStore.stale(holder):
                 raise FatalError(_locked_message(url, holder))
     except storage.StorageError as exc:
         raise FatalError(f"cannot reach the output {url}: {exc.message}") from None
@@ -1143,7 +1143,7 @@ class RemoteResultStore:
             if created:  # overwritten by another run in the same instant (a store without conditional writes)
                 break
             holder = self._holder()
-            if not self._stale(holder):
+            if not self.stale(holder):
                 break
             log.warning("taking over the lock %s of a run that is gone (%s, pid %s)", self.lock_url,
                         holder.get("host", "?"), holder.get("pid", "?"))
@@ -1165,7 +1165,8 @@ class RemoteResultStore:
             return {}
 
     @staticmethod
-    def _stale(holder: dict[str, Any]) -> bool:
+    def stale(holder: dict[str, Any]) -> bool:
+        """Whether the lock record ``holder`` belongs to a run that is gone (or is unreadable)."""
         import socket
 
         if not holder:
