@@ -119,7 +119,11 @@ def _check_remote_output(url: str, unlocked: bool) -> None:
     from . import storage
 
     try:
-        if storage.info(url) is None and storage.scheme(url) in _BUCKET_SCHEMES:
+        found = storage.info(url)
+        if found is not None and found.get("type") == "directory":
+            raise FatalError(f"{url} is a folder (a prefix of objects) in the store, not a table: name a file "
+                             f"inside it, such as {url.rstrip('/')}/results.parquet")
+        if found is None and storage.scheme(url) in _BUCKET_SCHEMES:
             root = f"{storage.scheme(url)}://{urlsplit(url).netloc}"
             if storage.info(root) is None:
                 raise FatalError(f"the output's bucket {root} does not exist (or these credentials cannot see it)")

@@ -250,10 +250,22 @@ def read_range(url: str, max_bytes: int | None = None, timeout: float | None = N
     except Exception as exc:  # noqa: BLE001 - backends raise anything; classify() sorts it
         if _is_timeout(exc):
             raise StorageError(f"timed out (not read within {timeout:g}s): {url}", retryable=True) from None
-        raise classify(exc, url) from None
+        error = classify(exc, url)
+        if error.missing and _is_prefix(url):  # a manifest row naming a folder of objects: say so
+            error = StorageError(f"is a folder (prefix), not an object: {url}")
+        raise error from None
     if max_bytes is not None and len(data) > max_bytes:
         raise TooLarge(url)
     return bytes(data)
+
+
+def _is_prefix(url: str) -> bool:
+    """Whether ``url``, which is no object, is a prefix that holds objects (one listing, on failure only)."""
+    try:
+        found = info(url)
+    except StorageError:
+        return False
+    return found is not None and found.get("type") == "directory"
 
 
 def _call(fs: Any, method: str, path: str, timeout: float | None, **kwargs: Any) -> Any:

@@ -348,6 +348,17 @@ def test_object_reads_are_bounded_by_the_fetch_deadline(s3):
         assert fetcher.fetch(Item(0, "big", url)).error == f"object larger than 1 MiB cap (--max-bytes): {url}"
 
 
+def test_a_row_naming_a_prefix_says_it_is_a_folder(s3):
+    """S3 answers a GET of a prefix with "no such key": the row said "object not found" for a folder that is
+    there. One listing on that failure tells them apart."""
+    s3.put("pre/a.png", png(1))
+    with Fetcher(FetchConfig(deadline=30, retries=0)) as fetcher:
+        folder = fetcher.fetch(Item(0, "pre", s3.url("pre")))
+        missing = fetcher.fetch(Item(0, "nope", s3.url("nope.png")))
+    assert folder.error == f"is a folder (prefix), not an object: {s3.url('pre')}"
+    assert missing.error == f"object not found: {s3.url('nope.png')}"
+
+
 def test_parquet_manifest_items_and_output_in_the_bucket(s3, tiny_captioner):
     for i in range(4):
         s3.put(f"imgs/{i}.png", png(i))
@@ -487,7 +498,9 @@ def test_bad_outputs_in_the_bucket_stop_before_the_model_loads(s3, tmp_path):
              (manifest, other, "exists and is not a batchcap result table"),
              (manifest, captions, "holds the results of `batchcap images`"),
              (manifest, "s3://no-such-bucket-batchcap/o.parquet", "bucket s3://no-such-bucket-batchcap does not exist"),
-             (manifest, s3.url("held.parquet"), "another batchcap run (other-node, pid 17")]
+             (manifest, s3.url("held.parquet"), "another batchcap run (other-node, pid 17"),
+             (manifest, s3.url("folder.parquet"), "is a folder (a prefix of objects) in the store, not a table")]
+    s3.put("folder.parquet/inside.txt", "x")  # said "resuming from ...", then "object not found"
     for source, out, message in cases:
         code, output = run_cli("audio", source, "-o", out, "--model", nomodel)
         assert code == 1 and message in output and "Traceback" not in output, (out, output)
