@@ -250,6 +250,33 @@ def test_speech_left_after_a_finished_transcript_of_a_vad_window_is_decoded_agai
     assert len(calls) >= 2 and all(1.0 <= s["start"] <= s["end"] <= 6.0 for s in rest)
 
 
+def test_a_gap_rest_that_says_the_last_segment_again_keeps_it_once(tiny_whisper):
+    """Whisper can place a segment before its speech, so the rest from that segment's end may hold the same
+    words: seen on a recording of room noise, where "simultaneous call limit reached." came out twice. A gap
+    rest's first segment that repeats the window's last one is dropped; what follows it is kept."""
+    t, text_ids, tb, original = _unguarded(tiny_whisper, None)
+    more = t.tokenizer.encode(" More words", add_special_tokens=False)
+    calls = []
+
+    def generate(**kwargs):
+        calls.append(1)
+        out = original(**kwargs)
+        prompt = kwargs["decoder_input_ids"][0].tolist()
+        if len(calls) == 1:  # the window: <|0.00|> Hello there <|1.00|> <|end|>
+            out = Decoded(torch.tensor([prompt + [tb, *text_ids, tb + 50, t.eot_id]]), out.logprobs)
+        elif len(calls) == 2:  # its rest: the same words again, then new ones
+            made = prompt + [tb, *t.tokenizer.encode(" hello, there.", add_special_tokens=False), tb + 75,
+                             tb + 75, *more, tb + 150, t.eot_id]
+            out = Decoded(torch.tensor([made]), out.logprobs)
+        return out
+    t._generate = generate
+    window = t.prepare(tone(6.0))
+    window.speech_window = True
+    (row,) = t.transcribe([window])
+    assert [(s.start, s.end, s.text) for s in row["segments"]] == [(0.0, 1.0, "Hello there"), (2.5, 4.0, "More words")]
+    assert row["text"] == "Hello there More words"
+
+
 def test_word_timestamps_through_the_cli_short_clips_and_windows_of_a_long_recording(tiny_whisper, tmp_path):
     """--word-timestamps: every segment of every row has words inside it, in time order, whose text makes the
     segment's; a long recording's windows give words on the recording's clock (shifted with their window)."""

@@ -19,6 +19,7 @@ import contextlib
 import logging
 import math
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -626,11 +627,12 @@ class WhisperTranscriber:
             log.debug("%d of %d clips stopped short: decoding the rest of their audio", len(todo), len(batch))
             # a stopped clip's rest goes on in its language; speech left after a finished transcript is heard
             # afresh (unless the language was given)
+            gaps = {i for i, _ in todo if results[i].pop("_redetect", False)}
             rests = [self._rest(batch[i], at, None if not self.multilingual else
-                                batch[i].language if results[i].pop("_redetect", False) else results[i]["language"])
+                                batch[i].language if i in gaps else results[i]["language"])
                      for i, at in todo]
             for (i, at), rest in zip(todo, self._short(rests, seeks - 1)):
-                _append_rest(results[i], rest, at)
+                _append_rest(results[i], _without_repeat(results[i], rest) if i in gaps else rest, at)
         return results
 
     def _rest(self, p: Prepared, at_s: float, language: str | None) -> Prepared:
@@ -947,6 +949,21 @@ def detection_window(p: Prepared) -> Prepared:
 
 def _before(ids: list[int], end: int) -> list[int]:
     return ids[:ids.index(end)] if end in ids else ids
+
+
+def _without_repeat(result: dict[str, Any], rest: dict[str, Any]) -> dict[str, Any]:
+    """A gap rest's result without a first segment that says again what the window's last one said (Whisper
+    can place a segment before its speech, so the rest from its end may hold the same words)."""
+    segments = list(rest.get("segments") or [])
+    last = (result.get("segments") or [None])[-1]
+    if not segments or last is None or _words(segments[0].text) != _words(last.text):
+        return rest
+    segments = segments[1:]
+    return dict(rest, segments=segments, text=" ".join(s.text.strip() for s in segments).strip())
+
+
+def _words(text: str) -> list[str]:
+    return re.sub(r"[\W_]+", " ", text.lower()).split()
 
 
 def _append_rest(result: dict[str, Any], rest: dict[str, Any], at_s: float) -> None:
