@@ -101,8 +101,9 @@ class Prepared:
     # a window of pieces joined across left-out pauses: where they meet (s into its audio); a segment
     # over one is cut there by its words' times, so that no segment spans the pause in the recording
     joins: tuple[float, ...] = ()
-    # a long recording's window, cut by the VAD around speech: speech runs to its end, so a transcript that
-    # ends (complete) seconds before it has left speech out, and the rest is decoded again
+    # a long recording's window, cut by the VAD around speech: speech runs to its end, so a complete
+    # transcript that ends seconds before it has left speech out (decoded again where its language was
+    # unsure: GAP_REST_S)
     speech_window: bool = False
 
 
