@@ -127,7 +127,7 @@ def _check_remote_output(url: str, unlocked: bool) -> None:
             root = f"{storage.scheme(url)}://{urlsplit(url).netloc}"
             if storage.info(root) is None:
                 raise FatalError(f"the output's bucket {root} does not exist (or these credentials cannot see it)")
-        if unlocked and storage.info(url + ".lock") is not None:
+        if unlocked:  # no lock object: no holder, which counts as stale
             holder = RemoteResultStore.lock_holder(url + ".lock")
             if not RemoteResultStore.stale(holder):
                 raise FatalError(_locked_message(url, holder))

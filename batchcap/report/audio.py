@@ -9,7 +9,7 @@ from typing import Any
 
 from . import charts
 from .align import Normalizers, Scores, align, score_rows
-from .data import OK, Result, fmt_pct, folders_of, group_rows, is_url, local_file, metric, relative_link
+from .data import OK, Result, fmt_pct, folder_labels, group_rows, is_url, local_file, metric, relative_link
 
 DURATION_BUCKETS = ((2, "< 2 s"), (5, "2–5 s"), (10, "5–10 s"), (20, "10–20 s"), (30, "20–30 s"),
                     (60, "30–60 s"), (300, "1–5 min"), (math.inf, "≥ 5 min"))
@@ -76,10 +76,9 @@ def groups(result: Result, scores: Scores, group_by: Sequence[str] = (),
         keyed.append(("duration", [duration_bucket(d) for d in durations], True))
     if result.has("language"):
         keyed.append(("language", result.col("language"), False))
-    shared = folders is not None  # labels shared with another result: its table has the rows of both
-    folders = list(folders) if folders is not None else folders_of(result.col("source"))
-    if shared or len(set(folders)) > 1:
-        keyed.append(("folder", folders, False))
+    labels = folder_labels(result, folders)
+    if labels is not None:
+        keyed.append(("folder", labels, False))
     for col in group_by:
         if col in result.columns:
             keyed.append((col, result.col(col), False))

@@ -50,8 +50,7 @@ def report(result: str, result_b: str | None, output: str | None, rows: int, gro
             if storage.is_remote(output):  # written here, then put beside the result in the bucket
                 page = os.path.join(stack.enter_context(tempfile.TemporaryDirectory()), storage.basename(output))
             path = build_report(local_a, page, compare=local_b, rows=rows, group_by=group_by, normalize=normalize,
-                                title=title or (f"batchcap report: {storage.basename(result)}"
-                                                + (f" vs {storage.basename(result_b)}" if result_b else "")))
+                                title=title)  # a copy keeps its object's name, which the default title shows
             size = os.path.getsize(path)
             if page != output:
                 storage.upload(page, output)

@@ -217,6 +217,16 @@ def failure_groups(result: Result, examples: int = 3, limit: int = 40) -> tuple[
     return ordered[:limit], max(0, len(ordered) - limit)
 
 
+def folder_labels(result: Result, folders: Sequence[str] | None = None) -> list[str] | None:
+    """The rows' folder labels for a "by folder" table, None when there is none to show: ``folders`` as
+    given (labels shared with another result, whose table has the rows of both), else the result's own
+    labels where its rows span more than one folder."""
+    if folders is not None:
+        return list(folders)
+    labels = folders_of(result.col("source"))
+    return labels if len(set(labels)) > 1 else None
+
+
 def folders_of(sources: Sequence[Any], width: int = 44) -> list[str]:
     """:func:`folder_of` for every source (computed once per distinct directory); labels longer than ``width``
     keep their first folder and last two (``speech-en/…/sounds/en_US``) unless that makes two alike."""

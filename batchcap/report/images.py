@@ -12,7 +12,7 @@ from typing import Any
 
 from ..images import DEFAULT_MAX_PIXELS
 from . import charts
-from .data import OK, Result, fmt_num, folders_of, group_rows, is_url, local_file, metric
+from .data import OK, Result, fmt_num, folder_labels, group_rows, is_url, local_file, metric
 
 log = logging.getLogger(__name__)
 
@@ -80,10 +80,9 @@ def groups(result: Result, group_by: Sequence[str] = (), folders: Sequence[str] 
     """Mean per-row scores and failures by folder and by each ``group_by`` column (``folders``: the rows'
     folder labels, when they must match another result's)."""
     keyed: list[tuple[str, list[Any]]] = []
-    shared = folders is not None  # labels shared with another result: its table has the rows of both
-    folders = list(folders) if folders is not None else folders_of(result.col("source"))
-    if shared or len(set(folders)) > 1:
-        keyed.append(("folder", folders))
+    labels = folder_labels(result, folders)
+    if labels is not None:
+        keyed.append(("folder", labels))
     for col in group_by:
         if col in result.columns:
             keyed.append((col, result.col(col)))
