@@ -103,8 +103,28 @@ def check_output(path: str, *, unlocked: bool = True) -> None:
             raise FatalError(f"output folder is not a folder: {parent}")
         raise FatalError(f"output folder does not exist: {parent}")
     _check_sibling_names(path)
+    _check_no_twin(path)
     if unlocked:
         _check_not_locked(path)
+
+
+def _twins(path: str) -> list[str]:
+    """The names of the other format's result beside ``path`` (``out.parquet`` -> ``out.csv``, ``out.CSV``)."""
+    stem = os.path.splitext(path)[0]
+    other = ".csv" if output_format(path) == "parquet" else ".parquet"
+    return [stem + other, stem + other.upper()]
+
+
+def _check_no_twin(path: str, is_file: Callable[[str], bool] = os.path.isfile) -> None:
+    """Stop when a result of the other format with the same name is there (finished, or its parts): the two
+    would share one summary, report and subtitle folder, each run overwriting (or, for subtitle files, keeping)
+    the other's."""
+    for twin in _twins(path):
+        if is_file(twin) or os.path.isdir(twin + ".parts"):
+            stem = os.path.basename(os.path.splitext(path)[0])
+            raise FatalError(f"{twin} is another result with the name of {os.path.basename(path)}: the two would "
+                             f"share {stem}.summary.json, {stem}.report.html and {stem}.subtitles; write to another "
+                             "name, or move that one away")
 
 
 _BUCKET_SCHEMES = {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss"}
@@ -127,6 +147,7 @@ def _check_remote_output(url: str, unlocked: bool) -> None:
             root = f"{storage.scheme(url)}://{urlsplit(url).netloc}"
             if storage.info(root) is None:
                 raise FatalError(f"the output's bucket {root} does not exist (or these credentials cannot see it)")
+        _check_no_twin(url, storage.is_file)
         if unlocked:  # no lock object: no holder, which counts as stale
             holder = RemoteResultStore.lock_holder(url + ".lock")
             if not RemoteResultStore.stale(holder):

@@ -82,6 +82,24 @@ def test_transcripts_do_not_go_into_an_images_result(tiny_whisper_en, tiny_capti
     assert rows_of(out) == before
 
 
+@pytest.mark.parametrize("first, second", [("out.csv", "out.parquet"), ("out.parquet", "out.CSV")])
+def test_a_result_of_the_other_format_with_the_same_name_is_refused(tiny_whisper_en, tmp_path, first, second):
+    """``-o out.csv`` then ``-o out.parquet`` beside it: the second run overwrote the first's summary and report,
+    and kept the first's subtitle files for ids both have. It stops before the model loads now."""
+    clip = write_audio(tmp_path / "a.wav", 1.0)
+    code, output = run_cli("audio", clip, "-o", tmp_path / first, "--model", tiny_whisper_en, "--write", "txt",
+                           "--quiet")
+    assert code == 0, output
+    summary = (tmp_path / "out.summary.json").read_bytes()
+    code, output = run_cli("audio", clip, "-o", tmp_path / second, "--model", tiny_whisper_en, "--write", "txt",
+                           "--quiet")
+    assert code == 1
+    assert f"{tmp_path / first} is another result with the name of {second}: the two would share out.summary.json" \
+        in output
+    assert not (tmp_path / second).exists() and not (tmp_path / f"{second}.parts").exists()
+    assert (tmp_path / "out.summary.json").read_bytes() == summary
+
+
 def test_a_csv_result_saved_with_a_byte_order_mark_resumes_and_exports(tiny_whisper_en, tmp_path):
     """Excel's "CSV UTF-8" puts a BOM before the header: the header's first name was read as '\\ufeffid'."""
     first = write_audio(tmp_path / "a.wav", 1.0)
