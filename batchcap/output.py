@@ -97,6 +97,11 @@ def check_output(path: str, *, unlocked: bool = True) -> None:
         _check_remote_output(path, unlocked)
         return
     path = os.path.abspath(path)
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:  # a byte that is not UTF-8 in the name: Arrow cannot open it (every rerun failed)
+        raise FatalError(f"the output path {path.encode('utf-8', 'surrogateescape')!r} is not valid UTF-8, "
+                         "which Arrow cannot write: give the output (and its folder) a UTF-8 name") from None
     parent = os.path.dirname(path)
     if not os.path.isdir(parent):
         if os.path.exists(parent):

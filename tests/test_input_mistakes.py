@@ -348,7 +348,7 @@ def test_file_names_that_are_not_utf8_and_lone_surrogates_are_rows(tiny_whisper_
     manifest = tmp_path / "m.jsonl"
     write_audio(tmp_path / "m.wav", 1.0)
     manifest.write_text('{"path": "m.wav", "reference": "a cut \\ud83d emoji", "note": "x \\ud83d"}\n')
-    for out in (tmp_path / "out.parquet", tmp_path / "out.csv"):
+    for out in (tmp_path / "out.parquet", tmp_path / "out2.csv"):
         args = (folder, manifest, "-o", out, "--model", tiny_whisper_en, "--max-new-tokens", "2")
         code, output = run_cli("audio", *args)
         assert code == 0, output
@@ -359,3 +359,14 @@ def test_file_names_that_are_not_utf8_and_lone_surrogates_are_rows(tiny_whisper_
         code, output = run_cli("audio", *args)
         assert code == 0 and "3 already done" in output, output
         assert len(rows_of(out)) == 3
+
+
+def test_an_output_name_that_is_not_utf8_stops_before_the_model_loads(tiny_whisper_en, tmp_path):
+    """``-o caf\xe9.parquet`` (a byte that is not UTF-8): Arrow cannot open such a path, so every run died at
+    its first flush with a UnicodeEncodeError. One line now, before anything is written."""
+    clip = write_audio(tmp_path / "a.wav", 1.0)
+    out = os.fsdecode(os.fsencode(str(tmp_path)) + b"/caf\xe9.parquet")
+    code, output = run_cli("audio", clip, "-o", out, "--model", tiny_whisper_en, "--quiet")
+    assert code == 1
+    assert "caf\\xe9.parquet' is not valid UTF-8, which Arrow cannot write" in output, output
+    assert os.listdir(tmp_path) == ["a.wav"]
