@@ -990,6 +990,16 @@ def cache_dir(url: str) -> str:
     return os.path.join(root, "outputs", hashlib.sha256(url.encode()).hexdigest()[:20])
 
 
+def _pid_namespace() -> str | None:
+    """This process's PID namespace (``pid:[4026531836]``), None where there is none to read: containers that
+    share a host name (``--network host``, a fixed ``hostname``) number their processes apart, so a lock's pid
+    is looked up only by a process of the same namespace."""
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return None
+
+
 class RemoteResultStore:
     """``-o s3://bucket/out.parquet``: the same resume as a local output, with the data in the store.
 
@@ -1150,8 +1160,8 @@ class RemoteResultStore:
     def _lock_record(self) -> bytes:
         import socket
 
-        return json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "run": self._token,
-                           "refreshed": time.time()}).encode()
+        return json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "pid_namespace": _pid_namespace(),
+                           "run": self._token, "refreshed": time.time()}).encode()
 
     def _lock(self) -> None:
         storage = self.storage
@@ -1201,7 +1211,8 @@ class RemoteResultStore:
 
         if not holder:
             return True  # unreadable or removed meanwhile
-        if holder.get("host") == socket.gethostname() and isinstance(holder.get("pid"), int):
+        if (holder.get("host") == socket.gethostname() and isinstance(holder.get("pid"), int)
+                and holder.get("pid_namespace") == _pid_namespace()):  # its pid means a process here
             try:
                 os.kill(holder["pid"], 0)
             except ProcessLookupError:

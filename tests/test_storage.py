@@ -308,6 +308,28 @@ def test_lock_object_refuses_a_live_run_and_takes_over_a_dead_one(memory, tmp_pa
     assert not fs.exists(f"{root}/res.parquet.lock")
 
 
+def test_a_lock_s_pid_is_looked_up_only_within_its_pid_namespace(memory, tmp_path):
+    """Two containers with one host name (``--network host``) number their processes apart: a live run's pid
+    was looked up in the other's namespace, found missing, and its lock taken over while it wrote."""
+    import subprocess
+    import sys
+
+    fs, root = memory
+    url = f"memory:/{root}/res.parquet"
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # a pid no process here has
+    here = {"host": socket.gethostname(), "pid": gone.pid, "run": "x", "refreshed": time.time()}
+    elsewhere = dict(here, pid_namespace="pid:[1]")
+    fs.pipe_file(f"{root}/res.parquet.lock", json.dumps(elsewhere).encode())
+    with pytest.raises(FatalError, match="another batchcap run"):
+        RemoteResultStore(url, cache=str(tmp_path / "c")).open()
+    same = dict(here, pid_namespace=os.readlink("/proc/self/ns/pid"))  # this machine's run, dead: taken over
+    fs.pipe_file(f"{root}/res.parquet.lock", json.dumps(same).encode())
+    with RemoteResultStore(url, cache=str(tmp_path / "c")) as store:
+        assert json.loads(fs.cat_file(f"{root}/res.parquet.lock"))["pid"] == os.getpid()
+        store.finalize({})
+
+
 def test_a_lock_taken_over_is_never_overwritten_and_stops_the_run(memory, tmp_path, monkeypatch):
     """The heartbeat rewrote the lock object whatever it held: a run whose refreshes had failed past the
     stale age, and whose lock another host had then taken over, overwrote the new holder's lock and went on
