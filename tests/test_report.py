@@ -492,6 +492,39 @@ def test_compare_two_image_results(real_images, tmp_path):
     assert differing == [rows[0]["id"]]
     assert "a completely different caption" in text_of(doc)
     assert len(list(doc.iter("img"))) == 1
+    assert not [r for r in comparison_rows(doc) if "both scored" in r[0]]  # the same rows: nothing to add
+
+
+def comparison_rows(doc) -> list[list[str]]:
+    """The cells of the comparison's figures table (label, A, B, change)."""
+    tables = [t for t in doc.iter("table") if [text_of(th) for th in t.iter("th")] == ["", "A", "B", "change"]]
+    assert len(tables) == 1
+    return [[text_of(td) for td in tr.iter("td")] for tr in tables[0].iter("tr") if tr.find("td") is not None]
+
+
+def test_compare_image_results_over_the_rows_both_scored(real_images, tmp_path):
+    """B failed an image A scored best: its corpus figures cover fewer images than A's, so the comparison adds
+    the figures over the rows both scored, where the same captions score the same."""
+    from batchcap.output import read_table
+
+    rows = read_table(real_images["out"]).to_pylist()
+    scored = [r["id"] for r in rows if r["status"] == "ok" and r["references"]]
+    assert len(scored) >= 3
+    a_rows, b_rows = [dict(r) for r in rows], [dict(r) for r in rows]
+    for a_row, b_row in zip(a_rows, b_rows):
+        if a_row["id"] == scored[0]:
+            a_row.update(cider_d=5.0, rouge_l=1.0)
+            b_row.update(status="model_error", error="out of memory", caption=None, cider_d=None, rouge_l=None)
+    a = write_rows(tmp_path / "a.parquet", a_rows)
+    b = write_rows(tmp_path / "b.parquet", b_rows)
+    doc = parse(build_report(a, str(tmp_path / "cmp.html"), compare=b))
+    figures = {r[0]: r[1:] for r in comparison_rows(doc)}
+    n = len(scored) - 1
+    assert figures["CIDEr-D"][0] != figures["CIDEr-D"][1]
+    both = {k: v for k, v in figures.items() if "both scored" in k}
+    assert set(both) == {f"{label} on the {n:,} rows both scored" for label in ("BLEU-4", "ROUGE-L", "CIDEr-D")}, both
+    for values in both.values():
+        assert values[0] == values[1] and values[2] == "+0.0000", values
 
 
 # --- size and the CLI -------------------------------------------------------------------------------------

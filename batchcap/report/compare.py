@@ -7,7 +7,7 @@ from typing import Any
 from .align import Scores, align
 from .audio import player_for
 from .data import OK, Result, is_url, ordered_status_counts
-from .images import SCORE_COLUMNS, Thumbnails, corpus_scores
+from .images import SCORE_COLUMNS, Thumbnails, corpus_scores, scored_rows
 
 
 def _index(result: Result) -> dict[str, int]:
@@ -87,6 +87,15 @@ def compare_images(a: Result, b: Result, *, rows: int, report_dir: str) -> dict[
         va, vb = ca.get(name), cb.get(name)
         figures.append((label, _num(va), _num(vb), "" if va is None or vb is None else f"{vb - va:+.4f}"))
     figures.append(("scored rows", f"{ca.get('scored_rows', 0):,}", f"{cb.get('scored_rows', 0):,}", ""))
+    scored_a, scored_b = set(scored_rows(a)), set(scored_rows(b))
+    matched = [(i, j) for i, j in both if i in scored_a and j in scored_b]
+    if not len(matched) == len(scored_a) == len(scored_b):
+        # different rows scored on each side: the figures over the rows both scored compare like with like
+        ma, mb = corpus_scores(a, [i for i, _ in matched]), corpus_scores(b, [j for _, j in matched])
+        for name, label in SCORE_COLUMNS:
+            va, vb = ma.get(name), mb.get(name)
+            figures.append((f"{label} on the {len(matched):,} rows both scored", _num(va), _num(vb),
+                            "" if va is None or vb is None else f"{vb - va:+.4f}"))
     figures += _common_figures(a, b)
     cap_a, cap_b = a.col("caption"), b.col("caption")
     cid_a, cid_b = a.col("cider_d"), b.col("cider_d")

@@ -35,10 +35,18 @@ def metrics(result: Result) -> list[dict[str, Any]]:
     return out
 
 
-def corpus_scores(result: Result) -> dict[str, Any]:
-    status = result.col("status")
+def scored_rows(result: Result) -> list[int]:
+    """The rows a corpus score covers: ``ok`` with references."""
+    status, refs = result.col("status"), result.col("references")
+    return [i for i in range(result.num_rows) if status[i] == OK and refs[i]]
+
+
+def corpus_scores(result: Result, rows: Sequence[int] | None = None) -> dict[str, Any]:
+    """Corpus BLEU-4 and the rows' mean ROUGE-L and CIDEr-D over the scored rows (of ``rows`` when given)."""
     refs = result.col("references")
-    scored = [i for i in range(result.num_rows) if status[i] == OK and refs[i]]
+    scored = scored_rows(result)
+    if rows is not None:
+        scored = sorted(set(scored) & set(rows))
     if not scored:
         return {}
     out: dict[str, Any] = {"scored_rows": len(scored)}
