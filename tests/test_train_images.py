@@ -314,6 +314,24 @@ def test_usage_errors(data, tmp_path):
     assert code == 1 and output.count("\n") == 1
 
 
+def test_the_output_is_never_the_model_it_starts_from(data, trained, tmp_path):
+    """``-o run1 --model run1 --overwrite`` (train again on top of last week's model, as the "already holds a
+    training run" line suggested) removed the model's files before loading them: the model was lost."""
+    import shutil
+
+    run1 = tmp_path / "run1"
+    shutil.copytree(trained, run1)
+    before = sorted(p.name for p in run1.iterdir())
+    for out, model, where in ((run1, run1, "is"), (tmp_path, run1, "holds")):
+        code, output = run_cli("train", "images", data["train"], "-o", out, "--model", model, "--overwrite",
+                               "--epochs", "1", "--device", TRAIN_DEVICE, "-q")
+        assert code == 1 and output.count("\n") == 1, output
+        assert f"output {out} {where} the model the run starts from (--model {model})" in output
+    assert sorted(p.name for p in run1.iterdir()) == before
+    code, output = run_cli("images", data["test"], "-o", tmp_path / "c.parquet", "--model", run1, "-q")
+    assert code == 0, output
+
+
 def test_resume_refuses_a_checkpoint_that_would_run_code(one_epoch, tmp_path):
     import torch
 

@@ -72,12 +72,29 @@ def start_run(manifest: str, out_dir: str, opts: TrainOptions, spec: InputSpec, 
     device = resolve_device(opts.device)
     precision = resolve_train_precision(opts.precision, device)
     check_inputs(spec, manifest, opts.val_manifest)
+    check_not_the_model(out_dir, opts)
     if opts.resume and not opts.overwrite:
         for name in checkpoints:
             recover_dir(os.path.join(out_dir, name))
     prepare_out_dir(out_dir, resume=opts.resume, overwrite=opts.overwrite, markers=markers)
     seed_everything(opts.seed)
     return TrainRun(manifest, out_dir, opts, spec, device, precision, started)
+
+
+def check_not_the_model(out_dir: str, opts: TrainOptions) -> None:
+    """Stop before OUT_DIR is touched when it is, or holds, a local model folder the run starts from
+    (``--model``, ``--encoder``, ``--decoder``): ``--overwrite`` removed the model before loading it, and
+    training writes over it."""
+    out = os.path.realpath(out_dir)
+    for option in ("model", "encoder", "decoder"):
+        source = getattr(opts, option, None)
+        if not source or not os.path.isdir(source):
+            continue
+        real = os.path.realpath(source)
+        if real == out or real.startswith(out.rstrip(os.sep) + os.sep):
+            where = "is" if real == out else "holds"
+            raise FatalError(f"output {out_dir} {where} the model the run starts from (--{option} {source}): "
+                             "write the fine-tuned model to another folder")
 
 
 def seed_everything(seed: int) -> None:
