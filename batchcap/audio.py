@@ -4,7 +4,9 @@ Length cap (``max_duration_s``, ``--max-duration``): a small file can hold hours
 compress near-silence to almost nothing: 3 hours of it is a few hundred KB), and decoded samples cost
 4 bytes a sample at the source rate. The cap is checked from the header / container before any sample is
 decoded, and again while decoding (libsndfile is read in blocks, PyAV frame by frame), so a header that
-lies, or says nothing, never lets more than the cap plus one block into memory.
+lies, or says nothing, never lets more than the cap plus one block into memory. Samples are resampled to
+16 kHz block by block as they are decoded (:class:`_Samples`), so memory follows the output rate, not the
+source's: 10 minutes of silence at 655 kHz is a 1.5 MB FLAC that took 1.6 GB when resampled whole.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import io
 import logging
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,6 +39,111 @@ _UNKNOWN_FRAMES = 2**62  # libsndfile reports SF_COUNT_MAX when a stream does no
 # libsndfile's log of a header whose chunk runs past the end of the file: "data : 160000 (should be 47969)"
 _SHORT_CHUNK = re.compile(r"^\s*(data|SSND|RIFF|RIFX|FORM|riff)\s*:\s*(\d+)\s*\(should be (\d+)\)", re.MULTILINE)
 _UNKNOWN_CHUNK = 0x7FFF0000  # sizes a streaming writer puts where it cannot know the length (with 0)
+# Float samples are expected within ±1. Beyond it: integer samples stored as float (up to 2**31), or a
+# corrupt sample (a bit flip: 3e38, which overflowed the log-mel into inf / NaN and failed its batch). Such a
+# recording is decoded again to find its level (this percentile of |x|); where that is over full scale the
+# samples are divided by it, and what remains beyond ±1 is clipped (as FFmpeg's conversion to integers clips
+# it), at the source rate, before resampling spreads a spike over its neighbours.
+LEVEL_PERCENTILE = 99.9
+LEVEL_PROBE = 1_000_000  # samples of |x| the level is taken from
+
+
+class _Samples:
+    """Mono samples gathered block by block at the source ``rate``, resampled to ``target`` as they come
+    (soxr's stream gives exactly the samples of one whole-array call), with what the checks need of the
+    source: its frame count, sum, extremes and non-finite samples. ``expected_frames`` (the header's, 0 if
+    unknown) sizes the output array, so that the usual file is never held twice.
+
+    ``scale`` (offset, gain): each source sample becomes ``clip((x - offset) * gain, -1, 1)`` before
+    resampling. ``probe`` (a step): nothing is kept but every step-th sample (``probed``).
+    Once a sample is beyond ±1 without ``scale``, or not finite, only the statistics are gathered: the
+    samples are not used."""
+
+    def __init__(self, rate: int, target: int, expected_frames: int = 0, *,
+                 scale: tuple[float, float] | None = None, probe: int = 0):
+        self.rate, self.target = int(rate), int(target)
+        self.frames = self.nonfinite = 0
+        self.high, self.low = -math.inf, math.inf
+        self.probed: list[np.ndarray] = []
+        self._sum = 0.0
+        self._scale, self._probe = scale, probe
+        self._stream = None
+        if self.rate != self.target and not probe:
+            import soxr
+
+            self._stream = soxr.ResampleStream(self.rate, self.target, 1, dtype="float32", quality="HQ")
+        self._out = np.empty(int(expected_frames * self.target / self.rate) + 1 if expected_frames and not probe
+                             else 0, np.float32)
+        self._filled = 0
+        self._extra: list[np.ndarray] = []
+
+    @property
+    def mean(self) -> float:
+        return self._sum / self.frames if self.frames else 0.0
+
+    @property
+    def over_full_scale(self) -> bool:
+        return self.high > 1.0 or self.low < -1.0
+
+    def add(self, mono: np.ndarray) -> None:
+        if not len(mono):
+            return
+        first = self.frames
+        self.frames += len(mono)
+        total = float(mono.sum(dtype=np.float64))  # NaN / inf propagate; float64 cannot overflow here
+        if not math.isfinite(total):
+            self.nonfinite += int((~np.isfinite(mono)).sum())
+        if self.nonfinite:
+            return  # the row is a decode_error: only the count is wanted from here on
+        self._sum += total
+        self.high, self.low = max(self.high, float(mono.max())), min(self.low, float(mono.min()))
+        if self._probe:
+            self.probed.append(mono[(-first) % self._probe::self._probe].copy())
+            return
+        if self._scale is not None:
+            offset, gain = self._scale
+            mono = np.clip((mono - np.float32(offset)) * np.float32(gain), -1.0, 1.0)
+        elif self.over_full_scale:
+            return  # decoded again with a scale (:func:`_within_full_scale`)
+        self._put(self._stream.resample_chunk(np.ascontiguousarray(mono)) if self._stream is not None else mono)
+
+    def finish(self) -> np.ndarray:
+        """The samples at the target rate."""
+        if self._stream is not None and not self.nonfinite:
+            self._put(self._stream.resample_chunk(np.zeros(0, np.float32), last=True))
+        out = self._out[:self._filled]
+        return np.concatenate([out, *self._extra]) if self._extra else out
+
+    def remove_offset(self, samples: np.ndarray, offset: float) -> None:
+        """``samples`` (from :meth:`finish`) as if ``offset`` had been taken from every source sample before
+        resampling: minus ``offset`` times what a constant 1 becomes, streamed through a resampler of its own
+        (a step of the offset at each end otherwise, which a constant file's check would hear as sound)."""
+        if self._stream is None:
+            samples -= np.float32(offset)
+            return
+        import soxr
+
+        stream = soxr.ResampleStream(self.rate, self.target, 1, dtype="float32", quality="HQ")
+        ones = np.ones(BLOCK_FRAMES, np.float32)
+        pos, left = 0, self.frames
+        while True:
+            n = min(left, BLOCK_FRAMES)
+            left -= n
+            part = stream.resample_chunk(ones[:n], last=left == 0)
+            samples[pos:pos + len(part)] -= np.float32(offset) * part
+            pos += len(part)
+            if left == 0:
+                break
+
+    def _put(self, chunk: np.ndarray) -> None:
+        fit = min(len(chunk), len(self._out) - self._filled)
+        self._out[self._filled:self._filled + fit] = chunk[:fit]
+        self._filled += fit
+        if fit < len(chunk):
+            self._extra.append(np.array(chunk[fit:], np.float32))  # a copy: ``chunk`` may be a reused buffer
+
+
+_Make = Callable[[int, int], _Samples]  # (source rate, frames the header announces) -> a collector
 
 
 @dataclass
@@ -80,21 +188,19 @@ def decode_audio(data: bytes, *, sample_rate: int = SAMPLE_RATE, min_duration: f
         raise ItemError(DECODE_ERROR, "empty file (0 bytes)")
     # NaN / inf samples (float files) are refused below with their count, not warned of on stderr
     with np.errstate(invalid="ignore", over="ignore"):
-        samples, rate = _read(data, _Budget(max_duration_s))
-        if samples.size == 0:
-            raise ItemError(EMPTY, "the file holds no audio samples", fields={"duration_s": 0.0})
-        finite = np.isfinite(samples.sum(dtype=np.float64))  # NaN / inf propagate; no temporary array of flags
-    if not finite:
-        bad = int((~np.isfinite(samples)).sum())
-        raise ItemError(DECODE_ERROR, f"audio contains {bad} NaN or infinite samples")
-    duration = samples.shape[0] / rate
+        decoded = _read(data, _Budget(max_duration_s), lambda rate, frames: _Samples(rate, sample_rate, frames))
+    if decoded.frames == 0:
+        raise ItemError(EMPTY, "the file holds no audio samples", fields={"duration_s": 0.0})
+    if decoded.nonfinite:
+        raise ItemError(DECODE_ERROR, f"audio contains {decoded.nonfinite} NaN or infinite samples")
+    duration = decoded.frames / decoded.rate
     if duration < min_duration:
         raise ItemError(EMPTY, f"clip is {duration * 1000:.0f} ms long, shorter than the {min_duration:g} s "
                         "minimum (--min-duration)", fields={"duration_s": round(duration, 3)})
-    offset = float(samples.mean(dtype=np.float64))
-    if abs(offset) > DC_OFFSET:  # a recorder's DC offset: silence with an offset is still silence
-        samples -= np.float32(offset)
-    peak = max(float(samples.max()), -float(samples.min()))  # no temporary copy of hours of samples
+    offset = decoded.mean
+    if abs(offset) <= DC_OFFSET:  # a recorder's DC offset: silence with an offset is still silence
+        offset = 0.0
+    peak = max(decoded.high - offset, offset - decoded.low)
     peak_db = 20 * math.log10(peak) if peak > 0 else -math.inf
     if peak == 0 and offset:  # nothing but the offset: a flat line, not the quiet the dBFS figure would suggest
         raise ItemError(EMPTY, f"audio is a constant value ({offset:+.3g}: a DC offset, no sound)",
@@ -102,11 +208,33 @@ def decode_audio(data: bytes, *, sample_rate: int = SAMPLE_RATE, min_duration: f
     if peak_db < silence_dbfs:
         raise ItemError(EMPTY, f"audio is silent (peak {peak_db:.0f} dBFS, below the {silence_dbfs:g} dBFS "
                         "threshold of --silence-threshold)", fields={"duration_s": round(duration, 3)})
-    if rate != sample_rate:
-        import soxr
-
-        samples = soxr.resample(samples, rate, sample_rate, quality="HQ")
+    if decoded.over_full_scale:
+        samples = _within_full_scale(data, _Budget(max_duration_s), sample_rate, decoded.frames, peak)
+    else:
+        samples = decoded.finish()
+        if offset:
+            decoded.remove_offset(samples, offset)
     return np.ascontiguousarray(samples, dtype=np.float32)
+
+
+def _within_full_scale(data: bytes, budget: _Budget, target: int, frames: int, peak: float) -> np.ndarray:
+    """Float samples beyond ±1, decoded twice more: once for their offset and level, taken from a sample of
+    them that one corrupt sample cannot move (a trimmed mean, a percentile), once with the offset taken away,
+    divided by the level where it is over full scale (integer samples stored as float: speech at 25,000 was an
+    ``ok`` row with no text) and clipped to ±1 (a corrupt sample, the peaks of a float file with headroom)."""
+    with np.errstate(invalid="ignore", over="ignore"):
+        probe = _read(data, budget, lambda rate, _: _Samples(rate, target, probe=max(1, frames // LEVEL_PROBE)))
+        values = np.sort(np.concatenate(probe.probed)) if probe.probed else np.zeros(1, np.float32)
+        trim = int(len(values) * (100 - LEVEL_PERCENTILE) / 100)
+        offset = float(values[trim:len(values) - trim].mean(dtype=np.float64))
+        level = float(np.percentile(np.abs(values - np.float32(offset)), LEVEL_PERCENTILE))
+        gain = 1.0 / level if level > 1.0 else 1.0
+        if abs(offset) * gain <= DC_OFFSET:
+            offset = 0.0
+        scaled = _read(data, _Budget(budget.limit_s), lambda rate, n: _Samples(rate, target, n, scale=(offset, gain)))
+    log.info("samples beyond full scale (peak %.3g): %s", peak,
+             f"divided by their level {level:.3g} and clipped to ±1" if gain != 1.0 else "clipped to ±1")
+    return scaled.finish()
 
 
 def _mono(block: np.ndarray) -> np.ndarray:
@@ -127,45 +255,38 @@ def _frames_mono(frames: Any) -> list[np.ndarray]:
     return [_mono(f.to_ndarray().reshape(-1, len(f.layout.channels))) for f in frames]
 
 
-def _joined(chunks: list[np.ndarray]) -> np.ndarray:
-    return np.concatenate(chunks).astype(np.float32, copy=False) if chunks else np.zeros(0, np.float32)
-
-
-def _read_blocks(f: Any, budget: _Budget) -> np.ndarray:
-    """Mono samples of an open ``soundfile.SoundFile``, block by block into one array sized from the header
-    (frames the header did not announce, or all of them when it announced none, are gathered apart)."""
+def _read_blocks(f: Any, budget: _Budget, make: _Make) -> _Samples:
+    """The samples of an open ``soundfile.SoundFile``, read block by block."""
     rate = int(f.samplerate)
     declared = f.frames if 0 < f.frames < _UNKNOWN_FRAMES else 0
     if declared:
         budget.check_header(declared / rate)
-    out = np.empty(declared, np.float32)
+    out = make(rate, declared)
     block = np.empty((BLOCK_FRAMES, f.channels), np.float32)
-    extra: list[np.ndarray] = []
-    filled = 0
     while True:
         got = f.read(dtype="float32", always_2d=True, out=block)
         if not len(got):
             break
         budget.add(len(got), rate)
-        mono = _mono(got)
-        fit = min(len(mono), declared - filled)
-        out[filled:filled + fit] = mono[:fit]
-        filled += fit
-        if fit < len(mono):
-            extra.append(mono[fit:].copy())  # ``block`` is reused
-    return np.concatenate([out[:filled], *extra]) if extra else out[:filled]
+        out.add(_mono(got))
+    return out
 
 
-def _read(data: bytes, budget: _Budget) -> tuple[np.ndarray, int]:
-    """(mono float32 samples, sample rate), through libsndfile, else FFmpeg."""
+def _read(data: bytes, budget: _Budget, make: _Make) -> _Samples:
+    """The file's samples through libsndfile, else FFmpeg; MP3 through FFmpeg (libsndfile's MPEG reader stops
+    at the frame count of the first header: the parts after the first of joined MP3 files were dropped)."""
     import soundfile as sf
 
+    if _looks_mpeg(data) and _has_av():  # before libsndfile, whose MPEG reader warns on stderr of joined files
+        return _read_av(data, "MPEG data that does not decode", budget, make)
     try:
         with sf.SoundFile(io.BytesIO(data)) as f:
-            samples, rate = _read_blocks(f, budget), int(f.samplerate)
-            _check_cut_short(f.extra_info, len(samples) / rate)
-        if samples.size or len(data) < EMPTY_FILE_BYTES:
-            return samples, rate
+            if f.subtype.startswith("MPEG_LAYER") and _has_av():
+                return _read_av(data, "MPEG data that does not decode", budget, make)
+            samples = _read_blocks(f, budget, make)
+            _check_cut_short(f.extra_info, samples.frames / samples.rate)
+        if samples.frames or len(data) < EMPTY_FILE_BYTES:
+            return samples
         # no samples, yet bytes after the header: a WAV whose recorder died before writing the data size
         # (0) leaves it so; FFmpeg reads up to the end of the file
         first_error = "the header announces no audio samples"
@@ -174,7 +295,20 @@ def _read(data: bytes, budget: _Budget) -> tuple[np.ndarray, int]:
         first_error = str(exc).rsplit(">: ", 1)[-1].rstrip(".") or type(exc).__name__
         if first_error.startswith("File does not exist"):  # what libsndfile's MPEG reader says of bad frames
             first_error = "MPEG data that does not decode"
-    return _read_av(data, first_error, _Budget(budget.limit_s))
+    return _read_av(data, first_error, _Budget(budget.limit_s), make)
+
+
+def _looks_mpeg(data: bytes) -> bool:
+    """An ID3 tag, or an MPEG audio frame's sync word and layer bits (layer 00 is AAC's ADTS: FFmpeg's too)."""
+    return data[:3] == b"ID3" or len(data) > 1 and data[0] == 0xFF and data[1] & 0xE0 == 0xE0
+
+
+def _has_av() -> bool:
+    try:
+        import av  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def _check_cut_short(header_log: str, decoded_s: float) -> None:
@@ -210,7 +344,7 @@ def _container_seconds(container: Any, stream: Any) -> float | None:
     return None
 
 
-def _read_av(data: bytes, first_error: str, budget: _Budget) -> tuple[np.ndarray, int]:
+def _read_av(data: bytes, first_error: str, budget: _Budget, make: _Make) -> _Samples:
     """FFmpeg through PyAV, for what libsndfile does not read (m4a, aac, webm, ...)."""
     try:
         import av
@@ -226,7 +360,7 @@ def _read_av(data: bytes, first_error: str, budget: _Budget) -> tuple[np.ndarray
             declared = _container_seconds(container, stream)
             budget.check_header(declared)
             resampler = av.AudioResampler(format="flt", rate=rate)  # channels kept: mixed by ``_mono``
-            chunks = []
+            samples = make(rate, int(declared * rate) if declared else 0)
             packets = damaged = 0
             for packet in container.demux(stream):
                 packets += 1
@@ -237,20 +371,21 @@ def _read_av(data: bytes, first_error: str, budget: _Budget) -> tuple[np.ndarray
                     continue
                 for frame in frames:
                     budget.add(frame.samples, frame.sample_rate or rate)
-                    chunks.extend(_frames_mono(resampler.resample(frame)))
-            chunks.extend(_frames_mono(resampler.resample(None)))
+                    for mono in _frames_mono(resampler.resample(frame)):
+                        samples.add(mono)
+            for mono in _frames_mono(resampler.resample(None)):
+                samples.add(mono)
     except ItemError:
         raise
     except Exception as exc:  # PyAV raises many error types (av.error.*, ValueError, ...)
         raise ItemError(DECODE_ERROR, f"not a readable audio file ({first_error}); FFmpeg: {_ffmpeg_reason(exc)}"
                         ) from exc
-    samples = _joined(chunks)
     if damaged:  # a little damage is skipped; a file that is mostly damage is the row's decode_error
-        got = len(samples) / rate
+        got = samples.frames / rate
         if declared and got < MIN_DECODED_SHARE * declared:
             raise ItemError(DECODE_ERROR, f"damaged audio: {damaged} packets do not decode, and only {got:.1f} s "
                             f"of its {declared:.1f} s do")
-        if not declared and (not len(samples) or damaged > (1 - MIN_DECODED_SHARE) * packets):
+        if not declared and (not samples.frames or damaged > (1 - MIN_DECODED_SHARE) * packets):
             raise ItemError(DECODE_ERROR, f"damaged audio: {damaged} of {packets} packets do not decode")
         log.info("skipped %d damaged packet(s); %.1f s of the audio decode", damaged, got)
-    return samples, int(rate)
+    return samples

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 
@@ -838,8 +839,6 @@ def test_a_wav_whose_data_size_was_never_written_is_read_to_the_end():
 
 
 def _mp3(seconds: float) -> bytes:
-    import io
-
     av = pytest.importorskip("av")
     buffer = io.BytesIO()
     with av.open(buffer, "w", format="mp3") as container:
@@ -868,3 +867,74 @@ def test_a_little_damage_in_an_mp3_is_skipped_and_much_is_a_decode_error():
     with pytest.raises(ItemError) as err:
         decode_audio(bytes(data))
     assert err.value.status == DECODE_ERROR and "damaged audio" in err.value.message
+
+
+def test_joined_mp3_files_are_read_to_the_end():
+    """``cat part1.mp3 part2.mp3``: libsndfile's MPEG reader stopped at the first part's frame count (its
+    LAME header), so the second part was dropped from an ``ok`` row; MP3 goes through FFmpeg now."""
+    first, second = _mp3(3.0), _mp3(2.0)
+    assert abs(len(decode_audio(first)) / 16000 - 3.0) < 0.15
+    assert abs(len(decode_audio(first + second)) / 16000 - 5.0) < 0.3
+
+
+def test_high_sample_rates_decode_in_the_memory_of_16k():
+    """10 s at 384 kHz: the source-rate samples (15 MB here; 1.6 GB for a 1.5 MB FLAC of 10 minutes at
+    655 kHz) were held whole before resampling. Blocks are resampled as they are read now, to the same
+    samples as one whole-array resampling gives."""
+    import tracemalloc
+
+    import soxr
+
+    rate, seconds = 384_000, 10
+    signal = (np.sin(2 * np.pi * 440 * np.arange(rate * seconds) / rate) * 16000).astype(np.int16)
+    buf = io.BytesIO()
+    sf.write(buf, signal, rate, format="FLAC", subtype="PCM_16")
+    tracemalloc.start()
+    try:
+        decoded = decode_audio(buf.getvalue())
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 * rate * seconds / 4, peak  # under a quarter of the source-rate float32 samples (15.4 MB)
+    whole = soxr.resample(signal.astype(np.float32) / 32768, rate, 16000, quality="HQ")
+    np.testing.assert_array_equal(decoded, whole)
+
+
+def _float_wav(samples: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    sf.write(buf, samples, 16000, format="WAV", subtype="FLOAT")
+    return buf.getvalue()
+
+
+def test_float_samples_beyond_full_scale_are_brought_within_it():
+    """A corrupt sample (3e38, finite) made the log-mel inf / NaN: a ``model_error`` that failed its whole
+    batch. Integer samples stored as float (x 32767) came out an ``ok`` row with no text. The first is clipped
+    (only the samples around it change), the second divided by its level."""
+    clean = tone(2.0) * 0.5
+    reference = decode_audio(_float_wav(clean))
+    spiked = clean.copy()
+    spiked[8000] = 3e38
+    decoded = decode_audio(_float_wav(spiked))
+    assert np.isfinite(decoded).all() and np.abs(decoded).max() < 1.2
+    changed = np.flatnonzero(np.abs(decoded - reference) > 1e-4)
+    assert len(changed) and changed.min() > 7900 and changed.max() < 8100, changed
+    scaled = decode_audio(_float_wav(clean * 32767))
+    assert np.abs(scaled).max() < 1.2
+    assert 0.95 < np.abs(scaled).max() < 1.05  # the tone, at full scale rather than at 32767 times it
+    ratio = np.dot(scaled, reference) / np.dot(reference, reference)
+    np.testing.assert_allclose(scaled, np.clip(reference * ratio, -1, 1), atol=0.01)  # the top 0.1 % clipped
+
+
+def test_a_corrupt_sample_fails_neither_its_row_nor_its_batch(tiny_whisper, tmp_path, caplog):
+    folder = tmp_path / "calls"
+    folder.mkdir()
+    clean = tone(2.0) * 0.5
+    spiked = clean.copy()
+    spiked[8000] = 3e38
+    (folder / "a.wav").write_bytes(_float_wav(clean))
+    (folder / "b.wav").write_bytes(_float_wav(spiked))
+    code, output = run_cli("audio", folder, "-o", tmp_path / "out.parquet", "--model", tiny_whisper,
+                           "--max-new-tokens", "4")
+    assert code == 0, output
+    assert [r["status"] for r in rows_of(tmp_path / "out.parquet")] == ["ok", "ok"]
+    assert "one at a time" not in output
