@@ -300,6 +300,21 @@ def test_language_codes_whisper_spells_otherwise():
         language_code("xx")
 
 
+def test_three_letter_codes_and_macrolanguage_members():
+    """ISO 639-2/3 codes (the language tags of MP4 / MKV tracks and of many corpora) and the members of
+    macrolanguages FLEURS and phone locales use were each a model_error row: "Whisper does not know 'eng'"."""
+    from transformers.models.whisper.tokenization_whisper import LANGUAGES
+
+    from batchcap.models.whisper import _ISO_639_2, language_code
+
+    assert [language_code(x) for x in ("eng", "deu", "ger", "fre", "zho", "chi", "cmn_hans_cn", "nb_no", "nb-NO",
+                                       "nob", "fil_ph", "yue", "haw", "RUS")] == [
+        "en", "de", "de", "fr", "zh", "zh", "zh", "no", "no", "no", "tl", "yue", "haw", "ru"]
+    assert set(_ISO_639_2) == set(LANGUAGES) - {"haw", "yue"}  # every language Whisper has, by its three letters
+    for code, threes in _ISO_639_2.items():
+        assert all(language_code(three) == code for three in threes.split())
+
+
 def test_rows_are_scored_in_their_language_and_translations_in_english(tmp_path):
     """A row's language picks its normalizer: "1" and "uno" are one word in Italian. With --task translate the
     text is English whatever the recording's language, so it is scored with the English normalizer."""

@@ -892,7 +892,30 @@ class WhisperTranscriber:
 
 # ISO 639-1 codes Whisper spells otherwise: its own "jw" for Javanese; the withdrawn codes still found in
 # locale data (Java's iw, in, ji) and Moldavian, which Whisper (as ISO) folds into Romanian
-LANGUAGE_ALIASES = {"jv": "jw", "iw": "he", "in": "id", "ji": "yi", "mo": "ro"}
+LANGUAGE_ALIASES = {"jv": "jw", "iw": "he", "in": "id", "ji": "yi", "mo": "ro",
+                    # members of macrolanguages Whisper has one code for, as corpora (FLEURS) and locales write them
+                    "nb": "no", "nob": "no", "cmn": "zh", "fil": "tl", "zsm": "ms", "arb": "ar", "pes": "fa",
+                    "prs": "fa", "ekk": "et", "lvs": "lv", "swh": "sw", "uzn": "uz", "azj": "az", "khk": "mn",
+                    "npi": "ne", "ydd": "yi", "als": "sq", "hbs": "sr"}
+# ISO 639-2 (terminology and bibliographic) / 639-3 codes of Whisper's languages: the language tags of MP4 and
+# MKV tracks and of many corpora ("eng", "deu", "ger", "zho")
+_ISO_639_2 = {
+    "af": "afr", "am": "amh", "ar": "ara", "as": "asm", "az": "aze", "ba": "bak", "be": "bel", "bg": "bul",
+    "bn": "ben", "bo": "bod tib", "br": "bre", "bs": "bos", "ca": "cat", "cs": "ces cze", "cy": "cym wel",
+    "da": "dan", "de": "deu ger", "el": "ell gre", "en": "eng", "es": "spa", "et": "est", "eu": "eus baq",
+    "fa": "fas per", "fi": "fin", "fo": "fao", "fr": "fra fre", "gl": "glg", "gu": "guj", "ha": "hau",
+    "he": "heb", "hi": "hin", "hr": "hrv", "ht": "hat", "hu": "hun", "hy": "hye arm", "id": "ind",
+    "is": "isl ice", "it": "ita", "ja": "jpn", "jw": "jav", "ka": "kat geo", "kk": "kaz", "km": "khm",
+    "kn": "kan", "ko": "kor", "la": "lat", "lb": "ltz", "ln": "lin", "lo": "lao", "lt": "lit", "lv": "lav",
+    "mg": "mlg", "mi": "mri mao", "mk": "mkd mac", "ml": "mal", "mn": "mon", "mr": "mar", "ms": "msa may",
+    "mt": "mlt", "my": "mya bur", "ne": "nep", "nl": "nld dut", "nn": "nno", "no": "nor", "oc": "oci",
+    "pa": "pan", "pl": "pol", "ps": "pus", "pt": "por", "ro": "ron rum", "ru": "rus", "sa": "san", "sd": "snd",
+    "si": "sin", "sk": "slk slo", "sl": "slv", "sn": "sna", "so": "som", "sq": "sqi alb", "sr": "srp",
+    "su": "sun", "sv": "swe", "sw": "swa", "ta": "tam", "te": "tel", "tg": "tgk", "th": "tha", "tk": "tuk",
+    "tl": "tgl", "tr": "tur", "tt": "tat", "uk": "ukr", "ur": "urd", "uz": "uzb", "vi": "vie", "yi": "yid",
+    "yo": "yor", "zh": "zho chi",
+}
+LANGUAGE_ALIASES.update({three: code for code, threes in _ISO_639_2.items() for three in threes.split()})
 # what a manifest's language cell (or --language) says when the language is to be detected: ISO 639's
 # "undetermined" and "multiple", and the words people write
 DETECT_LANGUAGE = frozenset({"auto", "detect", "und", "unknown", "mul"})
