@@ -63,6 +63,7 @@ class _Samples:
                  scale: tuple[float, float] | None = None, probe: int = 0):
         self.rate, self.target = int(rate), int(target)
         self.frames = self.nonfinite = 0
+        self.track, self.tracks = 0, 1  # which audio track of how many (containers FFmpeg reads)
         self.high, self.low = -math.inf, math.inf
         self.probed: list[np.ndarray] = []
         self._sum = 0.0
@@ -80,6 +81,15 @@ class _Samples:
     @property
     def mean(self) -> float:
         return self._sum / self.frames if self.frames else 0.0
+
+    def level(self) -> tuple[float, float]:
+        """(DC offset, peak after the offset): the offset 0 where it is within ``DC_OFFSET``."""
+        offset = self.mean if abs(self.mean) > DC_OFFSET else 0.0
+        return offset, max(self.high - offset, offset - self.low)
+
+    def silent(self, silence_dbfs: float) -> bool:
+        offset, peak = self.level()
+        return self.frames > 0 and not self.nonfinite and (peak <= 0 or 20 * math.log10(peak) < silence_dbfs)
 
     @property
     def over_full_scale(self) -> bool:
@@ -187,8 +197,19 @@ def decode_audio(data: bytes, *, sample_rate: int = SAMPLE_RATE, min_duration: f
     if not data:
         raise ItemError(DECODE_ERROR, "empty file (0 bytes)")
     # NaN / inf samples (float files) are refused below with their count, not warned of on stderr
+    def make(rate: int, frames: int) -> _Samples:
+        return _Samples(rate, sample_rate, frames)
+
     with np.errstate(invalid="ignore", over="ignore"):
-        decoded = _read(data, _Budget(max_duration_s), lambda rate, frames: _Samples(rate, sample_rate, frames))
+        decoded = first = _read(data, _Budget(max_duration_s), make)
+        while decoded.silent(silence_dbfs) and decoded.track + 1 < decoded.tracks:
+            # a silent track beside others: a meeting recorder's system audio beside its microphone
+            decoded = _read_av(data, "another audio track", _Budget(max_duration_s), make, decoded.track + 1)
+        if decoded.silent(silence_dbfs):
+            decoded = first  # all silent: the first track's figures are the row's
+        elif decoded is not first:
+            log.info("audio track 1 of %d is silent: track %d is transcribed", decoded.tracks, decoded.track + 1)
+    tracks = f" in all {decoded.tracks} audio tracks" if decoded.tracks > 1 else ""
     if decoded.frames == 0:
         raise ItemError(EMPTY, "the file holds no audio samples", fields={"duration_s": 0.0})
     if decoded.nonfinite:
@@ -197,16 +218,13 @@ def decode_audio(data: bytes, *, sample_rate: int = SAMPLE_RATE, min_duration: f
     if duration < min_duration:
         raise ItemError(EMPTY, f"clip is {duration * 1000:.0f} ms long, shorter than the {min_duration:g} s "
                         "minimum (--min-duration)", fields={"duration_s": round(duration, 3)})
-    offset = decoded.mean
-    if abs(offset) <= DC_OFFSET:  # a recorder's DC offset: silence with an offset is still silence
-        offset = 0.0
-    peak = max(decoded.high - offset, offset - decoded.low)
+    offset, peak = decoded.level()  # a recorder's DC offset: silence with an offset is still silence
     peak_db = 20 * math.log10(peak) if peak > 0 else -math.inf
     if peak == 0 and offset:  # nothing but the offset: a flat line, not the quiet the dBFS figure would suggest
         raise ItemError(EMPTY, f"audio is a constant value ({offset:+.3g}: a DC offset, no sound)",
                         fields={"duration_s": round(duration, 3)})
     if peak_db < silence_dbfs:
-        raise ItemError(EMPTY, f"audio is silent (peak {peak_db:.0f} dBFS, below the {silence_dbfs:g} dBFS "
+        raise ItemError(EMPTY, f"audio is silent{tracks} (peak {peak_db:.0f} dBFS, below the {silence_dbfs:g} dBFS "
                         "threshold of --silence-threshold)", fields={"duration_s": round(duration, 3)})
     if decoded.over_full_scale:
         samples = _within_full_scale(data, _Budget(max_duration_s), sample_rate, decoded.frames, peak)
@@ -344,8 +362,10 @@ def _container_seconds(container: Any, stream: Any) -> float | None:
     return None
 
 
-def _read_av(data: bytes, first_error: str, budget: _Budget, make: _Make) -> _Samples:
-    """FFmpeg through PyAV, for what libsndfile does not read (m4a, aac, webm, ...)."""
+def _read_av(data: bytes, first_error: str, budget: _Budget, make: _Make, track: int = 0) -> _Samples:
+    """FFmpeg through PyAV, for what libsndfile does not read (m4a, aac, webm, ...): the ``track``-th audio
+    stream. A stream whose channel layout, sample format or rate changes midway (a broadcast capture's ad
+    break, joined AAC files) gets a resampler per stretch, as the ``ffmpeg`` command reconfigures its filters."""
     try:
         import av
     except ImportError:
@@ -355,12 +375,14 @@ def _read_av(data: bytes, first_error: str, budget: _Budget, make: _Make) -> _Sa
         with av.open(io.BytesIO(data), mode="r", metadata_errors="ignore") as container:
             if not container.streams.audio:
                 raise ItemError(DECODE_ERROR, "no audio stream in the file")
-            stream = container.streams.audio[0]
+            stream = container.streams.audio[track]
             rate = stream.rate or SAMPLE_RATE
             declared = _container_seconds(container, stream)
             budget.check_header(declared)
             resampler = av.AudioResampler(format="flt", rate=rate)  # channels kept: mixed by ``_mono``
             samples = make(rate, int(declared * rate) if declared else 0)
+            samples.track, samples.tracks = track, len(container.streams.audio)
+            setup = None
             packets = damaged = 0
             for packet in container.demux(stream):
                 packets += 1
@@ -371,6 +393,12 @@ def _read_av(data: bytes, first_error: str, budget: _Budget, make: _Make) -> _Sa
                     continue
                 for frame in frames:
                     budget.add(frame.samples, frame.sample_rate or rate)
+                    now = (frame.format.name, frame.layout.name, frame.sample_rate)
+                    if setup is not None and now != setup:  # the rest of the old setup, then a new resampler
+                        for mono in _frames_mono(resampler.resample(None)):
+                            samples.add(mono)
+                        resampler = av.AudioResampler(format="flt", rate=rate)
+                    setup = now
                     for mono in _frames_mono(resampler.resample(frame)):
                         samples.add(mono)
             for mono in _frames_mono(resampler.resample(None)):

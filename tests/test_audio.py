@@ -938,3 +938,42 @@ def test_a_corrupt_sample_fails_neither_its_row_nor_its_batch(tiny_whisper, tmp_
     assert code == 0, output
     assert [r["status"] for r in rows_of(tmp_path / "out.parquet")] == ["ok", "ok"]
     assert "one at a time" not in output
+
+
+def _aac(container_format: str, tracks: list[tuple[np.ndarray, str]], rate: int = 48000) -> bytes:
+    """AAC tracks (samples, "mono" / "stereo") in one container, each encoded whole."""
+    import av
+
+    buf = io.BytesIO()
+    with av.open(buf, "w", format=container_format) as container:
+        streams = []
+        for samples, layout in tracks:
+            stream = container.add_stream("aac", rate=rate)
+            stream.layout = layout
+            streams.append((stream, samples, 2 if layout == "stereo" else 1))
+        for stream, samples, channels in streams:
+            for pts in range(0, len(samples), 1024):
+                chunk = np.pad(samples[pts:pts + 1024], (0, max(0, pts + 1024 - len(samples))))
+                frame = av.AudioFrame.from_ndarray(np.tile(chunk, (channels, 1)).astype(np.float32), format="fltp",
+                                                   layout="stereo" if channels == 2 else "mono")
+                frame.sample_rate, frame.pts = rate, pts
+                for packet in stream.encode(frame):
+                    container.mux(packet)
+            for packet in stream.encode(None):
+                container.mux(packet)
+    return buf.getvalue()
+
+
+def test_a_silent_track_beside_a_spoken_one_and_a_layout_change_midway():
+    """A meeting recorder's MP4: system audio (silent) on track 1, the microphone on track 2: the row was
+    ``empty`` ("audio is silent"); the first track that is not silent is read now. An ADTS stream going from
+    mono to stereo midway (joined AAC files, a broadcast's ad break) was a decode_error ("Frame does not
+    match AudioResampler setup"): each stretch gets its own resampler now."""
+    pytest.importorskip("av")
+    signal = tone(2.0, 48000) * 0.5
+    decoded = decode_audio(_aac("mp4", [(np.zeros_like(signal), "mono"), (signal, "stereo")]))
+    assert abs(len(decoded) / 16000 - 2.0) < 0.1 and np.abs(decoded).max() > 0.1
+    with pytest.raises(ItemError, match="audio is silent in all 2 audio tracks"):
+        decode_audio(_aac("mp4", [(np.zeros_like(signal), "mono"), (np.zeros_like(signal), "mono")]))
+    joined = _aac("adts", [(signal, "mono")]) + _aac("adts", [(signal, "stereo")])
+    assert abs(len(decode_audio(joined)) / 16000 - 4.0) < 0.15
