@@ -116,6 +116,11 @@ def summary_lines(summary: dict[str, Any]) -> list[str]:
     skipped = summary.get("skipped_files") or 0
     if skipped:  # a folder of the wrong kind of files says so, not only "nothing to do"
         lines.append(f"skipped {skipped} file{'s' if skipped != 1 else ''} of other types in the input folders")
+    unreadable = summary.get("unreadable_folders") or []
+    if unreadable:  # files that have no row: the run exits 3
+        more = ", ..." if len(unreadable) > 3 else ""
+        lines.append(f"could not read {len(unreadable)} input folder{'s' if len(unreadable) != 1 else ''} "
+                     f"(their files have no rows): {', '.join(unreadable[:3])}{more}")
     if summary.get("audio_hours") is not None:
         rtfx = summary.get("rtfx_this_run")
         lines.append(f"audio: {summary['audio_hours']:.3f} h" + (f", RTFx {rtfx:.1f} this run" if rtfx else ""))

@@ -89,6 +89,7 @@ class InputStats:
     manifests: int = 0
     files: int = 0
     repeated_ids: int = 0  # items whose id an earlier item has: numbered by position (``a#2``)
+    unreadable_folders: list[str] = field(default_factory=list)  # folders a walk could not list: no rows
 
 
 def _make_valid(item: Item) -> None:
@@ -145,6 +146,12 @@ class Inputs:
                 continue
             if not os.path.exists(src):
                 raise FatalError(f"input not found: {src}")
+            if os.path.isdir(src):
+                try:
+                    with os.scandir(src):
+                        pass
+                except OSError as exc:  # os.walk would skip it without a word: "nothing to do", exit 0
+                    raise FatalError(f"cannot read the input folder {src}: {exc.strerror or exc}") from None
             if os.path.isfile(src) and self._is_own(src):
                 raise FatalError(f"{src} is both an input and the run's output (or a file beside it): "
                                  "write the results to another file")
@@ -234,7 +241,7 @@ class Inputs:
                                          if not storage.is_remote(own) and not is_url(own))
 
     def _walk(self, root: str, walked: _Seen) -> Iterator[Item]:
-        for path in walk_files(root, walked, self._own_local()):
+        for path in walk_files(root, walked, self._own_local(), self.stats.unreadable_folders):
             if not path.lower().endswith(self.spec.extensions):
                 self.stats.skipped_files += 1
                 continue
@@ -340,16 +347,25 @@ def _identity(path: str) -> tuple[int, int] | None:
     return st.st_dev, st.st_ino
 
 
-def walk_files(root: str, seen: _Seen | None = None, exclude: dict[str, set[str]] | None = None) -> Iterator[str]:
+def walk_files(root: str, seen: _Seen | None = None, exclude: dict[str, set[str]] | None = None,
+               unreadable: list[str] | None = None) -> Iterator[str]:
     """Files under ``root`` (hidden ones skipped), sorted, following symlinks, each real folder visited once
     and each real file yielded once: a symlink loop (a link to a parent) ends instead of repeating the tree
     until the path is too long, and a file reached through two links is one item. A broken link is yielded
     (its row says the file is missing). ``exclude``: names of files and folders to leave out, per real
-    folder path."""
+    folder path. A folder that cannot be listed (permissions, a stale mount) is a warning, and is added to
+    ``unreadable``: its files can have no rows, and the run says so."""
     seen = seen if seen is not None else _Seen()
     if not seen.first(root, folder=True):
         return
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+
+    def failed(exc: OSError) -> None:
+        if unreadable is not None:  # None: an estimate's walk, which says nothing
+            folder = exc.filename if isinstance(exc.filename, str) else root
+            log.warning("cannot read the folder %s (%s): its files get no rows", folder, exc.strerror or exc)
+            unreadable.append(folder)
+
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True, onerror=failed):
         skip = exclude.get(os.path.realpath(dirpath), set()) if exclude else set()
         filenames = [name for name in filenames if name not in skip]
         kept = []

@@ -50,8 +50,10 @@ class RunResult:
 
     @property
     def failed_this_run(self) -> int:
-        """Rows this run wrote that are neither ok nor empty: what the exit code reports."""
-        return sum(n for status, n in self.counts.items() if status not in NOT_FAILURES)
+        """Rows this run wrote that are neither ok nor empty, and input folders it could not read: what the
+        exit code reports."""
+        return (sum(n for status, n in self.counts.items() if status not in NOT_FAILURES)
+                + len(self.summary.get("unreadable_folders") or []))
 
 
 def run_job(items: Iterable[Item], job: Job, output: str, options: JobOptions | None = None, *,
@@ -117,6 +119,8 @@ def run_job(items: Iterable[Item], job: Job, output: str, options: JobOptions | 
         stats = getattr(items, "stats", None)
         if stats is not None and getattr(stats, "skipped_files", 0):
             summary["skipped_files"] = stats.skipped_files  # files of other types in input directories
+        if stats is not None and getattr(stats, "unreadable_folders", None):
+            summary["unreadable_folders"] = list(stats.unreadable_folders)  # their files have no rows
         if stats is not None and getattr(stats, "repeated_ids", 0):
             summary["repeated_ids"] = stats.repeated_ids  # items numbered a#2, a#3 (inputs.Inputs._repeated)
         summary.update(extra_summary or {})

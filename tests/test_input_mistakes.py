@@ -370,3 +370,32 @@ def test_an_output_name_that_is_not_utf8_stops_before_the_model_loads(tiny_whisp
     assert code == 1
     assert "caf\\xe9.parquet' is not valid UTF-8, which Arrow cannot write" in output, output
     assert os.listdir(tmp_path) == ["a.wav"]
+
+
+def test_folders_that_cannot_be_read_are_said_and_fail_the_exit_code(tiny_whisper_en, tmp_path, monkeypatch):
+    """A night's subfolder another user made with mode 700, or the input folder itself on a mount that refuses
+    the service user: os.walk skipped them without a word, and the run said "nothing to do", exit 0."""
+    calls = tmp_path / "calls"
+    for night in ("01", "02"):
+        (calls / night).mkdir(parents=True)
+        write_audio(calls / night / "a.wav", 1.0)
+    real_scandir = os.scandir
+    refused = {str(calls / "02")}
+
+    def scandir(path="."):  # what a folder without read permission gives (root reads every folder)
+        if isinstance(path, (str, os.PathLike)) and os.fspath(path) in refused:
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    code, output = run_cli("audio", calls, "-o", tmp_path / "out.parquet", "--model", tiny_whisper_en)
+    assert code == 3, output
+    assert f"cannot read the folder {calls / '02'} (Permission denied): its files get no rows" in output
+    assert f"could not read 1 input folder (their files have no rows): {calls / '02'}" in output
+    assert [r["id"] for r in rows_of(tmp_path / "out.parquet")] == [str(calls / "01" / "a.wav")]
+    assert json.loads((tmp_path / "out.summary.json").read_text())["unreadable_folders"] == [str(calls / "02")]
+    refused.add(str(calls))
+    code, output = run_cli("audio", calls, "-o", tmp_path / "out2.parquet", "--model", tiny_whisper_en)
+    assert code == 1 and output.strip().splitlines() == [
+        f"Error: cannot read the input folder {calls}: Permission denied"], output
+    assert not (tmp_path / "out2.parquet").exists()
