@@ -86,6 +86,10 @@ def _array_to_8bit(values: np.ndarray, sixteen_bit: bool = False) -> np.ndarray:
 
 
 _TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")  # classic and BigTIFF, both byte orders
+# what a pixel of a TIFF read through tifffile may cost decoded: four float samples (RGBA float32). A page of
+# 300x300 pixels with 5,000 samples each (a 1.8 MB file) decoded to 1.8 GB under --max-pixels' pixel count.
+TIFF_BYTES_PER_PIXEL = 16
+_JPEG_END = b"\xff\xd9"
 
 
 def _decode_tiff(data: bytes, max_pixels: int) -> Image.Image:
@@ -106,6 +110,10 @@ def _decode_tiff(data: bytes, max_pixels: int) -> Image.Image:
             if width * height > max_pixels:
                 raise ItemError(DECODE_ERROR, f"image too large: {width}x{height} = {_mp(width * height)} "
                                 f"exceeds --max-pixels {_mp(max_pixels)}")
+            if page.nbytes > max_pixels * TIFF_BYTES_PER_PIXEL:  # samples or other axes make it a bomb
+                raise ItemError(DECODE_ERROR, f"image too large: its first page decodes to "
+                                f"{page.nbytes / 1e6:,.0f} MB ({'x'.join(map(str, shape))} {axes} of {page.dtype}), "
+                                f"more than --max-pixels allows ({_mp(max_pixels)} of {TIFF_BYTES_PER_PIXEL} bytes)")
             arr = page.asarray()
     except ItemError:
         raise
@@ -138,13 +146,41 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     return im
 
 
-def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+def _planar_wide_tiff(im: Image.Image) -> bool:
+    """A TIFF with separate planes of more than 8 bits a sample (``PlanarConfiguration`` 2), which Pillow
+    opens and decodes into a garbled picture: tifffile reads it."""
+    tags = getattr(im, "tag_v2", None)
+    if im.format != "TIFF" or tags is None or tags.get(284) != 2:
+        return False
+    bits = tags.get(258, (8,))
+    return max(bits if isinstance(bits, tuple) else (bits,)) > 8
+
+
+def _without_end_marker(data: bytes) -> bool:
+    """A JPEG whose last bytes are not its end-of-image marker (a writer cut just before closing it)."""
+    return data.startswith(b"\xff\xd8\xff") and not data.rstrip(b"\x00").endswith(_JPEG_END)
+
+
+def _whole_with_end_marker(data: bytes, max_pixels: int) -> Image.Image | None:
+    """The picture of a JPEG that lacks only its end marker, decoded with one; None when scan data is missing
+    too (libjpeg fills the missing blocks with mid-grey: a bottom band of one grey value)."""
+    try:
+        im = decode_image(data + _JPEG_END, max_pixels=max_pixels)
+    except ItemError:
+        return None
+    bottom = np.asarray(im)[-8:]
+    return None if bottom.size and (bottom == bottom.flat[0]).all() and 120 <= bottom.flat[0] <= 136 else im
+
+
+def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 draft: tuple[int, int] | None = None) -> Image.Image:
     """Decode ``data`` to an RGB image (first frame, EXIF orientation applied).
 
     Raises ``ItemError(DECODE_ERROR, ...)`` for empty or non-image bytes, truncated or corrupt files,
     and images with more than ``max_pixels`` pixels (checked from the header, before any pixel is decoded).
     Pillow's global ``MAX_IMAGE_PIXELS`` is raised to ``max_pixels`` where that is higher (never lowered):
     Pillow refuses images over twice its limit itself, which would cap ``max_pixels`` at ~179 MP.
+    ``draft``: a JPEG may be decoded at a reduced scale no smaller than this (thumbnails).
     """
     if not data:
         raise ItemError(DECODE_ERROR, "empty file")
@@ -170,6 +206,10 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.
             )
         if width <= 0 or height <= 0:
             raise ItemError(DECODE_ERROR, f"image truncated or corrupt: size {width}x{height}")
+        if _planar_wide_tiff(im):
+            return _decode_tiff(data, max_pixels)
+        if draft is not None:
+            im.draft("RGB", draft)
         try:
             im.seek(0)  # first frame of an animation / multi-page file
             im.load()
@@ -184,4 +224,8 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
             raise ItemError(DECODE_ERROR, _bomb_message(exc, max_pixels)) from None
         except Exception as exc:  # noqa: BLE001 - OSError, SyntaxError, zlib.error, ValueError, ...
+            whole = _whole_with_end_marker(data, max_pixels) if _without_end_marker(data) else None
+            if whole is not None:
+                logger.info("JPEG without its end marker: the picture is whole")
+                return whole
             raise ItemError(DECODE_ERROR, f"image truncated or corrupt: {exc}") from None

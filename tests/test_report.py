@@ -10,6 +10,7 @@ import os
 import random
 
 import html5lib
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -764,3 +765,22 @@ def test_compare_alignment_sets_like_against_like(tmp_path):
     detail = compare_audio(a, score_result(a, None), b, score_result(b, None), rows=5, report_dir=str(tmp_path))
     tokens = detail["detail"][0]["ab_tokens"]
     assert [(t.kind, t.ref, t.hyp) for t in tokens if t.kind != "eq"] == [("sub", "one", "two")], tokens
+
+
+def test_thumbnails_show_the_picture_the_model_saw(tmp_path):
+    """The report converted pictures itself: a logo on a transparent background came out a black square (the
+    model saw it on white), a 16-bit scan all white, a float TIFF all black."""
+    from batchcap.images import decode_image
+    from batchcap.report.images import Thumbnails
+
+    logo = Image.new("RGBA", (200, 200), (0, 0, 0, 0))
+    logo.paste((0, 0, 0, 255), (60, 60, 140, 140))
+    logo.save(tmp_path / "logo.png")
+    ramp = np.tile(np.linspace(0, 65535, 200).astype(np.uint16), (200, 1))
+    Image.fromarray(ramp).save(tmp_path / "scan16.png")
+    thumbs = Thumbnails(str(tmp_path))
+    for name in ("logo.png", "scan16.png"):
+        src = thumbs.of(str(tmp_path / name), name)
+        shown = np.asarray(Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1]))).convert("L"), float)
+        seen = np.asarray(decode_image((tmp_path / name).read_bytes()).convert("L").resize(shown.shape[::-1]), float)
+        assert abs(shown.mean() - seen.mean()) < 4, (name, shown.mean(), seen.mean())

@@ -10,7 +10,7 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-from ..images import DEFAULT_MAX_PIXELS
+from ..images import DEFAULT_MAX_PIXELS, decode_image
 from . import charts
 from .data import OK, Result, fmt_num, folder_labels, group_rows, is_url, local_file, metric
 
@@ -141,17 +141,15 @@ class Thumbnails:
         if path is None and data is None:
             return None
         try:
-            from PIL import Image, ImageOps
-
-            with Image.open(path if path is not None else io.BytesIO(data)) as image:
-                if image.size[0] * image.size[1] > DEFAULT_MAX_PIXELS:  # a bomb the run refused: not decoded
-                    return None
-                image.draft("RGB", (self.size * 2, self.size * 2))  # JPEG: decode at a reduced scale
-                image = ImageOps.exif_transpose(image)
-                image.thumbnail((self.size, self.size))
-                image = image.convert("RGB")
-                buf = io.BytesIO()
-                image.save(buf, "JPEG", quality=self.quality, optimize=True)
+            if path is not None:
+                with open(path, "rb") as f:
+                    data = f.read()
+            # the picture the model saw (transparency on white, 16-bit and float samples scaled, EXIF
+            # orientation, tifffile's TIFFs); a bomb the run refused is not decoded
+            image = decode_image(data, max_pixels=DEFAULT_MAX_PIXELS, draft=(self.size * 2, self.size * 2))
+            image.thumbnail((self.size, self.size))
+            buf = io.BytesIO()
+            image.save(buf, "JPEG", quality=self.quality, optimize=True)
         except Exception as exc:  # noqa: BLE001 - a thumbnail that fails is a missing picture, not an error
             log.debug("no thumbnail for %s: %s", source, exc)
             return None
