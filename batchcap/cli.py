@@ -115,7 +115,10 @@ def summary_lines(summary: dict[str, Any]) -> list[str]:
                  f"already done, {summary['wall_time_s']:.1f} s")
     skipped = summary.get("skipped_files") or 0
     if skipped:  # a folder of the wrong kind of files says so, not only "nothing to do"
-        lines.append(f"skipped {skipped} file{'s' if skipped != 1 else ''} of other types in the input folders")
+        kinds = list((summary.get("skipped_extensions") or {}).items())
+        detail = ", ".join(f"{n} {ext}" for ext, n in kinds[:5]) + (", ..." if len(kinds) > 5 else "")
+        lines.append(f"skipped {skipped} file{'s' if skipped != 1 else ''} of other types in the input folders"
+                     + (f" ({detail})" if detail else ""))
     unreadable = summary.get("unreadable_folders") or []
     if unreadable:  # files that have no row: the run exits 3
         more = ", ..." if len(unreadable) > 3 else ""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
 import re
@@ -41,6 +42,12 @@ def _not_an_image(data: bytes) -> str:
         text = None
     if text is not None and all(c.isprintable() or c.isspace() for c in text):
         return "not an image (looks like text)"
+    if data[4:8] == b"ftyp":  # ISO media: HEIC / AVIF pictures (or a video)
+        brand = data[8:12]
+        if brand in (b"heic", b"heix", b"heim", b"heis", b"hevc", b"mif1", b"msf1"):
+            return "HEIC/HEIF image, which Pillow reads only with a plug-in (pip install pillow-heif)"
+        if brand in (b"avif", b"avis"):
+            return "AVIF image, which this Pillow cannot read (newer releases can: pip install -U pillow)"
     for signature, kind in _DAMAGED:
         if data.startswith(signature):  # the format is known; its data is what does not read
             return f"not a readable image (a damaged {kind} file)"
@@ -146,6 +153,17 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     return im
 
 
+@functools.lru_cache(maxsize=1)
+def _register_heif() -> bool:
+    """HEIC / HEIF pictures (phones' photos) through pillow-heif's Pillow plug-in, where it is installed."""
+    try:
+        import pillow_heif
+    except ImportError:
+        return False
+    pillow_heif.register_heif_opener()
+    return True
+
+
 def _planar_wide_tiff(im: Image.Image) -> bool:
     """A TIFF with separate planes of more than 8 bits a sample (``PlanarConfiguration`` 2), which Pillow
     opens and decodes into a garbled picture: tifffile reads it."""
@@ -184,6 +202,7 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS,
     """
     if not data:
         raise ItemError(DECODE_ERROR, "empty file")
+    _register_heif()
     if Image.MAX_IMAGE_PIXELS is not None and max_pixels > Image.MAX_IMAGE_PIXELS:
         Image.MAX_IMAGE_PIXELS = max_pixels
     try:

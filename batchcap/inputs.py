@@ -18,6 +18,7 @@ import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 from . import storage
 from .items import FatalError, Item, valid_text, valid_values
@@ -30,7 +31,8 @@ MANIFEST_EXTENSIONS = (".csv", ".tsv", ".parquet", ".jsonl", ".ndjson")
 AUDIO_EXTENSIONS = (".wav", ".flac", ".mp3", ".ogg", ".oga", ".opus", ".m4a", ".aac", ".wma", ".webm",
                     ".mp4", ".aiff", ".aif", ".au", ".mka", ".mkv", ".mov", ".3gp", ".amr", ".caf", ".m4b",
                     ".wv")
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".avif", ".heic", ".heif", ".gif", ".bmp",
+                    ".tif", ".tiff")
 
 ID_COLUMNS = ("id", "key", "uid", "image_id", "audio_id")
 
@@ -90,6 +92,14 @@ class InputStats:
     files: int = 0
     repeated_ids: int = 0  # items whose id an earlier item has: numbered by position (``a#2``)
     unreadable_folders: list[str] = field(default_factory=list)  # folders a walk could not list: no rows
+    skipped_extensions: dict[str, int] = field(default_factory=dict)  # skipped_files by extension
+
+    def skip(self, path: str) -> None:
+        """A file of another type in an input folder."""
+        self.skipped_files += 1
+        name = path.rsplit("/", 1)[-1]
+        ext = os.path.splitext(name)[1].lower() or "(no extension)"
+        self.skipped_extensions[ext] = self.skipped_extensions.get(ext, 0) + 1
 
 
 def _make_valid(item: Item) -> None:
@@ -143,6 +153,9 @@ class Inputs:
                     self._remote_manifest(src, lambda copy: _peek_columns(copy, self.spec))
                 continue
             if is_url(src):
+                if urlsplit(src).path.lower().endswith(MANIFEST_EXTENSIONS):  # else fetched as one image
+                    raise FatalError(f"{src} looks like a manifest: manifests are read from local files and object "
+                                     "stores (s3://, gs://, az://, hf://); download it first")
                 continue
             if not os.path.exists(src):
                 raise FatalError(f"input not found: {src}")
@@ -243,7 +256,7 @@ class Inputs:
     def _walk(self, root: str, walked: _Seen) -> Iterator[Item]:
         for path in walk_files(root, walked, self._own_local(), self.stats.unreadable_folders):
             if not path.lower().endswith(self.spec.extensions):
-                self.stats.skipped_files += 1
+                self.stats.skip(path)
                 continue
             self.stats.files += 1
             yield Item(0, path, path)
@@ -308,7 +321,7 @@ class Inputs:
                     if obj in own or any(obj.startswith(p + "/") for p in own):
                         continue
                     if not obj.lower().endswith(self.spec.extensions):
-                        self.stats.skipped_files += 1
+                        self.stats.skip(obj)
                         continue
                     self.stats.files += 1
                     yield Item(0, obj, obj)
@@ -624,19 +637,34 @@ def _records(manifest: str) -> Iterator[_Record]:
     return _csv_records(manifest)
 
 
+# the text field of a reference given as a record (COCO's ``sentences: [{raw, tokens, ...}]``)
+REFERENCE_FIELDS = ("raw", "caption", "text", "sentence", "transcript", "transcription", "reference")
+
+
 def _references(row: dict[str, Any], columns: Sequence[str]) -> list[str]:
     refs: list[str] = []
     for col in columns:
         value = row.get(col)
         if value is None:
             continue
-        if isinstance(value, (list, tuple)):
-            refs.extend(str(v) for v in value if v is not None and str(v).strip())
-        elif isinstance(value, float) and value != value:  # NaN from pandas-written files
-            continue
-        elif str(value).strip():
-            refs.append(str(value))
+        for v in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(v, dict):
+                v = _reference_field(v, col)
+            if v is None or isinstance(v, float) and v != v:  # NaN from pandas-written files
+                continue
+            if str(v).strip():
+                refs.append(str(v))
     return refs
+
+
+def _reference_field(record: dict[str, Any], column: str) -> str | None:
+    """The text of a reference record, by its field's name; a record without one stops the run (its repr
+    was scored as the reference)."""
+    for name in REFERENCE_FIELDS:
+        if isinstance(record.get(name), str):
+            return record[name]
+    raise FatalError(f"reference column {column!r} holds records ({', '.join(map(str, record))}) without a text "
+                     f"field ({', '.join(REFERENCE_FIELDS)}): give a column of text")
 
 
 def _manifest_items(manifest: str, spec: InputSpec, base: str | None = None) -> Iterator[Item]:

@@ -119,6 +119,7 @@ def run_job(items: Iterable[Item], job: Job, output: str, options: JobOptions | 
         stats = getattr(items, "stats", None)
         if stats is not None and getattr(stats, "skipped_files", 0):
             summary["skipped_files"] = stats.skipped_files  # files of other types in input directories
+            summary["skipped_extensions"] = dict(sorted(stats.skipped_extensions.items(), key=lambda kv: -kv[1]))
         if stats is not None and getattr(stats, "unreadable_folders", None):
             summary["unreadable_folders"] = list(stats.unreadable_folders)  # their files have no rows
         if stats is not None and getattr(stats, "repeated_ids", 0):

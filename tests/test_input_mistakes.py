@@ -399,3 +399,59 @@ def test_folders_that_cannot_be_read_are_said_and_fail_the_exit_code(tiny_whispe
     assert code == 1 and output.strip().splitlines() == [
         f"Error: cannot read the input folder {calls}: Permission denied"], output
     assert not (tmp_path / "out2.parquet").exists()
+
+
+def test_reference_records_give_their_text_field(tmp_path):
+    """COCO-style references (``sentences: [{raw, tokens}]``, as Hugging Face's COCO has them) were scored
+    against Python's repr of each record; their text field is taken now, and records without one stop the run."""
+    from batchcap.inputs import image_spec
+
+    table = pa.table({"path": ["a.png"], "sentences": [[{"raw": "an astronaut in a suit", "tokens": ["an"]},
+                                                         {"raw": "a woman smiling", "tokens": ["a"]}]]})
+    pq.write_table(table, tmp_path / "m.parquet")
+    spec = image_spec(reference_columns=("sentences",))
+    assert [i.references for i in Inputs([str(tmp_path / "m.parquet")], spec)] == [
+        ["an astronaut in a suit", "a woman smiling"]]
+    pq.write_table(pa.table({"path": ["a.png"], "sentences": [[{"tokens": ["an"]}]]}), tmp_path / "n.parquet")
+    with pytest.raises(FatalError, match="reference column 'sentences' holds records \\(tokens\\) without a text"):
+        list(Inputs([str(tmp_path / "n.parquet")], spec))
+
+
+def test_an_http_manifest_is_refused_not_fetched_as_an_image(tiny_captioner, tmp_path):
+    code, output = run_cli("images", "http://127.0.0.1:9/set/m.csv?x=1", "-o", tmp_path / "o.parquet",
+                           "--model", tiny_captioner)
+    assert code == 1 and output.strip().splitlines() == [
+        "Error: http://127.0.0.1:9/set/m.csv?x=1 looks like a manifest: manifests are read from local files and "
+        "object stores (s3://, gs://, az://, hf://); download it first"], output
+    assert not (tmp_path / "o.parquet").exists()
+
+
+def test_a_folder_walk_takes_what_pillow_reads_and_names_what_it_skips(tiny_captioner, tmp_path):
+    """A phone's folder: AVIF and JFIF pictures were skipped as "other types" without saying which; HEIC
+    files now get rows that say what would read them."""
+    from PIL import Image, features
+
+    photos = tmp_path / "phone"
+    photos.mkdir()
+    Image.new("RGB", (32, 32), "red").save(photos / "IMG_0001.JPG", "JPEG")
+    Image.new("RGB", (32, 32), "blue").save(photos / "IMG_0002.jfif", "JPEG")
+    (photos / "IMG_0003.HEIC").write_bytes(b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + b"\x00" * 64)
+    (photos / "notes.txt").write_text("x")
+    (photos / "clip.mov").write_bytes(b"\x00" * 16)
+    (photos / "more.txt").write_text("y")
+    if features.check("avif"):
+        Image.new("RGB", (32, 32), "green").save(photos / "IMG_0004.avif", "AVIF")
+    code, output = run_cli("images", photos, "-o", tmp_path / "o.parquet", "--model", tiny_captioner,
+                           "--max-new-tokens", "2")
+    assert code == 3, output
+    rows = {os.path.basename(r["id"]): r for r in rows_of(tmp_path / "o.parquet")}
+    assert {"IMG_0001.JPG", "IMG_0002.jfif", "IMG_0003.HEIC"} <= set(rows)
+    assert rows["IMG_0002.jfif"]["status"] == "ok"
+    if features.check("avif"):  # Pillow 13 here
+        assert rows["IMG_0004.avif"]["status"] == "ok"
+    try:
+        import pillow_heif  # noqa: F401
+    except ImportError:
+        assert rows["IMG_0003.HEIC"]["error"] == ("HEIC/HEIF image, which Pillow reads only with a plug-in "
+                                                  "(pip install pillow-heif)")
+    assert "skipped 3 files of other types in the input folders (2 .txt, 1 .mov)" in output
