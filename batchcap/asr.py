@@ -14,7 +14,7 @@ from .audio import DEFAULT_MAX_DURATION_S, decode_audio
 from .fetch import FetchConfig
 from .inputs import audio_spec
 from .items import EMPTY, OK, FatalError, Item, ItemError
-from .job import Job, JobOptions, run_pipeline
+from .job import Job, JobOptions, adopt_loaded, call_options, run_pipeline
 from .metrics import error_counts, get_normalizer, load_english_spelling
 from .metrics.asr import NORMALIZER_MODES
 from .predictions import Transcript
@@ -368,13 +368,13 @@ def transcribe(inputs: str | Sequence[str], output: str = "transcripts.parquet",
     fields, e.g. ``transcribe("calls/", "out.parquet", model="/models/whisper-small", batch_size=8)``.
     ``transcriber``: an already loaded WhisperTranscriber to use instead of loading ``options.model``.
     """
-    options = options or AudioOptions()
-    options.update(overrides, "transcribe")
+    options = call_options(options, AudioOptions, overrides, "transcribe")
+    if transcriber is not None:  # features, rows and scores follow the model actually used
+        adopt_loaded(options, AudioOptions, {"model": transcriber.name, **getattr(transcriber, "settings", {})},
+                     "transcriber")
     options.check()
     output = os.fspath(output)
     _check_long_form_options(options, output)
-    if transcriber is not None:
-        options.model = transcriber.name  # features, rows and scores follow the model actually used
     spec = audio_spec(options.path_column, options.reference_columns, options.id_column, options.language_column)
     spec.reserved = AUDIO_COLUMNS
     predictor = WhisperPredictor(transcriber, max(1, options.batch_size)) if transcriber is not None else None

@@ -11,7 +11,7 @@ from typing import Any, ClassVar
 from .images import DEFAULT_MAX_PIXELS, decode_image
 from .inputs import image_spec
 from .items import OK, Item, ItemError
-from .job import Job, JobOptions, run_pipeline
+from .job import Job, JobOptions, adopt_loaded, call_options, run_pipeline
 from .metrics import caption_metrics
 from .predictions import Caption
 from .runner import RunResult
@@ -176,11 +176,11 @@ def caption_images(inputs: str | Sequence[str], output: str = "captions.parquet"
     file atomically and a summary JSON beside it. Keyword overrides set ImageOptions fields.
     ``captioner``: an already loaded Captioner to use instead of loading ``options.model``.
     """
-    options = options or ImageOptions()
-    options.update(overrides, "caption_images")
-    options.check()
+    options = call_options(options, ImageOptions, overrides, "caption_images")
     if captioner is not None:
-        options.model = captioner.name
+        adopt_loaded(options, ImageOptions, {"model": captioner.name, **getattr(captioner, "settings", {})},
+                     "captioner")
+    options.check()
     spec = image_spec(options.path_column, options.reference_columns, options.id_column)
     spec.reserved = IMAGE_COLUMNS
     predictor = CaptionPredictor(captioner) if captioner is not None else None

@@ -25,6 +25,35 @@ def apply_overrides(options: Any, overrides: dict[str, Any], caller: str) -> Non
         setattr(options, key, value)
 
 
+def call_options(options: Any, default: type, overrides: dict[str, Any], caller: str) -> Any:
+    """The options of one API call: a copy of ``options`` (or the defaults) with ``overrides`` set. The
+    caller's object is left as it was (a one-off ``overwrite=True`` was written into it, and the next call
+    with it started the table over)."""
+    import copy
+
+    options = copy.deepcopy(options) if options is not None else default()
+    apply_overrides(options, overrides, caller)
+    return options
+
+
+def adopt_loaded(options: Any, default: type, given: dict[str, Any], what: str) -> None:
+    """Options a loaded model was built with (``given``: name -> value; a transcriber or captioner passed
+    to the API) replace the call's: a value the call asks for that differs from both the model's and the
+    default is one FatalError (it was ignored, and the summary said it was used)."""
+    from .items import FatalError
+
+    defaults = default()
+    asked = {k: getattr(options, k) for k in given
+             if getattr(options, k) != given[k] and getattr(options, k) != getattr(defaults, k)}
+    if asked:
+        built = ", ".join(f"{k}={given[k]!r}" for k in asked)
+        wanted = ", ".join(f"{k}={v!r}" for k, v in asked.items())
+        raise FatalError(f"the {what} given was loaded with {built}; this call asks for {wanted}: load one with "
+                         "those options, or leave them out")
+    for key, value in given.items():
+        setattr(options, key, value)  # what the rows were made with, in the summary too
+
+
 @dataclass
 class JobOptions:
     """Options of every job; AudioOptions and ImageOptions add their model's."""

@@ -455,3 +455,36 @@ def test_a_folder_walk_takes_what_pillow_reads_and_names_what_it_skips(tiny_capt
         assert rows["IMG_0003.HEIC"]["error"] == ("HEIC/HEIF image, which Pillow reads only with a plug-in "
                                                   "(pip install pillow-heif)")
     assert "skipped 3 files of other types in the input folders (2 .txt, 1 .mov)" in output
+
+
+def test_an_api_call_leaves_the_caller_s_options_as_they_were(tiny_whisper_en, tmp_path):
+    """A service passes one options object to every call: a one-off ``overwrite=True`` was written into it,
+    and the next nightly call with it started the table over (every done row redone)."""
+    from batchcap.asr import AudioOptions, transcribe
+
+    base = AudioOptions(model=tiny_whisper_en, quiet=True, max_new_tokens=2)
+    before = repr(base)
+    write_audio(tmp_path / "a.wav", 1.0)
+    transcribe([str(tmp_path / "a.wav")], tmp_path / "scratch.parquet", options=base, overwrite=True, write="srt")
+    assert repr(base) == before
+    transcribe([str(tmp_path / "a.wav")], tmp_path / "nightly.parquet", options=base)
+    write_audio(tmp_path / "b.wav", 1.5)
+    result = transcribe([str(tmp_path / "a.wav"), str(tmp_path / "b.wav")], tmp_path / "nightly.parquet",
+                        options=base)
+    assert result.skipped == 1 and sum(result.counts.values()) == 1
+
+
+def test_a_loaded_transcriber_s_options_are_the_run_s(tiny_whisper, tmp_path):
+    """``transcribe(..., transcriber=t, language="de")`` with ``t`` loaded for detection: every row was
+    detected, and the summary said "de". A call asking for what the transcriber was not loaded with stops;
+    the options it leaves out are the transcriber's, in the summary too."""
+    from batchcap.asr import AudioOptions, load_transcriber, transcribe
+
+    t = load_transcriber(AudioOptions(model=tiny_whisper, language="fr", num_beams=2))
+    clip = write_audio(tmp_path / "a.wav", 1.0)
+    with pytest.raises(FatalError, match=r"the transcriber given was loaded with language='fr', num_beams=2; "
+                                         r"this call asks for language='de', num_beams=3"):
+        transcribe([str(clip)], tmp_path / "x.parquet", transcriber=t, language="de", num_beams=3)
+    result = transcribe([str(clip)], tmp_path / "y.parquet", transcriber=t, quiet=True, language="fr")
+    assert result.summary["options"]["language"] == "fr" and result.summary["options"]["num_beams"] == 2
+    assert rows_of(tmp_path / "y.parquet")[0]["language"] == "fr"

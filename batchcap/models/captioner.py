@@ -67,6 +67,9 @@ class Captioner:
         from transformers import AutoConfig, AutoModelForImageTextToText, AutoTokenizer
 
         self.name = model
+        # what the captions depend on, by ImageOptions' names (the API checks a call's options against them)
+        self.settings: dict[str, Any] = {"device": device, "dtype": dtype, "max_new_tokens": max_new_tokens,
+                                         "num_beams": num_beams, "prompt": prompt, "min_new_tokens": min_new_tokens}
         self.device = resolve_device(device)
         # weights dtype, and bf16 autocast on CPUs with native bf16 (as for Whisper)
         self.dtype, self.autocast = resolve_precision(dtype, self.device)

@@ -205,6 +205,15 @@ class WhisperTranscriber:
         from transformers import WhisperForConditionalGeneration, WhisperTokenizerFast
 
         self.name = model
+        guard_used = guard or g.GuardConfig()
+        # what the rows depend on, by AudioOptions' names (the API checks a call's options against them)
+        self.settings: dict[str, Any] = {
+            "device": device, "dtype": dtype, "language": language, "task": task, "num_beams": num_beams,
+            "max_new_tokens": max_new_tokens, "full_window": full_window, "window_margin_s": window_margin_s,
+            "timestamps": timestamps, "word_timestamps": word_timestamps, "run_languages": run_languages,
+            "compression_ratio_threshold": guard_used.compression_ratio_threshold,
+            "logprob_threshold": guard_used.logprob_threshold,
+            "no_speech_threshold": guard_used.no_speech_threshold, "fallback": guard_used.fallback}
         self.device = resolve_device(device)
         self.dtype, self.autocast = resolve_precision(dtype, self.device)
         self._features = WhisperFeatures(model, full_window=full_window, window_margin_s=window_margin_s)
