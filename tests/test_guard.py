@@ -87,6 +87,20 @@ def test_first_pass_ends_a_clips_later_temperatures_once_an_earlier_one_passes()
 
 # --- the cascade on a tiny random Whisper -------------------------------------------------------------
 
+def test_dense_scripts_get_the_room_their_tokens_take():
+    """Malayalam, Burmese, Georgian... take 19-44 tokens a second of ordinary speech (Whisper's BPE splits
+    their syllables into bytes): the English-fitted bound cut nearly every such clip. Their languages get
+    DENSE_SCRIPT_FACTOR times the bound; a translation into English does not."""
+    cfg = g.GuardConfig()
+    assert g.language_density("ml") == g.language_density("my") == g.language_density("ka") == 4.0
+    assert g.language_density("en") == g.language_density("ru") == g.language_density("zh") == 1.0
+    assert g.language_density("ml", "translate") == 1.0
+    text = "ഇന്ന് നല്ല കാലാവസ്ഥയാണ്. ഞാൻ ചന്തയിലേക്ക് പോകുന്നു."  # 3 s of ordinary Malayalam: ~95 tokens
+    assert g.problems(g.Attempt(text, 95, -0.3, 0.01, g.GREEDY, density=4.0), 3.0, cfg) == []
+    assert g.problems(g.Attempt(text, 95, -0.3, 0.01, g.GREEDY), 3.0, cfg) == ["token_bound"]
+    assert g.token_bound(3.0, cfg, 4.0) == 4 * g.token_bound(3.0, cfg)
+
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -134,6 +148,14 @@ def test_suspects_are_retried_on_the_full_window_together(transcriber):
     # each clip's decoding stops one token past its own bound: the short clips' loops there, the longer
     # ones at the tiny model's own limit (24, below their bounds)
     assert [r["tokens"] for r in rows] == [g.token_bound(0.5) + 1, 24, g.token_bound(0.6) + 1, 24]
+
+
+def test_a_dense_script_language_s_clips_decode_to_their_own_cap(transcriber, monkeypatch):
+    """The cap that stops a clip's decoding follows its language: the tiny model's loops, over the bound
+    of a 0.5 s English clip, run to the model's own limit once English counts as a dense script."""
+    monkeypatch.setattr(g, "DENSE_SCRIPT_LANGUAGES", frozenset({"en"}))
+    rows = _run(transcriber, [0.5, 0.6], compression_ratio_threshold=None, logprob_threshold=None, temperatures=())
+    assert [r["tokens"] for r in rows] == [24, 24] and [r["decode"] for r in rows] == [g.GREEDY, g.GREEDY]
 
 
 def test_full_window_retry_resolves_what_the_live_window_got_wrong(transcriber):

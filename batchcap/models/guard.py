@@ -19,6 +19,13 @@ annotation); 15 tokens/s plus 10 tokens is above every clip of the three sets, w
 Whisper's punctuation and numbers spelled out; a 1.8 s clip may have 37 tokens, a 30 s one 460 (more
 than Whisper's 448-token window, so the bound never cuts a full window of real speech).
 
+Those three languages are written in scripts Whisper's byte-level BPE merges well (3.3-5.3 UTF-8 bytes a
+token over their references). Scripts it splits into several tokens a syllable carry far more tokens a
+second of the same speech: 1.0-1.3 bytes a token for Malayalam, Georgian and Burmese sentences, 2.2 for
+Hindi, and 19-44 tokens/s at ordinary speaking rates (Malayalam, Burmese, Georgian, Khmer, Sinhala): the
+bound cut nearly every such clip and marked it ``unresolved``. Their languages
+(``DENSE_SCRIPT_LANGUAGES``) get ``DENSE_SCRIPT_FACTOR`` times the bound; a translation (English) does not.
+
 A clip is "no speech" (openai-whisper's rule) when the probability of the no-speech token at the
 first decoding position is above ``no_speech_threshold`` AND the hypothesis' mean log-probability is
 below ``logprob_threshold``: its text is dropped rather than retried.
@@ -33,6 +40,11 @@ from typing import Any
 
 TOKENS_PER_SECOND = 15.0
 TOKEN_SLACK = 10
+# Brahmic scripts (Devanagari, Bengali-Assamese, Gurmukhi, Gujarati, Tamil, Telugu, Kannada, Malayalam,
+# Sinhala), Burmese, Khmer, Lao, Tibetan, Ge'ez (Amharic), Georgian and Armenian
+DENSE_SCRIPT_LANGUAGES = frozenset({"hi", "mr", "ne", "sa", "bn", "as", "pa", "gu", "ta", "te", "kn", "ml", "si",
+                                    "my", "km", "lo", "bo", "am", "ka", "hy"})
+DENSE_SCRIPT_FACTOR = 4.0
 WHISPER_TEMPERATURES = (0.2, 0.4, 0.6, 0.8, 1.0)
 
 # what happened to a clip (the ``decode`` column)
@@ -85,9 +97,16 @@ def compression_ratio(text: str) -> float:
     return len(data) / len(zlib.compress(data))
 
 
-def token_bound(duration_s: float, config: GuardConfig = GuardConfig()) -> int:
-    """Most text tokens a clip of ``duration_s`` seconds can plausibly hold."""
-    return int(config.tokens_per_second * max(0.0, duration_s)) + config.token_slack
+def token_bound(duration_s: float, config: GuardConfig = GuardConfig(), density: float = 1.0) -> int:
+    """Most text tokens a clip of ``duration_s`` seconds can plausibly hold (``density``: its language's
+    factor, :func:`language_density`)."""
+    return int((config.tokens_per_second * max(0.0, duration_s) + config.token_slack) * density)
+
+
+def language_density(language: str | None, task: str = "transcribe") -> float:
+    """How many times the bound's tokens a second the text of ``language`` takes (1 for a translation,
+    which is English)."""
+    return DENSE_SCRIPT_FACTOR if task != "translate" and language in DENSE_SCRIPT_LANGUAGES else 1.0
 
 
 @dataclass
@@ -102,6 +121,7 @@ class Attempt:
     segments: Any = None  # the hypothesis' segments (times), when it was decoded with timestamps
     ran_out: bool = False  # decoding was cut at the guard's token cap before the end token
     ids: Any = None  # the generated token ids (text and times, before the end token)
+    density: float = 1.0  # its language's factor on the token bound (language_density)
     compression_ratio: float = field(init=False)
 
     def __post_init__(self) -> None:
@@ -117,7 +137,7 @@ def problems(attempt: Attempt, duration_s: float, config: GuardConfig = GuardCon
     if config.logprob_threshold is not None and attempt.avg_logprob is not None \
             and attempt.avg_logprob < config.logprob_threshold:
         found.append("avg_logprob")
-    if attempt.tokens > token_bound(duration_s, config) or attempt.ran_out:
+    if attempt.tokens > token_bound(duration_s, config, attempt.density) or attempt.ran_out:
         found.append("token_bound")
     return found
 

@@ -478,7 +478,8 @@ class WhisperTranscriber:
         prompts = self._prompts(languages, n)
         begin = len(prompts[0])
         budget = min(self.max_new_tokens or self._max_new_tokens, self._max_new_tokens)
-        caps = [self._token_cap(d) for d in durations]
+        densities = [g.language_density(languages[i] if languages else "en", self.task) for i in range(n)]
+        caps = [self._token_cap(d, k) for d, k in zip(durations, densities)]
         clip_new = [min(budget, cap) for cap in caps]
         max_new = max(clip_new)
         # a hypothesis cut by the guard's cap (not the user's, not the model's) loops
@@ -523,7 +524,7 @@ class WhisperTranscriber:
             text, segments = self._parse(row, repeated[i])
             return g.Attempt(text, sum(t not in self._non_text for t in row), logprob, no_speech[i // per_clip],
                              labels[i % per_clip // samples], segments=segments, ran_out=ran_out,
-                             ids=_before(row, self.eot_id))
+                             ids=_before(row, self.eot_id), density=densities[i // per_clip])
         if sampled and len(temperatures) > 1:  # a clip's temperatures after its first passing one: not needed
             kwargs["settle"] = g.FirstPass(len(temperatures), samples, lambda i, row, logprob: not g.is_suspect(
                 attempt(i, row, logprob, ran_out=loop_cut[i // per_clip] and self.eot_id not in row[-1:]),
@@ -545,10 +546,10 @@ class WhisperTranscriber:
                 for j in range(0, len(attempts), samples)]
         return [best[i:i + len(temperatures)] for i in range(0, len(best), len(temperatures))]
 
-    def _token_cap(self, duration_s: float) -> int:
+    def _token_cap(self, duration_s: float, density: float = 1.0) -> int:
         """Tokens a clip's decoding may generate before the guard cuts it: one past its token bound, plus
         a start and an end time per segment of 2 s or more when decoding with timestamps."""
-        cap = g.token_bound(duration_s, self.guard) + 1
+        cap = g.token_bound(duration_s, self.guard, density) + 1
         if self.timestamps:
             cap += 2 * (1 + math.ceil(duration_s / 2))
         return cap
@@ -873,7 +874,8 @@ class WhisperTranscriber:
             for seg in (segments[i] if segments else []):
                 seg_text = self.tokenizer.decode(seg["tokens"], skip_special_tokens=True)
                 seg_tokens = int(self._text_mask[seg["tokens"].to(self.device)].sum())
-                attempt = g.Attempt(seg_text, seg_tokens, None, None, g.LONG_FORM)
+                attempt = g.Attempt(seg_text, seg_tokens, None, None, g.LONG_FORM,
+                                    density=g.language_density(languages[i] if languages else "en", self.task))
                 worst = max(worst, attempt.compression_ratio)
                 if g.problems(attempt, float(seg["end"] - seg["start"]), self.guard):
                     decode = g.UNRESOLVED
