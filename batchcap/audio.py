@@ -354,12 +354,40 @@ def _ffmpeg_reason(exc: Exception) -> str:
 
 
 def _container_seconds(container: Any, stream: Any) -> float | None:
-    """The duration the container or the stream declares (None when neither does)."""
+    """The duration the container or the stream declares (None when neither does). Matroska declares the
+    end time: a segment whose timestamps start at 4.5 h (ffmpeg's segment muxer keeps them) was "4.5 h long";
+    its start is taken off where that leaves a length (an under-estimate only delays the caps to decoding)."""
     if stream.duration is not None and stream.time_base is not None:
         return float(stream.duration * stream.time_base)
     if container.duration is not None:
-        return container.duration / 1_000_000  # AV_TIME_BASE units
+        seconds = container.duration / 1_000_000  # AV_TIME_BASE units
+        start = (container.start_time or 0) / 1_000_000
+        return seconds - start if 0 < start < seconds else seconds
     return None
+
+
+# containers whose declared length is written from the whole stream (not estimated from the bytes there
+# are): a file with less audio than that was cut short
+_WHOLE_LENGTH_FORMATS = ("matroska", "webm", "mov", "mp4")
+
+
+def _declares_whole_length(container: Any, data: bytes) -> bool:
+    """Whether ``container``'s declared duration says how long the file was when written: Matroska / WebM
+    and MP4 headers, an MP3's Xing / Info / VBRI frame (a frame count). Without one, FFmpeg estimates an MP3's
+    length from its size, which a cut file shares."""
+    names = set((container.format.name or "").split(","))
+    if names & set(_WHOLE_LENGTH_FORMATS):
+        return True
+    if "mp3" in names:
+        start = 10 + _syncsafe(data[6:10]) if data[:3] == b"ID3" else 0
+        head = data[start:start + 4096]
+        return any(tag in head for tag in (b"Xing", b"Info", b"VBRI"))
+    return False
+
+
+def _syncsafe(four: bytes) -> int:
+    """An ID3v2 tag's size (7 bits a byte)."""
+    return sum((b & 0x7F) << (7 * (3 - i)) for i, b in enumerate(four[:4])) if len(four) == 4 else 0
 
 
 def _read_av(data: bytes, first_error: str, budget: _Budget, make: _Make, track: int = 0) -> _Samples:
@@ -382,6 +410,7 @@ def _read_av(data: bytes, first_error: str, budget: _Budget, make: _Make, track:
             resampler = av.AudioResampler(format="flt", rate=rate)  # channels kept: mixed by ``_mono``
             samples = make(rate, int(declared * rate) if declared else 0)
             samples.track, samples.tracks = track, len(container.streams.audio)
+            whole = declared is not None and _declares_whole_length(container, data)
             setup = None
             packets = damaged = 0
             for packet in container.demux(stream):
@@ -408,8 +437,11 @@ def _read_av(data: bytes, first_error: str, budget: _Budget, make: _Make, track:
     except Exception as exc:  # PyAV raises many error types (av.error.*, ValueError, ...)
         raise ItemError(DECODE_ERROR, f"not a readable audio file ({first_error}); FFmpeg: {_ffmpeg_reason(exc)}"
                         ) from exc
+    got = samples.frames / rate
+    if whole and not damaged and got < MIN_DECODED_SHARE * declared:  # a partial download or copy
+        raise ItemError(DECODE_ERROR, f"truncated audio: the file holds {got:.1f} s of the {declared:.1f} s its "
+                        "header announces")
     if damaged:  # a little damage is skipped; a file that is mostly damage is the row's decode_error
-        got = samples.frames / rate
         if declared and got < MIN_DECODED_SHARE * declared:
             raise ItemError(DECODE_ERROR, f"damaged audio: {damaged} packets do not decode, and only {got:.1f} s "
                             f"of its {declared:.1f} s do")

@@ -977,3 +977,44 @@ def test_a_silent_track_beside_a_spoken_one_and_a_layout_change_midway():
         decode_audio(_aac("mp4", [(np.zeros_like(signal), "mono"), (np.zeros_like(signal), "mono")]))
     joined = _aac("adts", [(signal, "mono")]) + _aac("adts", [(signal, "stereo")])
     assert abs(len(decode_audio(joined)) / 16000 - 4.0) < 0.15
+
+
+def _opus_webm(seconds: float, start_s: float = 0.0, container_format: str = "webm") -> bytes:
+    import fractions
+
+    import av
+
+    rate, buf = 48000, io.BytesIO()
+    samples = (tone(seconds, rate) * 32767).astype(np.int16)
+    with av.open(buf, "w", format=container_format) as container:
+        stream = container.add_stream("libopus", rate=rate)
+        stream.layout = "mono"
+        for i in range(0, len(samples), 960):
+            chunk = np.pad(samples[i:i + 960], (0, max(0, i + 960 - len(samples))))
+            frame = av.AudioFrame.from_ndarray(chunk[None], format="s16", layout="mono")
+            frame.sample_rate, frame.pts = rate, int(start_s * rate) + i
+            frame.time_base = fractions.Fraction(1, rate)
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode(None):
+            container.mux(packet)
+    return buf.getvalue()
+
+
+def test_mp3_and_webm_cut_short_are_decode_errors_like_flac():
+    """The first half of an MP3 (with its Xing frame count) or a WebM (a partial download) was an ``ok`` row
+    transcribed from the fragment, where the same cut FLAC is a decode_error: their headers announce the
+    whole length, and a file holding under 90 % of it is a decode_error now."""
+    pytest.importorskip("av")
+    for data in (_mp3(6.0), _opus_webm(6.0)):
+        assert abs(len(decode_audio(data)) / 16000 - 6.0) < 0.15
+        with pytest.raises(ItemError, match=r"truncated audio: the file holds [23]\.\d s of the 6\.\d s its header"):
+            decode_audio(data[:len(data) // 2])
+
+
+def test_a_segment_whose_timestamps_start_late_is_its_own_length():
+    """ffmpeg's segment muxer keeps a long recording's timestamps: a 5 s WebM starting at 4.5 h was refused
+    as "recording is 4.5 h long" (Matroska declares the end time)."""
+    pytest.importorskip("av")
+    for fmt in ("webm", "matroska"):
+        assert abs(len(decode_audio(_opus_webm(5.0, start_s=4.5 * 3600, container_format=fmt))) / 16000 - 5.0) < 0.1
