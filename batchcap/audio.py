@@ -31,7 +31,9 @@ SAMPLE_RATE = 16_000
 # decoded). Longer recordings need an explicit --max-duration.
 DEFAULT_MAX_DURATION_S = 4 * 3600.0
 BLOCK_FRAMES = 1 << 16  # libsndfile reads this many frames at a time
-CANCELLED_MIX = 0.01  # a channel mean with under 1 % of the loudest channel's energy: channels in antiphase
+# a channel mean with under 3/4 of the energy of the mean of independent channels (sum of energies / n**2):
+# channels in antiphase (two channels correlated below -0.25), with whatever they share (a hum, a second voice)
+CANCELLED_MIX = 0.75
 DC_OFFSET = 1e-3  # a mean sample value beyond this (-60 dBFS) is an offset, removed before the silence check
 MIN_DECODED_SHARE = 0.9  # damaged audio is transcribed when at least this share of its duration decodes
 EMPTY_FILE_BYTES = 1024  # a file with no samples and fewer bytes is empty; with more, FFmpeg has a look
@@ -257,14 +259,14 @@ def _within_full_scale(data: bytes, budget: _Budget, target: int, frames: int, p
 
 def _mono(block: np.ndarray) -> np.ndarray:
     """[frames, channels] -> [frames]: the mean of the channels, or the loudest channel where the channels
-    cancel in the mean (a phase-inverted microphone or a miswired balanced line: left = -right)."""
+    cancel in the mean (a phase-inverted microphone or a miswired balanced line: left = -right, with or
+    without a hum or a second voice both channels carry)."""
     if block.shape[1] == 1:
         return block[:, 0]
     mix = block.mean(axis=1, dtype=np.float32)
     energy = np.einsum("ij,ij->j", block, block, dtype=np.float64)
-    loudest = int(energy.argmax())
-    if float(np.dot(mix, mix)) < CANCELLED_MIX * float(energy[loudest]):
-        return np.ascontiguousarray(block[:, loudest])
+    if float(np.dot(mix, mix)) < CANCELLED_MIX * float(energy.sum()) / block.shape[1] ** 2:
+        return np.ascontiguousarray(block[:, int(energy.argmax())])
     return mix
 
 

@@ -127,6 +127,24 @@ def test_channels_in_antiphase_do_not_cancel(tmp_path, container):
     np.testing.assert_allclose(decode_audio((tmp_path / "b.wav").read_bytes()), 0.75 * left, atol=1e-4)
 
 
+@pytest.mark.parametrize("common", ["hum", "noise", "voice"])
+def test_antiphase_channels_with_something_in_common_do_not_cancel(tmp_path, common):
+    """A miswired microphone plus what both channels carry in phase (a hum, room noise, a guest's voice):
+    the mean kept only the common part, the speech cancelled (an ok row with "" or "."). Two independent
+    channels (a call's agent and customer) are still mixed."""
+    speech = tone(2.0, 16000, freq=440)
+    n = len(speech)
+    shared = {"hum": 0.1 * np.sin(2 * np.pi * 50 * np.arange(n) / 16000),
+              "noise": 0.05 * np.random.default_rng(0).standard_normal(n),
+              "voice": 0.3 * tone(2.0, 16000, freq=700)}[common].astype(np.float32)
+    sf.write(str(tmp_path / "a.wav"), np.stack([speech + shared, -speech + shared], axis=1), 16000, subtype="FLOAT")
+    samples = decode_audio((tmp_path / "a.wav").read_bytes())
+    assert np.dot(samples, speech) / np.dot(speech, speech) == pytest.approx(1.0, abs=0.05)  # the speech is there
+    other = tone(2.0, 16000, freq=900)
+    sf.write(str(tmp_path / "b.wav"), np.stack([speech, other], axis=1), 16000, subtype="FLOAT")
+    np.testing.assert_allclose(decode_audio((tmp_path / "b.wav").read_bytes()), (speech + other) / 2, atol=1e-5)
+
+
 def test_a_dc_offset_is_removed_and_offset_silence_is_silent(tmp_path):
     rng = np.random.default_rng(0)
     sf.write(str(tmp_path / "hum.wav"), (0.2 + 1e-5 * rng.standard_normal(32000)).astype(np.float32), 16000,
