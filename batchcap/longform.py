@@ -131,7 +131,7 @@ def transcribe_units(transcriber: Any, batch: Sequence[Any], batch_size: int,
             prepared = pending.result() if pending is not None else []
             if sure is not None:
                 for unit, p in zip(chunk, prepared):
-                    if unit.window is not None and getattr(p, "language", None) is None:
+                    if unit.window is not None and getattr(p, "language", None) in (None, "auto"):
                         p.language_prior = assemblies[unit.owner].language_so_far()
             pending = pool.submit(_prepare, transcriber, batch, chunks[n + 1]) if n + 1 < len(chunks) else None
             try:

@@ -168,6 +168,21 @@ def test_undetermined_languages_are_detected(tiny_whisper, tmp_path):
     assert [r["language_prob"] is None for r in rows_of(tmp_path / "auto.parquet")] == [False] * 3 + [True]
 
 
+def test_a_row_asking_for_detection_wins_over_the_language_option(tiny_whisper, tmp_path):
+    """``--language de`` for an archive, a row whose cell says ``auto`` or ``detect``: the row was forced into
+    German (a Russian prompt came out as an English paraphrase). A row's own value wins, "detect" too; an empty
+    cell takes the option's language."""
+    from tests.helpers import rows_of, run_cli
+
+    manifest = _manifest(tmp_path, languages=("auto", "detect", "", "fr"))
+    code, output = run_cli("audio", manifest, "-o", tmp_path / "o.parquet", "--model", tiny_whisper, "--no-fallback",
+                           "--max-new-tokens", "3", "--language", "de", "--no-run-languages")
+    assert code == 0, output
+    rows = rows_of(tmp_path / "o.parquet")
+    assert [r["language_prob"] is not None for r in rows] == [True, True, False, False]  # detected, or given
+    assert [r["language"] for r in rows[2:]] == ["de", "fr"]
+
+
 def test_language_column_option_and_candidates(tiny_whisper, tmp_path):
     from tests.helpers import rows_of, run_cli
 

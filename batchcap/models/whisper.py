@@ -166,7 +166,9 @@ class WhisperFeatures:
         """Features of one clip; ``language`` (a code or a name: "it", "Italian", "it-IT") is the clip's
         own, e.g. from a manifest: one Whisper does not know is the item's error."""
         code = None
-        if language is not None and str(language).strip() and str(language).strip().lower() not in DETECT_LANGUAGE:
+        if language is not None and str(language).strip().lower() in DETECT_LANGUAGE:
+            code = AUTO_LANGUAGE  # the row asks for detection: it wins over --language as a code would
+        elif language is not None and str(language).strip():
             try:
                 code = language_code(str(language))
             except ValueError as exc:
@@ -403,14 +405,15 @@ class WhisperTranscriber:
         logits = self.model.proj_out(hidden[:, -1]).float()
         no_speech = logits.softmax(-1)[:, self.no_speech_id].tolist()
         if not self.multilingual:
-            if any(p.language not in (None, "en") for p in batch):
+            if any(p.language not in (None, "en", AUTO_LANGUAGE) for p in batch):
                 log.warning("%s is an English-only model: transcribing clips marked %s as English", self.name,
-                            ", ".join(sorted({p.language for p in batch if p.language not in (None, "en")})))
+                            ", ".join(sorted({p.language for p in batch
+                                              if p.language not in (None, "en", AUTO_LANGUAGE)})))
             return None, [None] * len(batch), no_speech, [None] * len(batch)
-        languages: list[str | None] = [p.language if p.language in self._lang_to_id else self.language
-                                       for p in batch]
+        languages: list[str | None] = [p.language if p.language in self._lang_to_id
+                                       else None if p.language == AUTO_LANGUAGE else self.language for p in batch]
         for p in batch:
-            if p.language and p.language not in self._lang_to_id:
+            if p.language and p.language not in self._lang_to_id and p.language != AUTO_LANGUAGE:
                 log.warning("%s does not know language %r: detecting it instead", self.name, p.language)
         probs: list[float | None] = [None] * len(batch)
         dists: list[list[float] | None] = [None] * len(batch)
@@ -930,6 +933,7 @@ LANGUAGE_ALIASES.update({three: code for code, threes in _ISO_639_2.items() for 
 # what a manifest's language cell (or --language) says when the language is to be detected: ISO 639's
 # "undetermined" and "multiple", and the words people write
 DETECT_LANGUAGE = frozenset({"auto", "detect", "und", "unknown", "mul"})
+AUTO_LANGUAGE = "auto"  # a clip's ``Prepared.language`` when its row asks for detection
 
 
 def language_code(language: str) -> str:
