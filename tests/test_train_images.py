@@ -362,3 +362,14 @@ def test_resume_after_a_crash_between_the_checkpoint_renames(one_epoch):
         resumed = json.load(f)
     assert [row["epoch"] for row in resumed] == [1, 2] and resumed[0]["train_loss"] == 123.0
     assert sorted(n for n in os.listdir(out) if n.startswith("checkpoint-last")) == ["checkpoint-last"]
+
+
+def test_a_checkpoint_of_another_kind_is_refused_not_replaced_by_a_random_pair(data, tiny_whisper, tmp_path):
+    """From a GIT, BLIP (or Whisper) checkpoint, VisionEncoderDecoderModel.from_pretrained built a random
+    ViT-base + BERT-base from default configs; the run trained that and said "model: out"."""
+    code, output = run_cli("train", "images", data["train"], "-o", tmp_path / "out", "--model", tiny_whisper,
+                           "--epochs", "1", "--device", TRAIN_DEVICE, "-q")
+    assert code == 1 and output.strip().splitlines() == [
+        f"Error: {tiny_whisper} is a whisper checkpoint: train images fine-tunes VisionEncoderDecoder models "
+        "(a vision encoder + a text decoder, such as ViT + GPT-2); it cannot train this one"], output
+    assert not (tmp_path / "out" / "model.safetensors").exists()

@@ -62,6 +62,19 @@ class TrainResult(FineTuneResult):
 
 # --- model -------------------------------------------------------------------------------------
 
+def _check_vision_encoder_decoder(source: str) -> None:
+    """Stop with one line when ``source`` is another kind of model: from a GIT or BLIP checkpoint,
+    VisionEncoderDecoderModel.from_pretrained built a random ViT-base + BERT-base from default configs and
+    the run trained that, none of the checkpoint's weights in it."""
+    from transformers import AutoConfig
+
+    try:
+        kind = str(getattr(AutoConfig.from_pretrained(source), "model_type", "") or "")
+    except Exception:  # noqa: BLE001 - no config (or no hub): the load itself says why
+        return
+    if kind and kind != "vision-encoder-decoder":
+        raise FatalError(f"{source} is a {kind} checkpoint: train images fine-tunes VisionEncoderDecoder models "
+                         "(a vision encoder + a text decoder, such as ViT + GPT-2); it cannot train this one")
 
 def load_captioner_for_training(opts: ImageTrainOptions, checkpoint: str | None = None) -> tuple[Any, Any, Any]:
     """(model, image processor, tokenizer), special tokens set in config and generation_config."""
@@ -81,6 +94,7 @@ def load_captioner_for_training(opts: ImageTrainOptions, checkpoint: str | None 
     with hub_guard(*hub_ids):  # no hub: fail at once, or load from the cache without its retries
         try:
             if checkpoint or not opts.encoder:
+                _check_vision_encoder_decoder(source)
                 model = VisionEncoderDecoderModel.from_pretrained(source)
                 image_processor = load_image_processor(source)
                 tokenizer = AutoTokenizer.from_pretrained(source)
