@@ -57,3 +57,28 @@ def test_cache_errors_are_not_fatal(http_server, tmp_path):
         assert http_server.hits["/blob/0"] == 2  # not cached, fetched again
     finally:
         fetcher.close()
+
+
+def test_the_split_keeps_each_picture_on_one_side_with_all_its_references():
+    """Flickr8k's layout, a row per caption (five per picture): the split was by row, so every validation
+    picture was also in training (the epoch chosen by validation CIDEr-D was the most over-fitted one), and
+    each validation row was scored against one of its five references."""
+    from batchcap.train.data import Example, split_examples
+
+    examples = [Example(Item(0, f"{name}.jpg" + (f"#{k}" if k else ""), f"/photos/{name}.jpg",
+                             references=[f"{name} caption {k}"]), name)
+                for name in ("cat", "dog", "rocket", "tree", "boat") for k in range(5)]
+    train, val = split_examples(examples, 0.4, seed=0)
+    train_sources = {e.item.source for e in train}
+    assert len(val) == 2 and not train_sources & {e.item.source for e in val}
+    assert len(train) == 15 and len(train_sources) == 3
+    for e in val:
+        name = e.data
+        assert e.item.references == [f"{name} caption {k}" for k in range(5)]
+    # one row per source: the split by row of earlier versions (a seeded shuffle of as many keys)
+    import random
+
+    singles = [Example(Item(0, f"{i}.jpg", f"/photos/{i}.jpg", references=["x"]), i) for i in range(20)]
+    order = list(range(20))
+    random.Random(3).shuffle(order)
+    assert [e.data for e in split_examples(singles, 0.2, seed=3)[1]] == sorted(order[:4])

@@ -187,21 +187,39 @@ def check_inputs(spec: InputSpec, manifest: str, val_manifest: str | None = None
 
 def split_examples(examples: Sequence[Example], val_fraction: float,
                    seed: int) -> tuple[list[Example], list[Example]]:
-    """(train, validation): a seeded random ``val_fraction`` of the items for validation.
+    """(train, validation): a seeded random ``val_fraction`` of the items for validation, by source: rows
+    of one picture or recording (a manifest with a row per caption, Flickr8k's layout) land on one side,
+    and on the validation side they are one example with all their references.
 
-    With a fraction above 0 and at least two items, validation gets at least one item and training keeps
-    at least one.
+    With a fraction above 0 and at least two sources, validation gets at least one and training keeps at
+    least one.
     """
-    n = len(examples)
-    if val_fraction <= 0 or n < 2:
+    groups: dict[str, list[int]] = {}
+    for i, e in enumerate(examples):
+        groups.setdefault(_source_key(e.item), []).append(i)
+    keys = list(groups)
+    if val_fraction <= 0 or len(keys) < 2:
         return list(examples), []
-    n_val = min(n - 1, max(1, round(n * val_fraction)))
-    order = list(range(n))
-    random.Random(seed).shuffle(order)
-    val_idx = set(order[:n_val])
-    train = [e for i, e in enumerate(examples) if i not in val_idx]
-    val = [e for i, e in enumerate(examples) if i in val_idx]
+    n_val = min(len(keys) - 1, max(1, round(len(keys) * val_fraction)))
+    random.Random(seed).shuffle(keys)
+    val_keys = set(keys[:n_val])
+    train = [e for e in examples if _source_key(e.item) not in val_keys]
+    val = [_merged([examples[i] for i in groups[k]]) for k in groups if k in val_keys]
     return train, val
+
+
+def _source_key(item: Item) -> str:
+    return str(item.source or item.id)
+
+
+def _merged(rows: list[Example]) -> Example:
+    """One example of rows that share a source: the first's media, every row's references (once each)."""
+    if len(rows) == 1:
+        return rows[0]
+    import dataclasses
+
+    references = list(dict.fromkeys(r for e in rows for r in e.item.references))
+    return Example(dataclasses.replace(rows[0].item, references=references), rows[0].data)
 
 
 def load_train_val(manifest: str, val_manifest: str | None, val_fraction: float, seed: int,
