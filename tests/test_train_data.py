@@ -82,3 +82,31 @@ def test_the_split_keeps_each_picture_on_one_side_with_all_its_references():
     order = list(range(20))
     random.Random(3).shuffle(order)
     assert [e.data for e in split_examples(singles, 0.2, seed=3)[1]] == sorted(order[:4])
+
+
+def test_a_download_that_does_not_decode_is_fetched_again_next_run(http_server, tmp_path):
+    """A CDN's "try again later" page served with status 200: the row is skipped, and its body was cached, so
+    every later run (--overwrite too) skipped it from the cache without asking the server again."""
+    from batchcap.images import decode_image
+    from batchcap.inputs import image_spec
+    from batchcap.train.data import load_examples
+
+    http_server.add("/img/a.png", b"<html>try again later</html>", content_type="image/png")
+    manifest = tmp_path / "m.csv"
+    manifest.write_text(f"url,caption\n{http_server.url('/img/a.png')},a red square\n")
+
+    def load():
+        return load_examples(str(manifest), image_spec(), lambda item, data: decode_image(data),
+                             cache_dir=str(tmp_path / "cache"), workers=1)
+
+    examples, report = load()
+    assert not examples and report.n_skipped == 1
+    from io import BytesIO
+
+    from PIL import Image
+
+    png = BytesIO()
+    Image.new("RGB", (8, 8), "red").save(png, "PNG")
+    http_server.add("/img/a.png", png.getvalue(), content_type="image/png")  # the server is fixed
+    examples, _ = load()
+    assert len(examples) == 1 and http_server.hits["/img/a.png"] == 2

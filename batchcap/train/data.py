@@ -114,6 +114,16 @@ class CachingFetcher:
                             self.cache_dir, exc)
         return fetched
 
+    def forget(self, item: Item) -> None:
+        """Drop ``item``'s cached bytes (they did not decode: an HTML page served with status 200, a cut
+        download), so that the next run fetches it again instead of skipping it from the cache for ever."""
+        path = self.path(item.source) if item.data is None else None
+        if path:
+            try:
+                os.remove(path)
+            except OSError:
+                pass
+
 
 def load_examples(sources: str | Sequence[str], spec: InputSpec, decode: Callable[[Item, bytes], Any], *,
                   fetch: FetchConfig | None = None, cache_dir: str | None = None, workers: int = 8,
@@ -143,6 +153,7 @@ def load_examples(sources: str | Sequence[str], spec: InputSpec, decode: Callabl
         try:
             return Example(item, decode(item, fetched.data))
         except ItemError as exc:
+            cached.forget(item)
             return exc
 
     items: Iterator[Item] = iter(inputs)
