@@ -17,13 +17,19 @@ import click
 from .items import FatalError
 
 EXIT_OK, EXIT_FATAL, EXIT_USAGE, EXIT_ITEMS_FAILED, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 3, 130, 143
+EXIT_HANGUP = 129  # 128 + SIGHUP: the terminal or ssh session closed
 
 log = logging.getLogger("batchcap")
 
 
 class Terminated(BaseException):
-    """SIGTERM (systemd, ``timeout``, a scheduler's stop), raised in the main thread so that the run
-    unwinds like Ctrl-C: buffered rows are flushed, the lock released."""
+    """SIGTERM (systemd, ``timeout``, a scheduler's stop) or SIGHUP (the terminal or ssh session closed),
+    raised in the main thread so that the run unwinds like Ctrl-C: buffered rows are flushed, the lock
+    released."""
+
+    def __init__(self, signum: int = signal.SIGTERM):
+        super().__init__(signum)
+        self.signum = signum
 
 
 @contextlib.contextmanager
@@ -32,21 +38,27 @@ def guarded_run(resume_hint: str) -> Iterator[None]:
     become one ``Error: ...`` line and an exit code; the traceback only with ``-vv``."""
     def terminate(signum: int, frame: Any) -> None:
         if _in_finalizer(frame):  # raised there, it would be printed and dropped, and the run would go on
-            again = threading.Timer(0.05, os.kill, (os.getpid(), signal.SIGTERM))  # so: again, once out of it
+            again = threading.Timer(0.05, os.kill, (os.getpid(), signum))  # so: again, once out of it
             again.daemon = True
             again.start()
             return
-        raise Terminated()
+        raise Terminated(signum)
 
-    previous = signal.signal(signal.SIGTERM, terminate) if threading.current_thread() is threading.main_thread() \
-        else None
+    previous: dict[int, Any] = {}
+    if threading.current_thread() is threading.main_thread():
+        for signum in (signal.SIGTERM, signal.SIGHUP):
+            if signum == signal.SIGHUP and signal.getsignal(signum) == signal.SIG_IGN:
+                continue  # nohup: the user asked the run to outlive its terminal
+            previous[signum] = signal.signal(signum, terminate)
     try:
         yield
     except FatalError as exc:
         raise CommandError(str(exc)) from None
     except KeyboardInterrupt:
         raise CommandError(f"interrupted: {resume_hint}", EXIT_INTERRUPTED) from None
-    except Terminated:
+    except Terminated as exc:
+        if exc.signum == signal.SIGHUP:
+            raise CommandError(f"hung up (SIGHUP): {resume_hint}", EXIT_HANGUP) from None
         raise CommandError(f"terminated (SIGTERM): {resume_hint}", EXIT_TERMINATED) from None
     except (click.ClickException, click.exceptions.Exit):
         raise
@@ -56,8 +68,8 @@ def guarded_run(resume_hint: str) -> Iterator[None]:
         raise CommandError(f"{type(exc).__name__}: {text[0] if text else ''} (run with -vv for the traceback); "
                            f"{resume_hint}") from None
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def _in_finalizer(frame: Any) -> bool:

@@ -26,9 +26,9 @@ def _as_from_a_shell() -> None:
     starts a command. A child inherits ignored and blocked signals from its parent, and in some full test
     runs the ones started here ignored both Ctrl-Cs (an earlier test or library left this process's
     SIGINT so), which is about the test process, not about batchcap."""
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, signal.SIG_DFL)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM, signal.SIGHUP})
 
 
 def _start(cmd: list[str]) -> subprocess.Popen:
@@ -125,7 +125,13 @@ def _png(i: int) -> bytes:
     return buf.getvalue()
 
 
-def test_sigterm_flushes_buffered_rows_exits_143_and_the_rerun_resumes(tiny_captioner, http_server, tmp_path):
+@pytest.mark.parametrize("sig, code, said", [(signal.SIGTERM, 143, "terminated (SIGTERM)"),
+                                             (signal.SIGHUP, 129, "hung up (SIGHUP)")])
+def test_sigterm_flushes_buffered_rows_exits_143_and_the_rerun_resumes(tiny_captioner, http_server, tmp_path, sig,
+                                                                        code, said):
+    """SIGTERM, and SIGHUP (the terminal or ssh session closed, which killed the run like kill -9: the
+    buffered rows were lost, and the items in flight counted against crash-loop protection)."""
+    expected_code = code
     folder = tmp_path / "img"
     folder.mkdir()
     paths = []
@@ -142,9 +148,9 @@ def test_sigterm_flushes_buffered_rows_exits_143_and_the_rerun_resumes(tiny_capt
     proc = _start(cmd)
     _wait_for(lambda: http_server.hits["/slow"] >= 1, proc, "the last item was requested")
     time.sleep(1.0)  # the windows before it are done meanwhile: their rows sit in the buffer (no flush yet)
-    code, output = _kill(proc, signal.SIGTERM)
-    assert code == 143, output
-    assert "terminated (SIGTERM)" in output and "Traceback" not in output
+    code, output = _kill(proc, sig)
+    assert code == expected_code, output
+    assert said in output and "Traceback" not in output
     parts = [p for p in os.listdir(out + ".parts") if p.endswith(".parquet")]
     saved = sum(len(read_table(os.path.join(out + ".parts", p))) for p in parts)
     assert saved >= 2  # the buffer was flushed on the way out
