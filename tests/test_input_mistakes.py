@@ -488,3 +488,30 @@ def test_a_loaded_transcriber_s_options_are_the_run_s(tiny_whisper, tmp_path):
     result = transcribe([str(clip)], tmp_path / "y.parquet", transcriber=t, quiet=True, language="fr")
     assert result.summary["options"]["language"] == "fr" and result.summary["options"]["num_beams"] == 2
     assert rows_of(tmp_path / "y.parquet")[0]["language"] == "fr"
+
+
+def test_two_threads_transcribe_at_once(tiny_whisper_en, tmp_path):
+    """A service's two requests at once: both from_pretrained calls ran together and usually both failed with
+    transformers' "Cannot copy out of meta tensor" (transformers#41782); batchcap loads one model at a time."""
+    import threading
+
+    from batchcap.asr import transcribe
+
+    clip = str(write_audio(tmp_path / "a.wav", 1.0))
+    for attempt in range(2):
+        outcomes: dict[int, str] = {}
+
+        def run(i: int) -> None:
+            try:
+                transcribe([clip], tmp_path / f"o{attempt}-{i}.parquet", model=tiny_whisper_en, quiet=True,
+                           max_new_tokens=2)
+                outcomes[i] = "ok"
+            except BaseException as exc:  # noqa: BLE001 - the test reports what each thread met
+                outcomes[i] = f"{type(exc).__name__}: {exc}"
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert outcomes == {0: "ok", 1: "ok"}, outcomes

@@ -197,13 +197,18 @@ def check_model_kind(model: str, whisper: bool) -> None:
                          "needs an image-to-text model")
 
 
+_LOADS = threading.RLock()
+
+
 def load_pretrained(model_class: Any, model: str, dtype: Any, attn_implementation: str | None = "sdpa",
                     **kwargs: Any) -> Any:
     """``model_class.from_pretrained`` with ``attn_implementation`` where the model has it (else the
     default attention), and one actionable line (FatalError) when the checkpoint will not load."""
     kwargs["dtype"] = dtype
     announce_load(model)
-    with hub_guard(model):  # no hub: fail at once, or load from the cache without its retries
+    # one load at a time in a process: two threads' from_pretrained at once (two transcribe() calls of a
+    # service) failed with "Cannot copy out of meta tensor" (transformers#41782)
+    with _LOADS, hub_guard(model):  # no hub: fail at once, or load from the cache without its retries
         try:
             if attn_implementation:
                 try:
