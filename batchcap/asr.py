@@ -63,6 +63,10 @@ class AudioOptions(JobOptions):
 
     limit_numbers: ClassVar[tuple[str, ...]] = (*JobOptions.limit_numbers, "max_duration_s", "max_new_tokens",
                                                    "max_line_width", "max_line_count")
+    real_numbers: ClassVar[dict[str, tuple[float | None, float | None, bool]]] = {
+        **JobOptions.real_numbers, "min_duration": (0.0, None, False), "silence_dbfs": (None, None, False),
+        "window_margin_s": (0.1, 30.0, False), "compression_ratio_threshold": (0.0, None, True),
+        "logprob_threshold": (None, None, True), "no_speech_threshold": (0.0, 1.0, True)}
     choices: ClassVar[dict[str, tuple[Any, ...]]] = {
         **JobOptions.choices, "task": ("transcribe", "translate"), "normalize": NORMALIZER_MODES,
         "long_form": ("batched", "sequential"), "vad": ("energy", "silero")}

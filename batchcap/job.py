@@ -106,9 +106,25 @@ class JobOptions:
         for name, allowed in self.choices.items():
             if getattr(self, name) not in allowed:
                 raise FatalError(f"{name} must be one of {', '.join(map(str, allowed))}, not {getattr(self, name)!r}")
+        fetch_workers = self.fetch_workers
+        if fetch_workers is not None and (isinstance(fetch_workers, bool) or not isinstance(fetch_workers, int)
+                                          or fetch_workers < 1):
+            raise FatalError(f"fetch_workers must be a whole number of at least 1 (or None), not {fetch_workers!r}")
+        for name, (least, most, none_ok) in self.real_numbers.items():
+            value = getattr(self, name)
+            if value is None and none_ok:
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value \
+                    or (least is not None and value < least) or (most is not None and value > most):
+                span = " ".join(p for p in (f"from {least:g}" if least is not None else "",
+                                            f"to {most:g}" if most is not None else "") if p)
+                raise FatalError(f"{name} must be a number{' ' + span if span else ''}"
+                                 f"{' (or None)' if none_ok else ''}, not {value!r}")
 
-    # options checked by ``check`` (subclasses add theirs): numbers where 0 / None mean "no limit", and choices
-    limit_numbers: ClassVar[tuple[str, ...]] = ()
+    # options checked by ``check`` (subclasses add theirs): numbers where 0 / None mean "no limit", other
+    # numbers (name -> least, most, None allowed), and choices
+    limit_numbers: ClassVar[tuple[str, ...]] = ("max_inflight_bytes",)
+    real_numbers: ClassVar[dict[str, tuple[float | None, float | None, bool]]] = {"log_every": (0.0, None, False)}
     choices: ClassVar[dict[str, tuple[Any, ...]]] = {"engine": ENGINES}
 
 

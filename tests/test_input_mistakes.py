@@ -236,6 +236,14 @@ def test_a_wav_cut_short_is_a_decode_error_not_a_partial_transcript():
     ("max_duration_s", "90m", "max_duration_s must be a number (or None), not '90m'"),
     ("max_new_tokens", -1, "max_new_tokens must be a number (or None), not -1"),
     ("normalize", "foo", "normalize must be one of auto, whisper, language, basic, none, not 'foo'"),
+    # read from a config file as text, or the CLI's spelling: every row failed, or a raw TypeError after the load
+    ("silence_dbfs", "-50", "silence_dbfs must be a number, not '-50'"),
+    ("compression_ratio_threshold", "2.4", "compression_ratio_threshold must be a number from 0 (or None), not '2.4'"),
+    ("max_inflight_bytes", "512MB", "max_inflight_bytes must be a number (or None), not '512MB'"),
+    ("min_duration", -1, "min_duration must be a number from 0, not -1"),
+    ("no_speech_threshold", 1.5, "no_speech_threshold must be a number from 0 to 1 (or None), not 1.5"),
+    ("window_margin_s", 0, "window_margin_s must be a number from 0.1 to 30, not 0"),
+    ("fetch_workers", 0, "fetch_workers must be a whole number of at least 1 (or None), not 0"),
 ])
 def test_the_python_api_refuses_what_the_cli_would(tmp_path, option, value, message):
     """Checked before anything loads (the model path does not even exist): not an error in every row."""
