@@ -26,6 +26,7 @@ import uuid
 from typing import IO
 
 from .fsutil import atomic_write
+from .items import FatalError
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +72,10 @@ class Journal:
             for name in dead:
                 with contextlib.suppress(OSError):
                     os.remove(os.path.join(self.dir, name))
-        self._file = open(self.path, "a", encoding="utf-8")
+        try:
+            self._file = open(self.path, "a", encoding="utf-8")
+        except OSError as exc:
+            raise FatalError(f"cannot write {self.path}: {exc.strerror or exc}") from None
 
     def deaths(self, item_id: str) -> int:
         return self.suspects.get(item_id, 0)
@@ -85,8 +89,13 @@ class Journal:
     def _write(self, line: str) -> None:
         with self._lock:
             if self._file is not None:
-                self._file.write(line)
-                self._file.flush()
+                try:
+                    self._file.write(line)
+                    self._file.flush()
+                except OSError as exc:  # a full disk: the run goes on (its next part says so) unprotected
+                    log.warning("cannot write %s (%s): crash-loop protection is off for the rest of this run",
+                                self.path, exc.strerror or exc)
+                    self._close()
 
     def close(self) -> None:
         """This run did not die: its log goes."""
@@ -95,7 +104,8 @@ class Journal:
 
     def _close(self) -> None:
         if self._file is not None:
-            self._file.close()
+            with contextlib.suppress(OSError):  # what a full disk left in its buffer is of no use
+                self._file.close()
             self._file = None
             with contextlib.suppress(OSError):
                 os.remove(self.path)

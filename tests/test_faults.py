@@ -289,6 +289,47 @@ def test_suspects_written_by_an_older_version_are_read(tmp_path):
     assert journal.deaths("a.wav") == 1 and journal.deaths("format") == 2
 
 
+def test_a_full_disk_under_the_journal_is_said_with_its_path(tmp_path, monkeypatch, caplog):
+    """A full disk met writing the journal: "Error: OSError: [Errno 28] ..." without a path, and an empty
+    journal left (read by the next run as a dead run's). Opening it now says which file; a write that fails
+    later drops the journal with a warning, and the run's next part says what is full."""
+    import builtins
+    import errno
+
+    from batchcap.items import FatalError
+    from batchcap.journal import Journal
+
+    parts = tmp_path / "o.parquet.parts"
+    real_open = builtins.open
+
+    def full(path, *args, **kwargs):
+        if "inflight-" in str(path):
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real_open(path, *args, **kwargs)
+
+    journal = Journal(str(parts))
+    with monkeypatch.context() as patch:
+        patch.setattr(builtins, "open", full)
+        with pytest.raises(FatalError, match=rf"cannot write {parts}/inflight-\w+\.log: No space left on device"):
+            journal.open()
+
+    class Full:
+        def write(self, line):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def close(self):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    journal = Journal(str(parts))
+    journal.open()
+    journal._file = Full()
+    journal.enter("a.wav")
+    journal.enter("b.wav")  # no second warning, no error
+    journal.close()
+    assert caplog.text.count("crash-loop protection is off for the rest of this run") == 1
+    assert [n for n in os.listdir(parts) if n.startswith("inflight-")] == []
+
+
 def test_each_row_of_an_item_done_alone_is_kept_at_once(tmp_path):
     """Items in flight when a run died are done one at a time; each one's row is written before the next
     starts, so a run killed again there does not lose them (the SIGKILL soak: 8 runs in a row made no
