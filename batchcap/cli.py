@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -99,11 +100,15 @@ def _run(job: Callable[[], Any], quiet: bool) -> None:
     with guarded_run("rows done so far are kept; run the same command again to resume"):
         result = job()
     if not quiet:
-        for line in summary_lines(result.summary):
-            click.echo(line)
-        click.echo(f"summary: {result.summary_path}")
+        lines = summary_lines(result.summary) + [f"summary: {result.summary_path}"]
         if result.summary.get("report"):
-            click.echo(f"report: {result.summary['report']}")
+            lines.append(f"report: {result.summary['report']}")
+        try:
+            for line in lines:
+                click.echo(line)
+            sys.stdout.flush()
+        except BrokenPipeError:  # `batchcap ... | head`: the run is done, its code says how it went
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
     click.get_current_context().exit(EXIT_ITEMS_FAILED if result.failed_this_run else EXIT_OK)
 
 

@@ -107,6 +107,9 @@ def check_output(path: str, *, unlocked: bool = True) -> None:
         if os.path.exists(parent):
             raise FatalError(f"output folder is not a folder: {parent}")
         raise FatalError(f"output folder does not exist: {parent}")
+    if os.path.isdir(path):  # a dataset folder (Spark, pyarrow) named like a table: never replaced
+        raise FatalError(f"{path} is a folder, not a table file: name a file such as "
+                         f"{os.path.join(path, 'results' + os.path.splitext(path)[1])}, or another name beside it")
     _check_sibling_names(path)
     _check_no_twin(path)
     if unlocked:

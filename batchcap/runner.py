@@ -112,6 +112,7 @@ def run_job(items: Iterable[Item], job: Job, output: str, options: JobOptions | 
             "rows": table.num_rows,
             "status_counts": dict(sorted(status_counts.items())),
             "processed_this_run": sum(counts.values()),
+            "status_counts_this_run": dict(sorted((str(k), v) for k, v in counts.items())),  # what the exit code says
             "skipped_already_done": skipped,
             "wall_time_s": round(wall, 3),
             "items_per_s": round(sum(counts.values()) / wall, 3) if wall > 0 else None,

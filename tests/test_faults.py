@@ -445,3 +445,21 @@ def test_ctrl_c_before_the_run_starts_exits_130(monkeypatch, tmp_path):
     code, output = run_cli("audio", write_audio(tmp_path / "a.wav", 0.5), "-o", tmp_path / "o.parquet")
     assert code == 130
     assert "Error: interrupted" in output and "Aborted" not in output
+
+
+def test_a_reader_that_stops_reading_does_not_turn_a_finished_run_into_a_failure(tiny_whisper_en, tmp_path):
+    """``batchcap audio ... | head -0``: the table and summary were written, and the process exited 1 without
+    a word (the summary lines met a closed pipe). The run's own code now, and this run's statuses in the
+    summary for a monitor that reads it rather than the exit code."""
+    from tests.conftest import write_audio
+
+    clip = str(write_audio(tmp_path / "a.wav", 1.0))
+    out = str(tmp_path / "out.parquet")
+    proc = _start([sys.executable, "-m", "batchcap.cli", "audio", clip, "-o", out, "--model", tiny_whisper_en,
+                   "--max-new-tokens", "2"])
+    proc.stdout.close()  # the reader went away before the first line
+    err = proc.stderr.read()
+    assert proc.wait(timeout=240) == 0, err
+    assert "Traceback" not in err and "Error" not in err
+    summary = json.loads((tmp_path / "out.summary.json").read_text())
+    assert summary["status_counts_this_run"] == {"ok": 1} == summary["status_counts"]

@@ -523,3 +523,17 @@ def test_two_threads_transcribe_at_once(tiny_whisper_en, tmp_path):
         for t in threads:
             t.join()
         assert outcomes == {0: "ok", 1: "ok"}, outcomes
+
+
+def test_an_output_that_is_a_folder_is_never_offered_for_replacement(tiny_whisper_en, tmp_path):
+    """A dataset folder named ``ds.parquet``: the message suggested --overwrite, which then failed with "Is a
+    directory". Both say what it is now, and the folder is left as it was."""
+    clip = write_audio(tmp_path / "a.wav", 1.0)
+    (tmp_path / "ds.parquet").mkdir()
+    (tmp_path / "ds.parquet" / "part-0.parquet").write_bytes(b"x")
+    for extra in ((), ("--overwrite",)):
+        code, output = run_cli("audio", clip, "-o", tmp_path / "ds.parquet", "--model", tiny_whisper_en, *extra)
+        assert code == 1 and output.strip().splitlines() == [
+            f"Error: {tmp_path / 'ds.parquet'} is a folder, not a table file: name a file such as "
+            f"{tmp_path / 'ds.parquet' / 'results.parquet'}, or another name beside it"], output
+    assert os.listdir(tmp_path / "ds.parquet") == ["part-0.parquet"]
