@@ -320,6 +320,7 @@ class ResultStore:
         self._lock_fd: int | None = None
         self._holds_parts = False  # whether the parts folder holds rows (of this run or an earlier one)
         self.done: set[str] = set()
+        self.done_models: Counter = Counter()  # rows already written, by the model that made them
         self.written = 0
         self.counts_this_run: Counter = Counter()
         self.status_counts: Counter | None = None  # of the final table, set by finalize
@@ -488,15 +489,18 @@ class ResultStore:
         import pyarrow as pa
         import pyarrow.compute as pc
 
-        columns = ["id", "status"] if self.retry_failed else ["id"]
+        columns = ["id", "status", "model"] if self.retry_failed else ["id", "model"]
         done: set[str] = set()
+        self.done_models = Counter()
         for table in self._written_tables(columns):
             if "id" not in table.column_names:
                 continue
-            ids = table.column("id")
             if self.retry_failed and "status" in table.column_names:
-                ids = ids.filter(pc.equal(table.column("status"), "ok").fill_null(False))
-            done.update(str(i) for i in ids.cast(pa.string()).to_pylist() if i is not None)
+                table = table.filter(pc.equal(table.column("status"), "ok").fill_null(False))
+            done.update(str(i) for i in table.column("id").cast(pa.string()).to_pylist() if i is not None)
+            if "model" in table.column_names:  # which model made them (a rerun may name another)
+                for entry in pc.value_counts(table.column("model").cast(pa.string())).to_pylist():
+                    self.done_models[entry["values"]] += entry["counts"]
         return done
 
     def written_rows(self, columns: list[str]) -> Iterator[dict[str, Any]]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import re
 import time
 from collections import Counter
@@ -86,6 +87,7 @@ def run_job(items: Iterable[Item], job: Job, output: str, options: JobOptions | 
         progress = Progress(job.kind, total=estimate() if callable(estimate) else None, bar=options.progress,
                             quiet=options.quiet, log_every=options.log_every)
         journal = Journal(store.parts_dir) if options.engine == "local" else None
+        _warn_of_other_models(store.done_models, options.model)
         if store.done and options.engine == "local" and getattr(predictor, "resume", None) is not None:
             # a model that learns from the run so far (audio: its languages) hears what earlier runs wrote
             predictor.resume(store.written_rows(["id", *predictor.resume_columns]))
@@ -170,6 +172,25 @@ def _write_report(output: str, summary: dict[str, Any], local: Any = None) -> st
         log.warning("could not write the report: %s: %s", type(exc).__name__, exc)
         log.debug("report failed", exc_info=True)
         return None
+
+
+def _warn_of_other_models(done_models: Counter, model: str) -> None:
+    """Rows already written by another model than this run's (``-o`` kept, ``--model`` changed): they stay,
+    and the table (and its corpus figures) will mix the two; say so once, with the way out."""
+    others = {m: n for m, n in done_models.items() if m is not None and not _same_model(str(m), model)}
+    if others:
+        names = ", ".join(f"{n:,} by {m}" for m, n in sorted(others.items(), key=lambda kv: -kv[1])[:3])
+        log.warning("rows already done were made by another model than %s (%s): they are kept, and the table's "
+                    "figures mix the models; --overwrite, or another -o, does them all with %s", model, names, model)
+
+
+def _same_model(a: str, b: str) -> bool:
+    if a == b:
+        return True
+    try:
+        return os.path.isdir(a) and os.path.isdir(b) and os.path.samefile(a, b)
+    except OSError:
+        return False
 
 
 def _same_repeats(items: Iterable[Item], store: Any) -> Iterable[Item]:

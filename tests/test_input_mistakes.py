@@ -537,3 +537,21 @@ def test_an_output_that_is_a_folder_is_never_offered_for_replacement(tiny_whispe
             f"Error: {tmp_path / 'ds.parquet'} is a folder, not a table file: name a file such as "
             f"{tmp_path / 'ds.parquet' / 'results.parquet'}, or another name beside it"], output
     assert os.listdir(tmp_path / "ds.parquet") == ["part-0.parquet"]
+
+
+def test_a_rerun_with_another_model_says_the_done_rows_are_the_other_s(tiny_whisper_en, tiny_whisper, tmp_path):
+    """``-o`` kept, ``--model`` changed ("now the fine-tuned one"): the done rows stayed the old model's, the
+    summary named the new one, and nothing said the table's figures mixed the two."""
+    first = write_audio(tmp_path / "a.wav", 1.0)
+    out = tmp_path / "out.parquet"
+    code, output = run_cli("audio", first, "-o", out, "--model", tiny_whisper_en, "--max-new-tokens", "2")
+    assert code == 0 and "another model" not in output, output
+    second = write_audio(tmp_path / "b.wav", 1.5)
+    code, output = run_cli("audio", first, second, "-o", out, "--model", tiny_whisper, "--max-new-tokens", "2")
+    assert code == 0, output
+    assert (f"rows already done were made by another model than {tiny_whisper} (1 by {tiny_whisper_en}): they are "
+            f"kept") in output
+    # the same model spelled another way (a relative path) is the same model
+    code, output = run_cli("audio", first, second, "-o", out, "--model", os.path.relpath(tiny_whisper),
+                           "--max-new-tokens", "2")
+    assert code == 0 and f"1 by {tiny_whisper_en}" in output and f"1 by {tiny_whisper}" not in output, output
