@@ -30,7 +30,7 @@ MANIFEST_EXTENSIONS = (".csv", ".tsv", ".parquet", ".jsonl", ".ndjson")
 # audiobooks .m4b, Apple tools .caf, screen and meeting recorders .mkv / .mka / .mov.
 AUDIO_EXTENSIONS = (".wav", ".flac", ".mp3", ".ogg", ".oga", ".opus", ".m4a", ".aac", ".wma", ".webm",
                     ".mp4", ".aiff", ".aif", ".au", ".mka", ".mkv", ".mov", ".3gp", ".amr", ".caf", ".m4b",
-                    ".wv")
+                    ".wv", ".w64", ".rf64", ".mp2", ".avi")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".avif", ".heic", ".heif", ".gif", ".bmp",
                     ".tif", ".tiff")
 

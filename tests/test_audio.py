@@ -76,7 +76,8 @@ def _encode_with_pyav(path, container_format: str, codec: str, rate: int, second
 
 
 def test_folder_walk_reads_phone_audiobook_and_video_containers(tmp_path):
-    """.amr/.3gp (phone recorders), .m4b (audiobooks), .caf, .wv and .mka/.mkv/.mov are picked up and decoded."""
+    """.amr/.3gp (phone recorders), .m4b (audiobooks), .caf, .wv, .w64/.rf64, .mp2, .avi and .mka/.mkv/.mov are
+    picked up and decoded."""
     pytest.importorskip("av")
     from batchcap.inputs import Inputs, audio_spec
 
@@ -84,9 +85,14 @@ def test_folder_walk_reads_phone_audiobook_and_video_containers(tmp_path):
         "a.mka": ("matroska", "libopus", 48000), "b.mkv": ("matroska", "aac", 44100),
         "c.mov": ("mov", "aac", 44100), "d.3gp": ("3gp", "aac", 16000), "e.caf": ("caf", "alac", 44100),
         "f.m4b": ("ipod", "aac", 44100), "g.wv": ("wv", "wavpack", 44100),
+        "i.mp2": ("mp2", "mp2", 44100), "j.avi": ("avi", "pcm_s16le", 16000),
     }
     for name, (container_format, codec, rate) in made.items():
         _encode_with_pyav(tmp_path / name, container_format, codec, rate)
+    # Sony Wave64 and RF64 (files over 4 GB), which libsndfile reads: skipped as "other types" before
+    sf.write(str(tmp_path / "k.w64"), tone(1.5), 16000, format="W64")
+    sf.write(str(tmp_path / "l.rf64"), tone(1.5), 16000, format="RF64")
+    made.update({"k.w64": None, "l.rf64": None})
     # AMR-NB has no encoder in PyAV's FFmpeg: 75 frames of 20 ms written by hand (mode 12.2k: 0x3C + 31 bytes)
     rng = np.random.default_rng(0)
     (tmp_path / "h.AMR").write_bytes(b"#!AMR\n" + b"".join(
