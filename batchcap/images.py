@@ -139,6 +139,14 @@ def _decode_tiff(data: bytes, max_pixels: int) -> Image.Image:
 
 
 def _to_rgb(im: Image.Image) -> Image.Image:
+    key = im.info.get("transparency")
+    if isinstance(key, int) and (im.mode == "1" or im.mode.startswith("I")):
+        # 1-bit line art and 16-bit scans with a transparent value (tRNS): Pillow's conversions drop it, and
+        # the transparent background came out black; it is white, as for the other modes
+        clear = np.asarray(im) == key
+        rgb = np.asarray(_to_rgb(_without_transparency(im))).copy()
+        rgb[clear] = 255
+        return Image.fromarray(rgb)
     transparent = "transparency" in im.info
     if im.mode in ("LA", "La", "PA", "RGBa", "RGBA") or (transparent and im.mode in ("P", "L", "RGB")):
         im = im.convert("RGBA")
@@ -188,6 +196,12 @@ def _whole_with_end_marker(data: bytes, max_pixels: int) -> Image.Image | None:
         return None
     bottom = np.asarray(im)[-8:]
     return None if bottom.size and (bottom == bottom.flat[0]).all() and 120 <= bottom.flat[0] <= 136 else im
+
+
+def _without_transparency(im: Image.Image) -> Image.Image:
+    plain = im.copy()
+    plain.info.pop("transparency", None)
+    return plain
 
 
 def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS,

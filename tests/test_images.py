@@ -113,6 +113,19 @@ def test_alpha_composited_on_white(mode, transparent, opaque):
     assert out.getpixel((15, 5)) == expected
 
 
+def test_one_bit_and_sixteen_bit_with_a_transparent_value_on_white():
+    """1-bit line art and 16-bit scans with a transparent value (tRNS): Pillow's conversions drop it, and the
+    transparent background came out black."""
+    art = Image.new("1", (8, 8), 0)  # the background (0) transparent, the drawing (1) opaque
+    art.putpixel((2, 2), 1)
+    out = np.asarray(decode_image(encode(art, "PNG", transparency=0)))
+    assert tuple(out[0, 0]) == WHITE and tuple(out[2, 2]) == WHITE  # was (0, 0, 0): a black page
+    scan = np.full((8, 8), 30000, np.uint16)
+    scan[0, 0] = 0  # the transparent value
+    out = np.asarray(decode_image(encode(Image.fromarray(scan), "PNG", transparency=0)))
+    assert tuple(out[0, 0]) == WHITE and near(out[4, 4], (117, 117, 117), tol=2)  # 30000 / 257
+
+
 def test_half_transparent_blends_with_white():
     out = decode_image(encode(Image.new("RGBA", (4, 4), (0, 0, 0, 128)), "PNG"))
     assert near(out.getpixel((1, 1)), (127, 127, 127), 2)
