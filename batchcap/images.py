@@ -85,8 +85,8 @@ def _array_to_8bit(values: np.ndarray, sixteen_bit: bool = False) -> np.ndarray:
     lo = float(arr.min()) if arr.size else 0.0
     if values.dtype.kind == "f" and lo >= 0.0 and hi <= 1.0:
         arr = arr * 255.0
-    elif sixteen_bit or (lo >= 0 and 255 < hi <= 65535):
-        arr = arr / 257.0
+    elif sixteen_bit or (values.dtype.kind in "iu" and lo >= 0 and 255 < hi <= 65535):
+        arr = arr / 257.0  # integer samples of 16 bits (floats beyond 255 are stretched: linear, radiometric data)
     elif lo < 0 or hi > 255:  # signed or wider than 16 bits: stretch to the full range
         arr = (arr - lo) * (255.0 / (hi - lo)) if hi > lo else arr * 0.0
     return np.clip(np.rint(arr), 0, 255).astype(np.uint8)

@@ -148,6 +148,17 @@ def test_32_bit_int_tiff():
     assert out.mode == "RGB" and arr[0, 0, 0] == 0 and arr[0, -1, 0] == 255
 
 
+def test_float_tiff_beyond_255_is_stretched():
+    """Linear or radiometric float samples in 0..1000 were divided by 257 as 16-bit integers are: the model
+    saw an almost black picture (mean 2 of 255)."""
+    tifffile = pytest.importorskip("tifffile")
+    ramp = np.tile(np.linspace(0, 1000, 64, dtype=np.float32), (8, 1))
+    buf = io.BytesIO()
+    tifffile.imwrite(buf, np.stack([ramp] * 3, axis=-1), photometric="rgb")
+    arr = np.asarray(decode_image(buf.getvalue()))
+    assert arr[0, 0, 0] == 0 and arr[0, -1, 0] == 255 and 120 < arr.mean() < 135
+
+
 def test_cmyk_jpeg():
     im = Image.new("CMYK", (16, 16), (0, 255, 255, 0))  # red in CMYK
     out = decode_image(encode(im, "JPEG", quality=95))
