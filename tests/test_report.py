@@ -784,3 +784,20 @@ def test_thumbnails_show_the_picture_the_model_saw(tmp_path):
         shown = np.asarray(Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1]))).convert("L"), float)
         seen = np.asarray(decode_image((tmp_path / name).read_bytes()).convert("L").resize(shown.shape[::-1]), float)
         assert abs(shown.mean() - seen.mean()) < 4, (name, shown.mean(), seen.mean())
+
+
+def test_thumbnails_keep_to_the_run_s_max_pixels(tmp_path):
+    """A run with --max-pixels 1 MP refused a 2 MP picture; the report decoded it anyway for its card
+    (only its own default limit applied)."""
+    from batchcap.report.data import load_result
+    from batchcap.report.images import Thumbnails, run_max_pixels
+
+    Image.new("RGB", (2000, 1000), "red").save(tmp_path / "big.png")
+    rows = [{"id": "big.png", "source": str(tmp_path / "big.png"), "caption": None, "status": "decode_error",
+             "error": "image too large", "model": "m", "references": None}]
+    result = write_rows(tmp_path / "r.parquet", rows)
+    (tmp_path / "r.summary.json").write_text(json.dumps({"options": {"max_pixels": 1_000_000}}))
+    loaded = load_result(result)
+    assert run_max_pixels(loaded) == 1_000_000
+    assert Thumbnails(str(tmp_path), max_pixels=run_max_pixels(loaded)).of(str(tmp_path / "big.png"), "big.png") is None
+    assert Thumbnails(str(tmp_path)).of(str(tmp_path / "big.png"), "big.png") is not None  # under the default

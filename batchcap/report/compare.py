@@ -7,7 +7,7 @@ from typing import Any
 from .align import Scores, align
 from .audio import player_for
 from .data import OK, Result, is_url, ordered_status_counts
-from .images import SCORE_COLUMNS, Thumbnails, corpus_scores, scored_rows
+from .images import SCORE_COLUMNS, Thumbnails, corpus_scores, run_max_pixels, scored_rows
 
 
 def _index(result: Result) -> dict[str, int]:
@@ -108,7 +108,7 @@ def compare_images(a: Result, b: Result, *, rows: int, report_dir: str) -> dict[
         vb = cid_b[j] if isinstance(cid_b[j], (int, float)) else 0.0
         return (-abs(vb - va), i)
 
-    thumbs = Thumbnails(a.base_dir)
+    thumbs = Thumbnails(a.base_dir, max_pixels=run_max_pixels(a))
     detail = []
     for i, j in sorted(differ, key=change)[:rows]:
         source = a.col("source")[i]

@@ -124,11 +124,18 @@ def pick_rows(result: Result, n: int) -> tuple[list[int], str]:
     return shown + failed, how
 
 
+def run_max_pixels(result: Result) -> int | None:
+    """The ``--max-pixels`` the run used (its summary's options), None when the summary does not say."""
+    value = (result.summary.get("options") or {}).get("max_pixels")
+    return int(value) if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0 else None
+
+
 class Thumbnails:
     """Downscaled JPEG data: URIs of local or embedded images (URLs are never fetched)."""
 
-    def __init__(self, base_dir: str, size: int = THUMB_PX, quality: int = 70):
+    def __init__(self, base_dir: str, size: int = THUMB_PX, quality: int = 70, max_pixels: int | None = None):
         self.base_dir = base_dir
+        self.max_pixels = max_pixels or DEFAULT_MAX_PIXELS  # the run's --max-pixels: what it refused is not decoded
         self.size = size
         self.quality = quality
         self._manifests: dict[str, Any] = {}
@@ -146,7 +153,7 @@ class Thumbnails:
                     data = f.read()
             # the picture the model saw (transparency on white, 16-bit and float samples scaled, EXIF
             # orientation, tifffile's TIFFs); a bomb the run refused is not decoded
-            image = decode_image(data, max_pixels=DEFAULT_MAX_PIXELS, draft=(self.size * 2, self.size * 2))
+            image = decode_image(data, max_pixels=self.max_pixels, draft=(self.size * 2, self.size * 2))
             image.thumbnail((self.size, self.size))
             buf = io.BytesIO()
             image.save(buf, "JPEG", quality=self.quality, optimize=True)
@@ -222,7 +229,7 @@ def card(result: Result, i: int, thumbs: Thumbnails) -> dict[str, Any]:
 
 def images_context(result: Result, *, rows: int, group_by: Sequence[str], report_dir: str) -> dict[str, Any]:
     picked, how = pick_rows(result, rows)
-    thumbs = Thumbnails(result.base_dir)
+    thumbs = Thumbnails(result.base_dir, max_pixels=run_max_pixels(result))
     cards = [card(result, i, thumbs) for i in picked]
     return {
         "histogram": score_histogram(result),
