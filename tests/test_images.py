@@ -499,3 +499,26 @@ def test_captioning_logs_no_padding_false_alarm(tiny_captioner):
             captioner = Captioner(tiny_captioner, device="cpu", max_new_tokens=6, num_beams=beams)
             assert len(captioner.caption(caption_images()[:2])) == 2
     assert not [m for m in records if "attention mask" in m or "attention_mask" in m], records
+
+
+def test_a_thin_picture_is_cut_before_a_shortest_edge_processor_scales_it():
+    """GIT's processor (CLIP's: the short side to 224, then a centred 224 crop) scaled a 1 x 5,000 PNG to
+    224 x 1,120,000 pixels (2.9 GB) before cropping. The long side is cut to twice the short side first: the
+    processor's output is the same; a fixed-size processor (ViT's) gets the picture as it is."""
+    try:
+        from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil as Clip
+        from transformers.models.vit.image_processing_pil_vit import ViTImageProcessorPil as Vit
+    except ImportError:
+        from transformers import CLIPImageProcessor as Clip
+        from transformers import ViTImageProcessor as Vit
+
+    from batchcap.models.captioner import within_centre_crop
+
+    clip, vit = Clip(), Vit()
+    rng = np.random.default_rng(0)
+    wide = Image.fromarray(rng.integers(0, 255, (100, 600, 3), dtype=np.uint8))
+    assert within_centre_crop(clip, wide).size == (200, 100)
+    np.testing.assert_array_equal(clip(images=[within_centre_crop(clip, wide)], return_tensors="np")["pixel_values"],
+                                  clip(images=[wide], return_tensors="np")["pixel_values"])
+    assert within_centre_crop(clip, Image.new("RGB", (1, 30000))).size == (1, 2)
+    assert within_centre_crop(vit, wide) is wide

@@ -54,7 +54,35 @@ class CaptionFeatures:
 
     def prepare(self, image: Image.Image) -> Any:
         """Resize and normalize one image: a float32 CPU tensor [C, H, W] for :meth:`Captioner.caption_prepared`."""
+        image = within_centre_crop(self.image_processor, image)
         return self.image_processor(images=[image], return_tensors="pt")["pixel_values"][0]
+
+
+def _field(size: Any, name: str) -> Any:
+    return size.get(name) if isinstance(size, dict) else getattr(size, name, None)
+
+
+def within_centre_crop(processor: Any, image: Image.Image) -> Image.Image:
+    """``image`` with its long side cut (centred) to twice its short side, for processors that scale the
+    short side to a size and then keep a centred crop no larger (CLIP's, which GIT uses): they scaled a
+    1 x 5,000 picture to 224 x 1,120,000 pixels (2.9 GB) before cropping 224 x 224 of it. The crop keeps the
+    same pixels; other processors (a fixed size, as ViT's) get the image unchanged."""
+    shortest = _field(getattr(processor, "size", None), "shortest_edge")
+    crop = getattr(processor, "crop_size", None)
+    if not shortest or not getattr(processor, "do_center_crop", False) or crop is None:
+        return image
+    if max(_field(crop, "height") or 0, _field(crop, "width") or 0) > shortest:
+        return image
+    width, height = image.size
+    short = min(width, height)
+    if max(width, height) <= 2 * short:
+        return image
+    keep = 2 * short
+    if width > height:
+        left = (width - keep) // 2
+        return image.crop((left, 0, left + keep, height))
+    top = (height - keep) // 2
+    return image.crop((0, top, width, top + keep))
 
 
 class Captioner:
@@ -164,6 +192,7 @@ class Captioner:
     # --- worker threads ---------------------------------------------------------------------
     def prepare(self, image: Image.Image) -> Any:
         """Resize and normalize one image: a float32 CPU tensor [C, H, W] for :meth:`caption_prepared`."""
+        image = within_centre_crop(self.image_processor, image)
         return self.image_processor(images=[image], return_tensors="pt")["pixel_values"][0]
 
     # --- main thread ------------------------------------------------------------------------
@@ -171,7 +200,8 @@ class Captioner:
         """One caption per image, from one batched ``generate`` call."""
         if not images:
             return []
-        pixel_values = self.image_processor(images=list(images), return_tensors="pt")["pixel_values"]
+        images = [within_centre_crop(self.image_processor, im) for im in images]
+        pixel_values = self.image_processor(images=images, return_tensors="pt")["pixel_values"]
         return self._generate(pixel_values)
 
     def caption_prepared(self, prepared: list[Any]) -> list[str]:
