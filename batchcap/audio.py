@@ -124,7 +124,10 @@ class _Samples:
         if self._stream is not None and not self.nonfinite:
             self._put(self._stream.resample_chunk(np.zeros(0, np.float32), last=True))
         out = self._out[:self._filled]
-        return np.concatenate([out, *self._extra]) if self._extra else out
+        if self._extra:
+            return np.concatenate([out, *self._extra])
+        # a header that announced far more than there was: the rest of its array is given back
+        return out.copy() if self._filled < len(self._out) // 2 else out
 
     def remove_offset(self, samples: np.ndarray, offset: float) -> None:
         """``samples`` (from :meth:`finish`) as if ``offset`` had been taken from every source sample before
@@ -198,15 +201,18 @@ def decode_audio(data: bytes, *, sample_rate: int = SAMPLE_RATE, min_duration: f
     """
     if not data:
         raise ItemError(DECODE_ERROR, "empty file (0 bytes)")
-    # NaN / inf samples (float files) are refused below with their count, not warned of on stderr
     def make(rate: int, frames: int) -> _Samples:
         return _Samples(rate, sample_rate, frames)
 
+    # NaN / inf samples (float files) are refused below with their count, not warned of on stderr
     with np.errstate(invalid="ignore", over="ignore"):
         decoded = first = _read(data, _Budget(max_duration_s), make)
         while decoded.silent(silence_dbfs) and decoded.track + 1 < decoded.tracks:
             # a silent track beside others: a meeting recorder's system audio beside its microphone
-            decoded = _read_av(data, "another audio track", _Budget(max_duration_s), make, decoded.track + 1)
+            try:
+                decoded = _read_av(data, "another audio track", _Budget(max_duration_s), make, decoded.track + 1)
+            except ItemError:  # a track that does not decode: the silent one stands
+                break
         if decoded.silent(silence_dbfs):
             decoded = first  # all silent: the first track's figures are the row's
         elif decoded is not first:

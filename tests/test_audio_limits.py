@@ -146,3 +146,17 @@ def test_parse_duration():
     for bad in ("abc", "-5", "1:-2", "nan", "inf", "5x", "1:2:3:4", ""):
         with pytest.raises(ValueError, match="is not a duration"):
             parse_duration(bad)
+
+
+def test_an_array_sized_from_a_header_that_overstated_is_given_back():
+    """Samples are gathered into an array sized from the header's frame count; where far fewer came, the
+    result is a copy of what there is, not a view keeping the whole announced array alive."""
+    from batchcap.audio import _Samples
+
+    collected = _Samples(16000, 16000, expected_frames=16000 * 3600)  # an hour announced
+    collected.add(np.ones(16000, np.float32))
+    samples = collected.finish()
+    assert len(samples) == 16000 and samples.base is None
+    whole = _Samples(16000, 16000, expected_frames=16000)
+    whole.add(np.ones(16000, np.float32))
+    assert whole.finish().base is not None  # as announced: no copy
