@@ -862,21 +862,46 @@ def test_a_wav_whose_data_size_was_never_written_is_read_to_the_end():
     assert err.value.status == EMPTY and "no audio samples" in err.value.message
 
 
-def _mp3(seconds: float) -> bytes:
+def _pyav_bytes(container_format: str, codec: str, rate: int, tracks: list[tuple[np.ndarray, str]],
+                frame_size: int = 1024, start_s: float = 0.0) -> bytes:
+    """Float tracks (samples, "mono" / "stereo") encoded by FFmpeg into one file, frame by frame, the
+    first timestamp at ``start_s``."""
+    import fractions
+
     av = pytest.importorskip("av")
-    buffer = io.BytesIO()
-    with av.open(buffer, "w", format="mp3") as container:
-        stream = container.add_stream("libmp3lame", rate=16000)
-        stream.layout = "mono"
-        samples = tone(seconds, 16000)
-        for start in range(0, len(samples), 1152):
-            frame = av.AudioFrame.from_ndarray(samples[None, start:start + 1152], format="fltp", layout="mono")
-            frame.sample_rate = 16000
-            for packet in stream.encode(frame):
+    buf = io.BytesIO()
+    with av.open(buf, "w", format=container_format) as container:
+        streams = []
+        for samples, layout in tracks:
+            stream = container.add_stream(codec, rate=rate)
+            stream.layout = layout
+            streams.append((stream, samples, 2 if layout == "stereo" else 1))
+        for stream, samples, channels in streams:
+            for i in range(0, len(samples), frame_size):
+                chunk = np.pad(samples[i:i + frame_size], (0, max(0, i + frame_size - len(samples))))
+                frame = av.AudioFrame.from_ndarray(np.tile(chunk, (channels, 1)).astype(np.float32), format="fltp",
+                                                   layout="stereo" if channels == 2 else "mono")
+                frame.sample_rate, frame.pts = rate, int(start_s * rate) + i
+                frame.time_base = fractions.Fraction(1, rate)
+                for packet in stream.encode(frame):
+                    container.mux(packet)
+            for packet in stream.encode(None):
                 container.mux(packet)
-        for packet in stream.encode(None):
-            container.mux(packet)
-    return buffer.getvalue()
+    return buf.getvalue()
+
+
+def _mp3(seconds: float) -> bytes:
+    return _pyav_bytes("mp3", "libmp3lame", 16000, [(tone(seconds, 16000), "mono")], frame_size=1152)
+
+
+def _aac(container_format: str, tracks: list[tuple[np.ndarray, str]], rate: int = 48000) -> bytes:
+    """AAC tracks (samples, "mono" / "stereo") in one container."""
+    return _pyav_bytes(container_format, "aac", rate, tracks)
+
+
+def _opus_webm(seconds: float, start_s: float = 0.0, container_format: str = "webm") -> bytes:
+    return _pyav_bytes(container_format, "libopus", 48000, [(tone(seconds, 48000), "mono")], frame_size=960,
+                       start_s=start_s)
 
 
 def test_a_little_damage_in_an_mp3_is_skipped_and_much_is_a_decode_error():
@@ -964,30 +989,6 @@ def test_a_corrupt_sample_fails_neither_its_row_nor_its_batch(tiny_whisper, tmp_
     assert "one at a time" not in output
 
 
-def _aac(container_format: str, tracks: list[tuple[np.ndarray, str]], rate: int = 48000) -> bytes:
-    """AAC tracks (samples, "mono" / "stereo") in one container, each encoded whole."""
-    import av
-
-    buf = io.BytesIO()
-    with av.open(buf, "w", format=container_format) as container:
-        streams = []
-        for samples, layout in tracks:
-            stream = container.add_stream("aac", rate=rate)
-            stream.layout = layout
-            streams.append((stream, samples, 2 if layout == "stereo" else 1))
-        for stream, samples, channels in streams:
-            for pts in range(0, len(samples), 1024):
-                chunk = np.pad(samples[pts:pts + 1024], (0, max(0, pts + 1024 - len(samples))))
-                frame = av.AudioFrame.from_ndarray(np.tile(chunk, (channels, 1)).astype(np.float32), format="fltp",
-                                                   layout="stereo" if channels == 2 else "mono")
-                frame.sample_rate, frame.pts = rate, pts
-                for packet in stream.encode(frame):
-                    container.mux(packet)
-            for packet in stream.encode(None):
-                container.mux(packet)
-    return buf.getvalue()
-
-
 def test_a_silent_track_beside_a_spoken_one_and_a_layout_change_midway():
     """A meeting recorder's MP4: system audio (silent) on track 1, the microphone on track 2: the row was
     ``empty`` ("audio is silent"); the first track that is not silent is read now. An ADTS stream going from
@@ -1001,28 +1002,6 @@ def test_a_silent_track_beside_a_spoken_one_and_a_layout_change_midway():
         decode_audio(_aac("mp4", [(np.zeros_like(signal), "mono"), (np.zeros_like(signal), "mono")]))
     joined = _aac("adts", [(signal, "mono")]) + _aac("adts", [(signal, "stereo")])
     assert abs(len(decode_audio(joined)) / 16000 - 4.0) < 0.15
-
-
-def _opus_webm(seconds: float, start_s: float = 0.0, container_format: str = "webm") -> bytes:
-    import fractions
-
-    import av
-
-    rate, buf = 48000, io.BytesIO()
-    samples = (tone(seconds, rate) * 32767).astype(np.int16)
-    with av.open(buf, "w", format=container_format) as container:
-        stream = container.add_stream("libopus", rate=rate)
-        stream.layout = "mono"
-        for i in range(0, len(samples), 960):
-            chunk = np.pad(samples[i:i + 960], (0, max(0, i + 960 - len(samples))))
-            frame = av.AudioFrame.from_ndarray(chunk[None], format="s16", layout="mono")
-            frame.sample_rate, frame.pts = rate, int(start_s * rate) + i
-            frame.time_base = fractions.Fraction(1, rate)
-            for packet in stream.encode(frame):
-                container.mux(packet)
-        for packet in stream.encode(None):
-            container.mux(packet)
-    return buf.getvalue()
 
 
 def test_mp3_and_webm_cut_short_are_decode_errors_like_flac():
