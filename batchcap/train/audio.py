@@ -254,10 +254,16 @@ def enable_checkpointing(model: Any) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
-def _warmup_args(cls: Any, warmup: float) -> dict[str, Any]:
-    """``warmup_steps`` takes a fraction (< 1) in recent transformers; older ones have ``warmup_ratio`` for that."""
+def _warmup_args(cls: Any, warmup: float, total_steps: int | None = None) -> dict[str, Any]:
+    """``warmup_steps`` takes a fraction (< 1) in recent transformers; older ones have ``warmup_ratio`` for that.
+    With ``total_steps`` known, the warmup ends before the last step: a linear warmup's first step runs at a
+    learning rate of 0, so a run of one step (``--max-steps 1``, a tiny manifest) saved its base model unchanged
+    while it reported the parameters trained."""
     import dataclasses
 
+    if total_steps:
+        steps = math.ceil(warmup * total_steps) if warmup < 1 else int(warmup)
+        return {"warmup_steps": max(0, min(steps, total_steps - 1))}
     fields = {f.name for f in dataclasses.fields(cls)}
     if warmup < 1 and "warmup_ratio" in fields:
         return {"warmup_ratio": warmup}
@@ -394,15 +400,15 @@ def _metrics(opts: AudioTrainOptions, setup: WhisperSetup, tokenizer: Any) -> An
 
 
 def _training_args(opts: AudioTrainOptions, ckpt_dir: str, device: Any, precision: str, has_val: bool,
-                   max_length: int) -> Any:
+                   max_length: int, total_steps: int | None = None) -> Any:
     from transformers import Seq2SeqTrainingArguments
 
     return Seq2SeqTrainingArguments(
         output_dir=ckpt_dir, per_device_train_batch_size=opts.batch_size,
         per_device_eval_batch_size=opts.eval_batch_size or opts.batch_size,
         gradient_accumulation_steps=opts.grad_accum, learning_rate=opts.lr, weight_decay=opts.weight_decay,
-        num_train_epochs=opts.epochs, max_steps=opts.max_steps or -1, **_warmup_args(Seq2SeqTrainingArguments,
-                                                                                      opts.warmup),
+        num_train_epochs=opts.epochs, max_steps=opts.max_steps or -1,
+        **_warmup_args(Seq2SeqTrainingArguments, opts.warmup, total_steps),
         lr_scheduler_type="linear", logging_strategy="epoch", eval_strategy="epoch" if has_val else "no",
         save_strategy="epoch", save_total_limit=2, load_best_model_at_end=has_val,
         metric_for_best_model="wer" if has_val else None, greater_is_better=False if has_val else None,
@@ -506,7 +512,9 @@ def train_audio(manifest: str, out_dir: str, options: AudioTrainOptions | None =
     has_val = bool(val_ex)
     longest = max(len(x) for x in train_labels + val_labels)
     steps_per_epoch = math.ceil(len(train_ex) / (opts.batch_size * opts.grad_accum))
-    args = _training_args(opts, ckpt_dir, device, precision, has_val, min(setup.max_target_positions, longest + 8))
+    total_steps = opts.max_steps or math.ceil(steps_per_epoch * opts.epochs)
+    args = _training_args(opts, ckpt_dir, device, precision, has_val, min(setup.max_target_positions, longest + 8),
+                          total_steps)
     compute_metrics = _metrics(opts, setup, tokenizer) if has_val else None
     samples = getattr(compute_metrics, "samples", [])  # the last evaluation's predictions, for report.html
     trainer = _trainer_class(device, precision, setup)(
