@@ -351,6 +351,21 @@ def _check_long_form_options(options: AudioOptions, output: str) -> None:
         options.write_dir = default_subtitle_dir(output)
 
 
+def _canonical_language(value: Any) -> str | None:
+    """A language setting as Whisper's codes, sorted and joined by commas ("es", "en,es"); None to detect
+    among all.
+    A name Whisper does not know is left as given (loading the transcriber says so)."""
+    from .models.whisper import _language_list, language_code
+
+    names = _language_list(value)
+    if not names:
+        return None
+    try:
+        return ",".join(sorted(set(language_code(n) for n in names)))  # candidates: a set
+    except ValueError:
+        return ",".join(names)
+
+
 def audio_job(options: AudioOptions) -> Job:
     """The audio job: its preprocessor and scorer hold no model; the predictor loads where it runs."""
     # Clips are sorted by duration within windows of batch_size * group items: a wide window keeps
@@ -374,8 +389,11 @@ def transcribe(inputs: str | Sequence[str], output: str = "transcripts.parquet",
     """
     options = call_options(options, AudioOptions, overrides, "transcribe")
     if transcriber is not None:  # features, rows and scores follow the model actually used
-        adopt_loaded(options, AudioOptions, {"model": transcriber.name, **getattr(transcriber, "settings", {})},
-                     "transcriber")
+        settings = dict(getattr(transcriber, "settings", {}))
+        if "language" in settings:  # "en,es", ["en", "es"] and "English,es" are one setting
+            settings["language"] = _canonical_language(settings["language"])
+            options.language = _canonical_language(options.language)
+        adopt_loaded(options, AudioOptions, {"model": transcriber.name, **settings}, "transcriber")
     options.check()
     output = os.fspath(output)
     _check_long_form_options(options, output)

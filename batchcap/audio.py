@@ -48,6 +48,9 @@ _UNKNOWN_CHUNK = 0x7FFF0000  # sizes a streaming writer puts where it cannot kno
 # it), at the source rate, before resampling spreads a spike over its neighbours.
 LEVEL_PERCENTILE = 99.9
 LEVEL_PROBE = 1_000_000  # samples of |x| the level is taken from
+# peaks up to this are left as they are: lossy decoders overshoot full scale on loud masters (1.1-1.5 on
+# podcasts and broadcast), and a float file may keep some headroom; integer-scaled floats are thousands
+FULL_SCALE_LIMIT = 4.0
 
 
 class _Samples:
@@ -58,8 +61,8 @@ class _Samples:
 
     ``scale`` (offset, gain): each source sample becomes ``clip((x - offset) * gain, -1, 1)`` before
     resampling. ``probe`` (a step): nothing is kept but every step-th sample (``probed``).
-    Once a sample is beyond ±1 without ``scale``, or not finite, only the statistics are gathered: the
-    samples are not used."""
+    Once a sample is beyond ``FULL_SCALE_LIMIT`` without ``scale``, or not finite, only the statistics are
+    gathered: the samples are not used."""
 
     def __init__(self, rate: int, target: int, expected_frames: int = 0, *,
                  scale: tuple[float, float] | None = None, probe: int = 0):
@@ -95,7 +98,7 @@ class _Samples:
 
     @property
     def over_full_scale(self) -> bool:
-        return self.high > 1.0 or self.low < -1.0
+        return self.high > FULL_SCALE_LIMIT or self.low < -FULL_SCALE_LIMIT
 
     def add(self, mono: np.ndarray) -> None:
         if not len(mono):
@@ -235,7 +238,7 @@ def decode_audio(data: bytes, *, sample_rate: int = SAMPLE_RATE, min_duration: f
         raise ItemError(EMPTY, f"audio is silent{tracks} (peak {peak_db:.0f} dBFS, below the {silence_dbfs:g} dBFS "
                         "threshold of --silence-threshold)", fields={"duration_s": round(duration, 3)})
     if decoded.over_full_scale:
-        samples = _within_full_scale(data, _Budget(max_duration_s), sample_rate, decoded.frames, peak)
+        samples = _within_full_scale(data, _Budget(max_duration_s), sample_rate, decoded, peak)
     else:
         samples = decoded.finish()
         if offset:
@@ -243,13 +246,14 @@ def decode_audio(data: bytes, *, sample_rate: int = SAMPLE_RATE, min_duration: f
     return np.ascontiguousarray(samples, dtype=np.float32)
 
 
-def _within_full_scale(data: bytes, budget: _Budget, target: int, frames: int, peak: float) -> np.ndarray:
+def _within_full_scale(data: bytes, budget: _Budget, target: int, decoded: _Samples, peak: float) -> np.ndarray:
     """Float samples beyond ±1, decoded twice more: once for their offset and level, taken from a sample of
     them that one corrupt sample cannot move (a trimmed mean, a percentile), once with the offset taken away,
     divided by the level where it is over full scale (integer samples stored as float: speech at 25,000 was an
     ``ok`` row with no text) and clipped to ±1 (a corrupt sample, the peaks of a float file with headroom)."""
     with np.errstate(invalid="ignore", over="ignore"):
-        probe = _read(data, budget, lambda rate, _: _Samples(rate, target, probe=max(1, frames // LEVEL_PROBE)))
+        step = max(1, decoded.frames // LEVEL_PROBE)
+        probe = _read(data, budget, lambda rate, _: _Samples(rate, target, probe=step), decoded.track)
         values = np.sort(np.concatenate(probe.probed)) if probe.probed else np.zeros(1, np.float32)
         trim = int(len(values) * (100 - LEVEL_PERCENTILE) / 100)
         offset = float(values[trim:len(values) - trim].mean(dtype=np.float64))
@@ -257,7 +261,8 @@ def _within_full_scale(data: bytes, budget: _Budget, target: int, frames: int, p
         gain = 1.0 / level if level > 1.0 else 1.0
         if abs(offset) * gain <= DC_OFFSET:
             offset = 0.0
-        scaled = _read(data, _Budget(budget.limit_s), lambda rate, n: _Samples(rate, target, n, scale=(offset, gain)))
+        scaled = _read(data, _Budget(budget.limit_s), lambda rate, n: _Samples(rate, target, n, scale=(offset, gain)),
+                       decoded.track)
     log.info("samples beyond full scale (peak %.3g): %s", peak,
              f"divided by their level {level:.3g} and clipped to ±1" if gain != 1.0 else "clipped to ±1")
     return scaled.finish()
@@ -276,9 +281,33 @@ def _mono(block: np.ndarray) -> np.ndarray:
     return mix
 
 
-def _frames_mono(frames: Any) -> list[np.ndarray]:
-    """Mono samples of PyAV's packed float frames ([1, frames * channels] each)."""
-    return [_mono(f.to_ndarray().reshape(-1, len(f.layout.channels))) for f in frames]
+class _FrameBlocks:
+    """PyAV's packed float frames ([1, frames * channels] each, a thousand samples or so) gathered into blocks
+    of about ``BLOCK_FRAMES`` before they are mixed down and added: done frame by frame, that Python work made
+    MP3 and AAC decoding 3-4 times slower."""
+
+    def __init__(self, samples: _Samples):
+        self.samples = samples
+        self._parts: list[np.ndarray] = []
+        self._frames = 0
+        self._channels = 0
+
+    def put(self, frames: Any) -> None:
+        for frame in frames:
+            channels = len(frame.layout.channels)
+            if channels != self._channels:
+                self.flush()
+                self._channels = channels
+            self._parts.append(frame.to_ndarray().reshape(-1, channels))
+            self._frames += self._parts[-1].shape[0]
+            if self._frames >= BLOCK_FRAMES:
+                self.flush()
+
+    def flush(self) -> None:
+        if self._parts:
+            block = self._parts[0] if len(self._parts) == 1 else np.concatenate(self._parts)
+            self.samples.add(_mono(block))
+        self._parts, self._frames = [], 0
 
 
 def _read_blocks(f: Any, budget: _Budget, make: _Make) -> _Samples:
@@ -298,11 +327,14 @@ def _read_blocks(f: Any, budget: _Budget, make: _Make) -> _Samples:
     return out
 
 
-def _read(data: bytes, budget: _Budget, make: _Make) -> _Samples:
+def _read(data: bytes, budget: _Budget, make: _Make, track: int = 0) -> _Samples:
     """The file's samples through libsndfile, else FFmpeg; MP3 through FFmpeg (libsndfile's MPEG reader stops
-    at the frame count of the first header: the parts after the first of joined MP3 files were dropped)."""
+    at the frame count of the first header: the parts after the first of joined MP3 files were dropped).
+    ``track``: an audio track after the first (FFmpeg's)."""
     import soundfile as sf
 
+    if track:
+        return _read_av(data, "another audio track", budget, make, track)
     if _looks_mpeg(data) and _has_av():  # before libsndfile, whose MPEG reader warns on stderr of joined files
         return _read_av(data, "MPEG data that does not decode", budget, make)
     try:
@@ -361,12 +393,29 @@ def _ffmpeg_reason(exc: Exception) -> str:
     return re.sub(r"^\[Errno -?\d+\]\s*", "", str(text)).split(": '", 1)[0].strip() or type(exc).__name__
 
 
-def _container_seconds(container: Any, stream: Any) -> float | None:
-    """The duration the container or the stream declares (None when neither does). Matroska declares the
-    end time: a segment whose timestamps start at 4.5 h (ffmpeg's segment muxer keeps them) was "4.5 h long";
-    its start is taken off where that leaves a length (an under-estimate only delays the caps to decoding)."""
+def _stream_seconds(stream: Any) -> float | None:
+    """The audio track's own length: the ``DURATION`` tag FFmpeg's Matroska muxer writes per track
+    ("00:00:10.064000000"; FFmpeg's demuxer gives a Matroska track the segment's duration), else its duration;
+    None when it has neither."""
+    tag = (getattr(stream, "metadata", None) or {}).get("DURATION")
+    match = re.fullmatch(r"\s*(\d+):(\d{1,2}):(\d{1,2}(?:\.\d*)?)\s*", str(tag or ""))
+    if match:
+        seconds = int(match[1]) * 3600 + int(match[2]) * 60 + float(match[3])
+        start = float(stream.start_time * stream.time_base) if stream.start_time and stream.time_base else 0.0
+        return seconds - start if 0 < start < seconds else seconds  # the track's end time, as Duration
     if stream.duration is not None and stream.time_base is not None:
         return float(stream.duration * stream.time_base)
+    return None
+
+
+def _container_seconds(container: Any, stream: Any) -> float | None:
+    """The duration the audio track or the container declares (None when neither does). Matroska declares the
+    segment's end time: a segment whose timestamps start at 4.5 h (ffmpeg's segment muxer keeps them) was
+    "4.5 h long"; its start is taken off where that leaves a length (an under-estimate only delays the caps
+    to decoding)."""
+    own = _stream_seconds(stream)
+    if own is not None:
+        return own
     if container.duration is not None:
         seconds = container.duration / 1_000_000  # AV_TIME_BASE units
         start = (container.start_time or 0) / 1_000_000
@@ -379,13 +428,14 @@ def _container_seconds(container: Any, stream: Any) -> float | None:
 _WHOLE_LENGTH_FORMATS = ("matroska", "webm", "mov", "mp4")
 
 
-def _declares_whole_length(container: Any, data: bytes) -> bool:
-    """Whether ``container``'s declared duration says how long the file was when written: Matroska / WebM
-    and MP4 headers, an MP3's Xing / Info / VBRI frame (a frame count). Without one, FFmpeg estimates an MP3's
-    length from its size, which a cut file shares."""
+def _declares_whole_length(container: Any, stream: Any, data: bytes) -> bool:
+    """Whether the declared duration says how long the audio track was when written: its own length in a
+    Matroska / WebM or MP4 header (a Matroska segment's length is its longest track's: 40 s of video beside
+    10 s of audio is a whole file), an MP3's Xing / Info / VBRI frame (a frame count). Without one, FFmpeg
+    estimates an MP3's length from its size, which a cut file shares."""
     names = set((container.format.name or "").split(","))
     if names & set(_WHOLE_LENGTH_FORMATS):
-        return True
+        return _stream_seconds(stream) is not None or len(container.streams) == 1
     if "mp3" in names:
         start = 10 + _syncsafe(data[6:10]) if data[:3] == b"ID3" else 0
         head = data[start:start + 4096]
@@ -418,7 +468,8 @@ def _read_av(data: bytes, first_error: str, budget: _Budget, make: _Make, track:
             resampler = av.AudioResampler(format="flt", rate=rate)  # channels kept: mixed by ``_mono``
             samples = make(rate, int(declared * rate) if declared else 0)
             samples.track, samples.tracks = track, len(container.streams.audio)
-            whole = declared is not None and _declares_whole_length(container, data)
+            whole = declared is not None and _declares_whole_length(container, stream, data)
+            blocks = _FrameBlocks(samples)
             setup = None
             packets = damaged = 0
             for packet in container.demux(stream):
@@ -432,14 +483,12 @@ def _read_av(data: bytes, first_error: str, budget: _Budget, make: _Make, track:
                     budget.add(frame.samples, frame.sample_rate or rate)
                     now = (frame.format.name, frame.layout.name, frame.sample_rate)
                     if setup is not None and now != setup:  # the rest of the old setup, then a new resampler
-                        for mono in _frames_mono(resampler.resample(None)):
-                            samples.add(mono)
+                        blocks.put(resampler.resample(None))
                         resampler = av.AudioResampler(format="flt", rate=rate)
                     setup = now
-                    for mono in _frames_mono(resampler.resample(frame)):
-                        samples.add(mono)
-            for mono in _frames_mono(resampler.resample(None)):
-                samples.add(mono)
+                    blocks.put(resampler.resample(frame))
+            blocks.put(resampler.resample(None))
+            blocks.flush()
     except ItemError:
         raise
     except Exception as exc:  # PyAV raises many error types (av.error.*, ValueError, ...)

@@ -1021,3 +1021,33 @@ def test_a_segment_whose_timestamps_start_late_is_its_own_length():
     pytest.importorskip("av")
     for fmt in ("webm", "matroska"):
         assert abs(len(decode_audio(_opus_webm(5.0, start_s=4.5 * 3600, container_format=fmt))) / 16000 - 5.0) < 0.1
+
+
+def test_a_complete_matroska_file_whose_audio_is_shorter_than_its_video_is_whole():
+    """A screen recording: 40 s of video (here a second, longer audio track), 10 s of audio. Matroska's
+    segment duration is its longest track's: the audio was refused as "truncated audio"; each track's own
+    DURATION tag is its length. A silent first track beside a shorter spoken one is transcribed too."""
+    signal = tone(10.0, 48000) * 0.5
+    longer = tone(40.0, 48000, freq=300) * 0.5
+    decoded = decode_audio(_aac("matroska", [(signal, "mono"), (longer, "mono")]))
+    assert abs(len(decoded) / 16000 - 10.0) < 0.15
+    spoken_second = decode_audio(_aac("matroska", [(np.zeros(20 * 48000, np.float32), "mono"), (signal, "mono")]))
+    assert abs(len(spoken_second) / 16000 - 10.0) < 0.15 and np.abs(spoken_second).max() > 0.1
+
+
+def test_lossy_overshoot_is_left_as_it_was_and_a_scaled_second_track_is_scaled():
+    """A loud master decodes to peaks of 1.1-1.5 (codec overshoot): it was taken for integer-scaled floats,
+    decoded three times and divided by its level; it is left as it was now. Integer-scaled float samples on
+    a second track (after a silent first) were re-read from the first track: zeros, and a row saying "you"."""
+    loud = np.clip(tone(4.0, 48000, amp=1.0) * 1.5, -1, 1)
+    data = _aac("matroska", [(loud, "mono")])
+    import av
+
+    with av.open(io.BytesIO(data)) as container:
+        raw = np.concatenate([f.to_ndarray().ravel() for f in container.decode(audio=0)])
+    assert np.abs(raw).max() > 1.0  # the codec's overshoot
+    assert np.abs(decode_audio(data)).max() > 1.0  # not scaled, not clipped
+    scaled = _pyav_bytes("matroska", "pcm_f32le", 16000,
+                         [(np.zeros(32000, np.float32), "mono"), (tone(2.0) * 20000, "mono")])
+    samples = decode_audio(scaled)
+    assert 0.9 < np.abs(samples).max() <= 1.0 + 1e-6  # the second track, brought within full scale

@@ -555,3 +555,15 @@ def test_a_rerun_with_another_model_says_the_done_rows_are_the_other_s(tiny_whis
     code, output = run_cli("audio", first, second, "-o", out, "--model", os.path.relpath(tiny_whisper),
                            "--max-new-tokens", "2")
     assert code == 0 and f"1 by {tiny_whisper_en}" in output and f"1 by {tiny_whisper}" not in output, output
+
+
+def test_a_loaded_transcriber_s_languages_are_the_same_however_spelled(tiny_whisper, tmp_path):
+    """A transcriber loaded with ``language=["en", "es"]`` refused a call asking for "en,es" (the same
+    candidates), and the summary recorded a list where CLI runs record "en,es"."""
+    from batchcap.asr import AudioOptions, load_transcriber, transcribe
+
+    t = load_transcriber(AudioOptions(model=tiny_whisper, language=["en", "es"]))
+    clip = str(write_audio(tmp_path / "a.wav", 1.0))
+    for i, spelled in enumerate(("en,es", ["es", "en"], "English, es", None)):
+        result = transcribe([clip], tmp_path / f"o{i}.parquet", transcriber=t, quiet=True, language=spelled)
+        assert result.summary["options"]["language"] == "en,es"
