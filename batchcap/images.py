@@ -80,10 +80,12 @@ def _array_to_8bit(values: np.ndarray, sixteen_bit: bool = False) -> np.ndarray:
     signed or wider stretched to the full range."""
     if values.dtype == np.uint8:
         return values
-    arr = np.nan_to_num(values.astype(np.float64))
-    hi = float(arr.max()) if arr.size else 0.0
-    lo = float(arr.min()) if arr.size else 0.0
-    if values.dtype.kind == "f" and lo >= 0.0 and hi <= 1.0:
+    arr = values.astype(np.float64)
+    finite = arr[np.isfinite(arr)]
+    hi = float(finite.max()) if finite.size else 0.0  # an inf pixel made everything else 0 in the stretch
+    lo = float(finite.min()) if finite.size else 0.0
+    arr = np.nan_to_num(arr, nan=0.0, posinf=hi, neginf=lo)
+    if values.dtype.kind == "f" and lo >= 0.0 and hi <= 2.0:  # 0..1, highlights a little over (HDR, processed)
         arr = arr * 255.0
     elif sixteen_bit or (values.dtype.kind in "iu" and lo >= 0 and 255 < hi <= 65535):
         arr = arr / 257.0  # integer samples of 16 bits (floats beyond 255 are stretched: linear, radiometric data)
@@ -183,8 +185,23 @@ def _planar_wide_tiff(im: Image.Image) -> bool:
 
 
 def _without_end_marker(data: bytes) -> bool:
-    """A JPEG whose last bytes are not its end-of-image marker (a writer cut just before closing it)."""
-    return data.startswith(b"\xff\xd8\xff") and not data.rstrip(b"\x00").endswith(_JPEG_END)
+    """A baseline JPEG whose last bytes are not its end-of-image marker (a writer cut just before closing it).
+    Not a progressive one (SOF2): cut after any of its scans it decodes to a whole, blurred picture, which no
+    grey band gives away (a 10 % partial download was an ok row)."""
+    if not data.startswith(b"\xff\xd8\xff") or data.rstrip(b"\x00").endswith(_JPEG_END):
+        return False
+    return _jpeg_frame(data) in (0xC0, 0xC1)
+
+
+def _jpeg_frame(data: bytes) -> int | None:
+    """The marker of a JPEG's start-of-frame segment (0xC0 baseline, 0xC1 extended, 0xC2 progressive, ...)."""
+    pos = 2
+    while pos + 4 <= len(data) and data[pos] == 0xFF:
+        marker = data[pos + 1]
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+            return marker
+        pos += 2 + int.from_bytes(data[pos + 2:pos + 4], "big")
+    return None
 
 
 def _whole_with_end_marker(data: bytes, max_pixels: int) -> Image.Image | None:

@@ -157,6 +157,13 @@ def test_float_tiff_beyond_255_is_stretched():
     tifffile.imwrite(buf, np.stack([ramp] * 3, axis=-1), photometric="rgb")
     arr = np.asarray(decode_image(buf.getvalue()))
     assert arr[0, 0, 0] == 0 and arr[0, -1, 0] == 255 and 120 < arr.mean() < 135
+    # highlights a little over 1.0 (a processed or HDR export) are a 0..1 picture; one inf pixel is not its scale
+    for values in (np.tile(np.linspace(0, 1.05, 64, dtype=np.float32), (8, 1)), ramp.copy()):
+        if values.max() > 2:
+            values[0, 0] = np.inf
+        buf = io.BytesIO()
+        tifffile.imwrite(buf, np.stack([values] * 3, axis=-1), photometric="rgb")
+        assert 110 < np.asarray(decode_image(buf.getvalue())).mean() < 140, values.max()
 
 
 def test_cmyk_jpeg():
@@ -244,6 +251,9 @@ def test_a_jpeg_without_only_its_end_marker_is_whole():
     data = encode(Image.fromarray(photo), "JPEG", quality=90)
     assert np.array_equal(np.asarray(decode_image(data[:-2])), np.asarray(decode_image(data)))
     assert decode_error(data[:-len(data) // 20]).startswith("image truncated or corrupt")
+    # a progressive JPEG cut after any scan decodes to a whole, blurred picture: still a decode_error
+    progressive = encode(Image.fromarray(photo), "JPEG", quality=90, progressive=True)
+    assert decode_error(progressive[:len(progressive) // 10]).startswith("image truncated or corrupt")
 
 
 def test_wide_planar_tiff_is_read_as_tifffile_reads_it():
