@@ -91,7 +91,12 @@ class CommandError(click.ClickException):
         self.exit_code = exit_code
 
     def show(self, file=None) -> None:  # noqa: ANN001 - click's signature
-        click.echo(f"Error: {self.format_message()}", err=True)
+        try:
+            click.echo(f"Error: {self.format_message()}", err=True)
+            sys.stderr.flush()
+        except OSError:  # stderr gone (`| tee` stopped with the job, a closed terminal): the exit code still tells
+            with contextlib.suppress(OSError):
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stderr.fileno())
 
 
 def setup_logging(verbose: int, quiet: bool) -> None:

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from typing import Any
 
 import pytest
 from PIL import Image
@@ -125,13 +126,9 @@ def _png(i: int) -> bytes:
     return buf.getvalue()
 
 
-@pytest.mark.parametrize("sig, code, said", [(signal.SIGTERM, 143, "terminated (SIGTERM)"),
-                                             (signal.SIGHUP, 129, "hung up (SIGHUP)")])
-def test_sigterm_flushes_buffered_rows_exits_143_and_the_rerun_resumes(tiny_captioner, http_server, tmp_path, sig,
-                                                                        code, said):
-    """SIGTERM, and SIGHUP (the terminal or ssh session closed, which killed the run like kill -9: the
-    buffered rows were lost, and the items in flight counted against crash-loop protection)."""
-    expected_code = code
+def _stopped_mid_run(tiny_captioner, http_server, tmp_path) -> tuple[list[str], list[str], str, str, Any]:
+    """An images run held open by a slow last URL, its earlier rows done and buffered (not flushed yet):
+    (command, paths, slow URL, output, the process)."""
     folder = tmp_path / "img"
     folder.mkdir()
     paths = []
@@ -148,6 +145,17 @@ def test_sigterm_flushes_buffered_rows_exits_143_and_the_rerun_resumes(tiny_capt
     proc = _start(cmd)
     _wait_for(lambda: http_server.hits["/slow"] >= 1, proc, "the last item was requested")
     time.sleep(1.0)  # the windows before it are done meanwhile: their rows sit in the buffer (no flush yet)
+    return cmd, paths, slow, out, proc
+
+
+@pytest.mark.parametrize("sig, code, said", [(signal.SIGTERM, 143, "terminated (SIGTERM)"),
+                                             (signal.SIGHUP, 129, "hung up (SIGHUP)")])
+def test_sigterm_flushes_buffered_rows_exits_143_and_the_rerun_resumes(tiny_captioner, http_server, tmp_path, sig,
+                                                                        code, said):
+    """SIGTERM, and SIGHUP (the terminal or ssh session closed, which killed the run like kill -9: the
+    buffered rows were lost, and the items in flight counted against crash-loop protection)."""
+    expected_code = code
+    cmd, paths, slow, out, proc = _stopped_mid_run(tiny_captioner, http_server, tmp_path)
     code, output = _kill(proc, sig)
     assert code == expected_code, output
     assert said in output and "Traceback" not in output
@@ -445,6 +453,16 @@ def test_ctrl_c_before_the_run_starts_exits_130(monkeypatch, tmp_path):
     code, output = run_cli("audio", write_audio(tmp_path / "a.wav", 0.5), "-o", tmp_path / "o.parquet")
     assert code == 130
     assert "Error: interrupted" in output and "Aborted" not in output
+
+
+def test_a_stop_whose_error_line_cannot_be_written_keeps_its_exit_code(tiny_captioner, http_server, tmp_path):
+    """``batchcap ... 2>&1 | tee log`` stopped by a scheduler that signals the whole job: tee goes first, the
+    one "Error: terminated" line met a closed pipe, and the exit code became 1 ("fatal") instead of 143."""
+    *_, proc = _stopped_mid_run(tiny_captioner, http_server, tmp_path)
+    proc.stdout.close()
+    proc.stderr.close()
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 143
 
 
 def test_a_reader_that_stops_reading_does_not_turn_a_finished_run_into_a_failure(tiny_whisper_en, tmp_path):
