@@ -110,3 +110,15 @@ def test_a_download_that_does_not_decode_is_fetched_again_next_run(http_server, 
     http_server.add("/img/a.png", png.getvalue(), content_type="image/png")  # the server is fixed
     examples, _ = load()
     assert len(examples) == 1 and http_server.hits["/img/a.png"] == 2
+
+
+def test_embedded_pictures_are_told_apart_by_their_bytes_not_their_path_label():
+    """A Hugging Face image column whose ``path`` label is "image.png" on every row: the split by source put
+    all ten pictures on one side (no validation set, exit 0), or merged different pictures into one."""
+    from batchcap.train.data import Example, split_examples
+
+    examples = [Example(Item(0, f"m.parquet:{i}", "image.png", data=bytes([i]) * 64, references=[f"c{i}"]), i)
+                for i in range(10)]
+    train, val = split_examples(examples, 0.3, seed=0)
+    assert len(train) == 7 and len(val) == 3
+    assert all(len(e.item.references) == 1 for e in val)

@@ -220,6 +220,10 @@ def split_examples(examples: Sequence[Example], val_fraction: float,
 
 
 def _source_key(item: Item) -> str:
+    """What one picture or recording is: its path or URL, or for bytes embedded in a manifest their hash (the
+    record's ``path`` label often repeats: "image.png" on every row put the whole set on one side)."""
+    if isinstance(item.data, (bytes, bytearray)):
+        return "sha256:" + hashlib.sha256(item.data).hexdigest()
     return str(item.source or item.id)
 
 
