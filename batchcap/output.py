@@ -123,12 +123,24 @@ def _twins(path: str) -> list[str]:
     return [stem + other, stem + other.upper()]
 
 
+def _is_result(path: str) -> bool:
+    """Whether ``path`` is a batchcap result table (id and status columns); anything else (an input manifest
+    ``calls.csv`` beside ``-o calls.parquet``) shares no file with the run."""
+    from . import storage
+
+    try:
+        names = _remote_columns(path) if storage.is_remote(path) else table_columns(path)
+    except Exception:  # noqa: BLE001 - unreadable: not a result this run would collide with
+        return False
+    return "id" in names and "status" in names
+
+
 def _check_no_twin(path: str, is_file: Callable[[str], bool] = os.path.isfile) -> None:
     """Stop when a result of the other format with the same name is there (finished, or its parts): the two
     would share one summary, report and subtitle folder, each run overwriting (or, for subtitle files, keeping)
-    the other's."""
+    the other's. A file of that name that is not a result (the run's own input manifest) is no twin."""
     for twin in _twins(path):
-        if is_file(twin) or os.path.isdir(twin + ".parts"):
+        if os.path.isdir(twin + ".parts") or is_file(twin) and _is_result(twin):
             stem = os.path.basename(os.path.splitext(path)[0])
             raise FatalError(f"{twin} is another result with the name of {os.path.basename(path)}: the two would "
                              f"share {stem}.summary.json, {stem}.report.html and {stem}.subtitles; write to another "

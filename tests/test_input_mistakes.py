@@ -100,6 +100,17 @@ def test_a_result_of_the_other_format_with_the_same_name_is_refused(tiny_whisper
     assert (tmp_path / "out.summary.json").read_bytes() == summary
 
 
+def test_the_input_manifest_beside_its_output_is_no_twin(tiny_whisper_en, tmp_path):
+    """``batchcap audio calls.csv -o calls.parquet``: the manifest has the output's name and is not a result;
+    the twin check took it for one and refused the most natural command."""
+    write_audio(tmp_path / "a.wav", 1.0)
+    (tmp_path / "calls.csv").write_text("path,reference\na.wav,a tone\n")
+    code, output = run_cli("audio", tmp_path / "calls.csv", "-o", tmp_path / "calls.parquet", "--model",
+                           tiny_whisper_en, "--max-new-tokens", "2")
+    assert code == 0, output
+    assert len(rows_of(tmp_path / "calls.parquet")) == 1
+
+
 def test_a_csv_result_saved_with_a_byte_order_mark_resumes_and_exports(tiny_whisper_en, tmp_path):
     """Excel's "CSV UTF-8" puts a BOM before the header: the header's first name was read as '\\ufeffid'."""
     first = write_audio(tmp_path / "a.wav", 1.0)
