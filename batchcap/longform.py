@@ -153,14 +153,18 @@ def transcribe_units(transcriber: Any, batch: Sequence[Any], batch_size: int,
                     continue
                 a = assemblies[unit.owner]
                 w = unit.window
-                segs = [map_segment(s, w.recording_time) for s in res.get("segments") or []]
-                a.windows.append(WindowResult(w.start_s, w.end_s - w.start_s, res["text"], segs))
+                # segments with no word in them ("." over a music outro or hold music) are no transcript: as
+                # subtitles they showed a lone dot for seconds, and their windows made the row "unresolved"
+                segs = [map_segment(s, w.recording_time) for s in res.get("segments") or [] if has_words(s)]
+                said = has_words(res.get("text"))
+                text = res["text"] if said else ""
+                a.windows.append(WindowResult(w.start_s, w.end_s - w.start_s, text, segs if said else []))
                 if res.get("language"):
                     a.languages[res["language"]] += w.duration_s
                     if sure is not None and (res.get("language_prob") or 0.0) >= sure:
                         a.sure[res["language"]] += w.duration_s
                 if "decode" in res:
-                    a.decodes.append((res["decode"], bool(res.get("text"))))
+                    a.decodes.append((res["decode"], said))
                 a.scored.append((w.duration_s, res))
     for i, a in assemblies.items():
         text, segments = stitch(a.windows)
@@ -173,6 +177,13 @@ def transcribe_units(transcriber: Any, batch: Sequence[Any], batch_size: int,
             result["decode"] = (worst_decode or _first_unusual)(spoken or [d for d, _ in a.decodes])
         results[i] = result
     return [r if r is not None else {"text": "", "segments": [], "language": None} for r in results]
+
+
+def has_words(text_or_segment: Any) -> bool:
+    """Whether a text (or a segment's text) holds a letter or a digit, not only punctuation and symbols."""
+    text = text_or_segment.get("text") if isinstance(text_or_segment, dict) else \
+        getattr(text_or_segment, "text", text_or_segment)
+    return any(ch.isalnum() for ch in str(text or ""))
 
 
 def recording_scores(windows: Sequence[tuple[float, dict[str, Any]]], language: str | None) -> dict[str, Any]:
@@ -189,10 +200,10 @@ def recording_scores(windows: Sequence[tuple[float, dict[str, Any]]], language: 
     def rounded(x: float) -> float:
         return round(float(x), 4)
 
-    spoken = [res for _, res in windows if res.get("text") and res.get("avg_logprob") is not None]
+    spoken = [res for _, res in windows if has_words(res.get("text")) and res.get("avg_logprob") is not None]
     weights = [(res.get("tokens") or 0) + 1 for res in spoken]
     ratios = [res["compression_ratio"] for _, res in windows
-              if res.get("text") and res.get("compression_ratio") is not None]
+              if has_words(res.get("text")) and res.get("compression_ratio") is not None]
     no_speech = [res["no_speech_prob"] for _, res in windows if res.get("no_speech_prob") is not None]
     detected = [(seconds, res["language_prob"]) for seconds, res in windows
                 if res.get("language") == language and res.get("language_prob") is not None]

@@ -377,3 +377,37 @@ def test_sequential_long_form_drops_segments_over_digital_silence():
     text, kept = _without_silent_segments(segments, features, floor)
     assert (text, [s.text for s in kept]) == (" hello", [" hello"])
     assert _without_silent_segments([Segment(0.0, 10.0, " all")], features, floor)[1] == [Segment(0.0, 10.0, " all")]
+
+
+def test_windows_and_segments_without_a_word_are_no_transcript(tiny_whisper, tmp_path):
+    """A podcast's music outro: Whisper wrote "." and ". ." segments over it, which became subtitle cues
+    showing a lone dot for seconds, and its window's "unresolved" became the whole row's."""
+    from batchcap.models import guard as g
+    from batchcap.models.whisper_timestamps import Segment
+
+    path, _ = long_file(tmp_path / "a.wav", 1.5)
+    transcriber = load_transcriber(AudioOptions(model=tiny_whisper, max_new_tokens=6))
+    inner = transcriber.transcribe
+    seen: list[int] = []
+
+    def recording(batch):
+        results = inner(batch)
+        for p, r in zip(batch, results):
+            k = len(seen)
+            seen.append(k)
+            if k == 0:  # the outro: no word, and unresolved
+                r["text"], r["decode"] = ". .", g.UNRESOLVED
+                r["segments"] = [Segment(0.0, 2.0, "."), Segment(2.0, 4.0, ". .")]
+            else:  # speech, with a stray "." segment of its own
+                r["text"], r["decode"] = f"word{k} .", g.GREEDY
+                r["segments"] = [Segment(0.0, 1.0, f"word{k}"), Segment(1.0, 2.0, ".")]
+        return results
+    transcriber.transcribe = recording
+    result = transcribe([path], str(tmp_path / "out.parquet"), transcriber=transcriber, quiet=True, batch_size=4,
+                        write="srt")
+    (row,) = rows_of(result.output)
+    assert len(seen) >= 3
+    assert row["decode"] == g.GREEDY
+    assert sorted(s["text"] for s in row["segments"]) == sorted(f"word{k}" for k in range(1, len(seen)))
+    srt = next((tmp_path / "out.subtitles").iterdir()).read_text()
+    assert "\n.\n" not in srt and ". ." not in srt
