@@ -155,9 +155,15 @@ def transcribe_units(transcriber: Any, batch: Sequence[Any], batch_size: int,
                 w = unit.window
                 # segments with no word in them ("." over a music outro or hold music) are no transcript: as
                 # subtitles they showed a lone dot for seconds, and their windows made the row "unresolved"
-                segs = [map_segment(s, w.recording_time) for s in res.get("segments") or [] if has_words(s)]
                 said = has_words(res.get("text"))
                 text = res["text"] if said else ""
+                segs = []
+                for s in res.get("segments") or []:
+                    if has_words(s):
+                        segs.append(map_segment(s, w.recording_time))
+                    elif said and str(s.text or "").strip():  # its text goes too: row text and segments agree
+                        text = text.replace(str(s.text).strip(), "", 1)
+                text = " ".join(text.split()) if said and len(segs) < len(res.get("segments") or []) else text
                 a.windows.append(WindowResult(w.start_s, w.end_s - w.start_s, text, segs if said else []))
                 if res.get("language"):
                     a.languages[res["language"]] += w.duration_s

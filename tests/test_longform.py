@@ -409,5 +409,6 @@ def test_windows_and_segments_without_a_word_are_no_transcript(tiny_whisper, tmp
     assert len(seen) >= 3
     assert row["decode"] == g.GREEDY
     assert sorted(s["text"] for s in row["segments"]) == sorted(f"word{k}" for k in range(1, len(seen)))
+    assert "." not in row["text"] and sorted(row["text"].split()) == sorted(s["text"] for s in row["segments"])
     srt = next((tmp_path / "out.subtitles").iterdir()).read_text()
     assert "\n.\n" not in srt and ". ." not in srt

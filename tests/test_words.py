@@ -191,6 +191,25 @@ def test_words_outside_their_whole_segment_are_kept_where_they_were_said():
     assert inside[-1].end == 9.5 and all(w.end <= 9.5 for w in inside)
 
 
+def test_a_word_the_path_gave_no_time_still_has_a_cue_to_show():
+    """A one-word turn ("Extension.", said at 13.27-14.46) that the alignment squeezed into its last frame:
+    the segment spanned its word, 14.39-14.39, a zero-length SRT cue a player never shows. A word under
+    MIN_WORD_S gets up to a median word's length, before its end, inside its segment."""
+    from batchcap.models.whisper_timestamps import Segment
+
+    words = [WordTiming(" Press", [1], 0.5, 0.8, 0.9, 0), WordTiming(" three.", [2], 0.8, 1.3, 0.9, 1),
+             WordTiming(" Extension.", [3], 4.39, 4.39, 0.9, 2)]
+    segments = [Segment(10.0, 11.5, "Press three."), Segment(12.63, 14.63, "Extension.")]
+    first, (extension,) = ww.words_per_segment(words, [2, 1], segments, offset_s=10.0)
+    median = 0.4  # of the words' nonzero durations (0.3, 0.5)
+    assert (extension.start, extension.end) == (pytest.approx(14.39 - median), 14.39)
+    # at its segment's start, it runs on after it instead
+    (at_start,) = ww.words_per_segment([WordTiming(" Yes.", [1], 0.0, 0.0, 0.9, 0),
+                                        WordTiming(" no", [2], 1.0, 1.4, 0.9, 1)], [2],
+                                       [Segment(0.0, 2.0, "Yes. no")])
+    assert (at_start[0].start, at_start[0].end) == (0.0, pytest.approx(0.4)) and at_start[1].start >= 0.4
+
+
 def test_default_alignment_heads_are_the_second_half_of_the_decoder():
     model = SimpleNamespace(generation_config=SimpleNamespace(alignment_heads=None),
                             config=SimpleNamespace(decoder_layers=4, decoder_attention_heads=2))

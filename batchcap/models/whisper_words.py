@@ -496,6 +496,9 @@ def segment_tokens(generated: Sequence[int], *, timestamp_begin: int, special: A
             if decode(ids).strip()]
 
 
+MIN_WORD_S = 0.1  # a word aligned shorter than this is given up to a median word's length, inside its segment
+
+
 def words_per_segment(words: Sequence[WordTiming], token_counts: Sequence[int], segments: Sequence[Segment], *,
                       offset_s: float = 0.0, last_speech_s: float = 0.0) -> list[list[Word]]:
     """A clip's words (from ``align_words``) handed to its segments: ``token_counts[k]`` text tokens
@@ -508,7 +511,9 @@ def words_per_segment(words: Sequence[WordTiming], token_counts: Sequence[int], 
     clip's start, for the first segment) and is itself too long starts at most twice the median word
     length (at most 1.4 s) before its end. Then every time is clamped into its segment and kept in
     order (a word starts no earlier than the previous one ends): this also does what openai-whisper's
-    fixes for a first or last word reaching over half a second out of its segment do."""
+    fixes for a first or last word reaching over half a second out of its segment do. A word left shorter
+    than ``MIN_WORD_S`` gets up to a median word's length, before its end (else after its start) within its
+    segment."""
     if len(token_counts) != len(segments):
         raise ValueError("one token count per segment")
     bounds = np.cumsum([0, *token_counts])
@@ -547,6 +552,10 @@ def words_per_segment(words: Sequence[WordTiming], token_counts: Sequence[int], 
         for w, (start, end) in zip(group, times):
             start = min(max(start, low, previous_end), high)
             end = min(max(end, start), high)
+            if end - start < MIN_WORD_S and median:  # the path gave it a frame or none: a one-word turn's
+                # subtitle was a zero-length cue at the word's end, never shown; it takes up to a median word
+                start = max(low, previous_end, min(start, end - median))
+                end = min(high, max(end, start + median))
             previous_end = end
             placed.append(Word(round(offset_s + start, 3), round(offset_s + end, 3), w.word,
                                round(float(w.probability), 4)))
