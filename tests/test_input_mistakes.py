@@ -517,18 +517,18 @@ def test_two_threads_transcribe_at_once(tiny_whisper_en, tmp_path):
     from batchcap.asr import transcribe
 
     clip = str(write_audio(tmp_path / "a.wav", 1.0))
+
+    def run(out: str, outcomes: dict[int, str], i: int) -> None:
+        try:
+            transcribe([clip], out, model=tiny_whisper_en, quiet=True, max_new_tokens=2)
+            outcomes[i] = "ok"
+        except BaseException as exc:  # noqa: BLE001 - the test reports what each thread met
+            outcomes[i] = f"{type(exc).__name__}: {exc}"
+
     for attempt in range(2):
         outcomes: dict[int, str] = {}
-
-        def run(i: int) -> None:
-            try:
-                transcribe([clip], tmp_path / f"o{attempt}-{i}.parquet", model=tiny_whisper_en, quiet=True,
-                           max_new_tokens=2)
-                outcomes[i] = "ok"
-            except BaseException as exc:  # noqa: BLE001 - the test reports what each thread met
-                outcomes[i] = f"{type(exc).__name__}: {exc}"
-
-        threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+        threads = [threading.Thread(target=run, args=(str(tmp_path / f"o{attempt}-{i}.parquet"), outcomes, i))
+                   for i in range(2)]
         for t in threads:
             t.start()
         for t in threads:

@@ -392,7 +392,7 @@ def test_windows_and_segments_without_a_word_are_no_transcript(tiny_whisper, tmp
 
     def recording(batch):
         results = inner(batch)
-        for p, r in zip(batch, results):
+        for r in results:
             k = len(seen)
             seen.append(k)
             if k == 0:  # the outro: no word, and unresolved
