@@ -147,6 +147,11 @@ def _timed_groups(groups: list[list[str]], start: float, end: float,
             yield float(first["start"]), float(last["end"]), "\n".join(g)
             i += n
         return
+    spans = _group_words(groups, words) if words else None
+    if spans is not None:  # words that split a text word ("inter" + "-astroisk", "28" + ".8"): by characters
+        for g, (a, b) in zip(groups, spans):
+            yield float(_seg(words[a])["start"]), float(_seg(words[b])["end"]), "\n".join(g)
+        return
     chars = [sum(len(line) for line in g) for g in groups]
     total = sum(chars) or 1
     t = start
@@ -154,6 +159,26 @@ def _timed_groups(groups: list[list[str]], start: float, end: float,
         nxt = t + (end - start) * c / total
         yield round(t, 3), round(nxt, 3), "\n".join(g)
         t = nxt
+
+
+def _group_words(groups: list[list[str]], words: list[Any]) -> list[tuple[int, int]] | None:
+    """Each group's first and last word, matched by the characters of the text (spaces left out), where
+    Whisper's words make up the text but are not its space-separated words; None where they do not match."""
+    import bisect
+
+    spelled = ["".join(str(_seg(w).get("word") or "").split()) for w in words]
+    sizes = [sum(len("".join(line.split())) for line in g) for g in groups]
+    if "".join(spelled) != "".join("".join(line.split()) for g in groups for line in g) or not all(sizes):
+        return None
+    ends, total = [], 0
+    for word in spelled:
+        total += len(word)
+        ends.append(total)
+    spans, at = [], 0
+    for size in sizes:
+        spans.append((bisect.bisect_right(ends, at), bisect.bisect_right(ends, at + size - 1)))
+        at += size
+    return spans
 
 
 # --- formats ----------------------------------------------------------------------------------

@@ -97,6 +97,23 @@ def test_line_width_and_count_split_cues():
     assert len(out) == 1 and out[0][2].count("\n") == 2
 
 
+def test_split_cues_follow_words_that_are_not_the_text_s_space_separated_words():
+    """Whisper writes "inter-astroisk" and "28.8" as two words each (" inter" + "-astroisk"): the word count no
+    longer matched the text's, so a split cue was timed by its share of characters and ended at 31.677, before
+    its last word ("connection", 31.68-32.24) was said. Words are matched to the text by their characters."""
+    words = [(" you", 25.26, 25.34), (" can", 25.34, 25.62), (" dial", 25.62, 25.92), (" 502", 25.92, 27.54),
+             (" to", 27.54, 27.64), (" attempt", 27.64, 28.04), (" an", 28.04, 28.42), (" inter", 28.42, 28.8),
+             ("-astroisk", 28.8, 29.44), (" exchange", 29.44, 30.14), (" or", 30.14, 30.86), (" IAX", 30.86, 31.68),
+             (" connection", 31.68, 32.24), (" to", 32.24, 32.76), (" a", 32.76, 33.22),
+             (" demonstration", 33.22, 33.62), (" server", 33.62, 34.14), (" at", 34.14, 34.36),
+             (" 28", 34.36, 34.6), (".8.", 34.6, 34.84)]
+    seg = {"start": 25.26, "end": 34.84, "text": "".join(w for w, _, _ in words).strip(),
+           "words": [{"word": w, "start": a, "end": b} for w, a, b in words]}
+    out = list(cues([seg], SubtitleOptions(max_line_width=42, max_line_count=2)))
+    assert [(a, b) for a, b, _ in out] == [(25.26, 32.24), (32.24, 34.84)]
+    assert out[0][2].endswith("connection") and out[1][2] == "to a demonstration server at 28.8."
+
+
 @pytest.mark.parametrize("hostile", ["../../x", "/etc/passwd", "..", ".", "a/../../b", "C:\\Windows\\x.wav",
                                      "con", "x\x00y", "", "a" * 400, ".hidden", "name."])
 def test_safe_names_never_leave_the_folder(tmp_path, hostile):
