@@ -185,12 +185,18 @@ def _warn_of_other_models(done_models: Counter, model: str) -> None:
 
 
 def _same_model(a: str, b: str) -> bool:
+    """Whether two spellings name one model: equal, one folder, or (a relative path given from another folder,
+    which does not resolve here) folders of one name."""
     if a == b:
         return True
     try:
-        return os.path.isdir(a) and os.path.isdir(b) and os.path.samefile(a, b)
+        if os.path.isdir(a) and os.path.isdir(b):
+            return os.path.samefile(a, b)
     except OSError:
-        return False
+        pass
+    if os.path.isdir(a) or os.path.isdir(b):
+        return os.path.basename(os.path.normpath(a)) == os.path.basename(os.path.normpath(b))
+    return False
 
 
 def _same_repeats(items: Iterable[Item], store: Any) -> Iterable[Item]:

@@ -566,6 +566,15 @@ def test_a_rerun_with_another_model_says_the_done_rows_are_the_other_s(tiny_whis
     code, output = run_cli("audio", first, second, "-o", out, "--model", os.path.relpath(tiny_whisper),
                            "--max-new-tokens", "2")
     assert code == 0 and f"1 by {tiny_whisper_en}" in output and f"1 by {tiny_whisper}" not in output, output
+    # ... and a relative path given from another folder, which does not resolve here (its folder's name matches)
+    import pyarrow.compute as pc
+
+    table = pq.read_table(out)
+    moved = pc.if_else(pc.equal(table["model"], tiny_whisper), "../elsewhere/" + os.path.basename(tiny_whisper),
+                       table["model"])
+    pq.write_table(table.set_column(table.schema.get_field_index("model"), "model", moved), out)
+    code, output = run_cli("audio", first, second, "-o", out, "--model", tiny_whisper, "--max-new-tokens", "2")
+    assert code == 0 and f"1 by {tiny_whisper_en}" in output and "elsewhere" not in output, output
 
 
 def test_a_loaded_transcriber_s_languages_are_the_same_however_spelled(tiny_whisper, tmp_path):
