@@ -104,6 +104,8 @@ class _Assembly:
 def transcribe_units(transcriber: Any, batch: Sequence[Any], batch_size: int,
                      worst_decode: Callable[[Sequence[Any]], Any] | None = None) -> list[dict[str, Any]]:
     """One result per item of ``batch`` (prepared clips and :class:`LongRecording`), in order."""
+    from .models.whisper import AUTO_LANGUAGE  # the transcriber's module: loaded already
+
     units: list[_Unit] = []
     sequential: list[int] = []
     for i, item in enumerate(batch):
@@ -131,7 +133,7 @@ def transcribe_units(transcriber: Any, batch: Sequence[Any], batch_size: int,
             prepared = pending.result() if pending is not None else []
             if sure is not None:
                 for unit, p in zip(chunk, prepared):
-                    if unit.window is not None and getattr(p, "language", None) in (None, "auto"):
+                    if unit.window is not None and getattr(p, "language", None) in (None, AUTO_LANGUAGE):
                         p.language_prior = assemblies[unit.owner].language_so_far()
             pending = pool.submit(_prepare, transcriber, batch, chunks[n + 1]) if n + 1 < len(chunks) else None
             try:

@@ -9,6 +9,7 @@ BLIP and GIT. In transformers v5 they all load through ``AutoModelForImageTextTo
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 from PIL import Image
@@ -54,8 +55,12 @@ class CaptionFeatures:
 
     def prepare(self, image: Image.Image) -> Any:
         """Resize and normalize one image: a float32 CPU tensor [C, H, W] for :meth:`Captioner.caption_prepared`."""
-        image = within_centre_crop(self.image_processor, image)
-        return self.image_processor(images=[image], return_tensors="pt")["pixel_values"][0]
+        return pixel_values(self.image_processor, [image])[0]
+
+
+def pixel_values(processor: Any, images: Sequence[Image.Image]) -> Any:
+    """``processor``'s float32 tensor [N, C, H, W] of ``images``, thin pictures cut first (within_centre_crop)."""
+    return processor(images=[within_centre_crop(processor, im) for im in images], return_tensors="pt")["pixel_values"]
 
 
 def _field(size: Any, name: str) -> Any:
@@ -192,17 +197,14 @@ class Captioner:
     # --- worker threads ---------------------------------------------------------------------
     def prepare(self, image: Image.Image) -> Any:
         """Resize and normalize one image: a float32 CPU tensor [C, H, W] for :meth:`caption_prepared`."""
-        image = within_centre_crop(self.image_processor, image)
-        return self.image_processor(images=[image], return_tensors="pt")["pixel_values"][0]
+        return pixel_values(self.image_processor, [image])[0]
 
     # --- main thread ------------------------------------------------------------------------
     def caption(self, images: list[Image.Image]) -> list[str]:
         """One caption per image, from one batched ``generate`` call."""
         if not images:
             return []
-        images = [within_centre_crop(self.image_processor, im) for im in images]
-        pixel_values = self.image_processor(images=images, return_tensors="pt")["pixel_values"]
-        return self._generate(pixel_values)
+        return self._generate(pixel_values(self.image_processor, images))
 
     def caption_prepared(self, prepared: list[Any]) -> list[str]:
         """Like :meth:`caption`, for tensors from :meth:`prepare` (all of the same shape)."""

@@ -178,17 +178,22 @@ def load_error_message(model: str, exc: BaseException) -> str:
             "(huggingface-cli download), or pass --model /path/to/a/local/model/dir")
 
 
+def config_model_type(model: str) -> str:
+    """The ``model_type`` of ``model``'s config; "" when there is no config to read (the load says why)."""
+    from transformers import AutoConfig
+
+    try:
+        return str(getattr(AutoConfig.from_pretrained(model), "model_type", "") or "")
+    except Exception:  # noqa: BLE001 - no config (or no hub)
+        return ""
+
+
 def check_model_kind(model: str, whisper: bool) -> None:
     """A one-line FatalError when ``model``'s config names the other kind of model: a Whisper checkpoint
     given to ``batchcap images`` or an image-to-text one to ``batchcap audio`` (transformers' own errors
     there were an AttributeError about dicts or a list of 250 model types). Anything the config cannot
     tell is left to the load itself."""
-    from transformers import AutoConfig
-
-    try:
-        kind = str(getattr(AutoConfig.from_pretrained(model), "model_type", "") or "")
-    except Exception:  # no config (or no hub): the load says why
-        return
+    kind = config_model_type(model)
     if whisper and kind and kind != "whisper":
         raise FatalError(f"{model} is a {kind} checkpoint, not Whisper: batchcap audio needs a Whisper model "
                          "(image-to-text models caption with batchcap images)")

@@ -66,12 +66,9 @@ def _check_vision_encoder_decoder(source: str) -> None:
     """Stop with one line when ``source`` is another kind of model: from a GIT or BLIP checkpoint,
     VisionEncoderDecoderModel.from_pretrained built a random ViT-base + BERT-base from default configs and
     the run trained that, none of the checkpoint's weights in it."""
-    from transformers import AutoConfig
+    from ..models.common import config_model_type
 
-    try:
-        kind = str(getattr(AutoConfig.from_pretrained(source), "model_type", "") or "")
-    except Exception:  # noqa: BLE001 - no config (or no hub): the load itself says why
-        return
+    kind = config_model_type(source)
     if kind and kind != "vision-encoder-decoder":
         raise FatalError(f"{source} is a {kind} checkpoint: train images fine-tunes VisionEncoderDecoder models "
                          "(a vision encoder + a text decoder, such as ViT + GPT-2); it cannot train this one")
