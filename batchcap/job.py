@@ -93,11 +93,16 @@ class JobOptions:
 
         if isinstance(self.reference_columns, str):  # one column named as a string, not its letters
             self.reference_columns = (self.reference_columns,)
-        counts = {"batch_size": 1, "num_beams": 1, "workers": 1, "flush_rows": 1, "concurrency": 1}
+        counts = {"batch_size": 1, "num_beams": 1, "workers": 1, "flush_rows": 1, "concurrency": 1,
+                  "fetch_workers": 1}
         for name, least in counts.items():
             value = getattr(self, name, least)
+            none_ok = name == "fetch_workers"  # None: 4 x workers
+            if value is None and none_ok:
+                continue
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
-                raise FatalError(f"{name} must be a whole number of at least {least}, not {value!r}")
+                raise FatalError(f"{name} must be a whole number of at least {least}"
+                                 f"{' (or None)' if none_ok else ''}, not {value!r}")
         for name in self.limit_numbers:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
@@ -106,10 +111,6 @@ class JobOptions:
         for name, allowed in self.choices.items():
             if getattr(self, name) not in allowed:
                 raise FatalError(f"{name} must be one of {', '.join(map(str, allowed))}, not {getattr(self, name)!r}")
-        fetch_workers = self.fetch_workers
-        if fetch_workers is not None and (isinstance(fetch_workers, bool) or not isinstance(fetch_workers, int)
-                                          or fetch_workers < 1):
-            raise FatalError(f"fetch_workers must be a whole number of at least 1 (or None), not {fetch_workers!r}")
         for name, (least, most, none_ok) in self.real_numbers.items():
             value = getattr(self, name)
             if value is None and none_ok:

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -119,10 +120,8 @@ class CachingFetcher:
         download), so that the next run fetches it again instead of skipping it from the cache for ever."""
         path = self.path(item.source) if item.data is None else None
         if path:
-            try:
+            with contextlib.suppress(OSError):
                 os.remove(path)
-            except OSError:
-                pass
 
 
 def load_examples(sources: str | Sequence[str], spec: InputSpec, decode: Callable[[Item, bytes], Any], *,
