@@ -15,8 +15,8 @@ from .fetch import FetchConfig
 from .inputs import audio_spec
 from .items import EMPTY, OK, FatalError, Item, ItemError
 from .job import Job, JobOptions, adopt_loaded, call_options, run_pipeline
-from .metrics import error_counts, get_normalizer, load_english_spelling
-from .metrics.asr import NORMALIZER_MODES
+from .metrics import error_counts, get_normalizer
+from .metrics.asr import NORMALIZER_MODES, english_spelling
 from .predictions import Transcript
 from .runner import RunResult
 from .stages import ModelFreePreprocessor
@@ -166,7 +166,7 @@ class AudioScorer:
         self.options = options
         self.model_name = options.model
         self.audio_seconds = 0.0  # transcribed by this run
-        self._spelling = load_english_spelling(options.model)
+        self._spelling = english_spelling(options.model)
         self.subtitles = _subtitle_writer(options)
         self._warned_translate = False
 

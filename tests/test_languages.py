@@ -568,3 +568,25 @@ def test_translations_are_scored_as_english(caplog):
     assert rows["translate"]["wer"] == 0.0  # Whisper's English normalizer: "it's" = "it is", 25 = twenty-five
     assert rows["transcribe"]["wer"] > 0.0  # Italian rules do not know English contractions
     assert sum("--task translate" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_a_hub_id_scores_with_the_spelling_map_of_its_cached_checkpoint(tmp_path, monkeypatch):
+    """``--model org/name`` (the default is a hub id) reads Whisper's British -> American map from the Hugging
+    Face cache, as the report does: the run's WER does not depend on whether the model was given as a hub id
+    or as a folder. Before, the run looked for ``org/name/normalizer.json`` under the working directory only."""
+    import json
+
+    from huggingface_hub import constants
+
+    from batchcap.asr import AudioOptions, AudioScorer
+
+    snapshot = tmp_path / "hub" / "models--org--whisper-x" / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    (snapshot / "normalizer.json").write_text(json.dumps({"dialled": "dialed", "cheque": "check"}), encoding="utf-8")
+    (tmp_path / "hub" / "models--org--whisper-x" / "refs").mkdir()
+    (tmp_path / "hub" / "models--org--whisper-x" / "refs" / "main").write_text("abc123", encoding="utf-8")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.chdir(tmp_path)
+    for model in ("org/whisper-x", str(snapshot)):
+        scores = AudioScorer(AudioOptions(model=model))._score("I dialled the cheque.", "I dialed the check.", "en")
+        assert (scores.word_errors, scores.reference_words) == (0, 4), model

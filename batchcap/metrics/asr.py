@@ -60,6 +60,24 @@ def is_english(language: str | None) -> bool:
     return lang in _ENGLISH_NAMES or lang.startswith("en-")
 
 
+def english_spelling(model: str | None) -> dict[str, str]:
+    """Whisper's British -> American mapping for ``--model`` as the user gave it: a model directory's
+    ``normalizer.json`` or, for a hub id, the one in the Hugging Face cache (offline: nothing is downloaded).
+    The run's scores, the report and ``train audio``'s evaluation all resolve it here, so a hub id and a
+    local folder of the same model score alike."""
+    if not model:
+        return {}
+    if os.path.isdir(model):
+        return load_english_spelling(model)
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        path = try_to_load_from_cache(model, "normalizer.json")
+    except Exception:  # noqa: BLE001 - not a repo id, no cache: no mapping
+        return {}
+    return load_english_spelling(os.path.dirname(path)) if isinstance(path, str) else {}
+
+
 def load_english_spelling(model_dir: str | os.PathLike[str] | None) -> dict[str, str]:
     """The British -> American spelling mapping of a Whisper tokenizer directory (``normalizer.json``).
 

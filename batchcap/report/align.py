@@ -9,13 +9,12 @@ alignment is drawn from.
 from __future__ import annotations
 
 import logging
-import os
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..metrics.asr import character_texts, get_normalizer, language_key, load_english_spelling, resolve_mode
+from ..metrics.asr import character_texts, english_spelling, get_normalizer, language_key, resolve_mode
 
 log = logging.getLogger(__name__)
 
@@ -98,21 +97,6 @@ class Normalizers:
             if len(self._cache) < 500_000:
                 self._cache[key] = value
         return value
-
-
-def english_spelling(model: str | None) -> dict[str, str]:
-    """Whisper's British -> American mapping from a model directory or, offline, the Hugging Face cache."""
-    if not model:
-        return {}
-    if os.path.isdir(model):
-        return load_english_spelling(model)
-    try:
-        from huggingface_hub import try_to_load_from_cache
-
-        path = try_to_load_from_cache(model, "normalizer.json")
-    except Exception:  # noqa: BLE001 - not a repo id, no cache: no mapping
-        return {}
-    return load_english_spelling(os.path.dirname(path)) if isinstance(path, str) else {}
 
 
 def score_rows(status: Sequence[Any], references: Sequence[Any], texts: Sequence[Any], languages: Sequence[Any],

@@ -37,7 +37,8 @@ import numpy as np
 from ..audio import SAMPLE_RATE, decode_audio
 from ..inputs import audio_spec
 from ..items import FatalError, Item, ItemError
-from ..metrics import ErrorRate, get_normalizer, load_english_spelling, wer_counts
+from ..metrics import ErrorRate, get_normalizer, wer_counts
+from ..metrics.asr import english_spelling
 from ..models.common import hub_guard, load_error_message
 from .base import FineTuneResult, autocast_dtype, count_parameters, start_run
 from .checkpoints import INFO_FILE, fresh_dir, jsonable, replace_dir, write_info
@@ -376,7 +377,7 @@ def _history_rows(log_history: Sequence[dict[str, Any]]) -> list[dict[str, Any]]
 def _metrics(opts: AudioTrainOptions, setup: WhisperSetup, tokenizer: Any) -> Any:
     """``compute_metrics``: the normalized WER of the validation transcripts, each row normalized for its
     language (read from its labels' language token)."""
-    spelling = load_english_spelling(opts.model if os.path.isdir(opts.model) else None) or _hub_spelling(opts.model)
+    spelling = english_spelling(opts.model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else setup.eos
 
     samples: list[dict[str, Any]] = []  # validation predictions of the last evaluation, for report.html
@@ -584,8 +585,3 @@ def _normalizer_file(model: str) -> str | None:
                            _raise_exceptions_for_connection_errors=False)
     except Exception:  # noqa: BLE001 - no normalizer is fine
         return None
-
-
-def _hub_spelling(model: str) -> dict[str, str]:
-    path = _normalizer_file(model)
-    return load_english_spelling(os.path.dirname(path)) if path else {}
