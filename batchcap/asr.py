@@ -259,8 +259,8 @@ class AudioScorer:
         we, wr, ce, cr, scored = (sum(column) for column in zip(*by_language.values())) if by_language else [0] * 5
         if scored:
             summary.update({
-                "wer": round(we / wr, 5) if wr else None,
-                "cer": round(ce / cr, 5) if cr else None,
+                "wer": round(we / wr, 6) if wr else None,
+                "cer": round(ce / cr, 6) if cr else None,
                 "scored_rows": scored,
                 "word_errors": we, "reference_words": wr,
                 "normalize": self.options.normalize,
@@ -268,7 +268,7 @@ class AudioScorer:
             })
             if len(by_language) > 1:  # a multilingual set: each language's own corpus rates
                 summary["wer_by_language"] = {
-                    lang: {"wer": round(e / n, 5) if n else None, "cer": round(c / k, 5) if k else None,
+                    lang: {"wer": round(e / n, 6) if n else None, "cer": round(c / k, 6) if k else None,
                            "scored_rows": rows}
                     for lang, (e, n, c, k, rows) in sorted(by_language.items(), key=lambda kv: -kv[1][4])}
         return summary

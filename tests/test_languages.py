@@ -590,3 +590,37 @@ def test_a_hub_id_scores_with_the_spelling_map_of_its_cached_checkpoint(tmp_path
     for model in ("org/whisper-x", str(snapshot)):
         scores = AudioScorer(AudioOptions(model=model))._score("I dialled the cheque.", "I dialed the check.", "en")
         assert (scores.word_errors, scores.reference_words) == (0, 4), model
+
+
+def test_the_printed_cer_is_the_exact_rate_rounded_once(tmp_path):
+    """6 character errors in this reference give 7.59 %. The summary rounded the rate to 5 decimals
+    (0.07595) and the printed line rounded that again to 7.60 %, where the report (exact) said 7.59 %."""
+    import pyarrow as pa
+
+    from batchcap.asr import AudioOptions, AudioScorer
+    from batchcap.cli import summary_lines
+
+    reference = "abcdefghij " * 7 + "abcdefgh"  # its character count is the scorer's (reference_chars)
+    scorer = AudioScorer(AudioOptions(model=str(tmp_path / "no-model"), normalize="none"))
+    text = "x" * 6 + reference[6:]
+    scores = scorer._score(reference, text, "en")
+    assert scores.char_errors == 6
+    table = pa.table({"status": ["ok"], "duration_s": [1.0], "reference": [reference], "text": [text],
+                      "language": ["en"]})
+    summary = scorer.summarize(table, 1.0)
+    exact = summary["cer"]
+    assert abs(exact - 6 / scores.reference_chars) < 1e-6
+    summary.update({"status_counts": {"ok": 1}, "rows": 1, "output": "o.parquet", "processed_this_run": 1,
+                    "skipped_already_done": 0, "wall_time_s": 1.0})
+    line = next(line for line in summary_lines(summary) if line.startswith("WER"))
+    assert f"CER {6 / scores.reference_chars:.2%}" in line, line
+
+
+def test_the_report_takes_every_normalizer_mode_a_run_takes():
+    from click.testing import CliRunner
+
+    from batchcap.cli import main
+    from batchcap.metrics.asr import NORMALIZER_MODES
+
+    help_text = CliRunner().invoke(main, ["report", "--help"]).output
+    assert "language" in NORMALIZER_MODES and "language" in help_text.split("--normalize", 1)[1].split("--title")[0]

@@ -8,6 +8,7 @@ import click
 
 from ..cli_common import CommandError, setup_logging
 from ..items import FatalError
+from ..metrics.asr import NORMALIZER_MODES
 
 
 @click.command()
@@ -20,7 +21,7 @@ from ..items import FatalError
 @click.option("--group-by", "group_by", multiple=True, metavar="COL",
               help="A carried column to break the figures down by (repeat for several); duration, language "
                    "and folder are always used.")
-@click.option("--normalize", type=click.Choice(["auto", "whisper", "basic", "none"]), default=None,
+@click.option("--normalize", type=click.Choice(NORMALIZER_MODES), default=None,
               help="Text normalization for the WER when the summary does not say [default: the summary's, "
                    "else auto].")
 @click.option("--title", default=None, help="Page title.")
