@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import shutil
+import stat
 import struct
 
 import numpy as np
@@ -587,3 +588,23 @@ def test_a_loaded_transcriber_s_languages_are_the_same_however_spelled(tiny_whis
     for i, spelled in enumerate(("en,es", ["es", "en"], "English, es", None)):
         result = transcribe([clip], tmp_path / f"o{i}.parquet", transcriber=t, quiet=True, language=spelled)
         assert result.summary["options"]["language"] == "en,es"
+
+
+def test_the_report_never_replaces_a_device_a_pipe_or_a_folder(tiny_whisper_en, tmp_path):
+    """The page is written beside its target and renamed over it: ``-o /dev/null`` (as root) swapped the
+    device node for a regular file holding the page, a FIFO hung, a folder gave a traceback. Each is now
+    refused with one line, and left as it was."""
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("id,path,reference\n")
+    out = tmp_path / "o.parquet"
+    code, output = run_cli("audio", manifest, "-o", out, "--model", tiny_whisper_en, "--quiet")
+    assert code == 0, output
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    folder = tmp_path / "pages"
+    folder.mkdir()
+    for target in (fifo, folder, f"{tmp_path / 'new'}/"):
+        code, output = run_cli("report", out, "-o", target)
+        assert code == 1, output
+        assert "cannot write" in output and "Traceback" not in output, output
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode) and os.path.isdir(folder) and not os.listdir(folder)

@@ -43,6 +43,11 @@ def report(result: str, result_b: str | None, output: str | None, rows: int, gro
 
     setup_logging(verbose, quiet)
     output = output or default_report_path(result)
+    if not storage.is_remote(output):  # the page replaces the file by a rename: never a device, pipe or folder
+        if output.endswith("/") or os.path.isdir(output):
+            raise CommandError(f"cannot write {output}: it is a folder (give the report's file name)")
+        if os.path.lexists(output) and not os.path.isfile(output):
+            raise CommandError(f"cannot write {output}: not a regular file (a device, a pipe or a socket)")
     try:
         with contextlib.ExitStack() as stack:  # results in object storage are read from copies
             local_a = stack.enter_context(local_result(result))
