@@ -393,8 +393,8 @@ def test_an_unsure_clip_leans_on_the_languages_its_run_was_given_or_surely_detec
     # an earlier batch of the run is given a language that none of the clips is detected in alone
     given = next(c for c in ("de", "fr", "es", "en") if c not in {r["language"] for r in alone})
     t = _transcriber(tiny_whisper)
+    sub = [w.detection_window(t.prepare(c)) for c in clips]  # features outside autocast, as the pipeline makes them
     with torch.inference_mode(), t._inference():  # the detector's probabilities (full window: each is unsure)
-        sub = [w.detection_window(t.prepare(c)) for c in clips]
         states, cross = t._encode(sub, True)
         _, _, _, dists = t._first_position(sub, states, cross)
     assert [r["language"] for r in alone] == [t.candidates[max(range(4), key=d.__getitem__)] for d in dists]
@@ -475,8 +475,8 @@ def test_a_clip_sure_of_a_language_its_run_would_overturn_is_detected_again_on_t
     clips = [tone(1.0), tone(2.0, freq=300), tone(1.5, freq=600)]
 
     def detect(t, full):
+        sub = [w.detection_window(t.prepare(c)) if full else t.prepare(c) for c in clips]  # outside autocast
         with torch.inference_mode(), t._inference():
-            sub = [w.detection_window(t.prepare(c)) if full else t.prepare(c) for c in clips]
             states, cross = t._encode(sub, full)
             return t._first_position(sub, states, cross)
 
