@@ -624,3 +624,27 @@ def test_the_report_takes_every_normalizer_mode_a_run_takes():
 
     help_text = CliRunner().invoke(main, ["report", "--help"]).output
     assert "language" in NORMALIZER_MODES and "language" in help_text.split("--normalize", 1)[1].split("--title")[0]
+
+
+def test_training_and_scoring_find_the_same_normalizer_file(tmp_path, monkeypatch):
+    """``train audio`` copies ``normalizer.json`` beside its merged model from the same resolver the scorer
+    reads (a folder, else the Hugging Face cache): one lookup, where there were two that could disagree."""
+    import json
+
+    from huggingface_hub import constants
+
+    from batchcap.metrics.asr import normalizer_file
+
+    repo = tmp_path / "hub" / "models--org--whisper-y"
+    snapshot = repo / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    (snapshot / "normalizer.json").write_text(json.dumps({"colour": "color"}), encoding="utf-8")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("abc123", encoding="utf-8")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for local_only in (True, False):
+        assert normalizer_file("org/whisper-y", local_only=local_only) == str(snapshot / "normalizer.json")
+        assert normalizer_file(str(snapshot), local_only=local_only) == str(snapshot / "normalizer.json")
+        assert normalizer_file(str(tmp_path), local_only=local_only) is None  # a folder without one
+        assert normalizer_file("org/not-cached", local_only=local_only) is None

@@ -60,22 +60,36 @@ def is_english(language: str | None) -> bool:
     return lang in _ENGLISH_NAMES or lang.startswith("en-")
 
 
+def normalizer_file(model: str | None, *, local_only: bool = True) -> str | None:
+    """The path of ``normalizer.json`` (Whisper's British -> American spelling map) for ``--model`` as the user
+    gave it: in a model directory, else for a hub id in the Hugging Face cache. With ``local_only=False`` a hub
+    id's file may be downloaded (training saves it beside the merged model); scoring never downloads."""
+    if not model:
+        return None
+    if os.path.isdir(model):
+        path = os.path.join(model, "normalizer.json")
+        return path if os.path.isfile(path) else None
+    try:
+        if local_only:
+            from huggingface_hub import try_to_load_from_cache
+
+            path = try_to_load_from_cache(model, "normalizer.json")
+        else:
+            from transformers.utils import cached_file
+
+            path = cached_file(model, "normalizer.json", _raise_exceptions_for_missing_entries=False,
+                               _raise_exceptions_for_connection_errors=False)
+    except Exception:  # noqa: BLE001 - not a repo id, no cache, no network: no mapping
+        return None
+    return path if isinstance(path, str) and os.path.isfile(path) else None
+
+
 def english_spelling(model: str | None) -> dict[str, str]:
-    """Whisper's British -> American mapping for ``--model`` as the user gave it: a model directory's
-    ``normalizer.json`` or, for a hub id, the one in the Hugging Face cache (offline: nothing is downloaded).
+    """Whisper's British -> American mapping for ``--model`` (see :func:`normalizer_file`; nothing is downloaded).
     The run's scores, the report and ``train audio``'s evaluation all resolve it here, so a hub id and a
     local folder of the same model score alike."""
-    if not model:
-        return {}
-    if os.path.isdir(model):
-        return load_english_spelling(model)
-    try:
-        from huggingface_hub import try_to_load_from_cache
-
-        path = try_to_load_from_cache(model, "normalizer.json")
-    except Exception:  # noqa: BLE001 - not a repo id, no cache: no mapping
-        return {}
-    return load_english_spelling(os.path.dirname(path)) if isinstance(path, str) else {}
+    path = normalizer_file(model)
+    return load_english_spelling(os.path.dirname(path)) if path else {}
 
 
 def load_english_spelling(model_dir: str | os.PathLike[str] | None) -> dict[str, str]:

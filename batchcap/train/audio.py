@@ -38,7 +38,7 @@ from ..audio import SAMPLE_RATE, decode_audio
 from ..inputs import audio_spec
 from ..items import FatalError, Item, ItemError
 from ..metrics import ErrorRate, get_normalizer, wer_counts
-from ..metrics.asr import english_spelling
+from ..metrics.asr import english_spelling, normalizer_file
 from ..models.common import hub_guard, load_error_message
 from .base import FineTuneResult, autocast_dtype, count_parameters, start_run
 from .checkpoints import INFO_FILE, fresh_dir, jsonable, replace_dir, write_info
@@ -569,19 +569,6 @@ def save_merged(base_model: str, adapter_dir: str, out_dir: str, setup: WhisperS
     tokenizer.save_pretrained(out_dir)
     target = os.path.join(out_dir, "normalizer.json")
     if not os.path.isfile(target):
-        source = _normalizer_file(base_model)
+        source = normalizer_file(base_model, local_only=False)
         if source:
             shutil.copyfile(source, target)
-
-
-def _normalizer_file(model: str) -> str | None:
-    if os.path.isdir(model):
-        path = os.path.join(model, "normalizer.json")
-        return path if os.path.isfile(path) else None
-    try:
-        from transformers.utils import cached_file
-
-        return cached_file(model, "normalizer.json", _raise_exceptions_for_missing_entries=False,
-                           _raise_exceptions_for_connection_errors=False)
-    except Exception:  # noqa: BLE001 - no normalizer is fine
-        return None
